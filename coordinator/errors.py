@@ -1,0 +1,44 @@
+"""The coordinator's error tree; each class maps to one gRPC status (see grpc/status.py).
+
+::
+
+    TrellisError
+    ├─ NotFound            → NOT_FOUND
+    ├─ InvalidArgument     → INVALID_ARGUMENT   (bad definition, payload too large)
+    ├─ FailedPrecondition  → FAILED_PRECONDITION (stale lease, illegal transition)
+    ├─ Conflict            → ABORTED            (concurrent update lost; retry)
+    ├─ ResourceExhausted   → RESOURCE_EXHAUSTED (backpressure, rate limit)
+    └─ Unavailable         → UNAVAILABLE        (store down, shutting down)
+
+Messages say what was wrong and what to do; they reach users verbatim.
+"""
+
+from __future__ import annotations
+
+
+class TrellisError(Exception):
+    """Base of every error the coordinator raises on purpose."""
+
+
+class NotFound(TrellisError):
+    """The named workflow, version, execution or lease does not exist."""
+
+
+class InvalidArgument(TrellisError):
+    """The request is malformed: fix the request, retrying it unchanged will fail again."""
+
+
+class FailedPrecondition(TrellisError):
+    """The request is well formed but the state does not allow it (e.g. a stale lease token)."""
+
+
+class Conflict(TrellisError):
+    """A concurrent update won; the operation may be retried."""
+
+
+class ResourceExhausted(TrellisError):
+    """Over a limit; retry later."""
+
+
+class Unavailable(TrellisError):
+    """A dependency (the database) is unreachable, or the coordinator is shutting down."""

@@ -1,0 +1,137 @@
+"""The seam between use cases and storage: the service talks to this protocol only.
+
+``coordinator/store`` implements it with SQLAlchemy for SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, Protocol, TypeVar
+
+from coordinator.model import (
+    Event,
+    Execution,
+    ExecutionStatus,
+    NodeRun,
+    Transition,
+    WorkerInfo,
+    WorkflowDef,
+    WorkflowSummary,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Decision(Generic[T]):
+    """The outcome of a ``decide`` callback: a transition to persist (or none) and a result."""
+
+    transition: Transition | None
+    result: T
+
+
+@dataclass(frozen=True)
+class LeaseKey:
+    execution_id: str
+    node_id: str
+    lease_seq: int
+
+
+class Store(Protocol):
+    """Persistent state. Every method is tenant-scoped except the cross-tenant sweeps."""
+
+    async def close(self) -> None: ...
+
+    # -- definitions ----------------------------------------------------------------------
+    async def register_workflow(self, defn: WorkflowDef, now: datetime) -> tuple[WorkflowDef, bool]:
+        """Store ``defn`` as the next version of its name, or return the existing version
+        whose ``content_hash`` is equal (``created`` False). Safe under concurrency."""
+        ...
+
+    async def get_workflow(self, tenant_id: str, name: str, version: int | None) -> WorkflowDef:
+        """The given version, or the latest when ``version`` is None. Raises ``NotFound``."""
+        ...
+
+    async def list_workflows(
+        self, tenant_id: str, limit: int, after_name: str | None
+    ) -> list[WorkflowSummary]: ...
+
+    async def list_workflow_versions(self, tenant_id: str, name: str) -> list[WorkflowDef]: ...
+
+    # -- executions -----------------------------------------------------------------------
+    async def create_execution(self, transition: Transition) -> tuple[Execution, bool]:
+        """Insert the execution, all its node runs and events. When the execution's
+        idempotency key is already used in its tenant, insert nothing and return the
+        existing execution with ``created`` False."""
+        ...
+
+    async def get_execution(self, tenant_id: str, execution_id: str) -> Execution:
+        """Raises ``NotFound``."""
+        ...
+
+    async def list_node_runs(self, tenant_id: str, execution_id: str) -> list[NodeRun]: ...
+
+    async def list_executions(
+        self,
+        tenant_id: str,
+        *,
+        workflow_name: str | None,
+        status: ExecutionStatus | None,
+        limit: int,
+        before: tuple[datetime, str] | None,
+    ) -> list[Execution]:
+        """Newest first (created_at, id descending), strictly before the cursor when given."""
+        ...
+
+    async def list_events(
+        self, tenant_id: str, execution_id: str, after_sequence: int, limit: int
+    ) -> list[Event]: ...
+
+    async def transact(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        decide: Callable[[Execution, Mapping[str, NodeRun]], Decision[T]],
+    ) -> T:
+        """Load the execution and its node runs, call ``decide`` (pure), persist its transition
+        atomically. On a version conflict, reload and call ``decide`` again (bounded).
+        Raises ``NotFound`` for an unknown execution."""
+        ...
+
+    # -- leasing --------------------------------------------------------------------------
+    async def claim_tasks(
+        self,
+        tenant_id: str,
+        worker_id: str,
+        task_types: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[NodeRun]:
+        """Atomically lease up to ``limit`` READY node runs of ``task_types`` whose
+        ``available_at <= now``, highest priority first, then oldest ``available_at``.
+        Each becomes LEASED with attempt + 1, lease_seq + 1, worker_id, lease_deadline
+        = now + start_to_close_timeout, heartbeat_deadline = now + heartbeat_timeout;
+        a NODE_LEASED event is appended for each. Returns the leased rows."""
+        ...
+
+    async def next_available_at(
+        self, tenant_id: str, task_types: Sequence[str], now: datetime
+    ) -> datetime | None:
+        """Earliest ``available_at`` in the future among READY rows of these types."""
+        ...
+
+    async def touch_leases(
+        self, tenant_id: str, keys: Sequence[LeaseKey], now: datetime
+    ) -> dict[LeaseKey, NodeRun | None]:
+        """Extend heartbeat_deadline (now + heartbeat_timeout) of each key still LEASED with
+        the same lease_seq; return the current row for every key (None if unknown)."""
+        ...
+
+    async def find_expired_leases(self, now: datetime, limit: int) -> list[NodeRun]:
+        """LEASED rows (any tenant) whose lease_deadline or heartbeat_deadline < now."""
+        ...
+
+    # -- workers --------------------------------------------------------------------------
+    async def upsert_worker(self, worker: WorkerInfo) -> None: ...
