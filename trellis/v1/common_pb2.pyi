@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -140,10 +141,12 @@ class NodeDefinition(_message.Message):
     kind: _builtins.str
     """"task" (the default when empty): run by a worker serving task_type."""
     task_type: _builtins.str
-    config: _builtins.bytes
-    """Static configuration handed to the worker with every attempt (a JSON document)."""
     priority: _builtins.int
     """Higher runs first."""
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct:
+        """Static configuration handed to the worker with every attempt (as Task.config)."""
+
     @_builtins.property
     def retry_policy(self) -> Global___RetryPolicy: ...
     @_builtins.property
@@ -160,13 +163,13 @@ class NodeDefinition(_message.Message):
         id: _builtins.str = ...,
         kind: _builtins.str = ...,
         task_type: _builtins.str = ...,
-        config: _builtins.bytes = ...,
+        config: _struct_pb2.Struct | None = ...,
         retry_policy: Global___RetryPolicy | None = ...,
         start_to_close_timeout: _duration_pb2.Duration | None = ...,
         heartbeat_timeout: _duration_pb2.Duration | None = ...,
         priority: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_timeout", b"heartbeat_timeout", "retry_policy", b"retry_policy", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "retry_policy", b"retry_policy", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "kind", b"kind", "priority", b"priority", "retry_policy", b"retry_policy", "start_to_close_timeout", b"start_to_close_timeout", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
