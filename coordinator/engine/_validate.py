@@ -1,0 +1,209 @@
+"""Registration-time checks of a workflow definition (pure; raises ``InvalidArgument``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+from coordinator.errors import InvalidArgument
+from coordinator.model import NodeSpec, RetryPolicy, WorkflowDef
+
+ALLOWED_KINDS: tuple[str, ...] = ("task",)
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_TASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.:/-]+")
+_NAME_CHARSET = "letters, digits, '_', '.' and '-', starting with a letter or digit"
+_TASK_TYPE_CHARSET = "letters, digits, '_', '.', ':', '/' and '-'"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits a definition must respect to be registered."""
+
+    max_nodes: int = 1000
+    max_edges: int = 10000
+    max_id_length: int = 128  # node ids and task types
+    max_name_length: int = 128  # workflow names
+    max_config_bytes: int = 64 * 1024
+
+
+def validate_definition(defn: WorkflowDef, limits: Limits = Limits()) -> None:
+    """Raise ``InvalidArgument`` naming the first problem found in ``defn``, or return None.
+
+    Checks the name, node ids, kinds and task types, configs (valid JSON within the size
+    limit), retry policies and timeouts, edges (known nodes, no self or duplicate edges)
+    and that the graph is acyclic; size limits come from ``limits``.
+    """
+    _check_name(defn.name, limits)
+    wf = f"workflow '{defn.name}'"
+    if not defn.nodes:
+        raise InvalidArgument(f"{wf} has no nodes; add at least one node")
+    if len(defn.nodes) > limits.max_nodes:
+        raise InvalidArgument(
+            f"{wf} has {len(defn.nodes)} nodes, more than the limit of {limits.max_nodes}; "
+            "split it into smaller workflows"
+        )
+    if len(defn.edges) > limits.max_edges:
+        raise InvalidArgument(
+            f"{wf} has {len(defn.edges)} edges, more than the limit of {limits.max_edges}; "
+            "split it into smaller workflows"
+        )
+    _check_retry_policy(defn.default_retry_policy, f"{wf} default retry policy")
+    _check_timeout(
+        defn.default_start_to_close_timeout, f"{wf} default_start_to_close_timeout", required=True
+    )
+    seen: set[str] = set()
+    for node in defn.nodes:
+        if node.id in seen:
+            raise InvalidArgument(f"duplicate node id '{node.id}' in {wf}; node ids must be unique")
+        seen.add(node.id)
+        _check_node(node, limits)
+    _check_edges(defn, seen)
+    _check_acyclic(defn)
+
+
+def _check_name(name: str, limits: Limits) -> None:
+    if not name:
+        raise InvalidArgument("workflow name is empty; give the workflow a name")
+    if len(name) > limits.max_name_length:
+        raise InvalidArgument(
+            f"workflow name '{name[:32]}...' is {len(name)} characters long; "
+            f"use at most {limits.max_name_length}"
+        )
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidArgument(f"workflow name {name!r} is invalid; use only {_NAME_CHARSET}")
+
+
+def _check_node(node: NodeSpec, limits: Limits) -> None:
+    if not node.id:
+        raise InvalidArgument("a node has an empty id; give every node an id")
+    if len(node.id) > limits.max_id_length:
+        raise InvalidArgument(
+            f"node id '{node.id[:32]}...' is {len(node.id)} characters long; "
+            f"use at most {limits.max_id_length}"
+        )
+    if not _NAME_RE.fullmatch(node.id):
+        raise InvalidArgument(f"node id {node.id!r} is invalid; use only {_NAME_CHARSET}")
+    where = f"node '{node.id}'"
+    if node.kind not in ALLOWED_KINDS:
+        allowed = ", ".join(repr(k) for k in ALLOWED_KINDS)
+        raise InvalidArgument(f"{where} has unknown kind {node.kind!r}; allowed kinds: {allowed}")
+    if not node.task_type:
+        raise InvalidArgument(f"{where} has an empty task_type; name the task its workers run")
+    if len(node.task_type) > limits.max_id_length:
+        raise InvalidArgument(
+            f"{where} task_type is {len(node.task_type)} characters long; "
+            f"use at most {limits.max_id_length}"
+        )
+    if not _TASK_TYPE_RE.fullmatch(node.task_type):
+        raise InvalidArgument(
+            f"{where} task_type {node.task_type!r} is invalid; use only {_TASK_TYPE_CHARSET}"
+        )
+    _check_config(node, limits)
+    if node.retry_policy is not None:
+        _check_retry_policy(node.retry_policy, f"{where} retry policy")
+    _check_timeout(node.start_to_close_timeout, f"{where} start_to_close_timeout")
+    _check_timeout(node.heartbeat_timeout, f"{where} heartbeat_timeout")
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_config(node: NodeSpec, limits: Limits) -> None:
+    if not node.config:
+        return
+    where = f"node '{node.id}' config"
+    if len(node.config) > limits.max_config_bytes:
+        raise InvalidArgument(
+            f"{where} is {len(node.config)} bytes, more than the limit of "
+            f"{limits.max_config_bytes}; pass large data as execution input instead"
+        )
+    try:
+        json.loads(node.config.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidArgument(f"{where} is not valid JSON ({exc}); fix the document") from exc
+
+
+def _check_retry_policy(policy: RetryPolicy, where: str) -> None:
+    if policy.max_attempts < 1:
+        raise InvalidArgument(
+            f"{where} has max_attempts {policy.max_attempts}; use 1 or more (1 means no retries)"
+        )
+    if policy.initial_interval < timedelta(0):
+        raise InvalidArgument(f"{where} has a negative initial_interval; use 0 or more")
+    if policy.max_interval < timedelta(0):
+        raise InvalidArgument(f"{where} has a negative max_interval; use 0 or more")
+    if policy.max_interval < policy.initial_interval:
+        raise InvalidArgument(
+            f"{where} has max_interval {policy.max_interval.total_seconds()}s below "
+            f"initial_interval {policy.initial_interval.total_seconds()}s; "
+            "raise max_interval or lower initial_interval"
+        )
+    coefficient = policy.backoff_coefficient
+    if not (math.isfinite(coefficient) and coefficient >= 1):
+        raise InvalidArgument(
+            f"{where} has backoff_coefficient {coefficient}; use a finite number >= 1"
+        )
+    for error_type in policy.non_retryable_error_types:
+        if not error_type:
+            raise InvalidArgument(f"{where} lists an empty non-retryable error type; remove it")
+
+
+def _check_timeout(value: timedelta | None, where: str, *, required: bool = False) -> None:
+    if value is None:
+        if required:
+            raise InvalidArgument(f"{where} is missing; set a positive duration")
+        return
+    if value <= timedelta(0):
+        raise InvalidArgument(
+            f"{where} is {value.total_seconds()}s; use a positive duration or leave it unset"
+        )
+
+
+def _check_edges(defn: WorkflowDef, ids: set[str]) -> None:
+    seen: set[tuple[str, str]] = set()
+    for source, target in defn.edges:
+        edge = f"edge {source} -> {target}"
+        for end in (source, target):
+            if end not in ids:
+                raise InvalidArgument(
+                    f"{edge} refers to unknown node '{end}'; declare the node or fix the edge"
+                )
+        if source == target:
+            raise InvalidArgument(f"{edge} connects node '{source}' to itself; remove it")
+        if (source, target) in seen:
+            raise InvalidArgument(f"duplicate {edge}; declare each edge once")
+        seen.add((source, target))
+
+
+def _check_acyclic(defn: WorkflowDef) -> None:
+    """Iterative depth-first search; reports the first cycle found as a path."""
+    children = defn.children
+    done: set[str] = set()
+    for root in defn.nodes:
+        if root.id in done:
+            continue
+        path: list[str] = [root.id]
+        on_path: dict[str, int] = {root.id: 0}
+        iters = [iter(children[root.id])]
+        while iters:
+            child = next(iters[-1], None)
+            if child is None:
+                iters.pop()
+                finished = path.pop()
+                del on_path[finished]
+                done.add(finished)
+            elif child in on_path:
+                cycle = [*path[on_path[child] :], child]
+                raise InvalidArgument(
+                    f"workflow '{defn.name}' has a cycle: {' -> '.join(cycle)}; "
+                    "remove one of these edges"
+                )
+            elif child not in done:
+                on_path[child] = len(path)
+                path.append(child)
+                iters.append(iter(children[child]))

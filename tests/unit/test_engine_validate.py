@@ -1,0 +1,244 @@
+"""validate_definition: every rule has a case that breaks it and checks the message."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from datetime import timedelta
+
+import pytest
+
+from coordinator import engine
+from coordinator.engine import Limits, validate_definition
+from coordinator.errors import InvalidArgument
+from coordinator.model import NodeSpec, RetryPolicy, WorkflowDef
+
+
+def node(id: str, **kw: object) -> NodeSpec:
+    kw.setdefault("task_type", "work")
+    return NodeSpec(id=id, **kw)  # type: ignore[arg-type]
+
+
+def wf(
+    nodes: tuple[NodeSpec, ...] = (),
+    edges: tuple[tuple[str, str], ...] = (),
+    name: str = "wf",
+    **kw: object,
+) -> WorkflowDef:
+    return WorkflowDef(name=name, nodes=nodes or (node("a"),), edges=edges, **kw)  # type: ignore[arg-type]
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def invalid(defn: WorkflowDef, limits: Limits = DEFAULT_LIMITS) -> str:
+    with pytest.raises(InvalidArgument) as info:
+        validate_definition(defn, limits)
+    return str(info.value)
+
+
+def test_public_api_is_sorted_and_complete() -> None:
+    assert engine.__all__ == sorted(engine.__all__)
+    for name in engine.__all__:
+        assert hasattr(engine, name)
+
+
+def test_valid_definitions_pass() -> None:
+    validate_definition(wf())
+    validate_definition(
+        wf(
+            name="Order.v2_x-1",
+            nodes=(
+                node("a", task_type="ns:mail/send-v1.0", config=b'{"to": ["x"]}'),
+                node("b", retry_policy=RetryPolicy(max_attempts=5, initial_interval=timedelta(0))),
+                node("c", start_to_close_timeout=timedelta(seconds=1)),
+                node("d", heartbeat_timeout=timedelta(seconds=1), config=b"[1, 2.5, null]"),
+            ),
+            edges=(("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")),
+        )
+    )
+
+
+# -- names, ids, kinds, task types ----------------------------------------------------------
+
+
+def test_empty_name() -> None:
+    assert "workflow name is empty" in invalid(wf(name=""))
+
+
+@pytest.mark.parametrize("name", ["-x", "_x", ".x", "a b", "a/b", "é"])
+def test_bad_name_charset(name: str) -> None:
+    msg = invalid(wf(name=name))
+    assert f"workflow name {name!r} is invalid" in msg
+    assert "use only letters, digits" in msg
+
+
+def test_name_too_long() -> None:
+    validate_definition(wf(name="n" * 10), Limits(max_name_length=10))
+    msg = invalid(wf(name="n" * 11), Limits(max_name_length=10))
+    assert "11 characters long; use at most 10" in msg
+
+
+def test_no_nodes() -> None:
+    defn = WorkflowDef(name="wf", nodes=())
+    assert invalid(defn) == "workflow 'wf' has no nodes; add at least one node"
+
+
+def test_duplicate_node_id() -> None:
+    msg = invalid(wf(nodes=(node("a"), node("b"), node("a"))))
+    assert "duplicate node id 'a'" in msg
+
+
+def test_empty_node_id() -> None:
+    assert "empty id" in invalid(wf(nodes=(node(""),)))
+
+
+@pytest.mark.parametrize("bad", ["-a", "a b", "a:b", "a/b"])
+def test_bad_node_id_charset(bad: str) -> None:
+    assert f"node id {bad!r} is invalid" in invalid(wf(nodes=(node(bad),)))
+
+
+def test_node_id_too_long() -> None:
+    limits = Limits(max_id_length=4)
+    validate_definition(wf(nodes=(node("abcd"),)), limits)
+    assert "5 characters long; use at most 4" in invalid(wf(nodes=(node("abcde"),)), limits)
+
+
+def test_unknown_kind_lists_allowed_kinds() -> None:
+    msg = invalid(wf(nodes=(node("a", kind="timer"),)))
+    assert msg == "node 'a' has unknown kind 'timer'; allowed kinds: 'task'"
+
+
+def test_empty_task_type() -> None:
+    assert "node 'a' has an empty task_type" in invalid(wf(nodes=(node("a", task_type=""),)))
+
+
+@pytest.mark.parametrize("bad", ["send mail", "x;y", "a\n"])
+def test_bad_task_type_charset(bad: str) -> None:
+    msg = invalid(wf(nodes=(node("a", task_type=bad),)))
+    assert f"task_type {bad!r} is invalid" in msg
+
+
+def test_task_type_too_long() -> None:
+    limits = Limits(max_id_length=4)
+    msg = invalid(wf(nodes=(node("a", task_type="abcde"),)), limits)
+    assert "node 'a' task_type is 5 characters long; use at most 4" in msg
+
+
+# -- edges and cycles ----------------------------------------------------------------------
+
+
+def test_edge_to_unknown_node() -> None:
+    msg = invalid(wf(nodes=(node("a"),), edges=(("a", "zz"),)))
+    assert msg.startswith("edge a -> zz refers to unknown node 'zz'")
+
+
+def test_edge_from_unknown_node() -> None:
+    msg = invalid(wf(nodes=(node("a"),), edges=(("q", "a"),)))
+    assert "edge q -> a refers to unknown node 'q'" in msg
+
+
+def test_self_edge() -> None:
+    assert "edge a -> a connects node 'a' to itself" in invalid(wf(edges=(("a", "a"),)))
+
+
+def test_duplicate_edge() -> None:
+    defn = wf(nodes=(node("a"), node("b")), edges=(("a", "b"), ("a", "b")))
+    assert "duplicate edge a -> b" in invalid(defn)
+
+
+def test_two_node_cycle() -> None:
+    defn = wf(name="x", nodes=(node("a"), node("b")), edges=(("a", "b"), ("b", "a")))
+    assert invalid(defn) == "workflow 'x' has a cycle: a -> b -> a; remove one of these edges"
+
+
+def test_cycle_reported_as_a_real_path() -> None:
+    # entry -> a -> b -> c -> a, plus an unrelated branch; the reported path must be the cycle.
+    defn = wf(
+        nodes=(node("entry"), node("side"), node("a"), node("b"), node("c")),
+        edges=(("entry", "side"), ("entry", "a"), ("a", "b"), ("b", "c"), ("c", "a")),
+    )
+    msg = invalid(defn)
+    match = re.search(r"has a cycle: (.*); remove", msg)
+    assert match is not None
+    path = match.group(1).split(" -> ")
+    assert path[0] == path[-1]
+    assert set(path) == {"a", "b", "c"}
+    edges = set(defn.edges)
+    assert all((s, t) in edges for s, t in itertools.pairwise(path))
+
+
+def test_diamond_is_not_a_cycle() -> None:
+    defn = wf(
+        nodes=(node("a"), node("b"), node("c"), node("d")),
+        edges=(("a", "b"), ("a", "c"), ("b", "d"), ("c", "d"), ("a", "d")),
+    )
+    validate_definition(defn)
+
+
+def test_node_and_edge_limits() -> None:
+    nodes = tuple(node(f"n{i}") for i in range(3))
+    edges = (("n0", "n1"), ("n1", "n2"))
+    validate_definition(wf(nodes=nodes, edges=edges), Limits(max_nodes=3, max_edges=2))
+    msg = invalid(wf(nodes=nodes, edges=edges), Limits(max_nodes=2))
+    assert "has 3 nodes, more than the limit of 2" in msg
+    msg = invalid(wf(nodes=nodes, edges=edges), Limits(max_edges=1))
+    assert "has 2 edges, more than the limit of 1" in msg
+
+
+# -- config --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [b"{", b"{'a': 1}", b"NaN", b'{"a": Infinity}', b"\xff\xfe"])
+def test_config_must_be_json(config: bytes) -> None:
+    msg = invalid(wf(nodes=(node("a", config=config),)))
+    assert "node 'a' config is not valid JSON" in msg
+
+
+def test_config_size_limit() -> None:
+    config = b'"' + b"x" * 8 + b'"'  # 10 bytes
+    validate_definition(wf(nodes=(node("a", config=config),)), Limits(max_config_bytes=10))
+    msg = invalid(wf(nodes=(node("a", config=config),)), Limits(max_config_bytes=9))
+    assert "node 'a' config is 10 bytes, more than the limit of 9" in msg
+
+
+# -- retry policies and timeouts -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "fragment"),
+    [
+        (RetryPolicy(max_attempts=0), "max_attempts 0; use 1 or more"),
+        (RetryPolicy(initial_interval=timedelta(seconds=-1)), "negative initial_interval"),
+        (
+            RetryPolicy(initial_interval=timedelta(0), max_interval=timedelta(seconds=-1)),
+            "negative max_interval",
+        ),
+        (
+            RetryPolicy(initial_interval=timedelta(seconds=10), max_interval=timedelta(seconds=5)),
+            "max_interval 5.0s below initial_interval 10.0s",
+        ),
+        (RetryPolicy(backoff_coefficient=0.5), "backoff_coefficient 0.5; use a finite number"),
+        (RetryPolicy(backoff_coefficient=float("nan")), "backoff_coefficient nan"),
+        (RetryPolicy(backoff_coefficient=float("inf")), "backoff_coefficient inf"),
+        (RetryPolicy(non_retryable_error_types=("",)), "empty non-retryable error type"),
+    ],
+)
+def test_bad_retry_policy(policy: RetryPolicy, fragment: str) -> None:
+    assert fragment in invalid(wf(nodes=(node("a", retry_policy=policy),)))
+    msg = invalid(wf(default_retry_policy=policy))
+    assert msg.startswith("workflow 'wf' default retry policy")
+    assert fragment in msg
+
+
+@pytest.mark.parametrize("field", ["start_to_close_timeout", "heartbeat_timeout"])
+@pytest.mark.parametrize("value", [timedelta(0), timedelta(seconds=-1)])
+def test_node_timeouts_positive(field: str, value: timedelta) -> None:
+    msg = invalid(wf(nodes=(node("a", **{field: value}),)))
+    assert f"node 'a' {field} is" in msg
+    assert "use a positive duration" in msg
+
+
+def test_default_timeout_positive() -> None:
+    msg = invalid(wf(default_start_to_close_timeout=timedelta(0)))
+    assert "default_start_to_close_timeout is 0.0s; use a positive duration" in msg
