@@ -1,0 +1,265 @@
+"""All proto ↔ domain conversion for the gRPC surface, in one place."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+
+from coordinator.errors import InvalidArgument
+from coordinator.model import (
+    ErrorInfo,
+    Event,
+    Execution,
+    ExecutionStatus,
+    NodeRun,
+    NodeSpec,
+    NodeStatus,
+    RetryPolicy,
+    WorkflowDef,
+    WorkflowSummary,
+)
+from coordinator.service import LeasedTask
+from trellis.v1 import common_pb2, worker_service_pb2, workflow_service_pb2
+
+_DEFAULT_RETRY = RetryPolicy()
+
+
+def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _dur(value: timedelta | None) -> duration_pb2.Duration | None:
+    if value is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromTimedelta(value)
+    return d
+
+
+def duration_or_none(msg: object, field: str) -> timedelta | None:
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return None
+    value: timedelta = getattr(msg, field).ToTimedelta()
+    return value
+
+
+# -- definitions --------------------------------------------------------------------------
+
+
+def retry_from_proto(msg: common_pb2.RetryPolicy) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=msg.max_attempts or 1,
+        initial_interval=duration_or_none(msg, "initial_interval")
+        or _DEFAULT_RETRY.initial_interval,
+        backoff_coefficient=msg.backoff_coefficient or _DEFAULT_RETRY.backoff_coefficient,
+        max_interval=duration_or_none(msg, "max_interval") or _DEFAULT_RETRY.max_interval,
+        non_retryable_error_types=tuple(msg.non_retryable_error_types),
+    )
+
+
+def retry_to_proto(policy: RetryPolicy) -> common_pb2.RetryPolicy:
+    return common_pb2.RetryPolicy(
+        max_attempts=policy.max_attempts,
+        initial_interval=_dur(policy.initial_interval),
+        backoff_coefficient=policy.backoff_coefficient,
+        max_interval=_dur(policy.max_interval),
+        non_retryable_error_types=list(policy.non_retryable_error_types),
+    )
+
+
+def definition_from_proto(msg: common_pb2.WorkflowDefinition, tenant_id: str) -> WorkflowDef:
+    nodes = []
+    for n in msg.nodes:
+        config = b""
+        if n.HasField("config"):
+            config = json.dumps(json_format.MessageToDict(n.config), separators=(",", ":")).encode()
+        nodes.append(
+            NodeSpec(
+                id=n.id,
+                kind=n.kind or "task",
+                task_type=n.task_type,
+                config=config,
+                retry_policy=retry_from_proto(n.retry_policy)
+                if n.HasField("retry_policy")
+                else None,
+                start_to_close_timeout=duration_or_none(n, "start_to_close_timeout"),
+                heartbeat_timeout=duration_or_none(n, "heartbeat_timeout"),
+                priority=n.priority,
+            )
+        )
+    defaults = WorkflowDef(name="", nodes=())
+    return WorkflowDef(
+        name=msg.name,
+        nodes=tuple(nodes),
+        edges=tuple((e.source, e.target) for e in msg.edges),
+        description=msg.description,
+        default_retry_policy=retry_from_proto(msg.default_retry_policy)
+        if msg.HasField("default_retry_policy")
+        else defaults.default_retry_policy,
+        default_start_to_close_timeout=duration_or_none(msg, "default_start_to_close_timeout")
+        or defaults.default_start_to_close_timeout,
+        tenant_id=tenant_id,
+    )
+
+
+def definition_to_proto(defn: WorkflowDef) -> common_pb2.WorkflowDefinition:
+    msg = common_pb2.WorkflowDefinition(
+        name=defn.name,
+        version=defn.version,
+        description=defn.description,
+        edges=[common_pb2.Edge(source=s, target=t) for s, t in defn.edges],
+        default_retry_policy=retry_to_proto(defn.default_retry_policy),
+        default_start_to_close_timeout=_dur(defn.default_start_to_close_timeout),
+        create_time=_ts(defn.created_at),
+    )
+    for n in defn.nodes:
+        node = msg.nodes.add(
+            id=n.id,
+            kind=n.kind,
+            task_type=n.task_type,
+            retry_policy=retry_to_proto(n.retry_policy) if n.retry_policy else None,
+            start_to_close_timeout=_dur(n.start_to_close_timeout),
+            heartbeat_timeout=_dur(n.heartbeat_timeout),
+            priority=n.priority,
+        )
+        if n.config:
+            struct = struct_pb2.Struct()
+            struct.update(json.loads(n.config))
+            node.config.CopyFrom(struct)
+    return msg
+
+
+def summary_to_proto(s: WorkflowSummary) -> workflow_service_pb2.WorkflowSummary:
+    return workflow_service_pb2.WorkflowSummary(
+        name=s.name, latest_version=s.latest_version, description=s.description
+    )
+
+
+# -- executions ---------------------------------------------------------------------------
+
+
+def error_to_proto(error: ErrorInfo | None) -> common_pb2.ErrorInfo | None:
+    if error is None:
+        return None
+    return common_pb2.ErrorInfo(
+        type=error.type,
+        message=error.message,
+        details=error.details or b"",
+        node_id=error.node_id or "",
+        attempt=error.attempt,
+        worker_id=error.worker_id or "",
+    )
+
+
+def node_to_proto(node: NodeRun) -> common_pb2.NodeRun:
+    return common_pb2.NodeRun(
+        node_id=node.node_id,
+        task_type=node.task_type,
+        status=common_pb2.NodeStatus.Value(f"NODE_STATUS_{node.status.value}"),
+        attempt=node.attempt,
+        input=node.input or b"",
+        output=node.output or b"",
+        error=error_to_proto(node.error),
+        worker_id=node.worker_id or "",
+        update_time=_ts(node.updated_at),
+    )
+
+
+def execution_to_proto(
+    execution: Execution, nodes: tuple[NodeRun, ...] = ()
+) -> common_pb2.Execution:
+    return common_pb2.Execution(
+        id=execution.id,
+        workflow_name=execution.workflow_name,
+        workflow_version=execution.workflow_version,
+        status=execution_status_to_proto(execution.status),
+        input=execution.input,
+        output=execution.output or b"",
+        error=error_to_proto(execution.error),
+        priority=execution.priority,
+        idempotency_key=execution.idempotency_key or "",
+        parent_execution_id=execution.parent_execution_id or "",
+        depth=execution.depth,
+        create_time=_ts(execution.created_at),
+        end_time=_ts(execution.ended_at),
+        nodes=[node_to_proto(n) for n in nodes],
+    )
+
+
+def execution_status_to_proto(status: ExecutionStatus) -> common_pb2.ExecutionStatus.ValueType:
+    return common_pb2.ExecutionStatus.Value(f"EXECUTION_STATUS_{status.value}")
+
+
+def execution_status_from_proto(
+    value: common_pb2.ExecutionStatus.ValueType,
+) -> ExecutionStatus | None:
+    if value == common_pb2.EXECUTION_STATUS_UNSPECIFIED:
+        return None
+    try:
+        name = common_pb2.ExecutionStatus.Name(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"unknown execution status {value}") from exc
+    return ExecutionStatus(name.removeprefix("EXECUTION_STATUS_"))
+
+
+def event_to_proto(event: Event) -> common_pb2.Event:
+    return common_pb2.Event(
+        sequence=event.sequence,
+        execution_id=event.execution_id,
+        type=event.type.value,
+        node_id=event.node_id or "",
+        attempt=event.attempt,
+        worker_id=event.worker_id or "",
+        time=_ts(event.time),
+        details=event.details or b"",
+    )
+
+
+# -- worker protocol ----------------------------------------------------------------------
+
+
+def task_to_proto(task: LeasedTask) -> worker_service_pb2.Task:
+    node = task.node
+    return worker_service_pb2.Task(
+        lease_token=task.token,
+        execution_id=node.execution_id,
+        node_id=node.node_id,
+        task_type=node.task_type,
+        attempt=node.attempt,
+        input=node.input or b"",
+        config=task.config,
+        idempotency_key=f"{node.execution_id}:{node.node_id}",
+        workflow_name=node.workflow_name,
+        workflow_version=node.workflow_version,
+        lease_deadline=_ts(node.lease_deadline),
+        heartbeat_timeout=_dur(node.heartbeat_timeout),
+    )
+
+
+def task_error_from_proto(msg: worker_service_pb2.TaskError) -> tuple[ErrorInfo, bool]:
+    """The reported error and whether it may be retried."""
+    error = ErrorInfo(
+        type=msg.type or "Error",
+        message=msg.message,
+        details=msg.details or None,
+    )
+    return error, not msg.non_retryable
+
+
+__all__ = [
+    "definition_from_proto",
+    "definition_to_proto",
+    "event_to_proto",
+    "execution_status_from_proto",
+    "execution_to_proto",
+    "node_to_proto",
+    "summary_to_proto",
+    "task_error_from_proto",
+    "task_to_proto",
+]

@@ -1,0 +1,131 @@
+"""The coordinator process: gRPC server, health, reflection, sweepers and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.config import CoordinatorConfig
+from coordinator.errors import TrellisError
+from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
+from coordinator.service import Coordinator, ServiceSettings, Store
+from trellis.v1 import worker_service_pb2, worker_service_pb2_grpc, workflow_service_pb2
+from trellis.v1 import workflow_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
+)
+
+
+@dataclass
+class RunningServer:
+    """A started coordinator; ``port`` is the bound port (useful with port 0)."""
+
+    server: grpc.aio.Server
+    coordinator: Coordinator
+    health: health.aio.HealthServicer
+    port: int
+    sweeper: asyncio.Task[None]
+    grace: float
+
+    async def stop(self) -> None:
+        """Drain: refuse new polls, answer waiting ones, finish in-flight calls, then stop."""
+        log.info("draining", extra={"grace_seconds": self.grace})
+        await self.health.enter_graceful_shutdown()
+        self.coordinator.begin_drain()
+        await self.server.stop(self.grace)
+        self.sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.sweeper
+        await self.coordinator.store.close()
+        log.info("stopped")
+
+
+async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
+    """Start serving on ``config.listen`` with an already opened store."""
+    coordinator = Coordinator(
+        store,
+        ServiceSettings(
+            max_payload_bytes=config.max_payload_bytes,
+            poll_max_wait=config.poll_max_wait,
+            heartbeat_interval=config.heartbeat_interval,
+        ),
+    )
+    max_message = config.max_payload_bytes * 4 + 1024 * 1024
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+        ]
+    )
+    worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
+        WorkerServicer(coordinator), server
+    )
+    workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
+        WorkflowServicer(coordinator), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"could not bind {config.listen}; is the port in use?")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    sweeper = asyncio.create_task(_sweep(coordinator, config.sweep_interval.total_seconds()))
+    host = config.listen.rsplit(":", 1)[0]
+    log.info("coordinator listening on %s:%d", host, port, extra={"port": port})
+    return RunningServer(
+        server, coordinator, health_servicer, port, sweeper, config.shutdown_grace.total_seconds()
+    )
+
+
+async def _sweep(coordinator: Coordinator, interval: float) -> None:
+    """Expire overdue leases. Safe on every replica at once (fenced transitions)."""
+    while True:
+        try:
+            while await coordinator.expire_leases() >= 100:
+                pass
+        except TrellisError as exc:
+            log.warning("lease sweep failed: %s", exc)
+        except Exception:
+            log.exception("lease sweep failed")
+        await asyncio.sleep(interval)
+
+
+async def serve(
+    config: CoordinatorConfig, *, on_started: Callable[[RunningServer], None] | None = None
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    from coordinator.store import open_store
+
+    store = await open_store(config.database_url, migrate=config.auto_migrate)
+    try:
+        running = await start(config, store)
+    except BaseException:
+        await store.close()
+        raise
+    if on_started is not None:
+        on_started(running)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await running.stop()

@@ -1,0 +1,192 @@
+"""gRPC servicers: decode the request, call the use case, encode the reply. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import grpc
+
+from coordinator.grpc import convert
+from coordinator.grpc.status import stream, unary
+from coordinator.model import DEFAULT_TENANT, Execution
+from coordinator.service import Coordinator
+from trellis.v1 import (
+    worker_service_pb2 as wpb,
+)
+from trellis.v1 import (
+    worker_service_pb2_grpc as wgrpc,
+)
+from trellis.v1 import (
+    workflow_service_pb2 as fpb,
+)
+from trellis.v1 import (
+    workflow_service_pb2_grpc as fgrpc,
+)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+# Until authentication exists every call acts in the default tenant (DESIGN §2).
+TENANT = DEFAULT_TENANT
+
+# Reply this much before the caller's deadline so an empty poll is an answer, not an error.
+_DEADLINE_MARGIN = 0.5
+
+
+class WorkerServicer(wgrpc.WorkerServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._c = coordinator
+
+    @unary
+    async def RegisterWorker(
+        self, request: wpb.RegisterWorkerRequest, context: Ctx
+    ) -> wpb.RegisterWorkerResponse:
+        worker_id = await self._c.register_worker(
+            TENANT,
+            request.worker_id,
+            list(request.task_types),
+            request.capacity,
+            labels=dict(request.labels),
+            sdk_language=request.sdk_language,
+            sdk_version=request.sdk_version,
+            identity=request.identity,
+        )
+        reply = wpb.RegisterWorkerResponse(worker_id=worker_id)
+        reply.heartbeat_interval.FromTimedelta(self._c.settings.heartbeat_interval)
+        return reply
+
+    @unary
+    async def PollTasks(self, request: wpb.PollTasksRequest, context: Ctx) -> wpb.PollTasksResponse:
+        wait = (
+            request.wait.ToTimedelta()
+            if request.HasField("wait")
+            else self._c.settings.poll_max_wait
+        )
+        remaining = context.time_remaining()
+        if remaining is not None:
+            wait = min(wait, timedelta(seconds=max(remaining - _DEADLINE_MARGIN, 0.0)))
+        tasks = await self._c.poll_tasks(
+            TENANT, request.worker_id, list(request.task_types), request.max_tasks or 1, wait
+        )
+        return wpb.PollTasksResponse(tasks=[convert.task_to_proto(t) for t in tasks])
+
+    @unary
+    async def Heartbeat(self, request: wpb.HeartbeatRequest, context: Ctx) -> wpb.HeartbeatResponse:
+        result = await self._c.heartbeat(
+            TENANT, request.worker_id, [lease.lease_token for lease in request.leases]
+        )
+        reply = wpb.HeartbeatResponse(
+            cancelled_lease_tokens=result.cancelled, lost_lease_tokens=result.lost
+        )
+        reply.server_time.GetCurrentTime()
+        return reply
+
+    @unary
+    async def CompleteTask(
+        self, request: wpb.CompleteTaskRequest, context: Ctx
+    ) -> wpb.CompleteTaskResponse:
+        duplicate = await self._c.complete_task(
+            TENANT, request.lease_token, request.output, request.worker_id
+        )
+        return wpb.CompleteTaskResponse(duplicate=duplicate)
+
+    @unary
+    async def FailTask(self, request: wpb.FailTaskRequest, context: Ctx) -> wpb.FailTaskResponse:
+        error, retryable = convert.task_error_from_proto(request.error)
+        will_retry, duplicate = await self._c.fail_task(
+            TENANT, request.lease_token, error, retryable
+        )
+        return wpb.FailTaskResponse(will_retry=will_retry, duplicate=duplicate)
+
+
+class WorkflowServicer(fgrpc.WorkflowServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._c = coordinator
+
+    @unary
+    async def RegisterWorkflow(
+        self, request: fpb.RegisterWorkflowRequest, context: Ctx
+    ) -> fpb.RegisterWorkflowResponse:
+        defn = convert.definition_from_proto(request.definition, TENANT)
+        stored, created = await self._c.register_workflow(defn)
+        return fpb.RegisterWorkflowResponse(
+            definition=convert.definition_to_proto(stored), created=created
+        )
+
+    @unary
+    async def GetWorkflow(
+        self, request: fpb.GetWorkflowRequest, context: Ctx
+    ) -> fpb.GetWorkflowResponse:
+        defn = await self._c.get_workflow(TENANT, request.name, request.version or None)
+        return fpb.GetWorkflowResponse(definition=convert.definition_to_proto(defn))
+
+    @unary
+    async def ListWorkflows(
+        self, request: fpb.ListWorkflowsRequest, context: Ctx
+    ) -> fpb.ListWorkflowsResponse:
+        rows, token = await self._c.list_workflows(TENANT, request.page_size, request.page_token)
+        return fpb.ListWorkflowsResponse(
+            workflows=[convert.summary_to_proto(s) for s in rows], next_page_token=token
+        )
+
+    @unary
+    async def ListWorkflowVersions(
+        self, request: fpb.ListWorkflowVersionsRequest, context: Ctx
+    ) -> fpb.ListWorkflowVersionsResponse:
+        versions = await self._c.list_workflow_versions(TENANT, request.name)
+        return fpb.ListWorkflowVersionsResponse(
+            definitions=[convert.definition_to_proto(d) for d in versions]
+        )
+
+    @unary
+    async def StartExecution(
+        self, request: fpb.StartExecutionRequest, context: Ctx
+    ) -> fpb.StartExecutionResponse:
+        execution, created = await self._c.start_execution(
+            TENANT,
+            request.workflow_name,
+            request.workflow_version or None,
+            request.input,
+            idempotency_key=request.idempotency_key or None,
+            priority=request.priority,
+        )
+        return fpb.StartExecutionResponse(
+            execution=convert.execution_to_proto(execution), created=created
+        )
+
+    @unary
+    async def GetExecution(
+        self, request: fpb.GetExecutionRequest, context: Ctx
+    ) -> fpb.GetExecutionResponse:
+        view = await self._c.get_execution(TENANT, request.execution_id)
+        return fpb.GetExecutionResponse(
+            execution=convert.execution_to_proto(view.execution, view.nodes)
+        )
+
+    @unary
+    async def ListExecutions(
+        self, request: fpb.ListExecutionsRequest, context: Ctx
+    ) -> fpb.ListExecutionsResponse:
+        rows, token = await self._c.list_executions(
+            TENANT,
+            workflow_name=request.workflow_name or None,
+            status=convert.execution_status_from_proto(request.status),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return fpb.ListExecutionsResponse(
+            executions=[convert.execution_to_proto(e) for e in rows], next_page_token=token
+        )
+
+    @stream
+    async def WatchExecution(
+        self, request: fpb.WatchExecutionRequest, context: Ctx
+    ) -> AsyncIterator[fpb.WatchExecutionResponse]:
+        async for item in self._c.watch_execution(
+            TENANT, request.execution_id, request.after_sequence
+        ):
+            if isinstance(item, Execution):
+                yield fpb.WatchExecutionResponse(execution=convert.execution_to_proto(item))
+            else:
+                yield fpb.WatchExecutionResponse(event=convert.event_to_proto(item))

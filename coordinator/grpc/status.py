@@ -1,0 +1,89 @@
+"""The one table from domain errors to gRPC status codes, and the decorators applying it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from coordinator.errors import (
+    Conflict,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TrellisError,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_TABLE: tuple[tuple[type[TrellisError], grpc.StatusCode], ...] = (
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Conflict, grpc.StatusCode.ABORTED),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(exc: TrellisError) -> grpc.StatusCode:
+    for cls, code in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _abort(context: Ctx, exc: Exception, method: str) -> NoReturn:
+    if isinstance(exc, TrellisError):
+        await context.abort(status_for(exc), str(exc))
+    log.exception("unexpected error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the coordinator's log")
+
+
+def unary(
+    fn: Callable[[S, Req, Ctx], Awaitable[Resp]],
+) -> Callable[[S, Req, Ctx], Awaitable[Resp]]:
+    """Map TrellisError raised by a unary handler to its status code."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: S, request: Req, context: Ctx) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, exc, fn.__name__)
+
+    return wrapper
+
+
+def stream(
+    fn: Callable[[S, Req, Ctx], AsyncIterator[Resp]],
+) -> Callable[[S, Req, Ctx], AsyncIterator[Resp]]:
+    """Map TrellisError raised by a server-streaming handler to its status code."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: S, request: Req, context: Ctx) -> AsyncIterator[Resp]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(context, exc, fn.__name__)
+
+    return wrapper
+
+
+__all__ = ["STATUS_TABLE", "status_for", "stream", "unary"]

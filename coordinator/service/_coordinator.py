@@ -1,0 +1,493 @@
+"""Use cases. Each is: load under lock → engine → persist, in one store transaction.
+
+This module imports neither grpc nor SQLAlchemy: it talks to the ``Store`` protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+from coordinator import engine
+from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from coordinator.model import (
+    DEFAULT_TENANT,
+    NULL_JSON,
+    ErrorInfo,
+    Event,
+    Execution,
+    ExecutionStatus,
+    NodeRun,
+    NodeStatus,
+    Transition,
+    WorkerInfo,
+    WorkflowDef,
+    WorkflowSummary,
+)
+from coordinator.service._notifier import Notifier, execution_key, task_key
+from coordinator.service._tokens import LeaseToken
+from coordinator.service.ports import Decision, Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    max_payload_bytes: int = 1024 * 1024
+    poll_max_wait: timedelta = timedelta(seconds=30)
+    heartbeat_interval: timedelta = timedelta(seconds=5)
+    limits: engine.Limits = engine.Limits()
+
+
+@dataclass(frozen=True)
+class LeasedTask:
+    """A claimed node run as handed to a worker."""
+
+    token: str
+    node: NodeRun
+    config: bytes
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    cancelled: tuple[str, ...]
+    lost: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExecutionView:
+    execution: Execution
+    nodes: tuple[NodeRun, ...]
+
+
+class Coordinator:
+    """The coordinator's use cases, shared by every gRPC servicer and the sweepers."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: ServiceSettings | None = None,
+        *,
+        notifier: Notifier | None = None,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.store = store
+        self.settings = settings or ServiceSettings()
+        self.notifier = notifier or Notifier()
+        self._clock = clock
+        self._definitions: dict[tuple[str, str, int], WorkflowDef] = {}
+        self._draining = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop handing out work: waiting polls return empty, new polls are refused."""
+        self._draining = True
+        self.notifier.close()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # -- definitions ----------------------------------------------------------------------
+
+    async def register_workflow(self, defn: WorkflowDef) -> tuple[WorkflowDef, bool]:
+        engine.validate_definition(defn, self.settings.limits)
+        stored, created = await self.store.register_workflow(defn, self._clock())
+        self._definitions[(stored.tenant_id, stored.name, stored.version)] = stored
+        return stored, created
+
+    async def get_workflow(self, tenant_id: str, name: str, version: int | None) -> WorkflowDef:
+        if version is not None:
+            cached = self._definitions.get((tenant_id, name, version))
+            if cached is not None:
+                return cached
+        defn = await self.store.get_workflow(tenant_id, name, version)
+        self._definitions[(tenant_id, defn.name, defn.version)] = defn
+        return defn
+
+    async def list_workflows(
+        self, tenant_id: str, page_size: int, page_token: str
+    ) -> tuple[list[WorkflowSummary], str]:
+        limit = _page_size(page_size)
+        rows = await self.store.list_workflows(tenant_id, limit + 1, page_token or None)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1].name if more else "")
+
+    async def list_workflow_versions(self, tenant_id: str, name: str) -> list[WorkflowDef]:
+        versions = await self.store.list_workflow_versions(tenant_id, name)
+        if not versions:
+            raise NotFound(f"workflow '{name}' not found; register it first")
+        return versions
+
+    # -- executions -----------------------------------------------------------------------
+
+    async def start_execution(
+        self,
+        tenant_id: str,
+        workflow_name: str,
+        version: int | None,
+        input: bytes,
+        *,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+    ) -> tuple[Execution, bool]:
+        payload = self.check_payload("input", input)
+        if not workflow_name:
+            raise InvalidArgument("workflow_name is required")
+        defn = await self.get_workflow(tenant_id, workflow_name, version)
+        now = self._clock()
+        shell = Execution(
+            id=str(uuid.uuid4()),
+            tenant_id=tenant_id,
+            workflow_name=defn.name,
+            workflow_version=defn.version,
+            status=ExecutionStatus.PENDING,
+            input=payload,
+            created_at=now,
+            updated_at=now,
+            priority=priority,
+            idempotency_key=idempotency_key or None,
+        )
+        transition = engine.start_execution(defn, shell, now)
+        execution, created = await self.store.create_execution(transition)
+        if created:
+            self._after(transition)
+            log.info(
+                "execution started",
+                extra={"execution_id": execution.id, "workflow": defn.name},
+            )
+        return execution, created
+
+    async def get_execution(self, tenant_id: str, execution_id: str) -> ExecutionView:
+        execution = await self.store.get_execution(tenant_id, execution_id)
+        nodes = await self.store.list_node_runs(tenant_id, execution_id)
+        defn = await self.get_workflow(tenant_id, execution.workflow_name, execution.workflow_version)
+        order = {n.id: i for i, n in enumerate(defn.nodes)}
+        nodes.sort(key=lambda n: order.get(n.node_id, len(order)))
+        return ExecutionView(execution, tuple(nodes))
+
+    async def list_executions(
+        self,
+        tenant_id: str,
+        *,
+        workflow_name: str | None,
+        status: ExecutionStatus | None,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Execution], str]:
+        limit = _page_size(page_size)
+        before = _decode_cursor(page_token) if page_token else None
+        rows = await self.store.list_executions(
+            tenant_id, workflow_name=workflow_name, status=status, limit=limit + 1, before=before
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        token = _encode_cursor(rows[-1]) if more else ""
+        return rows, token
+
+    async def watch_execution(
+        self, tenant_id: str, execution_id: str, after_sequence: int, *, fallback: float = 1.0
+    ) -> AsyncIterator[Event | Execution]:
+        """Yield events after ``after_sequence``; end with the execution once it is terminal.
+
+        Woken by in-process notifications; ``fallback`` bounds the wait so events written
+        by another replica are seen too.
+        """
+        await self.store.get_execution(tenant_id, execution_id)  # NotFound early
+        after = after_sequence
+        with self.notifier.listen([execution_key(execution_id)]) as wake:
+            while True:
+                wake.clear()
+                events = await self.store.list_events(tenant_id, execution_id, after, 500)
+                for event in events:
+                    after = event.sequence
+                    yield event
+                if len(events) == 500:
+                    continue
+                execution = await self.store.get_execution(tenant_id, execution_id)
+                if execution.status.terminal:
+                    for event in await self.store.list_events(
+                        tenant_id, execution_id, after, 100_000
+                    ):
+                        yield event
+                    yield execution
+                    return
+                if self._draining:
+                    raise Unavailable("coordinator is shutting down; watch again to resume")
+                try:
+                    await asyncio.wait_for(wake.wait(), fallback)
+                except TimeoutError:
+                    pass
+
+    # -- workers --------------------------------------------------------------------------
+
+    async def register_worker(
+        self,
+        tenant_id: str,
+        worker_id: str,
+        task_types: Sequence[str],
+        capacity: int,
+        *,
+        labels: Mapping[str, str] | None = None,
+        sdk_language: str = "",
+        sdk_version: str = "",
+        identity: str = "",
+    ) -> str:
+        if not task_types:
+            raise InvalidArgument("task_types is empty; name at least one task type to serve")
+        worker_id = worker_id or str(uuid.uuid4())
+        await self.store.upsert_worker(
+            WorkerInfo(
+                id=worker_id,
+                tenant_id=tenant_id,
+                task_types=tuple(task_types),
+                capacity=max(capacity, 1),
+                last_seen=self._clock(),
+                labels=dict(labels or {}),
+                sdk_language=sdk_language,
+                sdk_version=sdk_version,
+                identity=identity,
+            )
+        )
+        return worker_id
+
+    async def poll_tasks(
+        self,
+        tenant_id: str,
+        worker_id: str,
+        task_types: Sequence[str],
+        max_tasks: int,
+        wait: timedelta,
+    ) -> list[LeasedTask]:
+        """Long-poll: claim up to ``max_tasks``; if none, sleep until woken or ``wait`` ends."""
+        if not task_types:
+            raise InvalidArgument("task_types is empty; name at least one task type to poll")
+        if not worker_id:
+            raise InvalidArgument("worker_id is required; call RegisterWorker first")
+        if self._draining:
+            raise Unavailable("coordinator is shutting down; reconnect to another replica")
+        max_tasks = max(1, min(max_tasks, 1000))
+        wait = min(wait, self.settings.poll_max_wait)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(wait.total_seconds(), 0.0)
+        with self.notifier.listen(task_key(t) for t in task_types) as wake:
+            while True:
+                wake.clear()
+                now = self._clock()
+                claimed = await self.store.claim_tasks(
+                    tenant_id, worker_id, task_types, max_tasks, now
+                )
+                if claimed:
+                    return [await self._leased(n) for n in claimed]
+                remaining = deadline - loop.time()
+                if remaining <= 0 or self._draining:
+                    return []
+                next_at = await self.store.next_available_at(tenant_id, task_types, now)
+                if next_at is not None:
+                    remaining = min(remaining, max((next_at - now).total_seconds(), 0.001))
+                try:
+                    await asyncio.wait_for(wake.wait(), remaining)
+                except TimeoutError:
+                    pass
+
+    async def _leased(self, node: NodeRun) -> LeasedTask:
+        defn = await self.get_workflow(node.tenant_id, node.workflow_name, node.workflow_version)
+        spec = defn.node_map[node.node_id]
+        token = LeaseToken(
+            node.execution_id, node.node_id, node.lease_seq, node.workflow_name, node.workflow_version
+        )
+        return LeasedTask(token.encode(), node, spec.config)
+
+    async def heartbeat(
+        self, tenant_id: str, worker_id: str, tokens: Sequence[str]
+    ) -> HeartbeatResult:
+        decoded = {t: LeaseToken.decode(t) for t in tokens}
+        rows = await self.store.touch_leases(
+            tenant_id, [d.key for d in decoded.values()], self._clock()
+        )
+        cancelled: list[str] = []
+        lost: list[str] = []
+        for raw, token in decoded.items():
+            row = rows.get(token.key)
+            if row is not None and row.lease_seq == token.lease_seq:
+                if row.status is NodeStatus.LEASED:
+                    continue
+                if row.status is NodeStatus.CANCELLED:
+                    cancelled.append(raw)
+                    continue
+            lost.append(raw)
+        return HeartbeatResult(tuple(cancelled), tuple(lost))
+
+    async def complete_task(
+        self, tenant_id: str, token_text: str, output: bytes, worker_id: str = ""
+    ) -> bool:
+        """Record a result. Returns True when it was a duplicate of an accepted result."""
+        token = LeaseToken.decode(token_text)
+        payload = self.check_payload("output", output)
+        defn = await self.get_workflow(tenant_id, token.workflow_name, token.workflow_version)
+
+        def decide(
+            execution: Execution, nodes: Mapping[str, NodeRun]
+        ) -> Decision[tuple[bool, Transition | None]]:
+            node = _held_node(nodes, token, accept_done=NodeStatus.SUCCEEDED)
+            if node is None:
+                return Decision(None, (True, None))
+            t = engine.complete_node(defn, execution, nodes, token.node_id, payload, self._clock())
+            return Decision(t, (False, t))
+
+        duplicate, transition = await self.store.transact(tenant_id, token.execution_id, decide)
+        if transition is not None:
+            self._after(transition)
+        return duplicate
+
+    async def fail_task(
+        self, tenant_id: str, token_text: str, error: ErrorInfo, retryable: bool
+    ) -> tuple[bool, bool]:
+        """Record a failed attempt. Returns ``(will_retry, duplicate)``."""
+        token = LeaseToken.decode(token_text)
+        if error.details:
+            self.check_payload("error.details", error.details)
+        defn = await self.get_workflow(tenant_id, token.workflow_name, token.workflow_version)
+        return await self._fail(tenant_id, defn, token, error, retryable)
+
+    async def _fail(
+        self,
+        tenant_id: str,
+        defn: WorkflowDef,
+        token: LeaseToken,
+        error: ErrorInfo,
+        retryable: bool,
+    ) -> tuple[bool, bool]:
+        def decide(
+            execution: Execution, nodes: Mapping[str, NodeRun]
+        ) -> Decision[tuple[bool, bool, Transition | None]]:
+            node = _held_node(nodes, token, accept_done=None)
+            if node is None:
+                return Decision(None, (False, True, None))
+            full = replace(error, node_id=node.node_id, attempt=node.attempt, worker_id=node.worker_id)
+            t = engine.fail_node(
+                defn, execution, nodes, token.node_id, full, retryable, self._clock()
+            )
+            changed = next(n for n in t.nodes if n.node_id == token.node_id)
+            return Decision(t, (changed.status is NodeStatus.READY, False, t))
+
+        will_retry, duplicate, transition = await self.store.transact(
+            tenant_id, token.execution_id, decide
+        )
+        if transition is not None:
+            self._after(transition)
+        return will_retry, duplicate
+
+    async def expire_leases(self, limit: int = 100) -> int:
+        """Fail attempts whose lease or heartbeat deadline passed (retryable). Any replica may
+        run this at once: each expiry is a fenced transition on the node's lease_seq."""
+        now = self._clock()
+        expired = await self.store.find_expired_leases(now, limit)
+        for node in expired:
+            hb = node.heartbeat_deadline is not None and node.heartbeat_deadline < now
+            kind = "HeartbeatTimeout" if hb else "StartToCloseTimeout"
+            message = (
+                f"no heartbeat within {node.heartbeat_timeout}"
+                if hb
+                else f"attempt did not finish within {node.start_to_close_timeout}"
+            )
+            token = LeaseToken(
+                node.execution_id,
+                node.node_id,
+                node.lease_seq,
+                node.workflow_name,
+                node.workflow_version,
+            )
+            defn = await self.get_workflow(
+                node.tenant_id, node.workflow_name, node.workflow_version
+            )
+            try:
+                await self._fail(node.tenant_id, defn, token, ErrorInfo(kind, message), True)
+            except (FailedPrecondition, NotFound):
+                continue  # completed or expired concurrently (another replica)
+            log.warning(
+                "lease expired",
+                extra={
+                    "execution_id": node.execution_id,
+                    "node_id": node.node_id,
+                    "attempt": node.attempt,
+                    "worker_id": node.worker_id,
+                    "reason": kind,
+                },
+            )
+        return len(expired)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def check_payload(self, name: str, payload: bytes) -> bytes:
+        """A JSON document within the size limit; empty means null."""
+        if not payload:
+            return NULL_JSON
+        limit = self.settings.max_payload_bytes
+        if len(payload) > limit:
+            raise InvalidArgument(
+                f"{name} is {len(payload)} bytes, over the {limit}-byte limit "
+                "(TRELLIS_MAX_PAYLOAD_BYTES); pass large data by reference"
+            )
+        try:
+            json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"{name} is not valid JSON: {exc}") from exc
+        return payload
+
+    def _after(self, transition: Transition) -> None:
+        """Wake pollers for newly ready task types and watchers of the execution."""
+        keys = [execution_key(transition.execution.id)]
+        keys.extend(task_key(t) for t in {n.task_type for n in transition.ready})
+        self.notifier.notify(keys)
+
+
+def _held_node(
+    nodes: Mapping[str, NodeRun], token: LeaseToken, accept_done: NodeStatus | None
+) -> NodeRun | None:
+    """The node the token still leases, None for an accepted duplicate, else raise."""
+    node = nodes.get(token.node_id)
+    if node is None:
+        raise NotFound(f"node '{token.node_id}' not found in execution '{token.execution_id}'")
+    if node.lease_seq == token.lease_seq:
+        if node.status is NodeStatus.LEASED:
+            return node
+        if accept_done is not None and node.status is accept_done:
+            return None
+    raise FailedPrecondition(
+        f"lease on node '{token.node_id}' of execution '{token.execution_id}' is no longer held "
+        f"(node is {node.status.value}, attempt {node.attempt}); drop this result"
+    )
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative")
+    return min(requested or 100, 1000)
+
+
+def _encode_cursor(execution: Execution) -> str:
+    return f"{int(execution.created_at.timestamp() * 1000)}:{execution.id}"
+
+
+def _decode_cursor(token: str) -> tuple[datetime, str]:
+    try:
+        ms, _, ident = token.partition(":")
+        return datetime.fromtimestamp(int(ms) / 1000, UTC), ident
+    except ValueError as exc:
+        raise InvalidArgument("page_token is malformed; pass next_page_token unchanged") from exc
+
+

@@ -1,0 +1,110 @@
+"""Real coordinator and worker processes for e2e tests, stopped by the fixtures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRELLIS_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def spawn(name: str, args: list[str], env: Mapping[str, str], log_dir: Path) -> Proc:
+    log = log_dir / f"{name}.log"
+    handle = log.open("wb")
+    popen = subprocess.Popen(
+        args, env=dict(env), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT
+    )
+    handle.close()
+    return Proc(name, popen, log)
+
+
+def spawn_coordinator(
+    database_url: str, log_dir: Path, *, port: int | None = None, **settings: str
+) -> tuple[Proc, str]:
+    port = port or free_port()
+    address = f"127.0.0.1:{port}"
+    env = base_env(
+        {
+            "TRELLIS_DATABASE_URL": database_url,
+            "TRELLIS_LISTEN": address,
+            **{f"TRELLIS_{k.upper()}": v for k, v in settings.items()},
+        }
+    )
+    proc = spawn(
+        f"coordinator-{port}",
+        [sys.executable, "-m", "trellis.cli", "coordinator", "serve"],
+        env,
+        log_dir,
+    )
+    wait_serving(address, proc)
+    return proc, address
+
+
+def wait_serving(address: str, proc: Proc, timeout: float = 30.0) -> None:
+    """Block until the coordinator's gRPC health service answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise AssertionError(f"{proc.name} exited early:\n{proc.output()}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise AssertionError(f"{proc.name} not serving after {timeout}s:\n{proc.output()}")
+
+
+def spawn_worker(
+    script: Path, address: str, log_dir: Path, name: str, **env_extra: str
+) -> Proc:
+    env = base_env({"TRELLIS_ADDRESS": address, **env_extra})
+    return spawn(name, [sys.executable, str(script)], env, log_dir)

@@ -1,0 +1,278 @@
+"""The ``trellis`` command-line tool.
+
+Client commands (workflow, run, status) talk to a coordinator over gRPC with the
+worker SDK's client; server commands (dev, coordinator serve, migrate) need the
+``[coordinator]`` extra. Errors print one line on stderr and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from worker_sdk import DEFAULT_ADDRESS, Client, DefinitionError, Execution, RpcError, TrellisError
+
+EXIT_FAILED = 1
+DEV_DATABASE = ".trellis/dev.db"
+
+
+class CliError(Exception):
+    """A usage problem; printed as one line."""
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _execution_doc(execution: Execution) -> dict[str, Any]:
+    return {
+        "id": execution.id,
+        "workflow": execution.workflow_name,
+        "version": execution.workflow_version,
+        "status": execution.status,
+        "input": execution.input,
+        "output": execution.output,
+        "error": None
+        if execution.error is None
+        else {
+            "type": execution.error.type,
+            "message": execution.error.message,
+            "node_id": execution.error.node_id,
+            "attempt": execution.error.attempt,
+        },
+        "created": execution.create_time,
+        "ended": execution.end_time,
+        "nodes": [
+            {
+                "id": n.node_id,
+                "task_type": n.task_type,
+                "status": n.status,
+                "attempt": n.attempt,
+                "worker_id": n.worker_id,
+                "output": n.output,
+                "error": None if n.error is None else n.error.message,
+            }
+            for n in execution.nodes
+        ],
+    }
+
+
+def _print_execution(execution: Execution) -> None:
+    print(f"execution {execution.id}")
+    print(f"  workflow  {execution.workflow_name} v{execution.workflow_version}")
+    print(f"  status    {execution.status}")
+    if execution.output is not None or execution.status == "SUCCEEDED":
+        print(f"  output    {json.dumps(execution.output)}")
+    if execution.error is not None:
+        print(f"  error     {execution.error.type}: {execution.error.message}")
+    if execution.nodes:
+        width = max(len(n.node_id) for n in execution.nodes)
+        print(f"  {'NODE'.ljust(width)}  {'STATUS':<10} ATTEMPT  WORKER")
+        for n in execution.nodes:
+            print(f"  {n.node_id.ljust(width)}  {n.status:<10} {n.attempt:<8} {n.worker_id or '-'}")
+
+
+def _parse_input(raw: str | None) -> bytes:
+    if raw is None:
+        return b"null"
+    if raw.startswith("@"):
+        path = Path(raw[1:])
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise CliError(f"cannot read input file {path}: {exc.strerror}") from exc
+    return raw.encode()
+
+
+# -- client commands -----------------------------------------------------------------------
+
+
+async def _apply(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        for path in args.files:
+            reg = await client.register_workflow(Path(path))
+            state = "registered" if reg.created else "unchanged"
+            print(f"{reg.name} version {reg.version} {state}")
+    return 0
+
+
+async def _list_workflows(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        rows = await client.list_workflows()
+    if args.output == "json":
+        _print_json([{"name": w.name, "latest_version": w.latest_version} for w in rows])
+    else:
+        for w in rows:
+            print(f"{w.name}\tv{w.latest_version}\t{w.description}")
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        execution = await client.start_execution(
+            args.name,
+            _parse_input(args.input),
+            version=args.version,
+            idempotency_key=args.idempotency_key,
+            priority=args.priority,
+        )
+        if args.wait:
+            execution = await client.wait_for_execution(execution.id, timeout=args.timeout)
+    if args.output == "json":
+        _print_json(_execution_doc(execution))
+    elif args.wait:
+        _print_execution(execution)
+    else:
+        print(execution.id)
+    if args.wait and execution.status != "SUCCEEDED":
+        return EXIT_FAILED
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        execution = await client.get_execution(args.execution_id)
+    if args.output == "json":
+        _print_json(_execution_doc(execution))
+    else:
+        _print_execution(execution)
+    return 0
+
+
+# -- server commands -----------------------------------------------------------------------
+
+
+def _coordinator_config(environ: Mapping[str, str], overrides: dict[str, Any]) -> Any:
+    try:
+        from coordinator.config import CoordinatorConfig
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise CliError(
+            "the coordinator is not installed; pip install 'trellis[coordinator]'"
+        ) from exc
+    config = CoordinatorConfig.from_env(environ)
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+async def _serve(config: Any) -> int:
+    from coordinator.grpc.server import serve
+    from coordinator.logs import configure_logging
+
+    configure_logging(config.log_level, config.log_format)
+    await serve(config)
+    return 0
+
+
+async def _dev(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    database = args.database_url or env.get("TRELLIS_DATABASE_URL")
+    if not database:
+        Path(DEV_DATABASE).parent.mkdir(parents=True, exist_ok=True)
+        database = f"sqlite:///{DEV_DATABASE}"
+    config = _coordinator_config(
+        env, {"database_url": database, "listen": args.listen, "auto_migrate": True}
+    )
+    print(
+        f"trellis dev: coordinator on {config.listen}, database {config.database_url}",
+        file=sys.stderr,
+    )
+    return await _serve(config)
+
+
+async def _coordinator_serve(args: argparse.Namespace) -> int:
+    return await _serve(_coordinator_config(os.environ, {"listen": args.listen}))
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    config = _coordinator_config(os.environ, {"database_url": args.database_url})
+    from coordinator.store import migrate
+
+    await migrate(config.database_url)
+    print(f"database at {config.database_url} is up to date")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trellis", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("TRELLIS_ADDRESS", DEFAULT_ADDRESS),
+        help="coordinator address HOST:PORT (env TRELLIS_ADDRESS, default %(default)s)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = sub.add_parser("dev", help="run a coordinator on SQLite in the foreground")
+    dev.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:7400)")
+    dev.add_argument("--database-url", help=f"default sqlite:///{DEV_DATABASE}")
+    dev.set_defaults(func=_dev)
+
+    coord = sub.add_parser("coordinator", help="coordinator service commands")
+    coord_sub = coord.add_subparsers(dest="coordinator_command", required=True, metavar="ACTION")
+    serve = coord_sub.add_parser("serve", help="serve with TRELLIS_* settings")
+    serve.add_argument("--listen", help="HOST:PORT (overrides TRELLIS_LISTEN)")
+    serve.set_defaults(func=_coordinator_serve)
+
+    mig = sub.add_parser("migrate", help="apply database migrations (TRELLIS_DATABASE_URL)")
+    mig.add_argument("--database-url", help="overrides TRELLIS_DATABASE_URL")
+    mig.set_defaults(func=_migrate)
+
+    wf = sub.add_parser("workflow", help="workflow definitions")
+    wf_sub = wf.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
+    apply = wf_sub.add_parser("apply", help="register definitions from YAML/JSON files")
+    apply.add_argument("files", nargs="+", metavar="FILE")
+    apply.set_defaults(func=_apply)
+    wf_list = wf_sub.add_parser("list", help="list registered workflows")
+    wf_list.add_argument("--output", choices=["text", "json"], default="text")
+    wf_list.set_defaults(func=_list_workflows)
+
+    run = sub.add_parser("run", help="start an execution")
+    run.add_argument("name", help="workflow name")
+    run.add_argument("--input", help="JSON input, or @FILE")
+    run.add_argument("--version", type=int, help="definition version (default: latest)")
+    run.add_argument("--idempotency-key")
+    run.add_argument("--priority", type=int, default=0)
+    run.add_argument("--wait", action="store_true", help="wait until it ends; exit 1 unless it SUCCEEDED")
+    run.add_argument("--timeout", type=float, help="seconds to wait with --wait")
+    run.add_argument("--output", choices=["text", "json"], default="text")
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="show an execution and every node's state")
+    status.add_argument("execution_id")
+    status.add_argument("--output", choices=["text", "json"], default="text")
+    status.set_defaults(func=_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = asyncio.run(args.func(args))
+    except RpcError as exc:
+        print(f"trellis: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except (DefinitionError, CliError, TrellisError) as exc:
+        print(f"trellis: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from coordinator.errors import TrellisError as CoordinatorError
+
+        if isinstance(exc, CoordinatorError):
+            print(f"trellis: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
