@@ -1,0 +1,609 @@
+"""The Worker against an in-process fake WorkerService on a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+
+import worker_sdk
+from trellis.v1 import worker_service_pb2 as pb
+from trellis.v1 import worker_service_pb2_grpc as pb_grpc
+from worker_sdk import NonRetryableError, TaskContext, Worker, task
+
+
+async def wait_until(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
+    """Polls ``predicate`` until it holds; fails the test after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.01)
+
+
+class FakeWorkerService(pb_grpc.WorkerServiceServicer):
+    """Leases queued tasks and records everything the worker sends."""
+
+    def __init__(self) -> None:
+        self.address = ""
+        self.server: grpc.aio.Server | None = None
+        self.heartbeat_interval = 0.1
+        self.registrations: list[pb.RegisterWorkerRequest] = []
+        self.polls: list[pb.PollTasksRequest] = []
+        self.heartbeats: list[pb.HeartbeatRequest] = []
+        self.complete_calls: list[pb.CompleteTaskRequest] = []
+        self.fail_calls: list[pb.FailTaskRequest] = []
+        self.completions: dict[str, Any] = {}  # token → decoded output (accepted only)
+        self.failures: dict[str, pb.TaskError] = {}
+        # Errors to answer with, first in first out, before behaving normally.
+        self.poll_errors: list[tuple[grpc.StatusCode, str]] = []
+        self.complete_errors: list[tuple[grpc.StatusCode, str]] = []
+        self.cancel_tokens: set[str] = set()
+        self.lost_tokens: set[str] = set()
+        self.poll_cancelled = asyncio.Event()
+        self.overdeliver = False  # hand out every queued task, ignoring max_tasks
+        self.polling = 0
+        self.leased: set[str] = set()
+        self.max_outstanding = 0
+        self._queue: list[pb.Task] = []
+        self._cond = asyncio.Condition()
+        self._count = 0
+
+    async def add_task(self, task_type: str, data: Any = None, **fields: Any) -> str:
+        self._count += 1
+        token = f"lease-{self._count}"
+        msg = pb.Task(
+            lease_token=token,
+            execution_id=f"exec-{self._count}",
+            node_id=f"node-{self._count}",
+            task_type=task_type,
+            attempt=1,
+            input=b"" if data is None else json.dumps(data).encode(),
+            idempotency_key=f"exec-{self._count}/node-{self._count}",
+            workflow_name="wf",
+            workflow_version=3,
+            **fields,
+        )
+        async with self._cond:
+            self._queue.append(msg)
+            self._cond.notify_all()
+        return token
+
+    def done(self, token: str) -> bool:
+        return token in self.completions or token in self.failures
+
+    def detail_seen(self, token: str, details: bytes) -> bool:
+        return any(
+            lease.lease_token == token and lease.details == details
+            for hb in self.heartbeats
+            for lease in hb.leases
+        )
+
+    async def RegisterWorker(
+        self, request: pb.RegisterWorkerRequest, context: Any
+    ) -> pb.RegisterWorkerResponse:
+        self.registrations.append(request)
+        response = pb.RegisterWorkerResponse(worker_id=request.worker_id or "w-1")
+        response.heartbeat_interval.FromTimedelta(timedelta(seconds=self.heartbeat_interval))
+        return response
+
+    async def PollTasks(self, request: pb.PollTasksRequest, context: Any) -> pb.PollTasksResponse:
+        self.polls.append(request)
+        if self.poll_errors:
+            code, message = self.poll_errors.pop(0)
+            await context.abort(code, message)
+        self.polling += 1
+        try:
+            async with self._cond:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._cond.wait_for(lambda: bool(self._queue)),
+                        request.wait.ToTimedelta().total_seconds(),
+                    )
+                n = len(self._queue) if self.overdeliver else request.max_tasks
+                batch = self._queue[:n]
+                del self._queue[:n]
+        except asyncio.CancelledError:
+            self.poll_cancelled.set()
+            raise
+        finally:
+            self.polling -= 1
+        self.leased.update(t.lease_token for t in batch)
+        self.max_outstanding = max(self.max_outstanding, len(self.leased))
+        return pb.PollTasksResponse(tasks=batch)
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
+        self.heartbeats.append(request)
+        tokens = {lease.lease_token for lease in request.leases}
+        return pb.HeartbeatResponse(
+            cancelled_lease_tokens=sorted(tokens & self.cancel_tokens),
+            lost_lease_tokens=sorted(tokens & self.lost_tokens),
+        )
+
+    async def CompleteTask(
+        self, request: pb.CompleteTaskRequest, context: Any
+    ) -> pb.CompleteTaskResponse:
+        self.complete_calls.append(request)
+        if self.complete_errors:
+            code, message = self.complete_errors.pop(0)
+            await context.abort(code, message)
+        self.leased.discard(request.lease_token)
+        self.completions[request.lease_token] = json.loads(request.output)
+        return pb.CompleteTaskResponse()
+
+    async def FailTask(self, request: pb.FailTaskRequest, context: Any) -> pb.FailTaskResponse:
+        self.fail_calls.append(request)
+        self.leased.discard(request.lease_token)
+        self.failures[request.lease_token] = request.error
+        return pb.FailTaskResponse(will_retry=not request.error.non_retryable)
+
+
+async def start_server(service: FakeWorkerService, port: int = 0) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    pb_grpc.add_WorkerServiceServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    service.address = f"127.0.0.1:{bound}"
+    service.server = server
+    return server
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeWorkerService]:
+    service = FakeWorkerService()
+    await start_server(service)
+    yield service
+    assert service.server is not None
+    await service.server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def serving(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
+    serve = asyncio.create_task(worker.serve())
+    try:
+        yield serve
+    finally:
+        await asyncio.wait_for(worker.stop(), 10)
+        await serve
+
+
+@task("echo")
+async def echo(ctx: TaskContext, data: Any) -> Any:
+    return {"got": data, "attempt": ctx.attempt}
+
+
+async def test_registers_and_completes_with_json_output(fake: FakeWorkerService) -> None:
+    seen: list[TaskContext] = []
+
+    @task("inspect")
+    async def inspect_ctx(ctx: TaskContext, data: Any) -> Any:
+        seen.append(ctx)
+        return data
+
+    worker = Worker([echo, inspect_ctx], address=fake.address, concurrency=4, labels={"zone": "a"})
+    async with serving(worker):
+        token = await fake.add_task("echo", {"x": [1, "é"]})
+        config_token = await fake.add_task(
+            "inspect", None, config=b'{"limit": 3}', metadata={"trace": "t1"}
+        )
+        await wait_until(lambda: fake.done(token) and fake.done(config_token))
+
+    registration = fake.registrations[0]
+    assert sorted(registration.task_types) == ["echo", "inspect"]
+    assert registration.capacity == 4
+    assert registration.sdk_language == "python"
+    assert registration.sdk_version == worker_sdk.__version__
+    assert registration.identity == f"{socket.gethostname()}:{os.getpid()}"
+    assert dict(registration.labels) == {"zone": "a"}
+    assert worker.worker_id == "w-1"
+    assert fake.polls[0].worker_id == "w-1"
+    assert fake.completions[token] == {"got": {"x": [1, "é"]}, "attempt": 1}
+    assert fake.complete_calls[0].worker_id == "w-1"
+    assert fake.completions[config_token] is None  # empty input → None
+    ctx = seen[0]
+    assert ctx.config == {"limit": 3}
+    assert ctx.metadata == {"trace": "t1"}
+    assert (ctx.workflow_name, ctx.workflow_version, ctx.worker_id) == ("wf", 3, "w-1")
+    assert ctx.idempotency_key == f"{ctx.execution_id}/{ctx.node_id}"
+    assert ctx.lease_deadline is None
+    assert not ctx.cancelled
+
+
+async def test_sync_handler_runs_in_a_worker_thread(fake: FakeWorkerService) -> None:
+    threads: list[str] = []
+
+    @task("sync")
+    def sync_handler(ctx: TaskContext, data: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return data * 2
+
+    async with serving(Worker([sync_handler], address=fake.address)):
+        token = await fake.add_task("sync", 21)
+        await wait_until(lambda: fake.done(token))
+    assert fake.completions[token] == 42
+    assert threads[0].startswith("trellis-worker")
+
+
+class CardDeclined(NonRetryableError):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("exc", "error_type", "non_retryable"),
+    [
+        (ValueError("bad value"), "ValueError", False),
+        (CardDeclined("card declined"), "CardDeclined", True),
+        (NonRetryableError("give up"), "NonRetryableError", True),
+    ],
+)
+@pytest.mark.parametrize("is_async", [True, False])
+async def test_exception_fails_the_task(
+    fake: FakeWorkerService, exc: Exception, error_type: str, non_retryable: bool, is_async: bool
+) -> None:
+    def raise_it(ctx: TaskContext, data: Any) -> Any:
+        raise exc
+
+    async def raise_async(ctx: TaskContext, data: Any) -> Any:
+        raise exc
+
+    failing = task("fails")(raise_async if is_async else raise_it)
+    async with serving(Worker([failing], address=fake.address)):
+        token = await fake.add_task("fails")
+        await wait_until(lambda: fake.done(token))
+    error = fake.failures[token]
+    assert error.type == error_type
+    assert error.message == str(exc)
+    assert error.non_retryable is non_retryable
+    assert "raise exc" in json.loads(error.details)["traceback"]
+
+
+async def test_unserializable_output_fails_non_retryable(fake: FakeWorkerService) -> None:
+    @task("weird")
+    async def weird(ctx: TaskContext, data: Any) -> Any:
+        return {"when": datetime(2024, 1, 1)}
+
+    async with serving(Worker([weird], address=fake.address)):
+        token = await fake.add_task("weird")
+        await wait_until(lambda: fake.done(token))
+    assert fake.failures[token].type == "OutputNotSerializable"
+    assert fake.failures[token].non_retryable
+
+
+async def test_task_timeout_cancels_the_handler(fake: FakeWorkerService) -> None:
+    cancelled = asyncio.Event()
+
+    @task("slow", timeout="100ms")
+    async def slow(ctx: TaskContext, data: Any) -> Any:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with serving(Worker([slow], address=fake.address)):
+        token = await fake.add_task("slow")
+        await wait_until(lambda: fake.done(token))
+    assert cancelled.is_set()
+    error = fake.failures[token]
+    assert error.type == "TimeoutError"
+    assert not error.non_retryable
+    assert "0.1s" in error.message
+
+
+async def test_sync_handler_timeout_sets_cancelled(fake: FakeWorkerService) -> None:
+    saw_cancel = threading.Event()
+
+    @task("slow-sync", timeout=0.1)
+    def slow(ctx: TaskContext, data: Any) -> Any:
+        deadline = time.monotonic() + 10
+        while not ctx.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if ctx.cancelled:
+            saw_cancel.set()
+        return "too late"
+
+    async with serving(Worker([slow], address=fake.address)):
+        token = await fake.add_task("slow-sync")
+        await wait_until(lambda: fake.done(token))
+        await wait_until(saw_cancel.is_set)
+    assert fake.failures[token].type == "TimeoutError"
+    assert token not in fake.completions
+
+
+async def test_never_runs_more_than_concurrency(fake: FakeWorkerService) -> None:
+    running = 0
+    peak = 0
+
+    @task("busy")
+    async def busy(ctx: TaskContext, data: Any) -> Any:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return data
+
+    tokens = [await fake.add_task("busy", i) for i in range(10)]
+    async with serving(Worker([busy], address=fake.address, concurrency=3)):
+        await wait_until(lambda: all(fake.done(t) for t in tokens))
+    assert peak == 3
+    assert fake.max_outstanding <= 3
+    assert all(1 <= p.max_tasks <= 3 for p in fake.polls)
+    assert sorted(fake.completions.values()) == list(range(10))
+
+
+async def test_extra_tasks_from_the_coordinator_wait_for_a_slot(fake: FakeWorkerService) -> None:
+    fake.overdeliver = True
+    running = 0
+    peak = 0
+
+    @task("busy")
+    async def busy(ctx: TaskContext, data: Any) -> Any:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return data
+
+    tokens = [await fake.add_task("busy", i) for i in range(6)]
+    async with serving(Worker([busy], address=fake.address, concurrency=2)):
+        await wait_until(lambda: all(fake.done(t) for t in tokens))
+    assert peak == 2
+
+
+async def test_heartbeat_carries_details_and_is_sent_early(fake: FakeWorkerService) -> None:
+    fake.heartbeat_interval = 30.0  # only an early send can arrive in time
+    release = asyncio.Event()
+
+    @task("progress")
+    async def progress(ctx: TaskContext, data: Any) -> Any:
+        ctx.heartbeat({"done": 50})
+        await release.wait()
+        return "ok"
+
+    async with serving(Worker([progress], address=fake.address)):
+        token = await fake.add_task("progress")
+        await wait_until(lambda: fake.detail_seen(token, b'{"done":50}'), within=3)
+        assert fake.heartbeats[0].worker_id == "w-1"
+        release.set()
+        await wait_until(lambda: fake.done(token))
+
+
+async def test_sync_heartbeat_and_periodic_send(fake: FakeWorkerService) -> None:
+    release = threading.Event()
+
+    @task("sync-progress")
+    def progress(ctx: TaskContext, data: Any) -> Any:
+        ctx.heartbeat([1, 2])
+        release.wait(5)
+        return "ok"
+
+    async with serving(Worker([progress], address=fake.address)):
+        token = await fake.add_task("sync-progress")
+        # Details persist: the periodic heartbeats keep sending them.
+        await wait_until(
+            lambda: (
+                sum(lease.details == b"[1,2]" for hb in fake.heartbeats for lease in hb.leases) >= 3
+            )
+        )
+        release.set()
+        await wait_until(lambda: fake.done(token))
+
+
+async def test_cancelled_lease_cancels_async_handler_and_sends_nothing(
+    fake: FakeWorkerService,
+) -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    @task("long")
+    async def long(ctx: TaskContext, data: Any) -> Any:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            assert ctx.cancelled
+            cancelled.set()
+            raise
+
+    worker = Worker([long, echo], address=fake.address)
+    async with serving(worker):
+        token = await fake.add_task("long")
+        await asyncio.wait_for(started.wait(), 5)
+        fake.cancel_tokens.add(token)
+        await asyncio.wait_for(cancelled.wait(), 5)
+        after = await fake.add_task("echo", 1)
+        await wait_until(lambda: fake.done(after))
+    # stop() has drained every runner: nothing can be sent for the cancelled lease now.
+    assert not fake.done(token)
+    assert token not in {c.lease_token for c in fake.complete_calls}
+    assert token not in {f.lease_token for f in fake.fail_calls}
+
+
+async def test_lost_lease_is_seen_by_sync_handler(fake: FakeWorkerService) -> None:
+    returned = threading.Event()
+
+    @task("poller")
+    def poller(ctx: TaskContext, data: Any) -> Any:
+        deadline = time.monotonic() + 10
+        while not ctx.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        returned.set()
+        return "finished anyway"
+
+    async with serving(Worker([poller], address=fake.address)):
+        token = await fake.add_task("poller")
+        await wait_until(lambda: any(hb.leases for hb in fake.heartbeats))
+        fake.lost_tokens.add(token)
+        await wait_until(returned.is_set)
+    assert not fake.done(token)
+    assert not fake.complete_calls
+
+
+async def test_result_is_redelivered_until_accepted(fake: FakeWorkerService) -> None:
+    fake.complete_errors = [(grpc.StatusCode.UNAVAILABLE, "restarting")] * 3
+    async with serving(Worker([echo], address=fake.address)):
+        token = await fake.add_task("echo", "x")
+        await wait_until(lambda: fake.done(token))
+    assert len(fake.complete_calls) == 4
+    assert fake.completions[token] == {"got": "x", "attempt": 1}
+
+
+async def test_stale_lease_result_is_dropped(fake: FakeWorkerService) -> None:
+    fake.complete_errors = [(grpc.StatusCode.FAILED_PRECONDITION, "stale lease")]
+    async with serving(Worker([echo], address=fake.address)):
+        await fake.add_task("echo", "x")
+        await wait_until(lambda: len(fake.complete_calls) == 1)
+    assert not fake.completions
+    assert not fake.fail_calls
+    assert len(fake.complete_calls) == 1
+
+
+async def test_refused_output_becomes_non_retryable_failure(fake: FakeWorkerService) -> None:
+    fake.complete_errors = [(grpc.StatusCode.INVALID_ARGUMENT, "output is 9 MiB; limit 1 MiB")]
+    async with serving(Worker([echo], address=fake.address)):
+        token = await fake.add_task("echo", "x")
+        await wait_until(lambda: fake.done(token))
+    error = fake.failures[token]
+    assert error.type == "OutputRejected"
+    assert error.non_retryable
+    assert "output is 9 MiB; limit 1 MiB" in error.message
+
+
+async def test_poll_failure_backs_off_and_registers_again(fake: FakeWorkerService) -> None:
+    fake.poll_errors = [
+        (grpc.StatusCode.UNAVAILABLE, "down"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down"),
+    ]
+    async with serving(Worker([echo], address=fake.address)):
+        token = await fake.add_task("echo", 1)
+        await wait_until(lambda: fake.done(token))
+    assert len(fake.registrations) == 2
+    assert fake.registrations[1].worker_id == "w-1"  # the id is kept across reconnects
+
+
+async def test_survives_a_coordinator_restart(fake: FakeWorkerService) -> None:
+    release = asyncio.Event()
+    finished = asyncio.Event()
+
+    @task("gated")
+    async def gated(ctx: TaskContext, data: Any) -> Any:
+        await release.wait()
+        finished.set()
+        return "after restart"
+
+    port = int(fake.address.rsplit(":", 1)[1])
+    async with serving(Worker([gated], address=fake.address)):
+        token = await fake.add_task("gated")
+        await wait_until(lambda: bool(fake.leased))
+        assert fake.server is not None
+        await fake.server.stop(None)  # the coordinator goes away ...
+        release.set()
+        await asyncio.wait_for(finished.wait(), 5)  # ... while the handler finishes
+        await start_server(fake, port)  # ... and comes back on the same port
+        await wait_until(lambda: fake.done(token) and len(fake.registrations) == 2, within=10)
+    assert fake.completions[token] == "after restart"
+
+
+async def test_stop_cancels_the_outstanding_poll(fake: FakeWorkerService) -> None:
+    worker = Worker([echo], address=fake.address, poll_wait=60)
+    serve = asyncio.create_task(worker.serve())
+    await wait_until(lambda: fake.polling == 1)
+    started = time.monotonic()
+    await asyncio.wait_for(worker.stop(), 5)
+    assert time.monotonic() - started < 2
+    await asyncio.wait_for(fake.poll_cancelled.wait(), 5)
+    assert serve.done()
+    await serve
+
+
+async def test_stop_drains_in_flight_tasks(fake: FakeWorkerService) -> None:
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    @task("gated")
+    async def gated(ctx: TaskContext, data: Any) -> Any:
+        started.set()
+        await release.wait()
+        return "drained"
+
+    worker = Worker([gated], address=fake.address)
+    serve = asyncio.create_task(worker.serve())
+    token = await fake.add_task("gated")
+    await asyncio.wait_for(started.wait(), 5)
+    await wait_until(lambda: fake.polling == 1)  # the next poll is waiting on the server
+    stopping = asyncio.create_task(worker.stop())
+    await asyncio.wait_for(fake.poll_cancelled.wait(), 5)
+    polls = len(fake.polls)
+    assert not stopping.done()
+    release.set()
+    await asyncio.wait_for(stopping, 5)
+    await serve
+    assert fake.completions[token] == "drained"
+    assert len(fake.polls) == polls  # no poll after stop()
+
+
+async def test_drain_timeout_hands_unfinished_tasks_back(fake: FakeWorkerService) -> None:
+    @task("stuck")
+    async def stuck(ctx: TaskContext, data: Any) -> Any:
+        await asyncio.Event().wait()
+
+    worker = Worker([stuck], address=fake.address, drain_timeout=0.2)
+    serve = asyncio.create_task(worker.serve())
+    token = await fake.add_task("stuck")
+    await wait_until(lambda: bool(fake.leased))
+    await asyncio.wait_for(worker.stop(), 5)
+    await serve
+    error = fake.failures[token]
+    assert error.type == "WorkerShutdown"
+    assert not error.non_retryable
+
+
+async def test_run_stops_gracefully_on_sigterm(fake: FakeWorkerService) -> None:
+    script = (
+        "import sys\n"
+        "from worker_sdk import Worker, task\n"
+        "@task('echo')\n"
+        "async def echo(ctx, data):\n"
+        "    return data\n"
+        "Worker([echo], address=sys.argv[1], poll_wait=60).run()\n"
+        "print('clean exit')\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, fake.address, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        await wait_until(lambda: fake.polling == 1, within=20)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert stdout == b"clean exit\n"
+
+
+def test_worker_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="at least one task"):
+        Worker([])
+    with pytest.raises(ValueError, match="two tasks"):
+        Worker([echo, task("echo")(echo.handler)])
+    with pytest.raises(ValueError, match="concurrency"):
+        Worker([echo], concurrency=0)
+    with pytest.raises(TypeError, match="@task"):
+        Worker([echo.handler])  # type: ignore[list-item]
+    assert Worker([echo]).task_types == ("echo",)

@@ -1,0 +1,289 @@
+"""The Client: register workflows, start executions, inspect and watch them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncGenerator, Awaitable
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from trellis.v1 import common_pb2, workflow_service_pb2, workflow_service_pb2_grpc
+from worker_sdk._channel import DEFAULT_ADDRESS, TRANSIENT_CODES, Backoff, open_channel
+from worker_sdk._convert import (
+    encode_input,
+    event_from_proto,
+    execution_from_proto,
+    execution_status_from_name,
+)
+from worker_sdk._definition import Workflow, load_workflow
+from worker_sdk._errors import RpcError, rpc_error
+from worker_sdk._types import Event, Execution, RegisteredWorkflow, WorkflowSummary
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_PAGE_SIZE = 100
+
+WorkflowSource = Workflow | common_pb2.WorkflowDefinition | str | os.PathLike[str]
+"""What ``register_workflow`` accepts: a builder, a proto, or a YAML/JSON file path."""
+
+
+class Client:
+    """Talks to the coordinator's WorkflowService::
+
+        async with Client("127.0.0.1:7400") as client:
+            await client.register_workflow("workflows/orders.yaml")
+            run = await client.start_execution("orders", {"order_id": 42})
+            done = await client.wait_for_execution(run.id, timeout=60)
+
+    ``timeout`` is the deadline of each unary call in seconds (None: none).
+    Failed calls raise ``RpcError`` (or a subclass such as ``NotFoundError``).
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
+        self._address = address
+        self._timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub_: workflow_service_pb2_grpc.WorkflowServiceAsyncStub | None = None
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    async def __aenter__(self) -> Self:
+        self._stub()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the connection (the Client reconnects if used again)."""
+        channel, self._channel, self._stub_ = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    def _stub(self) -> workflow_service_pb2_grpc.WorkflowServiceAsyncStub:
+        if self._stub_ is None:
+            self._channel = open_channel(self._address)
+            self._stub_ = workflow_service_pb2_grpc.WorkflowServiceStub(self._channel)
+        return self._stub_
+
+    async def _rpc(self, method: str, call: Awaitable[_T]) -> _T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, method) from exc
+
+    # Definitions -------------------------------------------------------------------
+
+    async def register_workflow(self, definition: WorkflowSource) -> RegisteredWorkflow:
+        """Registers a definition; a changed definition under an existing name gets a new version.
+
+        Raises DefinitionError for an unreadable file and InvalidArgumentError when
+        the coordinator refuses the definition (cycles, unknown references ...).
+        """
+        if isinstance(definition, Workflow):
+            msg = definition.to_proto()
+        elif isinstance(definition, common_pb2.WorkflowDefinition):
+            msg = definition
+        elif isinstance(definition, str | os.PathLike):
+            msg = load_workflow(definition)
+        else:
+            raise TypeError(
+                "register_workflow takes a Workflow, a WorkflowDefinition or a file path, "
+                f"not {type(definition).__name__}"
+            )
+        response = await self._rpc(
+            "RegisterWorkflow",
+            self._stub().RegisterWorkflow(
+                workflow_service_pb2.RegisterWorkflowRequest(definition=msg),
+                timeout=self._timeout,
+            ),
+        )
+        return RegisteredWorkflow(
+            name=response.definition.name,
+            version=response.definition.version,
+            created=response.created,
+        )
+
+    async def get_workflow(
+        self, name: str, version: int | None = None
+    ) -> common_pb2.WorkflowDefinition:
+        """A registered definition (the latest version unless ``version`` is given)."""
+        response = await self._rpc(
+            "GetWorkflow",
+            self._stub().GetWorkflow(
+                workflow_service_pb2.GetWorkflowRequest(name=name, version=version or 0),
+                timeout=self._timeout,
+            ),
+        )
+        return response.definition
+
+    async def list_workflow_versions(self, name: str) -> list[common_pb2.WorkflowDefinition]:
+        """Every registered version of workflow ``name``, oldest first."""
+        response = await self._rpc(
+            "ListWorkflowVersions",
+            self._stub().ListWorkflowVersions(
+                workflow_service_pb2.ListWorkflowVersionsRequest(name=name),
+                timeout=self._timeout,
+            ),
+        )
+        return list(response.definitions)
+
+    async def list_workflows(self) -> list[WorkflowSummary]:
+        """Every registered workflow with its latest version."""
+        result: list[WorkflowSummary] = []
+        token = ""
+        while True:
+            response = await self._rpc(
+                "ListWorkflows",
+                self._stub().ListWorkflows(
+                    workflow_service_pb2.ListWorkflowsRequest(
+                        page_size=_PAGE_SIZE, page_token=token
+                    ),
+                    timeout=self._timeout,
+                ),
+            )
+            result.extend(
+                WorkflowSummary(
+                    name=w.name, latest_version=w.latest_version, description=w.description
+                )
+                for w in response.workflows
+            )
+            token = response.next_page_token
+            if not token:
+                return result
+
+    # Executions --------------------------------------------------------------------
+
+    async def start_execution(
+        self,
+        workflow_name: str,
+        input: Any = None,
+        *,
+        version: int | None = None,
+        idempotency_key: str | None = None,
+        priority: int = 0,
+    ) -> Execution:
+        """Starts a run of ``workflow_name`` (its latest version unless ``version`` is given).
+
+        ``input`` is any JSON-serializable value, or bytes holding JSON text. A
+        repeated ``idempotency_key`` returns the execution it first started.
+        """
+        request = workflow_service_pb2.StartExecutionRequest(
+            workflow_name=workflow_name,
+            workflow_version=version or 0,
+            input=encode_input(input),
+            idempotency_key=idempotency_key or "",
+            priority=priority,
+        )
+        response = await self._rpc(
+            "StartExecution", self._stub().StartExecution(request, timeout=self._timeout)
+        )
+        return execution_from_proto(response.execution)
+
+    async def get_execution(self, execution_id: str) -> Execution:
+        """An execution with the state of every node."""
+        response = await self._rpc(
+            "GetExecution",
+            self._stub().GetExecution(
+                workflow_service_pb2.GetExecutionRequest(execution_id=execution_id),
+                timeout=self._timeout,
+            ),
+        )
+        return execution_from_proto(response.execution)
+
+    async def list_executions(
+        self,
+        workflow_name: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+    ) -> list[Execution]:
+        """Up to ``limit`` executions, newest first, optionally filtered (status e.g. "FAILED")."""
+        status_value = (
+            common_pb2.EXECUTION_STATUS_UNSPECIFIED
+            if status is None
+            else execution_status_from_name(status)
+        )
+        result: list[Execution] = []
+        token = ""
+        while len(result) < limit:
+            response = await self._rpc(
+                "ListExecutions",
+                self._stub().ListExecutions(
+                    workflow_service_pb2.ListExecutionsRequest(
+                        workflow_name=workflow_name or "",
+                        status=status_value,
+                        page_size=min(limit - len(result), _PAGE_SIZE),
+                        page_token=token,
+                    ),
+                    timeout=self._timeout,
+                ),
+            )
+            result.extend(execution_from_proto(e) for e in response.executions)
+            token = response.next_page_token
+            if not token or not response.executions:
+                break
+        return result[:limit]
+
+    async def watch_execution(
+        self, execution_id: str, after_sequence: int = 0
+    ) -> AsyncGenerator[Event, None]:
+        """Yields the execution's events after ``after_sequence``; ends once it has ended.
+
+        Raises RpcError when the stream breaks (``wait_for_execution`` resumes on its own).
+        """
+        call = self._stub().WatchExecution(
+            workflow_service_pb2.WatchExecutionRequest(
+                execution_id=execution_id, after_sequence=after_sequence
+            )
+        )
+        try:
+            async for response in call:
+                if response.HasField("event"):
+                    yield event_from_proto(response.event)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, "WatchExecution") from exc
+        finally:
+            call.cancel()
+
+    async def wait_for_execution(
+        self,
+        execution_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - the public API takes a plain timeout
+    ) -> Execution:
+        """Waits until the execution has ended and returns it (with its nodes).
+
+        Follows the event stream, resuming it after coordinator restarts; raises
+        TimeoutError after ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            after = 0
+            backoff = Backoff()
+            while True:
+                try:
+                    async with contextlib.aclosing(
+                        self.watch_execution(execution_id, after)
+                    ) as events:
+                        async for event in events:
+                            after = max(after, event.sequence)
+                            backoff.reset()
+                    execution = await self.get_execution(execution_id)
+                    if execution.terminal:
+                        return execution
+                except RpcError as exc:
+                    if exc.code not in TRANSIENT_CODES:
+                        raise
+                    logger.debug("watching execution %s: %s; resuming", execution_id, exc)
+                await asyncio.sleep(backoff.next_delay())

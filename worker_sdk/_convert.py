@@ -1,0 +1,187 @@
+"""Every conversion between the wire (protobuf, JSON bytes) and the SDK's own types."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from trellis.v1 import common_pb2, worker_service_pb2
+from worker_sdk._task import TaskContext, _LeaseSignals
+from worker_sdk._types import ErrorDetails, Event, Execution, NodeState
+
+_EXECUTION_PREFIX = "EXECUTION_STATUS_"
+_NODE_PREFIX = "NODE_STATUS_"
+
+
+# JSON payloads -------------------------------------------------------------
+
+
+def encode_json(value: Any) -> bytes:
+    """Encodes a JSON document; raises TypeError or ValueError (NaN, cycles) when it is not one."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def encode_input(value: Any) -> bytes:
+    """An input for the wire: bytes pass through as raw JSON text; None is empty (null)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if value is None:
+        return b""
+    try:
+        return encode_json(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"input is not JSON-serializable: {exc}") from exc
+
+
+def decode_json(data: bytes) -> Any:
+    """Decodes a JSON document; empty means None. Raises ValueError when it is not JSON."""
+    if not data:
+        return None
+    return json.loads(data)
+
+
+def decode_json_lenient(data: bytes) -> Any:
+    """Like ``decode_json`` but returns undecodable payloads as the raw bytes."""
+    try:
+        return decode_json(data)
+    except ValueError:
+        return data
+
+
+# Well-known types ----------------------------------------------------------
+
+
+def timestamp_from_proto(msg: Any, field: str) -> datetime | None:
+    """The Timestamp ``field`` of ``msg`` as an aware UTC datetime, or None when unset."""
+    if not msg.HasField(field):
+        return None
+    ts: timestamp_pb2.Timestamp = getattr(msg, field)
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def duration_to_proto(value: timedelta) -> duration_pb2.Duration:
+    msg = duration_pb2.Duration()
+    msg.FromTimedelta(value)
+    return msg
+
+
+def duration_from_proto(msg: duration_pb2.Duration) -> timedelta:
+    return msg.ToTimedelta()
+
+
+def _enum_name(name_of: Callable[[Any], str], value: int, prefix: str) -> str:
+    try:
+        name = name_of(value)
+    except ValueError:  # a status this SDK does not know yet
+        return str(value)
+    return name.removeprefix(prefix)
+
+
+def execution_status_name(value: int) -> str:
+    return _enum_name(common_pb2.ExecutionStatus.Name, value, _EXECUTION_PREFIX)
+
+
+def node_status_name(value: int) -> str:
+    return _enum_name(common_pb2.NodeStatus.Name, value, _NODE_PREFIX)
+
+
+def execution_status_from_name(name: str) -> common_pb2.ExecutionStatus.ValueType:
+    """Maps "FAILED" (any case, prefix optional) to EXECUTION_STATUS_FAILED, or ValueError."""
+    key = name.strip().upper()
+    if not key.startswith(_EXECUTION_PREFIX):
+        key = _EXECUTION_PREFIX + key
+    try:
+        return common_pb2.ExecutionStatus.Value(key)
+    except ValueError:
+        known = ", ".join(
+            n.removeprefix(_EXECUTION_PREFIX)
+            for n, _ in common_pb2.ExecutionStatus.items()
+            if not n.endswith("UNSPECIFIED")
+        )
+        raise ValueError(f"unknown execution status {name!r}; expected one of {known}") from None
+
+
+# Client types --------------------------------------------------------------
+
+
+def error_from_proto(msg: Any, field: str = "error") -> ErrorDetails | None:
+    if not msg.HasField(field):
+        return None
+    err: common_pb2.ErrorInfo = getattr(msg, field)
+    return ErrorDetails(
+        type=err.type,
+        message=err.message,
+        node_id=err.node_id,
+        attempt=err.attempt,
+        worker_id=err.worker_id,
+        details=decode_json_lenient(err.details),
+    )
+
+
+def node_from_proto(msg: common_pb2.NodeRun) -> NodeState:
+    return NodeState(
+        node_id=msg.node_id,
+        task_type=msg.task_type,
+        status=node_status_name(msg.status),
+        attempt=msg.attempt,
+        output=decode_json_lenient(msg.output),
+        error=error_from_proto(msg),
+        worker_id=msg.worker_id,
+    )
+
+
+def execution_from_proto(msg: common_pb2.Execution) -> Execution:
+    return Execution(
+        id=msg.id,
+        workflow_name=msg.workflow_name,
+        workflow_version=msg.workflow_version,
+        status=execution_status_name(msg.status),
+        input=decode_json_lenient(msg.input),
+        output=decode_json_lenient(msg.output),
+        error=error_from_proto(msg),
+        nodes=tuple(node_from_proto(n) for n in msg.nodes),
+        priority=msg.priority,
+        idempotency_key=msg.idempotency_key,
+        create_time=timestamp_from_proto(msg, "create_time"),
+        end_time=timestamp_from_proto(msg, "end_time"),
+    )
+
+
+def event_from_proto(msg: common_pb2.Event) -> Event:
+    return Event(
+        sequence=msg.sequence,
+        type=msg.type,
+        execution_id=msg.execution_id,
+        node_id=msg.node_id,
+        attempt=msg.attempt,
+        worker_id=msg.worker_id,
+        time=timestamp_from_proto(msg, "time"),
+        details=decode_json_lenient(msg.details),
+    )
+
+
+# Worker types --------------------------------------------------------------
+
+
+def context_from_proto(
+    msg: worker_service_pb2.Task, *, worker_id: str, signals: _LeaseSignals
+) -> TaskContext:
+    """The handler's view of a leased task. Raises ValueError when its config is not JSON."""
+    return TaskContext(
+        execution_id=msg.execution_id,
+        node_id=msg.node_id,
+        task_type=msg.task_type,
+        attempt=msg.attempt,
+        idempotency_key=msg.idempotency_key,
+        workflow_name=msg.workflow_name,
+        workflow_version=msg.workflow_version,
+        config=decode_json(msg.config),
+        lease_deadline=timestamp_from_proto(msg, "lease_deadline"),
+        worker_id=worker_id,
+        metadata=dict(msg.metadata),
+        _signals=signals,
+    )
