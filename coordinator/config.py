@@ -69,9 +69,8 @@ class CoordinatorConfig:
     def from_env(cls, environ: Mapping[str, str]) -> CoordinatorConfig:
         """Read ``TRELLIS_<FIELD>`` for each field; unknown TRELLIS_ names are rejected."""
         known = {f"TRELLIS_{f.name.upper()}": f for f in fields(cls)}
-        extra = sorted(
-            k for k in environ if k.startswith("TRELLIS_") and k not in known | _OTHER_SETTINGS
-        )
+        accepted = known.keys() | _OTHER_SETTINGS
+        extra = sorted(k for k in environ if k.startswith("TRELLIS_") and k not in accepted)
         if extra:
             raise ConfigError(
                 f"unknown setting {', '.join(extra)}; known settings: {', '.join(sorted(known))}"

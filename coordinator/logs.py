@@ -50,3 +50,6 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if level.upper() != "DEBUG":
+        # Alembic announces every plugin and migration step at INFO.
+        logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -165,7 +165,10 @@ async def _serve(config: Any) -> int:
     from coordinator.logs import configure_logging
 
     configure_logging(config.log_level, config.log_format)
-    await serve(config)
+    try:
+        await serve(config)
+    except OSError as exc:
+        raise CliError(f"cannot serve on {config.listen}: {exc}") from exc
     return 0
 
 
@@ -240,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--version", type=int, help="definition version (default: latest)")
     run.add_argument("--idempotency-key")
     run.add_argument("--priority", type=int, default=0)
-    run.add_argument("--wait", action="store_true", help="wait until it ends; exit 1 unless it SUCCEEDED")
+    run.add_argument(
+        "--wait", action="store_true", help="wait until it ends; exit 1 unless it SUCCEEDED"
+    )
     run.add_argument("--timeout", type=float, help="seconds to wait with --wait")
     run.add_argument("--output", choices=["text", "json"], default="text")
     run.set_defaults(func=_run)
@@ -262,16 +267,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DefinitionError, CliError, TrellisError) as exc:
         print(f"trellis: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except TimeoutError:
+        print(
+            "trellis: timed out waiting; the execution goes on (see trellis status)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from coordinator.errors import TrellisError as CoordinatorError
-
-        if isinstance(exc, CoordinatorError):
+        if isinstance(exc, _coordinator_error_type()):
             print(f"trellis: {exc}", file=sys.stderr)
             return EXIT_FAILED
         raise
     return code
+
+
+def _coordinator_error_type() -> type[Exception]:
+    """The coordinator's error base, when the coordinator is installed."""
+    try:
+        from coordinator.errors import TrellisError as CoordinatorError
+    except ImportError:  # pragma: no cover - SDK-only install
+        return CliError
+    return CoordinatorError
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
@@ -15,7 +16,6 @@ from coordinator.model import (
     ExecutionStatus,
     NodeRun,
     NodeSpec,
-    NodeStatus,
     RetryPolicy,
     WorkflowDef,
     WorkflowSummary,
@@ -49,6 +49,17 @@ def duration_or_none(msg: object, field: str) -> timedelta | None:
     return value
 
 
+def _whole_numbers(value: Any) -> Any:
+    """Struct numbers are doubles; give integral ones back as ints (3, not 3.0)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
 # -- definitions --------------------------------------------------------------------------
 
 
@@ -78,7 +89,8 @@ def definition_from_proto(msg: common_pb2.WorkflowDefinition, tenant_id: str) ->
     for n in msg.nodes:
         config = b""
         if n.HasField("config"):
-            config = json.dumps(json_format.MessageToDict(n.config), separators=(",", ":")).encode()
+            doc = _whole_numbers(json_format.MessageToDict(n.config))
+            config = json.dumps(doc, separators=(",", ":")).encode()
         nodes.append(
             NodeSpec(
                 id=n.id,

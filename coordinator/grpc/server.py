@@ -17,8 +17,12 @@ from coordinator.config import CoordinatorConfig
 from coordinator.errors import TrellisError
 from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
 from coordinator.service import Coordinator, ServiceSettings, Store
-from trellis.v1 import worker_service_pb2, worker_service_pb2_grpc, workflow_service_pb2
-from trellis.v1 import workflow_service_pb2_grpc
+from trellis.v1 import (
+    worker_service_pb2,
+    worker_service_pb2_grpc,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +73,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
             ("grpc.max_send_message_length", max_message),
         ]
     )
-    worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
-        WorkerServicer(coordinator), server
-    )
+    worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(coordinator), server)
     workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
         WorkflowServicer(coordinator), server
     )
@@ -80,9 +82,15 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.listen)
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as exc:
+        port = 0
+        cause: Exception | None = exc
+    else:
+        cause = None
     if port == 0:
-        raise OSError(f"could not bind {config.listen}; is the port in use?")
+        raise OSError(f"could not bind {config.listen}; is the port in use?") from cause
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

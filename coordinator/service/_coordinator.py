@@ -6,17 +6,17 @@ This module imports neither grpc nor SQLAlchemy: it talks to the ``Store`` proto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from coordinator import engine
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from coordinator.model import (
-    DEFAULT_TENANT,
     NULL_JSON,
     ErrorInfo,
     Event,
@@ -47,7 +47,7 @@ class ServiceSettings:
     max_payload_bytes: int = 1024 * 1024
     poll_max_wait: timedelta = timedelta(seconds=30)
     heartbeat_interval: timedelta = timedelta(seconds=5)
-    limits: engine.Limits = engine.Limits()
+    limits: engine.Limits = field(default_factory=engine.Limits)
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,9 @@ class Coordinator:
     async def get_execution(self, tenant_id: str, execution_id: str) -> ExecutionView:
         execution = await self.store.get_execution(tenant_id, execution_id)
         nodes = await self.store.list_node_runs(tenant_id, execution_id)
-        defn = await self.get_workflow(tenant_id, execution.workflow_name, execution.workflow_version)
+        defn = await self.get_workflow(
+            tenant_id, execution.workflow_name, execution.workflow_version
+        )
         order = {n.id: i for i, n in enumerate(defn.nodes)}
         nodes.sort(key=lambda n: order.get(n.node_id, len(order)))
         return ExecutionView(execution, tuple(nodes))
@@ -199,7 +201,7 @@ class Coordinator:
         return rows, token
 
     async def watch_execution(
-        self, tenant_id: str, execution_id: str, after_sequence: int, *, fallback: float = 1.0
+        self, tenant_id: str, execution_id: str, after_sequence: int, *, fallback: float = 2.0
     ) -> AsyncIterator[Event | Execution]:
         """Yield events after ``after_sequence``; end with the execution once it is terminal.
 
@@ -227,10 +229,8 @@ class Coordinator:
                     return
                 if self._draining:
                     raise Unavailable("coordinator is shutting down; watch again to resume")
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), fallback)
-                except TimeoutError:
-                    pass
 
     # -- workers --------------------------------------------------------------------------
 
@@ -298,16 +298,18 @@ class Coordinator:
                 next_at = await self.store.next_available_at(tenant_id, task_types, now)
                 if next_at is not None:
                     remaining = min(remaining, max((next_at - now).total_seconds(), 0.001))
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), remaining)
-                except TimeoutError:
-                    pass
 
     async def _leased(self, node: NodeRun) -> LeasedTask:
         defn = await self.get_workflow(node.tenant_id, node.workflow_name, node.workflow_version)
         spec = defn.node_map[node.node_id]
         token = LeaseToken(
-            node.execution_id, node.node_id, node.lease_seq, node.workflow_name, node.workflow_version
+            node.execution_id,
+            node.node_id,
+            node.lease_seq,
+            node.workflow_name,
+            node.workflow_version,
         )
         return LeasedTask(token.encode(), node, spec.config)
 
@@ -377,7 +379,9 @@ class Coordinator:
             node = _held_node(nodes, token, accept_done=None)
             if node is None:
                 return Decision(None, (False, True, None))
-            full = replace(error, node_id=node.node_id, attempt=node.attempt, worker_id=node.worker_id)
+            full = replace(
+                error, node_id=node.node_id, attempt=node.attempt, worker_id=node.worker_id
+            )
             t = engine.fail_node(
                 defn, execution, nodes, token.node_id, full, retryable, self._clock()
             )
@@ -489,5 +493,3 @@ def _decode_cursor(token: str) -> tuple[datetime, str]:
         return datetime.fromtimestamp(int(ms) / 1000, UTC), ident
     except ValueError as exc:
         raise InvalidArgument("page_token is malformed; pass next_page_token unchanged") from exc
-
-

@@ -13,9 +13,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-import diamond_worker  # noqa: E402
+import diamond_worker
 
-from worker_sdk import Task, TaskContext, Worker, task  # noqa: E402
+from worker_sdk import Task, TaskContext, Worker, task
 
 _fd = os.open(os.environ["RECORD_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 

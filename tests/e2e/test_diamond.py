@@ -50,11 +50,8 @@ async def test_200_concurrent_diamonds_with_two_workers(db_url: str, tmp_path: P
                 assert [node.node_id for node in full.nodes] == list(NODES)
                 assert all(node.status == "SUCCEEDED" for node in full.nodes)
                 assert all(node.attempt == 1 for node in full.nodes), full.nodes
-                leased = Counter(
-                    ev.node_id
-                    async for ev in client.watch_execution(execution.id)
-                    if ev.type == "NODE_LEASED"
-                )
+                events = [ev async for ev in client.watch_execution(execution.id)]
+                leased = Counter(ev.node_id for ev in events if ev.type == "NODE_LEASED")
                 assert leased == dict.fromkeys(NODES, 1)
     finally:
         exit_codes = [w.stop() for w in workers]

@@ -19,7 +19,11 @@ from trellis.v1 import workflow_service_pb2 as fpb
 
 
 def definition(
-    name: str, nodes: list[str], edges: list[tuple[str, str]], task_type: str = "t", **node_opts: object
+    name: str,
+    nodes: list[str],
+    edges: list[tuple[str, str]],
+    task_type: str = "t",
+    **node_opts: object,
 ) -> common_pb2.WorkflowDefinition:
     msg = common_pb2.WorkflowDefinition(name=name)
     for node_id in nodes:
@@ -29,7 +33,9 @@ def definition(
     return msg
 
 
-DIAMOND = definition("diamond", ["a", "b", "c", "d"], [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")])
+DIAMOND = definition(
+    "diamond", ["a", "b", "c", "d"], [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")]
+)
 
 
 async def register(api: Api, defn: common_pb2.WorkflowDefinition) -> fpb.RegisterWorkflowResponse:
@@ -47,7 +53,9 @@ async def start(api: Api, name: str, payload: object = None) -> str:
     return execution_id
 
 
-async def poll(api: Api, max_tasks: int = 10, wait: float = 0.0, types: tuple[str, ...] = ("t",)) -> list[wpb.Task]:
+async def poll(
+    api: Api, max_tasks: int = 10, wait: float = 0.0, types: tuple[str, ...] = ("t",)
+) -> list[wpb.Task]:
     reply = await api.workers.PollTasks(
         wpb.PollTasksRequest(
             worker_id="w1",
@@ -99,7 +107,9 @@ async def test_bad_start_input_is_invalid_argument_and_starts_nothing(api: Api) 
     )
     await expect_status(bad_json, grpc.StatusCode.INVALID_ARGUMENT, "input is not valid JSON")
     big = json.dumps({"blob": "x" * PAYLOAD_LIMIT}).encode()
-    too_big = api.workflows.StartExecution(fpb.StartExecutionRequest(workflow_name="diamond", input=big))
+    too_big = api.workflows.StartExecution(
+        fpb.StartExecutionRequest(workflow_name="diamond", input=big)
+    )
     await expect_status(too_big, grpc.StatusCode.INVALID_ARGUMENT, "over the", "byte limit")
     listed = await api.workflows.ListExecutions(fpb.ListExecutionsRequest())
     assert list(listed.executions) == []
@@ -137,7 +147,9 @@ async def test_versions_same_content_reuses_changed_content_bumps(api: Api) -> N
     assert (second.definition.version, second.created) == (2, True)
     latest = await api.workflows.GetWorkflow(fpb.GetWorkflowRequest(name="diamond"))
     assert [n.id for n in latest.definition.nodes] == ["a", "b"]
-    versions = await api.workflows.ListWorkflowVersions(fpb.ListWorkflowVersionsRequest(name="diamond"))
+    versions = await api.workflows.ListWorkflowVersions(
+        fpb.ListWorkflowVersionsRequest(name="diamond")
+    )
     assert [d.version for d in versions.definitions] == [1, 2]
 
 
@@ -156,7 +168,9 @@ async def run_to_end(api: Api, execution_id: str) -> common_pb2.Execution:
         for task in await poll(api, wait=1.0):
             out = {task.node_id: json.loads(task.input)}
             await api.workers.CompleteTask(
-                wpb.CompleteTaskRequest(lease_token=task.lease_token, output=json.dumps(out).encode())
+                wpb.CompleteTaskRequest(
+                    lease_token=task.lease_token, output=json.dumps(out).encode()
+                )
             )
 
 
@@ -179,21 +193,29 @@ async def test_stale_token_refused_and_duplicate_completion_changes_nothing(api:
         wpb.CompleteTaskRequest(lease_token=task.lease_token, output=b'"done"')
     )
     assert first.duplicate is False
-    events_before = [e async for e in api.workflows.WatchExecution(
-        fpb.WatchExecutionRequest(execution_id=execution_id)
-    )]
+    events_before = [
+        e
+        async for e in api.workflows.WatchExecution(
+            fpb.WatchExecutionRequest(execution_id=execution_id)
+        )
+    ]
     again = await api.workers.CompleteTask(
         wpb.CompleteTaskRequest(lease_token=task.lease_token, output=b'"other"')
     )
     assert again.duplicate is True
-    events_after = [e async for e in api.workflows.WatchExecution(
-        fpb.WatchExecutionRequest(execution_id=execution_id)
-    )]
+    events_after = [
+        e
+        async for e in api.workflows.WatchExecution(
+            fpb.WatchExecutionRequest(execution_id=execution_id)
+        )
+    ]
     assert events_after == events_before
     got = await api.workflows.GetExecution(fpb.GetExecutionRequest(execution_id=execution_id))
     assert got.execution.output == b'"done"'
     await expect_status(
-        api.workers.FailTask(wpb.FailTaskRequest(lease_token=task.lease_token, error=wpb.TaskError(type="X"))),
+        api.workers.FailTask(
+            wpb.FailTaskRequest(lease_token=task.lease_token, error=wpb.TaskError(type="X"))
+        ),
         grpc.StatusCode.FAILED_PRECONDITION,
         "no longer held",
     )
@@ -210,7 +232,9 @@ async def test_expired_lease_is_retried_and_old_token_is_fenced(api: Api) -> Non
         ["a"],
         [],
         start_to_close_timeout=duration_pb2.Duration(nanos=300_000_000),
-        retry_policy=common_pb2.RetryPolicy(max_attempts=2, initial_interval=duration_pb2.Duration(nanos=1)),
+        retry_policy=common_pb2.RetryPolicy(
+            max_attempts=2, initial_interval=duration_pb2.Duration(nanos=1)
+        ),
     )
     await register(api, defn)
     execution_id = await start(api, "slow", 1)
@@ -226,10 +250,14 @@ async def test_expired_lease_is_retried_and_old_token_is_fenced(api: Api) -> Non
     )
     assert list(hb.lost_lease_tokens) == [first.lease_token]
     await expect_status(
-        api.workers.CompleteTask(wpb.CompleteTaskRequest(lease_token=first.lease_token, output=b"1")),
+        api.workers.CompleteTask(
+            wpb.CompleteTaskRequest(lease_token=first.lease_token, output=b"1")
+        ),
         grpc.StatusCode.FAILED_PRECONDITION,
     )
-    await api.workers.CompleteTask(wpb.CompleteTaskRequest(lease_token=second.lease_token, output=b"2"))
+    await api.workers.CompleteTask(
+        wpb.CompleteTaskRequest(lease_token=second.lease_token, output=b"2")
+    )
     got = await api.workflows.GetExecution(fpb.GetExecutionRequest(execution_id=execution_id))
     assert got.execution.status == common_pb2.EXECUTION_STATUS_SUCCEEDED
     assert got.execution.output == b"2"
@@ -277,7 +305,9 @@ async def test_watch_streams_every_event_then_the_final_execution(api: Api) -> N
     watched: list[fpb.WatchExecutionResponse] = []
 
     async def watch() -> None:
-        async for item in api.workflows.WatchExecution(fpb.WatchExecutionRequest(execution_id=execution_id)):
+        async for item in api.workflows.WatchExecution(
+            fpb.WatchExecutionRequest(execution_id=execution_id)
+        ):
             watched.append(item)
 
     watcher = asyncio.create_task(watch())

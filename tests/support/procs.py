@@ -56,9 +56,7 @@ class Proc:
 def spawn(name: str, args: list[str], env: Mapping[str, str], log_dir: Path) -> Proc:
     log = log_dir / f"{name}.log"
     handle = log.open("wb")
-    popen = subprocess.Popen(
-        args, env=dict(env), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT
-    )
+    popen = subprocess.Popen(args, env=dict(env), stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
     handle.close()
     return Proc(name, popen, log)
 
@@ -103,8 +101,6 @@ def wait_serving(address: str, proc: Proc, timeout: float = 30.0) -> None:
     raise AssertionError(f"{proc.name} not serving after {timeout}s:\n{proc.output()}")
 
 
-def spawn_worker(
-    script: Path, address: str, log_dir: Path, name: str, **env_extra: str
-) -> Proc:
+def spawn_worker(script: Path, address: str, log_dir: Path, name: str, **env_extra: str) -> Proc:
     env = base_env({"TRELLIS_ADDRESS": address, **env_extra})
     return spawn(name, [sys.executable, str(script)], env, log_dir)

@@ -11,14 +11,14 @@ T = TypeVar("T")
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T]], *, timeout: float = 30.0, interval: float = 0.05
+    probe: Callable[[], Awaitable[T]], *, within: float = 30.0, interval: float = 0.05
 ) -> T:
-    """Call ``probe`` until it returns a truthy value; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    """Call ``probe`` until it returns a truthy value; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
     last: T | None = None
     while time.monotonic() < deadline:
         last = await probe()
         if last:
             return last
         await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+    raise AssertionError(f"condition not met within {within}s (last value: {last!r})")
