@@ -210,21 +210,27 @@ class Coordinator:
         """
         await self.store.get_execution(tenant_id, execution_id)  # NotFound early
         after = after_sequence
+        seen: set[int] = set()
         with self.notifier.listen([execution_key(execution_id)]) as wake:
             while True:
                 wake.clear()
                 events = await self.store.list_events(tenant_id, execution_id, after, 500)
                 for event in events:
-                    after = event.sequence
+                    after = max(after, event.sequence)
+                    seen.add(event.sequence)
                     yield event
                 if len(events) == 500:
                     continue
                 execution = await self.store.get_execution(tenant_id, execution_id)
                 if execution.status.terminal:
+                    # Sequences are assigned at insert and become visible at commit, so an
+                    # event of a concurrent claim may appear below one already sent: once the
+                    # execution has ended (nothing more can commit), send any such stragglers.
                     for event in await self.store.list_events(
-                        tenant_id, execution_id, after, 100_000
+                        tenant_id, execution_id, after_sequence, 1_000_000
                     ):
-                        yield event
+                        if event.sequence not in seen:
+                            yield event
                     yield execution
                     return
                 if self._draining:

@@ -1,0 +1,315 @@
+"""Domain objects ⇄ table rows: the one place where rows become model objects and back.
+
+Timestamps are stored as epoch milliseconds and come back as aware UTC datetimes, so a value
+read back is its written value truncated to the millisecond. Objects returned by the store
+after a write are round-tripped through these functions, so they equal what a later read
+returns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from coordinator.model import (
+    ErrorInfo,
+    Event,
+    EventType,
+    Execution,
+    ExecutionStatus,
+    NodeRun,
+    NodeStatus,
+    WorkerInfo,
+    WorkflowDef,
+    WorkflowSummary,
+    definition_from_document,
+    definition_to_document,
+)
+
+Row = Mapping[Any, Any]  # a RowMapping, or the dict of values just written
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+# -- scalars ------------------------------------------------------------------------------
+
+
+def to_ms(value: datetime) -> int:
+    """Epoch milliseconds of ``value`` (a naive datetime is taken as UTC)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // _MS
+
+
+def from_ms(value: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=value)
+
+
+def opt_to_ms(value: datetime | None) -> int | None:
+    return None if value is None else to_ms(value)
+
+
+def opt_from_ms(value: int | None) -> datetime | None:
+    return None if value is None else from_ms(value)
+
+
+def duration_ms(value: timedelta) -> int:
+    return value // _MS
+
+
+def _bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def _error_values(error: ErrorInfo | None) -> dict[str, Any]:
+    if error is None:
+        return {
+            "error_type": None,
+            "error_message": None,
+            "error_details": None,
+            "error_node_id": None,
+            "error_attempt": None,
+            "error_worker_id": None,
+        }
+    return {
+        "error_type": error.type,
+        "error_message": error.message,
+        "error_details": error.details,
+        "error_node_id": error.node_id,
+        "error_attempt": error.attempt,
+        "error_worker_id": error.worker_id,
+    }
+
+
+def _error_from_row(row: Row) -> ErrorInfo | None:
+    if row["error_type"] is None:
+        return None
+    return ErrorInfo(
+        type=row["error_type"],
+        message=row["error_message"] or "",
+        details=_bytes(row["error_details"]),
+        node_id=row["error_node_id"],
+        attempt=row["error_attempt"] or 0,
+        worker_id=row["error_worker_id"],
+    )
+
+
+# -- definitions --------------------------------------------------------------------------
+
+
+def definition_values(defn: WorkflowDef, *, version: int, created_at: datetime) -> dict[str, Any]:
+    document = definition_to_document(defn)
+    document["version"] = version
+    return {
+        "tenant_id": defn.tenant_id,
+        "name": defn.name,
+        "version": version,
+        "content_hash": defn.content_hash,
+        "description": defn.description,
+        "document": json.dumps(document, separators=(",", ":")),
+        "created_at": to_ms(created_at),
+    }
+
+
+def definition_from_row(row: Row) -> WorkflowDef:
+    return definition_from_document(
+        json.loads(row["document"]),
+        version=row["version"],
+        created_at=from_ms(row["created_at"]),
+    )
+
+
+def summary_from_row(row: Row) -> WorkflowSummary:
+    return WorkflowSummary(
+        name=row["name"], latest_version=row["version"], description=row["description"]
+    )
+
+
+# -- executions ---------------------------------------------------------------------------
+
+
+def execution_values(execution: Execution) -> dict[str, Any]:
+    """Every column of ``executions``."""
+    return {
+        "id": execution.id,
+        "tenant_id": execution.tenant_id,
+        "workflow_name": execution.workflow_name,
+        "workflow_version": execution.workflow_version,
+        "input": execution.input,
+        "created_at": to_ms(execution.created_at),
+        "idempotency_key": execution.idempotency_key,
+        "parent_execution_id": execution.parent_execution_id,
+        "depth": execution.depth,
+        "version": execution.version,
+        **execution_mutable_values(execution),
+    }
+
+
+def execution_mutable_values(execution: Execution) -> dict[str, Any]:
+    """The columns a transition may change (``version`` is written by the store)."""
+    return {
+        "status": execution.status.value,
+        "output": execution.output,
+        **_error_values(execution.error),
+        "priority": execution.priority,
+        "updated_at": to_ms(execution.updated_at),
+        "ended_at": opt_to_ms(execution.ended_at),
+    }
+
+
+def execution_from_row(row: Row) -> Execution:
+    return Execution(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        workflow_name=row["workflow_name"],
+        workflow_version=row["workflow_version"],
+        status=ExecutionStatus(row["status"]),
+        input=bytes(row["input"]),
+        output=_bytes(row["output"]),
+        error=_error_from_row(row),
+        priority=row["priority"],
+        idempotency_key=row["idempotency_key"],
+        parent_execution_id=row["parent_execution_id"],
+        depth=row["depth"],
+        version=row["version"],
+        created_at=from_ms(row["created_at"]),
+        updated_at=from_ms(row["updated_at"]),
+        ended_at=opt_from_ms(row["ended_at"]),
+    )
+
+
+# -- node runs ----------------------------------------------------------------------------
+
+
+def node_run_values(run: NodeRun) -> dict[str, Any]:
+    """Every column of ``node_runs``."""
+    return {
+        "execution_id": run.execution_id,
+        "node_id": run.node_id,
+        "tenant_id": run.tenant_id,
+        "workflow_name": run.workflow_name,
+        "workflow_version": run.workflow_version,
+        "task_type": run.task_type,
+        **node_run_mutable_values(run),
+    }
+
+
+def node_run_mutable_values(run: NodeRun) -> dict[str, Any]:
+    """The columns a transition replaces (all but the key and the workflow identity)."""
+    available_at = run.available_at
+    if available_at is None and run.status is NodeStatus.READY:
+        # A READY row without a date is claimable from the moment it became ready: the
+        # claim index orders on available_at, so it is never NULL on a READY row.
+        available_at = run.updated_at
+    return {
+        "status": run.status.value,
+        "attempt": run.attempt,
+        "input": run.input,
+        "output": run.output,
+        **_error_values(run.error),
+        "priority": run.priority,
+        "available_at": opt_to_ms(available_at),
+        "start_to_close_ms": duration_ms(run.start_to_close_timeout),
+        "heartbeat_timeout_ms": (
+            None if run.heartbeat_timeout is None else duration_ms(run.heartbeat_timeout)
+        ),
+        "lease_seq": run.lease_seq,
+        "worker_id": run.worker_id,
+        "lease_deadline": opt_to_ms(run.lease_deadline),
+        "heartbeat_deadline": opt_to_ms(run.heartbeat_deadline),
+        "updated_at": to_ms(run.updated_at),
+    }
+
+
+def node_run_from_row(row: Row) -> NodeRun:
+    heartbeat_ms = row["heartbeat_timeout_ms"]
+    return NodeRun(
+        execution_id=row["execution_id"],
+        node_id=row["node_id"],
+        tenant_id=row["tenant_id"],
+        workflow_name=row["workflow_name"],
+        workflow_version=row["workflow_version"],
+        task_type=row["task_type"],
+        status=NodeStatus(row["status"]),
+        attempt=row["attempt"],
+        input=_bytes(row["input"]),
+        output=_bytes(row["output"]),
+        error=_error_from_row(row),
+        priority=row["priority"],
+        available_at=opt_from_ms(row["available_at"]),
+        start_to_close_timeout=timedelta(milliseconds=row["start_to_close_ms"]),
+        heartbeat_timeout=None if heartbeat_ms is None else timedelta(milliseconds=heartbeat_ms),
+        lease_seq=row["lease_seq"],
+        worker_id=row["worker_id"],
+        lease_deadline=opt_from_ms(row["lease_deadline"]),
+        heartbeat_deadline=opt_from_ms(row["heartbeat_deadline"]),
+        updated_at=from_ms(row["updated_at"]),
+    )
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+def event_values(event: Event, *, tenant_id: str) -> dict[str, Any]:
+    """Every column of ``events`` but ``sequence``, which the database assigns."""
+    return {
+        "tenant_id": tenant_id,
+        "execution_id": event.execution_id,
+        "type": event.type.value,
+        "node_id": event.node_id,
+        "attempt": event.attempt,
+        "worker_id": event.worker_id,
+        "time": to_ms(event.time),
+        "details": event.details,
+    }
+
+
+def event_from_row(row: Row) -> Event:
+    return Event(
+        sequence=row["sequence"],
+        tenant_id=row["tenant_id"],
+        execution_id=row["execution_id"],
+        type=EventType(row["type"]),
+        node_id=row["node_id"],
+        attempt=row["attempt"],
+        worker_id=row["worker_id"],
+        time=from_ms(row["time"]),
+        details=_bytes(row["details"]),
+    )
+
+
+# -- workers ------------------------------------------------------------------------------
+
+
+def worker_values(worker: WorkerInfo) -> dict[str, Any]:
+    return {
+        "tenant_id": worker.tenant_id,
+        "id": worker.id,
+        "task_types": json.dumps(list(worker.task_types)),
+        "capacity": worker.capacity,
+        "labels": json.dumps(worker.labels, sort_keys=True),
+        "sdk_language": worker.sdk_language,
+        "sdk_version": worker.sdk_version,
+        "identity": worker.identity,
+        "last_seen": to_ms(worker.last_seen),
+    }
+
+
+def worker_from_row(row: Row) -> WorkerInfo:
+    return WorkerInfo(
+        tenant_id=row["tenant_id"],
+        id=row["id"],
+        task_types=tuple(json.loads(row["task_types"])),
+        capacity=row["capacity"],
+        labels=dict(json.loads(row["labels"])),
+        sdk_language=row["sdk_language"],
+        sdk_version=row["sdk_version"],
+        identity=row["identity"],
+        last_seen=from_ms(row["last_seen"]),
+    )

@@ -1,0 +1,628 @@
+"""``SqlStore``: the ``Store`` port on SQLAlchemy Core, for SQLite and PostgreSQL.
+
+Concurrency model:
+
+- PostgreSQL: many replicas share the database. Execution rows are guarded by optimistic
+  concurrency (``version``); a transition also re-checks the ``(status, lease_seq)`` of every
+  node run it replaces, so a claim that slipped in between load and write makes the
+  transition reload and decide again instead of overwriting the lease. Claims take rows with
+  ``FOR UPDATE SKIP LOCKED`` in one statement.
+- SQLite: one coordinator process per file (see ``ProcessLock``), and inside it one writer: an
+  ``asyncio.Lock`` is held around every write transaction. WAL lets reads run beside it.
+  An in-memory database has a single connection, so every transaction takes the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import StaticPool
+
+from coordinator import errors
+from coordinator.model import (
+    Event,
+    EventType,
+    Execution,
+    ExecutionStatus,
+    NodeRun,
+    Transition,
+    WorkerInfo,
+    WorkflowDef,
+    WorkflowSummary,
+)
+from coordinator.service.ports import Decision, LeaseKey
+from coordinator.store import _rows
+from coordinator.store._lock import ProcessLock
+from coordinator.store._tables import events, executions, node_runs, workers, workflow_definitions
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+logger = logging.getLogger(__name__)
+
+# Bounded retries: optimistic transitions, and registrations racing for a version number.
+TRANSACT_MAX_TRIES = 50
+REGISTER_MAX_TRIES = 10
+
+# Statuses compared in claim and sweep queries are SQL literals, not bound parameters, so
+# the planners can match the partial indexes (WHERE status = 'READY' / 'LEASED').
+_READY: sa.ColumnClause[str] = sa.literal_column("'READY'", sa.Text)
+_LEASED: sa.ColumnClause[str] = sa.literal_column("'LEASED'", sa.Text)
+
+_UNAVAILABLE_ERRORS = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    OSError,
+)
+
+
+class _LostRace(errors.Conflict):
+    """PostgreSQL aborted the transaction (deadlock, serialization failure): retryable."""
+
+
+def _describe(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _missing_table(exc: sa_exc.DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate == "42P01" or "no such table" in str(exc.orig)
+
+
+def _convert(exc: BaseException) -> errors.TrellisError:
+    """A foreign database exception as the coordinator error it means."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith("40"):
+        # Serialization failure or deadlock: the transaction lost a race, retrying is right.
+        return _LostRace(f"concurrent update, retry: {_describe(exc)}")
+    return errors.Unavailable(f"database unavailable: {_describe(exc)}")
+
+
+def _sorted_runs(runs: list[NodeRun]) -> list[NodeRun]:
+    return sorted(runs, key=lambda r: (-r.priority, r.available_at or r.updated_at, r.node_id))
+
+
+class SqlStore:
+    """The ``Store`` port on a SQLAlchemy async engine. Build it with ``open_store``."""
+
+    def __init__(self, engine: AsyncEngine, *, process_lock: ProcessLock | None = None) -> None:
+        self._engine = engine
+        self._process_lock = process_lock
+        self.dialect = engine.dialect.name
+        self._postgres = self.dialect == "postgresql"
+        memory = self.dialect == "sqlite" and isinstance(engine.pool, StaticPool)
+        self._writer = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._reader = self._writer if memory else None
+        self._closed = False
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._engine.dispose()
+        finally:
+            if self._process_lock is not None:
+                self._process_lock.release()
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _tx(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
+        """A transaction, committed when the block ends; database failures converted."""
+        lock = self._writer if write else self._reader
+        guard: contextlib.AbstractAsyncContextManager[Any] = (
+            lock if lock is not None else contextlib.nullcontext()
+        )
+        try:
+            async with guard, self._engine.begin() as conn:
+                yield conn
+        except (sa_exc.OperationalError, sa_exc.ProgrammingError) as exc:
+            if _missing_table(exc):
+                raise errors.FailedPrecondition(
+                    f"the database has no Trellis schema ({_describe(exc)}): run "
+                    "`trellis migrate`, or start the coordinator with TRELLIS_AUTO_MIGRATE=true"
+                ) from exc
+            if isinstance(exc, sa_exc.ProgrammingError):
+                raise
+            raise _convert(exc) from exc
+        except _UNAVAILABLE_ERRORS as exc:
+            raise _convert(exc) from exc
+
+    async def run_sync(self, fn: Callable[[sa.Connection], R], *, write: bool) -> R:
+        """Run ``fn`` (e.g. an Alembic upgrade) on a synchronous view of one connection, in
+        one transaction."""
+        async with self._tx(write=write) as conn:
+            return await conn.run_sync(fn)
+
+    # -- definitions ----------------------------------------------------------------------
+
+    async def register_workflow(self, defn: WorkflowDef, now: datetime) -> tuple[WorkflowDef, bool]:
+        t = workflow_definitions
+        tenant = defn.tenant_id
+        for _ in range(REGISTER_MAX_TRIES):
+            try:
+                async with self._tx(write=True) as conn:
+                    same = await conn.execute(
+                        sa.select(t).where(
+                            t.c.tenant_id == tenant,
+                            t.c.name == defn.name,
+                            t.c.content_hash == defn.content_hash,
+                        )
+                    )
+                    row = same.mappings().first()
+                    if row is not None:
+                        return _rows.definition_from_row(row), False
+                    latest = await conn.scalar(
+                        sa.select(sa.func.max(t.c.version)).where(
+                            t.c.tenant_id == tenant, t.c.name == defn.name
+                        )
+                    )
+                    values = _rows.definition_values(
+                        defn, version=(latest or 0) + 1, created_at=now
+                    )
+                    await conn.execute(sa.insert(t).values(values))
+                    return _rows.definition_from_row(values), True
+            except sa_exc.IntegrityError:
+                # A concurrent registration took this version (or stored this content):
+                # look again.
+                continue
+        raise errors.Conflict(f"workflow {defn.name!r}: too many concurrent registrations; retry")
+
+    async def get_workflow(self, tenant_id: str, name: str, version: int | None) -> WorkflowDef:
+        t = workflow_definitions
+        query = sa.select(t).where(t.c.tenant_id == tenant_id, t.c.name == name)
+        if version is None:
+            query = query.order_by(t.c.version.desc()).limit(1)
+        else:
+            query = query.where(t.c.version == version)
+        async with self._tx(write=False) as conn:
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            which = f"workflow {name!r}" + ("" if version is None else f" version {version}")
+            raise errors.NotFound(f"{which} not found")
+        return _rows.definition_from_row(row)
+
+    async def list_workflows(
+        self, tenant_id: str, limit: int, after_name: str | None
+    ) -> list[WorkflowSummary]:
+        t = workflow_definitions
+        d = t.alias("d")
+        latest = (
+            sa.select(sa.func.max(t.c.version))
+            .where(t.c.tenant_id == d.c.tenant_id, t.c.name == d.c.name)
+            .scalar_subquery()
+        )
+        query = (
+            sa.select(d.c.name, d.c.version, d.c.description)
+            .where(d.c.tenant_id == tenant_id, d.c.version == latest)
+            .order_by(d.c.name)
+            .limit(limit)
+        )
+        if after_name is not None:
+            query = query.where(d.c.name > after_name)
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.summary_from_row(r) for r in rows]
+
+    async def list_workflow_versions(self, tenant_id: str, name: str) -> list[WorkflowDef]:
+        t = workflow_definitions
+        query = (
+            sa.select(t).where(t.c.tenant_id == tenant_id, t.c.name == name).order_by(t.c.version)
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.definition_from_row(r) for r in rows]
+
+    # -- executions -----------------------------------------------------------------------
+
+    async def create_execution(self, transition: Transition) -> tuple[Execution, bool]:
+        execution = transition.execution
+        tenant = execution.tenant_id
+        key = execution.idempotency_key
+        values = _rows.execution_values(execution)
+        try:
+            async with self._tx(write=True) as conn:
+                if key is not None:
+                    existing = await self._by_idempotency_key(conn, tenant, key)
+                    if existing is not None:
+                        return existing, False
+                await conn.execute(sa.insert(executions).values(values))
+                await self._insert_nodes(conn, tenant, execution.id, transition.nodes)
+                await self._insert_events(conn, tenant, transition.events)
+        except sa_exc.IntegrityError as exc:
+            # Lost a race for the idempotency key (or the id is taken).
+            if key is not None:
+                async with self._tx(write=False) as conn:
+                    existing = await self._by_idempotency_key(conn, tenant, key)
+                if existing is not None:
+                    return existing, False
+            raise errors.Conflict(f"execution {execution.id!r} already exists") from exc
+        return _rows.execution_from_row(values), True
+
+    async def _by_idempotency_key(
+        self, conn: AsyncConnection, tenant_id: str, key: str
+    ) -> Execution | None:
+        query = sa.select(executions).where(
+            executions.c.tenant_id == tenant_id, executions.c.idempotency_key == key
+        )
+        row = (await conn.execute(query)).mappings().first()
+        return None if row is None else _rows.execution_from_row(row)
+
+    async def get_execution(self, tenant_id: str, execution_id: str) -> Execution:
+        async with self._tx(write=False) as conn:
+            return await self._load_execution(conn, tenant_id, execution_id)
+
+    async def _load_execution(
+        self, conn: AsyncConnection, tenant_id: str, execution_id: str
+    ) -> Execution:
+        query = sa.select(executions).where(
+            executions.c.tenant_id == tenant_id, executions.c.id == execution_id
+        )
+        row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise errors.NotFound(f"execution {execution_id!r} not found")
+        return _rows.execution_from_row(row)
+
+    async def list_node_runs(self, tenant_id: str, execution_id: str) -> list[NodeRun]:
+        async with self._tx(write=False) as conn:
+            return await self._load_nodes(conn, tenant_id, execution_id)
+
+    async def _load_nodes(
+        self, conn: AsyncConnection, tenant_id: str, execution_id: str
+    ) -> list[NodeRun]:
+        n = node_runs
+        query = (
+            sa.select(n)
+            .where(n.c.tenant_id == tenant_id, n.c.execution_id == execution_id)
+            .order_by(n.c.node_id)
+        )
+        rows = (await conn.execute(query)).mappings().all()
+        return [_rows.node_run_from_row(r) for r in rows]
+
+    async def list_executions(
+        self,
+        tenant_id: str,
+        *,
+        workflow_name: str | None,
+        status: ExecutionStatus | None,
+        limit: int,
+        before: tuple[datetime, str] | None,
+    ) -> list[Execution]:
+        e = executions
+        query = (
+            sa.select(e)
+            .where(e.c.tenant_id == tenant_id)
+            .order_by(e.c.created_at.desc(), e.c.id.desc())
+            .limit(limit)
+        )
+        if workflow_name is not None:
+            query = query.where(e.c.workflow_name == workflow_name)
+        if status is not None:
+            query = query.where(e.c.status == status.value)
+        if before is not None:
+            at, last_id = _rows.to_ms(before[0]), before[1]
+            query = query.where(sa.tuple_(e.c.created_at, e.c.id) < sa.tuple_(at, last_id))
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.execution_from_row(r) for r in rows]
+
+    async def list_events(
+        self, tenant_id: str, execution_id: str, after_sequence: int, limit: int
+    ) -> list[Event]:
+        ev = events
+        query = (
+            sa.select(ev)
+            .where(
+                ev.c.tenant_id == tenant_id,
+                ev.c.execution_id == execution_id,
+                ev.c.sequence > after_sequence,
+            )
+            .order_by(ev.c.sequence)
+            .limit(limit)
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.event_from_row(r) for r in rows]
+
+    async def transact(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        decide: Callable[[Execution, Mapping[str, NodeRun]], Decision[T]],
+    ) -> T:
+        for attempt in range(1, TRANSACT_MAX_TRIES + 1):
+            try:
+                async with self._tx(write=True) as conn:
+                    execution = await self._load_execution(conn, tenant_id, execution_id)
+                    loaded = {
+                        r.node_id: r for r in await self._load_nodes(conn, tenant_id, execution_id)
+                    }
+                    decision = decide(execution, loaded)
+                    transition = decision.transition
+                    if transition is None:
+                        return decision.result
+                    if await self._apply(conn, tenant_id, execution, loaded, transition):
+                        return decision.result
+                    await conn.rollback()
+            except _LostRace:
+                # A deadlock or serialization failure reported by PostgreSQL: same as a
+                # lost version race.
+                if attempt == TRANSACT_MAX_TRIES:
+                    raise
+            logger.debug(
+                "transition conflict, retrying",
+                extra={"execution": execution_id, "attempt": attempt},
+            )
+        raise errors.Conflict(
+            f"execution {execution_id!r}: gave up after {TRANSACT_MAX_TRIES} concurrent "
+            "update conflicts; retry"
+        )
+
+    async def _apply(
+        self,
+        conn: AsyncConnection,
+        tenant_id: str,
+        loaded: Execution,
+        loaded_nodes: Mapping[str, NodeRun],
+        transition: Transition,
+    ) -> bool:
+        """Write ``transition`` unless another writer changed what it was decided on."""
+        e = executions
+        result = await conn.execute(
+            sa.update(e)
+            .where(
+                e.c.tenant_id == tenant_id,
+                e.c.id == loaded.id,
+                e.c.version == loaded.version,
+            )
+            .values(
+                **_rows.execution_mutable_values(transition.execution),
+                version=loaded.version + 1,
+            )
+        )
+        if result.rowcount != 1:
+            return False
+        changed = sorted(
+            (r for r in transition.nodes if r.node_id in loaded_nodes), key=lambda r: r.node_id
+        )
+        if changed:
+            params = [
+                {
+                    **_rows.node_run_mutable_values(r),
+                    "b_tenant_id": tenant_id,
+                    "b_execution_id": loaded.id,
+                    "b_node_id": r.node_id,
+                    "b_status": loaded_nodes[r.node_id].status.value,
+                    "b_lease_seq": loaded_nodes[r.node_id].lease_seq,
+                }
+                for r in changed
+            ]
+            result = await conn.execute(_NODE_UPDATE, params)
+            if result.rowcount != len(changed):
+                # A claim or another transition moved one of these rows since we loaded it.
+                return False
+        added = [r for r in transition.nodes if r.node_id not in loaded_nodes]
+        await self._insert_nodes(conn, tenant_id, loaded.id, added)
+        await self._insert_events(conn, tenant_id, transition.events)
+        return True
+
+    async def _insert_nodes(
+        self,
+        conn: AsyncConnection,
+        tenant_id: str,
+        execution_id: str,
+        runs: Sequence[NodeRun],
+    ) -> None:
+        if runs:
+            rows = [
+                {**_rows.node_run_values(r), "tenant_id": tenant_id, "execution_id": execution_id}
+                for r in runs
+            ]
+            await conn.execute(sa.insert(node_runs), rows)
+
+    async def _insert_events(
+        self, conn: AsyncConnection, tenant_id: str, items: Sequence[Event]
+    ) -> None:
+        if items:
+            rows = [_rows.event_values(ev, tenant_id=tenant_id) for ev in items]
+            await conn.execute(sa.insert(events), rows)
+
+    # -- leasing --------------------------------------------------------------------------
+
+    def _task_type_filter(self, task_types: Sequence[str]) -> sa.ColumnElement[bool]:
+        if self._postgres:
+            # One statement text whatever the number of types (prepared-statement friendly).
+            types = sa.bindparam("task_types", list(task_types), type_=postgresql.ARRAY(sa.Text))
+            return node_runs.c.task_type == sa.any_(types)
+        return node_runs.c.task_type.in_(list(task_types))
+
+    async def claim_tasks(
+        self,
+        tenant_id: str,
+        worker_id: str,
+        task_types: Sequence[str],
+        limit: int,
+        now: datetime,
+    ) -> list[NodeRun]:
+        if limit <= 0 or not task_types:
+            return []
+        n = node_runs
+        now_ms = _rows.to_ms(now)
+        now_param = sa.literal(now_ms, sa.BigInteger)
+        # PostgreSQL: SKIP LOCKED lets concurrent claimers pass over each other's rows.
+        # SQLite: no FOR UPDATE (the compiler omits it); the writer lock serializes claims.
+        picked = (
+            sa.select(n.c.execution_id, n.c.node_id)
+            .where(
+                n.c.status == _READY,
+                n.c.tenant_id == tenant_id,
+                self._task_type_filter(task_types),
+                n.c.available_at <= now_ms,
+            )
+            .order_by(n.c.priority.desc(), n.c.available_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .subquery("c")
+        )
+        claim = (
+            sa.update(n)
+            .where(
+                n.c.tenant_id == tenant_id,
+                n.c.execution_id == picked.c.execution_id,
+                n.c.node_id == picked.c.node_id,
+            )
+            .values(
+                status=_LEASED,
+                attempt=n.c.attempt + 1,
+                lease_seq=n.c.lease_seq + 1,
+                worker_id=worker_id,
+                lease_deadline=now_param + n.c.start_to_close_ms,
+                # NULL when the node has no heartbeat timeout.
+                heartbeat_deadline=now_param + n.c.heartbeat_timeout_ms,
+                updated_at=now_ms,
+            )
+            .returning(*n.c)
+        )
+        async with self._tx(write=True) as conn:
+            rows = (await conn.execute(claim)).mappings().all()
+            runs = _sorted_runs([_rows.node_run_from_row(r) for r in rows])
+            await self._insert_events(
+                conn,
+                tenant_id,
+                [
+                    Event(
+                        execution_id=r.execution_id,
+                        type=EventType.NODE_LEASED,
+                        time=now,
+                        tenant_id=tenant_id,
+                        node_id=r.node_id,
+                        attempt=r.attempt,
+                        worker_id=worker_id,
+                    )
+                    for r in runs
+                ],
+            )
+        return runs
+
+    async def next_available_at(
+        self, tenant_id: str, task_types: Sequence[str], now: datetime
+    ) -> datetime | None:
+        if not task_types:
+            return None
+        n = node_runs
+        query = sa.select(sa.func.min(n.c.available_at)).where(
+            n.c.status == _READY,
+            n.c.tenant_id == tenant_id,
+            self._task_type_filter(task_types),
+            n.c.available_at > _rows.to_ms(now),
+        )
+        async with self._tx(write=False) as conn:
+            value = await conn.scalar(query)
+        return _rows.opt_from_ms(value)
+
+    async def touch_leases(
+        self, tenant_id: str, keys: Sequence[LeaseKey], now: datetime
+    ) -> dict[LeaseKey, NodeRun | None]:
+        if not keys:
+            return {}
+        n = node_runs
+        # Lock order (execution_id, node_id), as transitions use, so two never deadlock.
+        ordered = sorted(set(keys), key=lambda k: (k.execution_id, k.node_id, k.lease_seq))
+        now_param = sa.literal(_rows.to_ms(now), sa.BigInteger)
+        params = [
+            {
+                "b_tenant_id": tenant_id,
+                "b_execution_id": k.execution_id,
+                "b_node_id": k.node_id,
+                "b_lease_seq": k.lease_seq,
+            }
+            for k in ordered
+        ]
+        touch = (
+            sa.update(n)
+            .where(
+                n.c.tenant_id == sa.bindparam("b_tenant_id"),
+                n.c.execution_id == sa.bindparam("b_execution_id"),
+                n.c.node_id == sa.bindparam("b_node_id"),
+                n.c.lease_seq == sa.bindparam("b_lease_seq"),
+                n.c.status == _LEASED,
+            )
+            .values(heartbeat_deadline=now_param + n.c.heartbeat_timeout_ms)
+        )
+        pairs = sorted({(k.execution_id, k.node_id) for k in ordered})
+        current = sa.select(n).where(
+            n.c.tenant_id == tenant_id,
+            sa.tuple_(n.c.execution_id, n.c.node_id).in_(pairs),
+        )
+        async with self._tx(write=True) as conn:
+            await conn.execute(touch, params)
+            rows = (await conn.execute(current)).mappings().all()
+        found = {(r["execution_id"], r["node_id"]): _rows.node_run_from_row(r) for r in rows}
+        return {k: found.get((k.execution_id, k.node_id)) for k in keys}
+
+    async def find_expired_leases(self, now: datetime, limit: int) -> list[NodeRun]:
+        n = node_runs
+        now_ms = _rows.to_ms(now)
+        query = (
+            sa.select(n)
+            .where(
+                n.c.status == _LEASED,
+                sa.or_(n.c.lease_deadline < now_ms, n.c.heartbeat_deadline < now_ms),
+            )
+            .order_by(n.c.lease_deadline, n.c.execution_id, n.c.node_id)
+            .limit(limit)
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.node_run_from_row(r) for r in rows]
+
+    # -- workers --------------------------------------------------------------------------
+
+    async def upsert_worker(self, worker: WorkerInfo) -> None:
+        values = _rows.worker_values(worker)
+        insert = (postgresql.insert if self._postgres else sqlite.insert)(workers)
+        stmt = insert.values(values).on_conflict_do_update(
+            index_elements=[workers.c.tenant_id, workers.c.id],
+            set_={k: v for k, v in values.items() if k not in ("tenant_id", "id")},
+        )
+        async with self._tx(write=True) as conn:
+            await conn.execute(stmt)
+
+    async def get_worker(self, tenant_id: str, worker_id: str) -> WorkerInfo:
+        """Not part of the ``Store`` port (yet): the registered worker. Raises ``NotFound``."""
+        query = sa.select(workers).where(
+            workers.c.tenant_id == tenant_id, workers.c.id == worker_id
+        )
+        async with self._tx(write=False) as conn:
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise errors.NotFound(f"worker {worker_id!r} not found")
+        return _rows.worker_from_row(row)
+
+
+# A transition's node-run write, executed once for many rows: replaces the row only if its
+# (status, lease_seq) is still what the transition was decided on.
+_NODE_UPDATE = sa.update(node_runs).where(
+    node_runs.c.tenant_id == sa.bindparam("b_tenant_id"),
+    node_runs.c.execution_id == sa.bindparam("b_execution_id"),
+    node_runs.c.node_id == sa.bindparam("b_node_id"),
+    node_runs.c.status == sa.bindparam("b_status"),
+    node_runs.c.lease_seq == sa.bindparam("b_lease_seq"),
+)

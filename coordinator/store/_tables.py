@@ -1,0 +1,176 @@
+"""The schema as SQLAlchemy Core tables (the shape queries are built from).
+
+Alembic owns the schema in the database: ``migrations/versions`` creates these tables with
+hand-written operations, and a test checks that the two agree. Conventions:
+
+- every table has ``tenant_id`` and every query filters on it;
+- timestamps are BIGINT epoch milliseconds (UTC), durations BIGINT milliseconds;
+- payloads (inputs, outputs, details) are JSON documents kept as bytes, small JSON lists and
+  maps (task types, labels, definition documents) as text;
+- enum values (statuses, event types) are stored as their text names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigIntId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _error_columns() -> list[sa.Column[Any]]:
+    """The flattened ``ErrorInfo`` of an execution or a node run (NULL type = no error)."""
+    return [
+        sa.Column("error_type", sa.Text, nullable=True),
+        sa.Column("error_message", sa.Text, nullable=True),
+        sa.Column("error_details", sa.LargeBinary, nullable=True),
+        sa.Column("error_node_id", sa.Text, nullable=True),
+        sa.Column("error_attempt", sa.Integer, nullable=True),
+        sa.Column("error_worker_id", sa.Text, nullable=True),
+    ]
+
+
+workflow_definitions = sa.Table(
+    "workflow_definitions",
+    metadata,
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("content_hash", sa.Text, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    # json.dumps(model.definition_to_document(defn)) with the stored version.
+    sa.Column("document", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("tenant_id", "name", "version"),
+    sa.UniqueConstraint("tenant_id", "name", "content_hash"),
+)
+
+executions = sa.Table(
+    "executions",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("workflow_name", sa.Text, nullable=False),
+    sa.Column("workflow_version", sa.Integer, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("input", sa.LargeBinary, nullable=False),
+    sa.Column("output", sa.LargeBinary, nullable=True),
+    *_error_columns(),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("idempotency_key", sa.Text, nullable=True),
+    sa.Column("parent_execution_id", sa.Text, nullable=True),
+    sa.Column("depth", sa.Integer, nullable=False),
+    # Optimistic concurrency: every transition writes version + 1 where version matches.
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("ended_at", sa.BigInteger, nullable=True),
+    sa.UniqueConstraint("tenant_id", "idempotency_key"),
+    sa.Index(None, "tenant_id", "created_at", "id"),
+    sa.Index(None, "tenant_id", "workflow_name", "created_at"),
+)
+
+node_runs = sa.Table(
+    "node_runs",
+    metadata,
+    sa.Column(
+        "execution_id",
+        sa.Text,
+        sa.ForeignKey("executions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("node_id", sa.Text, nullable=False),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("workflow_name", sa.Text, nullable=False),
+    sa.Column("workflow_version", sa.Integer, nullable=False),
+    sa.Column("task_type", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("input", sa.LargeBinary, nullable=True),
+    sa.Column("output", sa.LargeBinary, nullable=True),
+    *_error_columns(),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("available_at", sa.BigInteger, nullable=True),
+    sa.Column("start_to_close_ms", sa.BigInteger, nullable=False),
+    sa.Column("heartbeat_timeout_ms", sa.BigInteger, nullable=True),
+    # Fencing number: incremented by every claim; lease tokens carry it.
+    sa.Column("lease_seq", sa.BigInteger, nullable=False),
+    sa.Column("worker_id", sa.Text, nullable=True),
+    sa.Column("lease_deadline", sa.BigInteger, nullable=True),
+    sa.Column("heartbeat_deadline", sa.BigInteger, nullable=True),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("execution_id", "node_id"),
+    # The claim: WHERE status = 'READY' AND tenant_id = ? AND task_type IN (...)
+    # AND available_at <= now ORDER BY priority DESC, available_at. Queries must spell the
+    # status as the literal 'READY' (not a bound parameter) for the planner to use it.
+    sa.Index(
+        "ix_node_runs_claim",
+        "tenant_id",
+        "task_type",
+        sa.text("priority DESC"),
+        "available_at",
+        postgresql_where=sa.text("status = 'READY'"),
+        sqlite_where=sa.text("status = 'READY'"),
+    ),
+    # The lease sweeper: LEASED rows past either deadline.
+    sa.Index(
+        "ix_node_runs_lease_deadline",
+        "lease_deadline",
+        postgresql_where=sa.text("status = 'LEASED'"),
+        sqlite_where=sa.text("status = 'LEASED'"),
+    ),
+    sa.Index(
+        "ix_node_runs_heartbeat_deadline",
+        "heartbeat_deadline",
+        postgresql_where=sa.text("status = 'LEASED'"),
+        sqlite_where=sa.text("status = 'LEASED'"),
+    ),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("sequence", BigIntId, primary_key=True, autoincrement=True),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column(
+        "execution_id",
+        sa.Text,
+        sa.ForeignKey("executions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("node_id", sa.Text, nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("worker_id", sa.Text, nullable=True),
+    sa.Column("time", sa.BigInteger, nullable=False),
+    sa.Column("details", sa.LargeBinary, nullable=True),
+    sa.Index(None, "execution_id", "sequence"),
+    # AUTOINCREMENT: SQLite never reuses a sequence number, even after deletes.
+    sqlite_autoincrement=True,
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("id", sa.Text, nullable=False),
+    sa.Column("task_types", sa.Text, nullable=False),  # JSON list
+    sa.Column("capacity", sa.Integer, nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),  # JSON object
+    sa.Column("sdk_language", sa.Text, nullable=False),
+    sa.Column("sdk_version", sa.Text, nullable=False),
+    sa.Column("identity", sa.Text, nullable=False),
+    sa.Column("last_seen", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("tenant_id", "id"),
+)

@@ -1,0 +1,88 @@
+"""Fixtures shared by every test directory: databases for the store.
+
+- ``postgres_url``: the admin URL of a reachable PostgreSQL (TRELLIS_TEST_POSTGRES_URL);
+  skips when there is none, fails instead when CI=true.
+- ``db_url``: a fresh, empty database per test, once on SQLite and once on PostgreSQL,
+  as a user-facing URL (``sqlite:///...``, ``postgresql://...``) that can also be handed
+  to a coordinator process through TRELLIS_DATABASE_URL.
+- ``store``: ``open_store(db_url)``, closed after the test.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy.engine import make_url
+
+from coordinator.store import SqlStore, open_store
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _libpq_url(url: str, *, database: str | None = None) -> str:
+    """``url`` in the form libpq and TRELLIS_DATABASE_URL accept (no ``+driver``)."""
+    parsed = make_url(url).set(drivername="postgresql")
+    if database is not None:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """Admin URL of the test PostgreSQL server (a database we may CREATE DATABASE from)."""
+    url = _libpq_url(os.environ.get("TRELLIS_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL))
+    try:
+        with psycopg.connect(url, connect_timeout=5):
+            pass
+    except psycopg.Error as exc:
+        shown = make_url(url).render_as_string(hide_password=True)
+        message = (
+            f"PostgreSQL not reachable at {shown} ({exc}): start it "
+            "(pg_ctlcluster <version> main start) or set TRELLIS_TEST_POSTGRES_URL; "
+            "CI=true makes these tests mandatory"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+    name = f"trellis_t_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield _libpq_url(postgres_url, database=name)
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL to a fresh, empty database: a SQLite file, then a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'trellis.db'}"
+    url: str = request.getfixturevalue("fresh_postgres_url")
+    return url
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[SqlStore]:
+    opened = await open_store(db_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
