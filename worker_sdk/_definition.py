@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from google.protobuf import json_format
 
 from trellis.v1 import common_pb2
@@ -200,6 +199,20 @@ class Workflow:
         return msg
 
 
+def _load_yaml(file: Path, text: str) -> Any:
+    """YAML support is optional: the base (worker) install carries grpcio and protobuf only."""
+    try:
+        import yaml
+    except ImportError:
+        raise DefinitionError(
+            f"{file}: reading YAML needs PyYAML: pip install 'trellis[yaml]', or use a .json file"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DefinitionError(f"{file}: invalid YAML: {_one_line(str(exc))}") from None
+
+
 def load_workflow(path: str | os.PathLike[str]) -> common_pb2.WorkflowDefinition:
     """Reads a definition from a YAML (.yaml, .yml) or JSON (.json) file.
 
@@ -219,12 +232,13 @@ def load_workflow(path: str | os.PathLike[str]) -> common_pb2.WorkflowDefinition
         raise DefinitionError(f"{file}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DefinitionError(f"{file}: cannot read: {_one_line(str(exc))}") from None
-    try:
-        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise DefinitionError(f"{file}: invalid JSON: {_one_line(str(exc))}") from None
-    except yaml.YAMLError as exc:
-        raise DefinitionError(f"{file}: invalid YAML: {_one_line(str(exc))}") from None
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DefinitionError(f"{file}: invalid JSON: {_one_line(str(exc))}") from None
+    else:
+        data = _load_yaml(file, text)
     if data is None:
         raise DefinitionError(f"{file}: the file is empty")
     if not isinstance(data, dict):

@@ -1,0 +1,70 @@
+"""Imports point one way (STYLE.md): checked on the source, so a stray import fails here."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+STDLIB = sys.stdlib_module_names
+
+
+def imported_modules(package: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        if "migrations" in path.parts:
+            continue
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def offenders(package: str, allowed: tuple[str, ...], stdlib: bool = True) -> list[str]:
+    bad = []
+    for path, names in imported_modules(package).items():
+        for name in names:
+            top = name.split(".")[0]
+            if stdlib and top in STDLIB:
+                continue
+            if not any(name == a or name.startswith(a + ".") for a in allowed):
+                bad.append(f"{path}: {name}")
+    return bad
+
+
+def test_engine_model_errors_import_only_the_standard_library() -> None:
+    allowed = ("coordinator.model", "coordinator.errors", "coordinator.engine")
+    assert offenders("coordinator/engine", allowed) == []
+    for module in ("model", "errors"):
+        names = imported_modules("coordinator")[f"coordinator/{module}.py"]
+        assert {n for n in names if n.split(".")[0] not in STDLIB} == set()
+
+
+def test_service_imports_neither_grpc_nor_sqlalchemy() -> None:
+    allowed = ("coordinator",)
+    assert offenders("coordinator/service", allowed) == []
+
+
+def test_only_the_store_imports_sqlalchemy() -> None:
+    for path, names in imported_modules("coordinator").items():
+        if path.startswith("coordinator/store/"):
+            continue
+        assert not {n for n in names if n.split(".")[0] in {"sqlalchemy", "alembic"}}, path
+
+
+def test_worker_sdk_never_imports_the_coordinator() -> None:
+    allowed = ("grpc", "google.protobuf", "trellis.v1", "worker_sdk", "yaml")
+    assert offenders("worker_sdk", allowed) == []
+
+
+def test_base_install_is_grpcio_and_protobuf_only() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = sorted(d.split(">")[0].split("=")[0].split("<")[0] for d in project["dependencies"])
+    assert names == ["grpcio", "protobuf"]
+    assert project["scripts"]["trellis"] == "trellis.cli:main"
