@@ -73,6 +73,12 @@ class EventType(enum.StrEnum):
     EXECUTION_STARTED = "EXECUTION_STARTED"
     EXECUTION_SUCCEEDED = "EXECUTION_SUCCEEDED"
     EXECUTION_FAILED = "EXECUTION_FAILED"
+    EXECUTION_CANCELLED = "EXECUTION_CANCELLED"
+    EXECUTION_TIMED_OUT = "EXECUTION_TIMED_OUT"
+    EXECUTION_PAUSED = "EXECUTION_PAUSED"
+    EXECUTION_RESUMED = "EXECUTION_RESUMED"
+    # The execution has failed; its on_failure handlers and compensations run before it ends.
+    EXECUTION_FAILING = "EXECUTION_FAILING"
     NODE_READY = "NODE_READY"
     NODE_LEASED = "NODE_LEASED"
     NODE_SUCCEEDED = "NODE_SUCCEEDED"
@@ -81,6 +87,22 @@ class EventType(enum.StrEnum):
     NODE_FAILED = "NODE_FAILED"
     NODE_CANCELLED = "NODE_CANCELLED"
     NODE_SKIPPED = "NODE_SKIPPED"
+    NODE_TIMED_OUT = "NODE_TIMED_OUT"
+    NODE_HELD = "NODE_HELD"
+    NODE_RELEASED = "NODE_RELEASED"
+    NODE_DEAD_LETTERED = "NODE_DEAD_LETTERED"
+    NODE_REDRIVEN = "NODE_REDRIVEN"
+
+
+class NodeRole(enum.StrEnum):
+    """Why a node run exists: a definition node, an on_failure handler, or a compensation."""
+
+    TASK = "task"
+    ON_FAILURE = "on_failure"
+    COMPENSATION = "compensation"
+
+
+COMPENSATION_SUFFIX = "~compensate"
 
 
 @dataclass(frozen=True)
@@ -92,6 +114,9 @@ class RetryPolicy:
     backoff_coefficient: float = 2.0
     max_interval: timedelta = timedelta(seconds=100)
     non_retryable_error_types: tuple[str, ...] = ()
+    # Each delay is moved by up to this fraction either way (0 = none), deterministically
+    # from (execution, node, attempt) so the engine stays pure.
+    jitter: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +131,13 @@ class NodeSpec:
     start_to_close_timeout: timedelta | None = None
     heartbeat_timeout: timedelta | None = None
     priority: int = 0
+    schedule_to_start_timeout: timedelta | None = None
+    # Id of a handler node (no edges) run with this node's failure as input.
+    on_failure: str | None = None
+    # Task type run (saga-style) to undo this node when the execution fails after it succeeded.
+    compensation_task_type: str | None = None
+    # Hold the node when it becomes READY until resumed by an operator.
+    pause_before: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +153,14 @@ class WorkflowDef:
     default_start_to_close_timeout: timedelta = timedelta(minutes=5)
     tenant_id: str = DEFAULT_TENANT
     created_at: datetime | None = None
+    execution_timeout: timedelta | None = None
+    default_schedule_to_start_timeout: timedelta | None = None
+    default_heartbeat_timeout: timedelta | None = None
+
+    @cached_property
+    def handlers(self) -> frozenset[str]:
+        """Nodes named by some node's ``on_failure``: outside the normal flow."""
+        return frozenset(n.on_failure for n in self.nodes if n.on_failure)
 
     @cached_property
     def node_map(self) -> dict[str, NodeSpec]:
@@ -144,13 +184,21 @@ class WorkflowDef:
     @cached_property
     def sinks(self) -> tuple[str, ...]:
         """Nodes without children, in node order: their outputs form the execution's output."""
-        return tuple(n.id for n in self.nodes if not self.children.get(n.id))
+        return tuple(
+            n.id for n in self.nodes if not self.children.get(n.id) and n.id not in self.handlers
+        )
 
     def retry_policy_for(self, node: NodeSpec) -> RetryPolicy:
         return node.retry_policy or self.default_retry_policy
 
     def start_to_close_for(self, node: NodeSpec) -> timedelta:
         return node.start_to_close_timeout or self.default_start_to_close_timeout
+
+    def schedule_to_start_for(self, node: NodeSpec) -> timedelta | None:
+        return node.schedule_to_start_timeout or self.default_schedule_to_start_timeout
+
+    def heartbeat_timeout_for(self, node: NodeSpec) -> timedelta | None:
+        return node.heartbeat_timeout or self.default_heartbeat_timeout
 
     @cached_property
     def content_hash(self) -> str:
@@ -191,6 +239,8 @@ class Execution:
     parent_execution_id: str | None = None
     depth: int = 0
     ended_at: datetime | None = None
+    # When the execution times out (definition's execution_timeout), if it has one.
+    deadline: datetime | None = None
     # Optimistic concurrency: every transition writes version + 1 where version matches.
     version: int = 0
 
@@ -221,6 +271,41 @@ class NodeRun:
     worker_id: str | None = None
     lease_deadline: datetime | None = None
     heartbeat_deadline: datetime | None = None
+    # READY rows still unleased at this time are TIMED_OUT (schedule-to-start).
+    schedule_deadline: datetime | None = None
+    schedule_to_start_timeout: timedelta | None = None
+    # Held rows are not dispatched: held = execution PAUSED or node_paused.
+    held: bool = False
+    # Paused on its own (the spec's pause_before, or PauseNode) until ResumeNode.
+    node_paused: bool = False
+    # Attempts made before the last redrive: the retry budget counts attempt - retry_base.
+    retry_base: int = 0
+    role: NodeRole = NodeRole.TASK
+
+
+@dataclass(frozen=True)
+class AttemptFailure:
+    attempt: int
+    error: ErrorInfo
+    time: datetime
+    worker_id: str | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A node run that exhausted its retries, failed non-retryably, or timed out unstarted."""
+
+    id: str
+    execution_id: str
+    workflow_name: str
+    workflow_version: int
+    node_id: str
+    task_type: str
+    input: bytes | None
+    attempts: tuple[AttemptFailure, ...]
+    created_at: datetime
+    tenant_id: str = DEFAULT_TENANT
+    redriven_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +335,11 @@ class Transition:
     execution: Execution
     nodes: tuple[NodeRun, ...] = ()
     events: tuple[Event, ...] = ()
+    # Node ids dead-lettered by this transition: the store writes a DeadLetter for each,
+    # with the node's input and its attempts' failures (from NODE_ATTEMPT_FAILED events).
+    dead_lettered: tuple[str, ...] = ()
+    # The dead letter this transition redrives: the store stamps its redriven_at.
+    redriven_dead_letter: str | None = None
 
     @property
     def ready(self) -> tuple[NodeRun, ...]:
@@ -302,6 +392,7 @@ def _retry_doc(policy: RetryPolicy | None) -> dict[str, Any] | None:
         "backoff_coefficient": policy.backoff_coefficient,
         "max_interval": _td(policy.max_interval),
         "non_retryable_error_types": list(policy.non_retryable_error_types),
+        "jitter": policy.jitter,
     }
 
 
@@ -314,6 +405,7 @@ def _retry_from_doc(doc: dict[str, Any] | None) -> RetryPolicy | None:
         backoff_coefficient=doc["backoff_coefficient"],
         max_interval=timedelta(seconds=doc["max_interval"]),
         non_retryable_error_types=tuple(doc["non_retryable_error_types"]),
+        jitter=doc.get("jitter", 0.0),
     )
 
 
@@ -326,6 +418,9 @@ def definition_to_document(defn: WorkflowDef) -> dict[str, Any]:
         "tenant_id": defn.tenant_id,
         "default_retry_policy": _retry_doc(defn.default_retry_policy),
         "default_start_to_close_timeout": _td(defn.default_start_to_close_timeout),
+        "execution_timeout": _td(defn.execution_timeout),
+        "default_schedule_to_start_timeout": _td(defn.default_schedule_to_start_timeout),
+        "default_heartbeat_timeout": _td(defn.default_heartbeat_timeout),
         "nodes": [
             {
                 "id": n.id,
@@ -336,6 +431,10 @@ def definition_to_document(defn: WorkflowDef) -> dict[str, Any]:
                 "start_to_close_timeout": _td(n.start_to_close_timeout),
                 "heartbeat_timeout": _td(n.heartbeat_timeout),
                 "priority": n.priority,
+                "schedule_to_start_timeout": _td(n.schedule_to_start_timeout),
+                "on_failure": n.on_failure,
+                "compensation_task_type": n.compensation_task_type,
+                "pause_before": n.pause_before,
             }
             for n in defn.nodes
         ],
@@ -356,6 +455,10 @@ def definition_from_document(
             start_to_close_timeout=_from_td(n["start_to_close_timeout"]),
             heartbeat_timeout=_from_td(n["heartbeat_timeout"]),
             priority=n["priority"],
+            schedule_to_start_timeout=_from_td(n.get("schedule_to_start_timeout")),
+            on_failure=n.get("on_failure"),
+            compensation_task_type=n.get("compensation_task_type"),
+            pause_before=n.get("pause_before", False),
         )
         for n in doc["nodes"]
     )
@@ -370,4 +473,7 @@ def definition_from_document(
         default_start_to_close_timeout=timedelta(seconds=doc["default_start_to_close_timeout"]),
         tenant_id=doc["tenant_id"],
         created_at=created_at,
+        execution_timeout=_from_td(doc.get("execution_timeout")),
+        default_schedule_to_start_timeout=_from_td(doc.get("default_schedule_to_start_timeout")),
+        default_heartbeat_timeout=_from_td(doc.get("default_heartbeat_timeout")),
     )

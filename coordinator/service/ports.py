@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
 from coordinator.model import (
+    DeadLetter,
     Event,
     Execution,
     ExecutionStatus,
@@ -96,7 +97,10 @@ class Store(Protocol):
         decide: Callable[[Execution, Mapping[str, NodeRun]], Decision[T]],
     ) -> T:
         """Load the execution and its node runs, call ``decide`` (pure), persist its transition
-        atomically. On a version conflict, reload and call ``decide`` again (bounded).
+        atomically, including its ``dead_lettered`` nodes (a DeadLetter row each, with the
+        node's input and its failures since its last redrive, from NODE_ATTEMPT_FAILED and
+        NODE_TIMED_OUT events) and its ``redriven_dead_letter`` (stamped redriven_at; one
+        already redriven raises ``FailedPrecondition``). On a version conflict, reload and call ``decide`` again (bounded).
         Raises ``NotFound`` for an unknown execution."""
         ...
 
@@ -109,8 +113,9 @@ class Store(Protocol):
         limit: int,
         now: datetime,
     ) -> list[NodeRun]:
-        """Atomically lease up to ``limit`` READY node runs of ``task_types`` whose
+        """Atomically lease up to ``limit`` READY, not held node runs of ``task_types`` whose
         ``available_at <= now``, highest priority first, then oldest ``available_at``.
+        Claiming clears schedule_deadline and sets the worker's last_seen = now.
         Each becomes LEASED with attempt + 1, lease_seq + 1, worker_id, lease_deadline
         = now + start_to_close_timeout, heartbeat_deadline = now + heartbeat_timeout;
         a NODE_LEASED event is appended for each. Returns the leased rows."""
@@ -133,5 +138,40 @@ class Store(Protocol):
         """LEASED rows (any tenant) whose lease_deadline or heartbeat_deadline < now."""
         ...
 
+    async def find_unstarted_overdue(self, now: datetime, limit: int) -> list[NodeRun]:
+        """READY, not held rows (any tenant) whose schedule_deadline < now."""
+        ...
+
+    async def find_overdue_executions(self, now: datetime, limit: int) -> list[Execution]:
+        """Non-terminal executions (any tenant) whose deadline < now."""
+        ...
+
+    async def find_leases_of_lost_workers(self, cutoff: datetime, limit: int) -> list[NodeRun]:
+        """LEASED rows (any tenant) whose worker (same tenant, registered) has
+        last_seen < cutoff."""
+        ...
+
+    # -- dead letters ---------------------------------------------------------------------
+    async def list_dead_letters(
+        self,
+        tenant_id: str,
+        *,
+        workflow_name: str | None,
+        task_type: str | None,
+        include_redriven: bool,
+        limit: int,
+        before: tuple[datetime, str] | None,
+    ) -> list[DeadLetter]:
+        """Newest first (created_at, id descending), strictly before the cursor when given."""
+        ...
+
+    async def get_dead_letter(self, tenant_id: str, dead_letter_id: str) -> DeadLetter:
+        """Raises ``NotFound``."""
+        ...
+
     # -- workers --------------------------------------------------------------------------
     async def upsert_worker(self, worker: WorkerInfo) -> None: ...
+
+    async def touch_worker(self, tenant_id: str, worker_id: str, now: datetime) -> None:
+        """Record that the worker is alive (last_seen = now); unknown workers are ignored."""
+        ...

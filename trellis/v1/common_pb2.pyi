@@ -93,10 +93,13 @@ class RetryPolicy(_message.Message):
     BACKOFF_COEFFICIENT_FIELD_NUMBER: _builtins.int
     MAX_INTERVAL_FIELD_NUMBER: _builtins.int
     NON_RETRYABLE_ERROR_TYPES_FIELD_NUMBER: _builtins.int
+    JITTER_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
     """Total attempts including the first; 0 means the definition default (1: no retry)."""
     backoff_coefficient: _builtins.float
     """Multiplier applied to the interval after each attempt; 0 means 2.0."""
+    jitter: _builtins.float
+    """Randomizes each delay by up to this fraction (0 to 1) either way; 0 means none."""
     @_builtins.property
     def initial_interval(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -113,10 +116,11 @@ class RetryPolicy(_message.Message):
         backoff_coefficient: _builtins.float = ...,
         max_interval: _duration_pb2.Duration | None = ...,
         non_retryable_error_types: _abc.Iterable[_builtins.str] | None = ...,
+        jitter: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["initial_interval", b"initial_interval", "max_interval", b"max_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_coefficient", b"backoff_coefficient", "initial_interval", b"initial_interval", "max_attempts", b"max_attempts", "max_interval", b"max_interval", "non_retryable_error_types", b"non_retryable_error_types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_coefficient", b"backoff_coefficient", "initial_interval", b"initial_interval", "jitter", b"jitter", "max_attempts", b"max_attempts", "max_interval", b"max_interval", "non_retryable_error_types", b"non_retryable_error_types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -136,6 +140,10 @@ class NodeDefinition(_message.Message):
     START_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
+    ON_FAILURE_FIELD_NUMBER: _builtins.int
+    COMPENSATION_TASK_TYPE_FIELD_NUMBER: _builtins.int
+    PAUSE_BEFORE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique within the definition: letters, digits, '_', '-' and '.'."""
     kind: _builtins.str
@@ -143,6 +151,14 @@ class NodeDefinition(_message.Message):
     task_type: _builtins.str
     priority: _builtins.int
     """Higher runs first."""
+    on_failure: _builtins.str
+    """Id of a node (with no edges) that runs with this node's failure as input if it fails."""
+    compensation_task_type: _builtins.str
+    """Task type that undoes this node's effect; run, in reverse order of completion, for
+    every succeeded node when the execution fails.
+    """
+    pause_before: _builtins.bool
+    """Hold the node when it becomes ready, until an operator resumes it (ResumeNode)."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Static configuration handed to the worker with every attempt (as Task.config)."""
@@ -157,6 +173,10 @@ class NodeDefinition(_message.Message):
     def heartbeat_timeout(self) -> _duration_pb2.Duration:
         """Longest a leased attempt may go without a heartbeat; unset means none."""
 
+    @_builtins.property
+    def schedule_to_start_timeout(self) -> _duration_pb2.Duration:
+        """Longest the node may stay READY without being leased; then it is TIMED_OUT (not retried)."""
+
     def __init__(
         self,
         *,
@@ -168,10 +188,14 @@ class NodeDefinition(_message.Message):
         start_to_close_timeout: _duration_pb2.Duration | None = ...,
         heartbeat_timeout: _duration_pb2.Duration | None = ...,
         priority: _builtins.int = ...,
+        schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
+        on_failure: _builtins.str = ...,
+        compensation_task_type: _builtins.str = ...,
+        pause_before: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "retry_policy", b"retry_policy", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "kind", b"kind", "priority", b"priority", "retry_policy", b"retry_policy", "start_to_close_timeout", b"start_to_close_timeout", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compensation_task_type", b"compensation_task_type", "config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "kind", b"kind", "on_failure", b"on_failure", "pause_before", b"pause_before", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -215,6 +239,9 @@ class WorkflowDefinition(_message.Message):
     DEFAULT_RETRY_POLICY_FIELD_NUMBER: _builtins.int
     DEFAULT_START_TO_CLOSE_TIMEOUT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXECUTION_TIMEOUT_FIELD_NUMBER: _builtins.int
+    DEFAULT_SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
+    DEFAULT_HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     """Assigned by the coordinator on registration; 0 in a request."""
@@ -231,6 +258,14 @@ class WorkflowDefinition(_message.Message):
     def default_start_to_close_timeout(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def execution_timeout(self) -> _duration_pb2.Duration:
+        """Longest the whole execution may run; then it is TIMED_OUT and running leases revoked."""
+
+    @_builtins.property
+    def default_schedule_to_start_timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def default_heartbeat_timeout(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
@@ -242,10 +277,13 @@ class WorkflowDefinition(_message.Message):
         default_retry_policy: Global___RetryPolicy | None = ...,
         default_start_to_close_timeout: _duration_pb2.Duration | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        execution_timeout: _duration_pb2.Duration | None = ...,
+        default_schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
+        default_heartbeat_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_retry_policy", b"default_retry_policy", "default_start_to_close_timeout", b"default_start_to_close_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_heartbeat_timeout", b"default_heartbeat_timeout", "default_retry_policy", b"default_retry_policy", "default_schedule_to_start_timeout", b"default_schedule_to_start_timeout", "default_start_to_close_timeout", b"default_start_to_close_timeout", "execution_timeout", b"execution_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_retry_policy", b"default_retry_policy", "default_start_to_close_timeout", b"default_start_to_close_timeout", "description", b"description", "edges", b"edges", "name", b"name", "nodes", b"nodes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_heartbeat_timeout", b"default_heartbeat_timeout", "default_retry_policy", b"default_retry_policy", "default_schedule_to_start_timeout", b"default_schedule_to_start_timeout", "default_start_to_close_timeout", b"default_start_to_close_timeout", "description", b"description", "edges", b"edges", "execution_timeout", b"execution_timeout", "name", b"name", "nodes", b"nodes", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -304,6 +342,7 @@ class NodeRun(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     task_type: _builtins.str
     status: Global___NodeStatus.ValueType
@@ -312,6 +351,8 @@ class NodeRun(_message.Message):
     input: _builtins.bytes
     output: _builtins.bytes
     worker_id: _builtins.str
+    held: _builtins.bool
+    """True while the node is held from dispatch (paused execution or paused node)."""
     @_builtins.property
     def error(self) -> Global___ErrorInfo: ...
     @_builtins.property
@@ -328,10 +369,11 @@ class NodeRun(_message.Message):
         error: Global___ErrorInfo | None = ...,
         worker_id: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        held: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "input", b"input", "node_id", b"node_id", "output", b"output", "status", b"status", "task_type", b"task_type", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "held", b"held", "input", b"input", "node_id", b"node_id", "output", b"output", "status", b"status", "task_type", b"task_type", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -448,3 +490,88 @@ class Event(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class AttemptFailure(_message.Message):
+    """One failed attempt, as kept by a dead letter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    worker_id: _builtins.str
+    @_builtins.property
+    def error(self) -> Global___ErrorInfo: ...
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        error: Global___ErrorInfo | None = ...,
+        worker_id: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttemptFailure: _TypeAlias = AttemptFailure  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
+    """A node run that exhausted its retries (or failed non-retryably or timed out before start)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
+    WORKFLOW_VERSION_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    REDRIVE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    execution_id: _builtins.str
+    workflow_name: _builtins.str
+    workflow_version: _builtins.int
+    node_id: _builtins.str
+    task_type: _builtins.str
+    input: _builtins.bytes
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptFailure]: ...
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def redrive_time(self) -> _timestamp_pb2.Timestamp:
+        """Set once redriven; a dead letter is redriven at most once."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        execution_id: _builtins.str = ...,
+        workflow_name: _builtins.str = ...,
+        workflow_version: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        task_type: _builtins.str = ...,
+        input: _builtins.bytes = ...,
+        attempts: _abc.Iterable[Global___AttemptFailure] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        redrive_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "redrive_time", b"redrive_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "execution_id", b"execution_id", "id", b"id", "input", b"input", "node_id", b"node_id", "redrive_time", b"redrive_time", "task_type", b"task_type", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015

@@ -75,6 +75,51 @@ class WorkflowServiceStub:
                 request_serializer=trellis_dot_v1_dot_workflow__service__pb2.WatchExecutionRequest.SerializeToString,
                 response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.WatchExecutionResponse.FromString,
                 _registered_method=True)
+        self.CancelExecution = channel.unary_unary(
+                '/trellis.v1.WorkflowService/CancelExecution',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.CancelExecutionRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.CancelExecutionResponse.FromString,
+                _registered_method=True)
+        self.CancelNode = channel.unary_unary(
+                '/trellis.v1.WorkflowService/CancelNode',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.CancelNodeRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.CancelNodeResponse.FromString,
+                _registered_method=True)
+        self.PauseExecution = channel.unary_unary(
+                '/trellis.v1.WorkflowService/PauseExecution',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.PauseExecutionRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.PauseExecutionResponse.FromString,
+                _registered_method=True)
+        self.ResumeExecution = channel.unary_unary(
+                '/trellis.v1.WorkflowService/ResumeExecution',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.ResumeExecutionRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.ResumeExecutionResponse.FromString,
+                _registered_method=True)
+        self.PauseNode = channel.unary_unary(
+                '/trellis.v1.WorkflowService/PauseNode',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.PauseNodeRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.PauseNodeResponse.FromString,
+                _registered_method=True)
+        self.ResumeNode = channel.unary_unary(
+                '/trellis.v1.WorkflowService/ResumeNode',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.ResumeNodeRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.ResumeNodeResponse.FromString,
+                _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/trellis.v1.WorkflowService/ListDeadLetters',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.GetDeadLetter = channel.unary_unary(
+                '/trellis.v1.WorkflowService/GetDeadLetter',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.GetDeadLetterRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.GetDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.RedriveDeadLetter = channel.unary_unary(
+                '/trellis.v1.WorkflowService/RedriveDeadLetter',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -131,6 +176,65 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelExecution(self, request, context):
+        """Cancels every unfinished node; running leases are revoked (workers learn it by heartbeat).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelNode(self, request, context):
+        """Cancels one node; nodes depending on it are skipped, other branches go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseExecution(self, request, context):
+        """Stops dispatching the execution's nodes; running attempts may finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeExecution(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseNode(self, request, context):
+        """Holds one node before it starts; ResumeNode releases it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeadLetter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedriveDeadLetter(self, request, context):
+        """Runs the node again with a fresh attempt budget; the execution continues from there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +277,51 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.WatchExecution,
                     request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.WatchExecutionRequest.FromString,
                     response_serializer=trellis_dot_v1_dot_workflow__service__pb2.WatchExecutionResponse.SerializeToString,
+            ),
+            'CancelExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExecution,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.CancelExecutionRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.CancelExecutionResponse.SerializeToString,
+            ),
+            'CancelNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelNode,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.CancelNodeRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.CancelNodeResponse.SerializeToString,
+            ),
+            'PauseExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseExecution,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.PauseExecutionRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.PauseExecutionResponse.SerializeToString,
+            ),
+            'ResumeExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeExecution,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.ResumeExecutionRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.ResumeExecutionResponse.SerializeToString,
+            ),
+            'PauseNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseNode,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.PauseNodeRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.PauseNodeResponse.SerializeToString,
+            ),
+            'ResumeNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeNode,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.ResumeNodeRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.ResumeNodeResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'GetDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeadLetter,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.GetDeadLetterRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.GetDeadLetterResponse.SerializeToString,
+            ),
+            'RedriveDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedriveDeadLetter,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +541,249 @@ class WorkflowService:
             '/trellis.v1.WorkflowService/WatchExecution',
             trellis_dot_v1_dot_workflow__service__pb2.WatchExecutionRequest.SerializeToString,
             trellis_dot_v1_dot_workflow__service__pb2.WatchExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/CancelExecution',
+            trellis_dot_v1_dot_workflow__service__pb2.CancelExecutionRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.CancelExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/CancelNode',
+            trellis_dot_v1_dot_workflow__service__pb2.CancelNodeRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.CancelNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/PauseExecution',
+            trellis_dot_v1_dot_workflow__service__pb2.PauseExecutionRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.PauseExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/ResumeExecution',
+            trellis_dot_v1_dot_workflow__service__pb2.ResumeExecutionRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.ResumeExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/PauseNode',
+            trellis_dot_v1_dot_workflow__service__pb2.PauseNodeRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.PauseNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/ResumeNode',
+            trellis_dot_v1_dot_workflow__service__pb2.ResumeNodeRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.ResumeNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/ListDeadLetters',
+            trellis_dot_v1_dot_workflow__service__pb2.ListDeadLettersRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/GetDeadLetter',
+            trellis_dot_v1_dot_workflow__service__pb2.GetDeadLetterRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.GetDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedriveDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/RedriveDeadLetter',
+            trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,20 @@ class WorkflowServiceStub:
     ListExecutions: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ListExecutionsRequest, _workflow_service_pb2.ListExecutionsResponse]
     WatchExecution: _grpc.UnaryStreamMultiCallable[_workflow_service_pb2.WatchExecutionRequest, _workflow_service_pb2.WatchExecutionResponse]
     """Streams an execution's events from after_sequence; ends once the execution has ended."""
+    CancelExecution: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelExecutionRequest, _workflow_service_pb2.CancelExecutionResponse]
+    """Cancels every unfinished node; running leases are revoked (workers learn it by heartbeat)."""
+    CancelNode: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelNodeRequest, _workflow_service_pb2.CancelNodeResponse]
+    """Cancels one node; nodes depending on it are skipped, other branches go on."""
+    PauseExecution: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.PauseExecutionRequest, _workflow_service_pb2.PauseExecutionResponse]
+    """Stops dispatching the execution's nodes; running attempts may finish."""
+    ResumeExecution: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ResumeExecutionRequest, _workflow_service_pb2.ResumeExecutionResponse]
+    PauseNode: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.PauseNodeRequest, _workflow_service_pb2.PauseNodeResponse]
+    """Holds one node before it starts; ResumeNode releases it."""
+    ResumeNode: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ResumeNodeRequest, _workflow_service_pb2.ResumeNodeResponse]
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ListDeadLettersRequest, _workflow_service_pb2.ListDeadLettersResponse]
+    GetDeadLetter: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetDeadLetterRequest, _workflow_service_pb2.GetDeadLetterResponse]
+    RedriveDeadLetter: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.RedriveDeadLetterRequest, _workflow_service_pb2.RedriveDeadLetterResponse]
+    """Runs the node again with a fresh attempt budget; the execution continues from there."""
 
 @_typing.type_check_only
 class WorkflowServiceAsyncStub(WorkflowServiceStub):
@@ -59,6 +73,20 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     ListExecutions: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ListExecutionsRequest, _workflow_service_pb2.ListExecutionsResponse]  # type: ignore[assignment]
     WatchExecution: _aio.UnaryStreamMultiCallable[_workflow_service_pb2.WatchExecutionRequest, _workflow_service_pb2.WatchExecutionResponse]  # type: ignore[assignment]
     """Streams an execution's events from after_sequence; ends once the execution has ended."""
+    CancelExecution: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelExecutionRequest, _workflow_service_pb2.CancelExecutionResponse]  # type: ignore[assignment]
+    """Cancels every unfinished node; running leases are revoked (workers learn it by heartbeat)."""
+    CancelNode: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.CancelNodeRequest, _workflow_service_pb2.CancelNodeResponse]  # type: ignore[assignment]
+    """Cancels one node; nodes depending on it are skipped, other branches go on."""
+    PauseExecution: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.PauseExecutionRequest, _workflow_service_pb2.PauseExecutionResponse]  # type: ignore[assignment]
+    """Stops dispatching the execution's nodes; running attempts may finish."""
+    ResumeExecution: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ResumeExecutionRequest, _workflow_service_pb2.ResumeExecutionResponse]  # type: ignore[assignment]
+    PauseNode: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.PauseNodeRequest, _workflow_service_pb2.PauseNodeResponse]  # type: ignore[assignment]
+    """Holds one node before it starts; ResumeNode releases it."""
+    ResumeNode: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ResumeNodeRequest, _workflow_service_pb2.ResumeNodeResponse]  # type: ignore[assignment]
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ListDeadLettersRequest, _workflow_service_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    GetDeadLetter: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetDeadLetterRequest, _workflow_service_pb2.GetDeadLetterResponse]  # type: ignore[assignment]
+    RedriveDeadLetter: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.RedriveDeadLetterRequest, _workflow_service_pb2.RedriveDeadLetterResponse]  # type: ignore[assignment]
+    """Runs the node again with a fresh attempt budget; the execution continues from there."""
 
 class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     """Definitions and executions, for clients and operators."""
@@ -120,5 +148,73 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_workflow_service_pb2.WatchExecutionResponse], _abc.AsyncIterator[_workflow_service_pb2.WatchExecutionResponse]]:
         """Streams an execution's events from after_sequence; ends once the execution has ended."""
+
+    @_abc_1.abstractmethod
+    def CancelExecution(
+        self,
+        request: _workflow_service_pb2.CancelExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.CancelExecutionResponse, _abc.Awaitable[_workflow_service_pb2.CancelExecutionResponse]]:
+        """Cancels every unfinished node; running leases are revoked (workers learn it by heartbeat)."""
+
+    @_abc_1.abstractmethod
+    def CancelNode(
+        self,
+        request: _workflow_service_pb2.CancelNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.CancelNodeResponse, _abc.Awaitable[_workflow_service_pb2.CancelNodeResponse]]:
+        """Cancels one node; nodes depending on it are skipped, other branches go on."""
+
+    @_abc_1.abstractmethod
+    def PauseExecution(
+        self,
+        request: _workflow_service_pb2.PauseExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.PauseExecutionResponse, _abc.Awaitable[_workflow_service_pb2.PauseExecutionResponse]]:
+        """Stops dispatching the execution's nodes; running attempts may finish."""
+
+    @_abc_1.abstractmethod
+    def ResumeExecution(
+        self,
+        request: _workflow_service_pb2.ResumeExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.ResumeExecutionResponse, _abc.Awaitable[_workflow_service_pb2.ResumeExecutionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseNode(
+        self,
+        request: _workflow_service_pb2.PauseNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.PauseNodeResponse, _abc.Awaitable[_workflow_service_pb2.PauseNodeResponse]]:
+        """Holds one node before it starts; ResumeNode releases it."""
+
+    @_abc_1.abstractmethod
+    def ResumeNode(
+        self,
+        request: _workflow_service_pb2.ResumeNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.ResumeNodeResponse, _abc.Awaitable[_workflow_service_pb2.ResumeNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _workflow_service_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.ListDeadLettersResponse, _abc.Awaitable[_workflow_service_pb2.ListDeadLettersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetDeadLetter(
+        self,
+        request: _workflow_service_pb2.GetDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.GetDeadLetterResponse, _abc.Awaitable[_workflow_service_pb2.GetDeadLetterResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RedriveDeadLetter(
+        self,
+        request: _workflow_service_pb2.RedriveDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.RedriveDeadLetterResponse, _abc.Awaitable[_workflow_service_pb2.RedriveDeadLetterResponse]]:
+        """Runs the node again with a fresh attempt budget; the execution continues from there."""
 
 def add_WorkflowServiceServicer_to_server(servicer: WorkflowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
