@@ -60,6 +60,7 @@ class CoordinatorConfig:
     max_payload_bytes: int = 1024 * 1024
     poll_max_wait: timedelta = timedelta(seconds=30)
     heartbeat_interval: timedelta = timedelta(seconds=5)
+    worker_liveness_timeout: timedelta = timedelta(seconds=15)
     sweep_interval: timedelta = timedelta(seconds=1)
     shutdown_grace: timedelta = timedelta(seconds=10)
     log_level: str = "INFO"

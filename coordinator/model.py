@@ -343,7 +343,8 @@ class Transition:
 
     @property
     def ready(self) -> tuple[NodeRun, ...]:
-        return tuple(n for n in self.nodes if n.status is NodeStatus.READY)
+        """Rows this transition left READY and dispatchable (not held)."""
+        return tuple(n for n in self.nodes if n.status is NodeStatus.READY and not n.held)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from worker_sdk import DEFAULT_ADDRESS, Client, DefinitionError, Execution, RpcError, TrellisError
+from worker_sdk import (
+    DEFAULT_ADDRESS,
+    Client,
+    DeadLetter,
+    DefinitionError,
+    Execution,
+    RpcError,
+    TrellisError,
+)
 
 EXIT_FAILED = 1
 DEV_DATABASE = ".trellis/dev.db"
@@ -146,6 +154,101 @@ async def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cancel(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        if args.node:
+            execution = await client.cancel_node(args.execution_id, args.node, args.reason or "")
+        else:
+            execution = await client.cancel_execution(args.execution_id, args.reason or "")
+    _show(args, execution)
+    return 0
+
+
+async def _pause(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        if args.node:
+            execution = await client.pause_node(args.execution_id, args.node)
+        else:
+            execution = await client.pause_execution(args.execution_id)
+    _show(args, execution)
+    return 0
+
+
+async def _resume(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        if args.node:
+            execution = await client.resume_node(args.execution_id, args.node)
+        else:
+            execution = await client.resume_execution(args.execution_id)
+    _show(args, execution)
+    return 0
+
+
+def _show(args: argparse.Namespace, execution: Execution) -> None:
+    if args.output == "json":
+        _print_json(_execution_doc(execution))
+    else:
+        _print_execution(execution)
+
+
+def _dead_letter_doc(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "execution_id": letter.execution_id,
+        "workflow": letter.workflow_name,
+        "version": letter.workflow_version,
+        "node_id": letter.node_id,
+        "task_type": letter.task_type,
+        "input": letter.input,
+        "created": letter.create_time,
+        "redriven": letter.redrive_time,
+        "attempts": [
+            {
+                "attempt": a.attempt,
+                "worker_id": a.worker_id,
+                "time": a.time,
+                "error": None
+                if a.error is None
+                else {"type": a.error.type, "message": a.error.message},
+            }
+            for a in letter.attempts
+        ],
+    }
+
+
+async def _dlq_list(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        letters = await client.list_dead_letters(
+            workflow_name=args.workflow,
+            task_type=args.task_type,
+            include_redriven=args.all,
+            limit=args.limit,
+        )
+    if args.output == "json":
+        _print_json([_dead_letter_doc(d) for d in letters])
+        return 0
+    for d in letters:
+        last = d.attempts[-1].error if d.attempts else None
+        reason = f"{last.type}: {last.message}" if last else "-"
+        state = " (redriven)" if d.redrive_time else ""
+        print(f"{d.id}  {d.workflow_name}/{d.node_id}  attempts={len(d.attempts)}  {reason}{state}")
+    return 0
+
+
+async def _dlq_show(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        letter = await client.get_dead_letter(args.id)
+    _print_json(_dead_letter_doc(letter))
+    return 0
+
+
+async def _dlq_redrive(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        execution = await client.redrive_dead_letter(args.id)
+    _show(args, execution)
+    return 0
+
+
 # -- server commands -----------------------------------------------------------------------
 
 
@@ -254,6 +357,38 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("execution_id")
     status.add_argument("--output", choices=["text", "json"], default="text")
     status.set_defaults(func=_status)
+
+    for name, func, text in (
+        ("cancel", _cancel, "cancel an execution, or one node with --node"),
+        ("pause", _pause, "pause an execution's dispatch, or hold one node with --node"),
+        ("resume", _resume, "resume a paused execution, or release a held node with --node"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("execution_id")
+        cmd.add_argument("--node", help="act on this node only")
+        if name == "cancel":
+            cmd.add_argument("--reason", help="recorded in the event history")
+        cmd.add_argument("--output", choices=["text", "json"], default="text")
+        cmd.set_defaults(func=func)
+
+    dlq = sub.add_parser("dlq", help="dead letters: node runs that exhausted their retries")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_sub.add_parser("list", help="list dead letters, newest first")
+    dlq_list.add_argument("--workflow", help="only this workflow")
+    dlq_list.add_argument("--task-type", help="only this task type")
+    dlq_list.add_argument("--all", action="store_true", help="include redriven ones")
+    dlq_list.add_argument("--limit", type=int, default=50)
+    dlq_list.add_argument("--output", choices=["text", "json"], default="text")
+    dlq_list.set_defaults(func=_dlq_list)
+    dlq_show = dlq_sub.add_parser("show", help="a dead letter with every attempt's error")
+    dlq_show.add_argument("id")
+    dlq_show.set_defaults(func=_dlq_show)
+    dlq_redrive = dlq_sub.add_parser(
+        "redrive", help="run the node again with a fresh budget; the execution continues"
+    )
+    dlq_redrive.add_argument("id")
+    dlq_redrive.add_argument("--output", choices=["text", "json"], default="text")
+    dlq_redrive.set_defaults(func=_dlq_redrive)
     return parser
 
 

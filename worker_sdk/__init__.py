@@ -40,6 +40,8 @@ from worker_sdk._errors import (
 )
 from worker_sdk._task import Task, TaskContext, task
 from worker_sdk._types import (
+    AttemptFailure,
+    DeadLetter,
     ErrorDetails,
     Event,
     Execution,
@@ -51,7 +53,9 @@ from worker_sdk._worker import Worker
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "AttemptFailure",
     "Client",
+    "DeadLetter",
     "DefinitionError",
     "ErrorDetails",
     "Event",

@@ -15,6 +15,7 @@ import grpc
 from trellis.v1 import common_pb2, workflow_service_pb2, workflow_service_pb2_grpc
 from worker_sdk._channel import DEFAULT_ADDRESS, TRANSIENT_CODES, Backoff, open_channel
 from worker_sdk._convert import (
+    dead_letter_from_proto,
     encode_input,
     event_from_proto,
     execution_from_proto,
@@ -22,7 +23,7 @@ from worker_sdk._convert import (
 )
 from worker_sdk._definition import Workflow, load_workflow
 from worker_sdk._errors import RpcError, rpc_error
-from worker_sdk._types import Event, Execution, RegisteredWorkflow, WorkflowSummary
+from worker_sdk._types import DeadLetter, Event, Execution, RegisteredWorkflow, WorkflowSummary
 
 logger = logging.getLogger(__name__)
 
@@ -287,3 +288,126 @@ class Client:
                         raise
                     logger.debug("watching execution %s: %s; resuming", execution_id, exc)
                 await asyncio.sleep(backoff.next_delay())
+
+    # Operators ----------------------------------------------------------------
+
+    async def cancel_execution(self, execution_id: str, reason: str = "") -> Execution:
+        """Cancels every unfinished node; running handlers learn it at their next heartbeat."""
+        response = await self._rpc(
+            "CancelExecution",
+            self._stub().CancelExecution(
+                workflow_service_pb2.CancelExecutionRequest(
+                    execution_id=execution_id, reason=reason
+                ),
+                timeout=self._timeout,
+            ),
+        )
+        return execution_from_proto(response.execution)
+
+    async def cancel_node(self, execution_id: str, node_id: str, reason: str = "") -> Execution:
+        """Cancels one node; nodes that depend on it are skipped, other branches go on."""
+        response = await self._rpc(
+            "CancelNode",
+            self._stub().CancelNode(
+                workflow_service_pb2.CancelNodeRequest(
+                    execution_id=execution_id, node_id=node_id, reason=reason
+                ),
+                timeout=self._timeout,
+            ),
+        )
+        return execution_from_proto(response.execution)
+
+    async def pause_execution(self, execution_id: str) -> Execution:
+        """Stops dispatching the execution's nodes; running attempts may finish."""
+        response = await self._rpc(
+            "PauseExecution",
+            self._stub().PauseExecution(
+                workflow_service_pb2.PauseExecutionRequest(execution_id=execution_id),
+                timeout=self._timeout,
+            ),
+        )
+        return execution_from_proto(response.execution)
+
+    async def resume_execution(self, execution_id: str) -> Execution:
+        response = await self._rpc(
+            "ResumeExecution",
+            self._stub().ResumeExecution(
+                workflow_service_pb2.ResumeExecutionRequest(execution_id=execution_id),
+                timeout=self._timeout,
+            ),
+        )
+        return execution_from_proto(response.execution)
+
+    async def pause_node(self, execution_id: str, node_id: str) -> Execution:
+        """Holds a node that has not started yet until ``resume_node``."""
+        response = await self._rpc(
+            "PauseNode",
+            self._stub().PauseNode(
+                workflow_service_pb2.PauseNodeRequest(execution_id=execution_id, node_id=node_id),
+                timeout=self._timeout,
+            ),
+        )
+        return execution_from_proto(response.execution)
+
+    async def resume_node(self, execution_id: str, node_id: str) -> Execution:
+        response = await self._rpc(
+            "ResumeNode",
+            self._stub().ResumeNode(
+                workflow_service_pb2.ResumeNodeRequest(execution_id=execution_id, node_id=node_id),
+                timeout=self._timeout,
+            ),
+        )
+        return execution_from_proto(response.execution)
+
+    async def list_dead_letters(
+        self,
+        *,
+        workflow_name: str | None = None,
+        task_type: str | None = None,
+        include_redriven: bool = False,
+        limit: int = 50,
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first (following pages up to ``limit``)."""
+        out: list[DeadLetter] = []
+        token = ""
+        while len(out) < limit:
+            response = await self._rpc(
+                "ListDeadLetters",
+                self._stub().ListDeadLetters(
+                    workflow_service_pb2.ListDeadLettersRequest(
+                        workflow_name=workflow_name or "",
+                        task_type=task_type or "",
+                        include_redriven=include_redriven,
+                        page_size=min(_PAGE_SIZE, limit - len(out)),
+                        page_token=token,
+                    ),
+                    timeout=self._timeout,
+                ),
+            )
+            out.extend(dead_letter_from_proto(d) for d in response.dead_letters)
+            token = response.next_page_token
+            if not token:
+                break
+        return out[:limit]
+
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        response = await self._rpc(
+            "GetDeadLetter",
+            self._stub().GetDeadLetter(
+                workflow_service_pb2.GetDeadLetterRequest(id=dead_letter_id),
+                timeout=self._timeout,
+            ),
+        )
+        return dead_letter_from_proto(response.dead_letter)
+
+    async def redrive_dead_letter(self, dead_letter_id: str) -> Execution:
+        """Runs the node again with a fresh attempt budget; the execution continues from
+        there without re-running finished nodes."""
+        response = await self._rpc(
+            "RedriveDeadLetter",
+            self._stub().RedriveDeadLetter(
+                workflow_service_pb2.RedriveDeadLetterRequest(id=dead_letter_id),
+                timeout=self._timeout,
+            ),
+        )
+        return execution_from_proto(response.execution)

@@ -11,7 +11,14 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from trellis.v1 import common_pb2, worker_service_pb2
 from worker_sdk._task import TaskContext, _LeaseSignals
-from worker_sdk._types import ErrorDetails, Event, Execution, NodeState
+from worker_sdk._types import (
+    AttemptFailure,
+    DeadLetter,
+    ErrorDetails,
+    Event,
+    Execution,
+    NodeState,
+)
 
 _EXECUTION_PREFIX = "EXECUTION_STATUS_"
 _NODE_PREFIX = "NODE_STATUS_"
@@ -131,6 +138,30 @@ def node_from_proto(msg: common_pb2.NodeRun) -> NodeState:
         output=decode_json_lenient(msg.output),
         error=error_from_proto(msg),
         worker_id=msg.worker_id,
+        held=msg.held,
+    )
+
+
+def dead_letter_from_proto(msg: common_pb2.DeadLetter) -> DeadLetter:
+    return DeadLetter(
+        id=msg.id,
+        execution_id=msg.execution_id,
+        workflow_name=msg.workflow_name,
+        workflow_version=msg.workflow_version,
+        node_id=msg.node_id,
+        task_type=msg.task_type,
+        input=decode_json_lenient(msg.input),
+        attempts=tuple(
+            AttemptFailure(
+                attempt=a.attempt,
+                error=error_from_proto(a),
+                worker_id=a.worker_id,
+                time=timestamp_from_proto(a, "time"),
+            )
+            for a in msg.attempts
+        ),
+        create_time=timestamp_from_proto(msg, "create_time"),
+        redrive_time=timestamp_from_proto(msg, "redrive_time"),
     )
 
 

@@ -67,6 +67,10 @@ class Workflow:
         description: str = "",
         default_retries: int | None = None,
         default_timeout: Duration | None = None,
+        *,
+        execution_timeout: Duration | None = None,
+        default_heartbeat_timeout: Duration | None = None,
+        default_schedule_to_start_timeout: Duration | None = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise DefinitionError(f"workflow name must be a non-empty string, got {name!r}")
@@ -82,6 +86,15 @@ class Workflow:
             if default_timeout is None
             else _duration(default_timeout, f"workflow {name!r}: default_timeout")
         )
+        self._timeouts = {
+            key: _duration(value, f"workflow {name!r}: {key}")
+            for key, value in (
+                ("execution_timeout", execution_timeout),
+                ("default_heartbeat_timeout", default_heartbeat_timeout),
+                ("default_schedule_to_start_timeout", default_schedule_to_start_timeout),
+            )
+            if value is not None
+        }
         self._nodes: dict[str, _Node] = {}
 
     @property
@@ -104,12 +117,21 @@ class Workflow:
         retry_backoff: float | None = None,
         retry_max_interval: Duration | None = None,
         non_retryable_errors: Iterable[str] = (),
+        retry_jitter: float | None = None,
+        schedule_to_start_timeout: Duration | None = None,
+        on_failure: str | None = None,
+        compensation: str | Task | None = None,
+        pause_before: bool = False,
     ) -> str:
         """Adds a node running ``task`` (a task type name or a ``Task``) and returns its id.
 
         ``after`` names the nodes it depends on; ``retries`` is the number of extra
         attempts (max_attempts = retries + 1); ``timeout`` bounds one attempt
         (start_to_close); ``non_retryable_errors`` lists error types never retried.
+        ``on_failure`` names a handler node (added with no ``after`` and depended on by
+        none) that runs with this node's failure as input; ``compensation`` is the task
+        that undoes this node if the execution fails later (run in reverse order of
+        completion); ``pause_before`` holds the node until an operator resumes it.
         Raises DefinitionError on a bad argument.
         """
         where = f"workflow {self.name!r}, node {id!r}"
@@ -157,6 +179,17 @@ class Workflow:
             node.heartbeat_timeout.CopyFrom(
                 _duration(heartbeat_timeout, f"{where}: heartbeat_timeout")
             )
+        if schedule_to_start_timeout is not None:
+            node.schedule_to_start_timeout.CopyFrom(
+                _duration(schedule_to_start_timeout, f"{where}: schedule_to_start_timeout")
+            )
+        if on_failure is not None:
+            node.on_failure = on_failure
+        if compensation is not None:
+            node.compensation_task_type = (
+                compensation.name if isinstance(compensation, Task) else compensation
+            )
+        node.pause_before = bool(pause_before)
 
         policy = common_pb2.RetryPolicy()
         if retries is not None:
@@ -178,6 +211,10 @@ class Workflow:
         if isinstance(non_retryable_errors, str):
             non_retryable_errors = (non_retryable_errors,)
         policy.non_retryable_error_types.extend(non_retryable_errors)
+        if retry_jitter is not None:
+            if not 0 <= retry_jitter <= 1:
+                raise DefinitionError(f"{where}: retry_jitter must be between 0 and 1")
+            policy.jitter = float(retry_jitter)
         if policy.ByteSize():
             node.retry_policy.CopyFrom(policy)
 
@@ -196,6 +233,8 @@ class Workflow:
             msg.default_retry_policy.max_attempts = self._default_retries + 1
         if self._default_timeout is not None:
             msg.default_start_to_close_timeout.CopyFrom(self._default_timeout)
+        for key, value in self._timeouts.items():
+            getattr(msg, key).CopyFrom(value)
         return msg
 
 

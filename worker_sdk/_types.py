@@ -43,6 +43,34 @@ class NodeState:
     output: Any = None
     error: ErrorDetails | None = None
     worker_id: str = ""
+    held: bool = False
+
+
+@dataclass(frozen=True)
+class AttemptFailure:
+    """One failed attempt kept by a dead letter."""
+
+    attempt: int
+    error: ErrorDetails | None
+    worker_id: str = ""
+    time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A node run that exhausted its retries (or failed non-retryably, or timed out before
+    it started). ``redrive_time`` is set once it has been redriven."""
+
+    id: str
+    execution_id: str
+    workflow_name: str
+    workflow_version: int
+    node_id: str
+    task_type: str
+    input: Any = None
+    attempts: tuple[AttemptFailure, ...] = ()
+    create_time: datetime | None = None
+    redrive_time: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Execution and node transitions: pure functions from loaded state to a ``Transition``.
+"""Starting an execution and recording the results of attempts (pure functions).
 
 The engine never changes ``attempt`` or ``lease_seq`` (claims do, in the store), never
 reads a clock (``now`` is an argument) and never re-parses payloads: inputs of nodes with
@@ -8,59 +8,63 @@ several parents and outputs of executions with several sinks are composed with
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
 
-from coordinator.engine._backoff import backoff_delay, should_retry
+from coordinator.engine._backoff import retry_delay, should_retry
+from coordinator.engine._common import (
+    Step,
+    compose,
+    end_node,
+    make_ready,
+    new_run,
+    spec_of,
+)
+from coordinator.engine._flow import cleanup_run_ended, fail_task_node, settle
 from coordinator.errors import FailedPrecondition, NotFound
 from coordinator.model import (
     NULL_JSON,
     ErrorInfo,
-    Event,
     EventType,
     Execution,
     ExecutionStatus,
+    NodeRole,
     NodeRun,
-    NodeSpec,
     NodeStatus,
     Transition,
     WorkflowDef,
-    compose_object,
 )
-
-_Lookup = Callable[[str], NodeRun]
 
 
 def start_execution(defn: WorkflowDef, execution: Execution, now: datetime) -> Transition:
     """Start a PENDING execution: it becomes RUNNING with a node run for every node.
 
-    Entry nodes (no parents) are READY with the execution's input; the others BLOCKED.
+    Entry nodes (no parents) are READY with the execution's input, held when they pause
+    before they start; the others, and the on_failure handlers, are BLOCKED. The execution's
+    deadline is ``now + execution_timeout`` when the definition has one.
     """
     if execution.status is not ExecutionStatus.PENDING:
         raise FailedPrecondition(
             f"execution '{execution.id}' is {execution.status}, not PENDING; "
             "only a pending execution can be started"
         )
-    started = replace(execution, status=ExecutionStatus.RUNNING, updated_at=now)
-    events = [_event(started, EventType.EXECUTION_STARTED, now)]
-    runs: list[NodeRun] = []
+    deadline = execution.deadline
+    if defn.execution_timeout is not None:
+        deadline = now + defn.execution_timeout
+    started = replace(execution, status=ExecutionStatus.RUNNING, deadline=deadline)
+    step = Step(defn, started, {}, now)
+    step.execution_event(EventType.EXECUTION_STARTED)
     for spec in defn.nodes:
-        entry = not defn.parents[spec.id]
-        run = _new_run(
-            defn,
-            spec,
-            started,
-            status=NodeStatus.READY if entry else NodeStatus.BLOCKED,
-            input=(execution.input or NULL_JSON) if entry else None,
-            available_at=now if entry else None,
-            now=now,
+        handler = spec.id in defn.handlers
+        run = new_run(
+            defn, spec, started, now, role=NodeRole.ON_FAILURE if handler else NodeRole.TASK
         )
-        runs.append(run)
-        if entry:
-            events.append(_node_event(started, run, EventType.NODE_READY, now))
-    return Transition(execution=started, nodes=tuple(runs), events=tuple(events))
+        if handler or defn.parents[spec.id]:
+            step.put(run)
+        else:
+            make_ready(step, run, input=execution.input or NULL_JSON, available_at=now)
+    return step.transition()
 
 
 def complete_node(
@@ -71,59 +75,36 @@ def complete_node(
     output: bytes,
     now: datetime,
 ) -> Transition:
-    """A leased node succeeded with ``output`` (JSON bytes; empty means ``null``).
+    """A leased node run succeeded with ``output`` (JSON bytes; empty means ``null``).
 
-    Children whose parents have all succeeded become READY with their composed input;
-    when every node has succeeded, the execution succeeds with its sinks' output.
+    For a workflow node, children whose parents have all succeeded become READY with their
+    composed input; when nothing is left to run the execution ends (see ``settle``). A
+    handler or compensation run that succeeds moves its execution's failure flow on.
     """
     node = _leased_node(execution, nodes, node_id, "completed")
-    done = replace(
-        node,
-        status=NodeStatus.SUCCEEDED,
-        output=output or NULL_JSON,
-        error=None,
-        updated_at=now,
-        lease_deadline=None,
-        heartbeat_deadline=None,
-    )
-    changed: dict[str, NodeRun] = {node_id: done}
-    events = [_node_event(execution, done, EventType.NODE_SUCCEEDED, now)]
+    step = Step(defn, execution, nodes, now)
+    result = replace(node, output=output or NULL_JSON, error=None)
+    done = end_node(step, result, NodeStatus.SUCCEEDED, EventType.NODE_SUCCEEDED)
+    if done.role is not NodeRole.TASK:
+        cleanup_run_ended(step)
+        return step.transition()
 
-    def current(nid: str) -> NodeRun:
-        return changed.get(nid) or nodes[nid]
-
-    for child_id in defn.children[node_id]:
-        child = current(child_id)
+    children = defn.children[node_id]
+    for child_id in children:
+        child = step.get(child_id)
         if child.status is not NodeStatus.BLOCKED:
             continue
         parents = defn.parents[child_id]
-        if all(current(p).status is NodeStatus.SUCCEEDED for p in parents):
-            ready = replace(
-                child,
-                status=NodeStatus.READY,
-                input=_compose(parents, current),
-                available_at=now,
-                updated_at=now,
-            )
-            changed[child_id] = ready
-            events.append(_node_event(execution, ready, EventType.NODE_READY, now))
+        if all(step.get(p).status is NodeStatus.SUCCEEDED for p in parents):
+            make_ready(step, child, input=compose(parents, step), available_at=now)
 
-    updated = replace(execution, updated_at=now)
-    # Every node is an ancestor of a sink, so the execution can only have finished when a
-    # sink just succeeded; only then pay for the full scan.
-    if (
-        not defn.children[node_id]
-        and _all_succeeded(defn.sinks, current)
-        and _all_succeeded((n.id for n in defn.nodes), current)
+    # The execution can only be done when no child is left waiting and every sink has
+    # finished; only then pay for the full scan.
+    if all(step.get(c).status.terminal for c in children) and all(
+        step.get(s).status.terminal for s in defn.sinks
     ):
-        updated = replace(
-            updated,
-            status=ExecutionStatus.SUCCEEDED,
-            output=_compose(defn.sinks, current),
-            ended_at=now,
-        )
-        events.append(_event(updated, EventType.EXECUTION_SUCCEEDED, now))
-    return Transition(execution=updated, nodes=tuple(changed.values()), events=tuple(events))
+        settle(step)
+    return step.transition()
 
 
 def fail_node(
@@ -135,103 +116,60 @@ def fail_node(
     retryable: bool,
     now: datetime,
 ) -> Transition:
-    """A leased node's attempt failed: schedule a retry, or fail the node and the execution.
+    """A leased node run's attempt failed: schedule a retry, or fail the node for good.
 
     A retry happens when ``retryable``, the error type is not listed as non-retryable and
-    attempts remain; the node is then READY again after the policy's backoff. Otherwise the
-    node FAILS, every other unfinished node is CANCELLED and the execution FAILS.
+    attempts since the last redrive remain; the node is then READY again after the policy's
+    backoff (with jitter). Otherwise a workflow node FAILS, is dead-lettered and starts the
+    failure flow (see ``_flow``); a handler or compensation run just FAILS and the flow
+    goes on. Handlers use their own retry policy, compensations their node's.
     """
     node = _leased_node(execution, nodes, node_id, "failed")
-    spec = defn.node_map[node_id]
-    policy = defn.retry_policy_for(spec)
+    step = Step(defn, execution, nodes, now)
+    policy = defn.retry_policy_for(spec_of(defn, node))
     recorded = replace(error, node_id=node_id, attempt=node.attempt, worker_id=node.worker_id)
-    attempt_failed = _node_event(
-        execution,
-        node,
-        EventType.NODE_ATTEMPT_FAILED,
-        now,
-        {"error_type": error.type, "message": error.message, "retryable": retryable},
-    )
+    failure: dict[str, object] = {
+        "error_type": error.type,
+        "message": error.message,
+        "retryable": retryable,
+    }
+    if error.details:
+        # Already validated JSON text (the service checks payloads): kept for dead letters.
+        failure["details"] = error.details.decode()
+    step.node_event(node, EventType.NODE_ATTEMPT_FAILED, failure)
 
-    if should_retry(policy, error.type, retryable, node.attempt):
-        delay = backoff_delay(policy, node.attempt)
-        retry = replace(
-            node,
-            status=NodeStatus.READY,
-            error=recorded,
+    if should_retry(policy, error.type, retryable, node.attempt - node.retry_base):
+        delay = retry_delay(policy, execution.id, node_id, node.attempt, node.retry_base)
+        make_ready(
+            step,
+            replace(node, error=recorded, lease_deadline=None, heartbeat_deadline=None),
+            input=node.input,
             available_at=now + delay,
-            updated_at=now,
-            lease_deadline=None,
-            heartbeat_deadline=None,
-        )
-        scheduled = _node_event(
-            execution,
-            retry,
-            EventType.NODE_RETRY_SCHEDULED,
-            now,
-            {
+            event=EventType.NODE_RETRY_SCHEDULED,
+            details={
                 "delay_seconds": delay.total_seconds(),
                 "error_type": error.type,
                 "message": error.message,
             },
         )
-        return Transition(
-            execution=replace(execution, updated_at=now),
-            nodes=(retry,),
-            events=(attempt_failed, scheduled),
-        )
+        return step.transition()
 
-    failed = replace(
-        node,
-        status=NodeStatus.FAILED,
-        error=recorded,
-        updated_at=now,
-        lease_deadline=None,
-        heartbeat_deadline=None,
-    )
-    exec_error = ErrorInfo(
-        type=error.type,
-        message=f"node '{node_id}' failed on attempt {node.attempt}: {error.message}",
-        details=error.details,
-        node_id=node_id,
-        attempt=node.attempt,
-        worker_id=node.worker_id,
-    )
-    ended = replace(
-        execution,
-        status=ExecutionStatus.FAILED,
-        error=exec_error,
-        updated_at=now,
-        ended_at=now,
-    )
-    changed = [failed]
-    events = [attempt_failed, _node_event(execution, failed, EventType.NODE_FAILED, now)]
-    reason = {"reason": f"node '{node_id}' failed"}
-    for spec_ in defn.nodes:
-        other = nodes.get(spec_.id)
-        if other is None or spec_.id == node_id or other.status.terminal:
-            continue
-        cancelled = replace(
-            other,
-            status=NodeStatus.CANCELLED,
-            updated_at=now,
-            lease_deadline=None,
-            heartbeat_deadline=None,
+    if node.role is NodeRole.TASK:
+        execution_error = ErrorInfo(
+            type=error.type,
+            message=f"node '{node_id}' failed on attempt {node.attempt}: {error.message}",
+            details=error.details,
+            node_id=node_id,
+            attempt=node.attempt,
+            worker_id=node.worker_id,
         )
-        changed.append(cancelled)
-        events.append(_node_event(execution, cancelled, EventType.NODE_CANCELLED, now, reason))
-    events.append(
-        _event(
-            ended,
-            EventType.EXECUTION_FAILED,
-            now,
-            {"error_type": error.type, "message": exec_error.message, "node_id": node_id},
-        )
-    )
-    return Transition(execution=ended, nodes=tuple(changed), events=tuple(events))
-
-
-# -- helpers ------------------------------------------------------------------------------
+        fail_task_node(step, node, NodeStatus.FAILED, recorded, execution_error)
+    else:
+        info = {"error_type": error.type, "message": error.message}
+        failed = replace(node, error=recorded)
+        end_node(step, failed, NodeStatus.FAILED, EventType.NODE_FAILED, info)
+        cleanup_run_ended(step)
+    return step.transition()
 
 
 def _leased_node(
@@ -251,79 +189,3 @@ def _leased_node(
             f"only a leased node can be {verb}"
         )
     return node
-
-
-def _new_run(
-    defn: WorkflowDef,
-    spec: NodeSpec,
-    execution: Execution,
-    *,
-    status: NodeStatus,
-    input: bytes | None,
-    available_at: datetime | None,
-    now: datetime,
-) -> NodeRun:
-    return NodeRun(
-        execution_id=execution.id,
-        node_id=spec.id,
-        task_type=spec.task_type,
-        status=status,
-        updated_at=now,
-        workflow_name=execution.workflow_name,
-        workflow_version=execution.workflow_version,
-        tenant_id=execution.tenant_id,
-        input=input,
-        priority=spec.priority + execution.priority,
-        available_at=available_at,
-        start_to_close_timeout=defn.start_to_close_for(spec),
-        heartbeat_timeout=spec.heartbeat_timeout,
-    )
-
-
-def _compose(ids: tuple[str, ...], current: _Lookup) -> bytes:
-    """One id: its output as is; several: ``{id: output, ...}`` in the given order."""
-    if len(ids) == 1:
-        return current(ids[0]).output or NULL_JSON
-    return compose_object([(i, current(i).output) for i in ids])
-
-
-def _all_succeeded(ids: Iterable[str], current: _Lookup) -> bool:
-    return all(current(i).status is NodeStatus.SUCCEEDED for i in ids)
-
-
-def _details(doc: Mapping[str, object] | None) -> bytes | None:
-    return None if doc is None else json.dumps(doc, separators=(",", ":")).encode()
-
-
-def _event(
-    execution: Execution,
-    type_: EventType,
-    now: datetime,
-    details: Mapping[str, object] | None = None,
-) -> Event:
-    return Event(
-        execution_id=execution.id,
-        type=type_,
-        time=now,
-        tenant_id=execution.tenant_id,
-        details=_details(details),
-    )
-
-
-def _node_event(
-    execution: Execution,
-    node: NodeRun,
-    type_: EventType,
-    now: datetime,
-    details: Mapping[str, object] | None = None,
-) -> Event:
-    return Event(
-        execution_id=execution.id,
-        type=type_,
-        time=now,
-        tenant_id=execution.tenant_id,
-        node_id=node.node_id,
-        attempt=node.attempt,
-        worker_id=node.worker_id,
-        details=_details(details),
-    )

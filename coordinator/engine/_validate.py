@@ -33,9 +33,12 @@ class Limits:
 def validate_definition(defn: WorkflowDef, limits: Limits = Limits()) -> None:
     """Raise ``InvalidArgument`` naming the first problem found in ``defn``, or return None.
 
-    Checks the name, node ids, kinds and task types, configs (valid JSON within the size
-    limit), retry policies and timeouts, edges (known nodes, no self or duplicate edges)
-    and that the graph is acyclic; size limits come from ``limits``.
+    Checks the name, node ids, kinds and task types (also compensation task types),
+    configs (valid JSON within the size limit), retry policies (jitter a fraction in
+    [0, 1]) and timeouts (positive when set), edges (known nodes, no self or duplicate
+    edges), on_failure handlers (an existing other node with no edges, no handler or
+    compensation of its own) and that the graph is acyclic; size limits come from
+    ``limits``.
     """
     _check_name(defn.name, limits)
     wf = f"workflow '{defn.name}'"
@@ -55,6 +58,11 @@ def validate_definition(defn: WorkflowDef, limits: Limits = Limits()) -> None:
     _check_timeout(
         defn.default_start_to_close_timeout, f"{wf} default_start_to_close_timeout", required=True
     )
+    _check_timeout(defn.execution_timeout, f"{wf} execution_timeout")
+    _check_timeout(
+        defn.default_schedule_to_start_timeout, f"{wf} default_schedule_to_start_timeout"
+    )
+    _check_timeout(defn.default_heartbeat_timeout, f"{wf} default_heartbeat_timeout")
     seen: set[str] = set()
     for node in defn.nodes:
         if node.id in seen:
@@ -62,6 +70,7 @@ def validate_definition(defn: WorkflowDef, limits: Limits = Limits()) -> None:
         seen.add(node.id)
         _check_node(node, limits)
     _check_edges(defn, seen)
+    _check_handlers(defn, seen)
     _check_acyclic(defn)
 
 
@@ -107,6 +116,19 @@ def _check_node(node: NodeSpec, limits: Limits) -> None:
         _check_retry_policy(node.retry_policy, f"{where} retry policy")
     _check_timeout(node.start_to_close_timeout, f"{where} start_to_close_timeout")
     _check_timeout(node.heartbeat_timeout, f"{where} heartbeat_timeout")
+    _check_timeout(node.schedule_to_start_timeout, f"{where} schedule_to_start_timeout")
+    compensation = node.compensation_task_type
+    if compensation is not None:
+        if len(compensation) > limits.max_id_length:
+            raise InvalidArgument(
+                f"{where} compensation_task_type is {len(compensation)} characters long; "
+                f"use at most {limits.max_id_length}"
+            )
+        if not _TASK_TYPE_RE.fullmatch(compensation):
+            raise InvalidArgument(
+                f"{where} compensation_task_type {compensation!r} is invalid; "
+                f"use only {_TASK_TYPE_CHARSET}"
+            )
 
 
 def _reject_constant(name: str) -> object:
@@ -148,6 +170,10 @@ def _check_retry_policy(policy: RetryPolicy, where: str) -> None:
         raise InvalidArgument(
             f"{where} has backoff_coefficient {coefficient}; use a finite number >= 1"
         )
+    if not (math.isfinite(policy.jitter) and 0 <= policy.jitter <= 1):
+        raise InvalidArgument(
+            f"{where} has jitter {policy.jitter}; use a fraction between 0 (none) and 1"
+        )
     for error_type in policy.non_retryable_error_types:
         if not error_type:
             raise InvalidArgument(f"{where} lists an empty non-retryable error type; remove it")
@@ -178,6 +204,46 @@ def _check_edges(defn: WorkflowDef, ids: set[str]) -> None:
         if (source, target) in seen:
             raise InvalidArgument(f"duplicate {edge}; declare each edge once")
         seen.add((source, target))
+
+
+def _check_handlers(defn: WorkflowDef, ids: set[str]) -> None:
+    """on_failure names a separate node that stays outside the graph and handles no one."""
+    touching: dict[str, tuple[str, str]] = {}
+    for source, target in defn.edges:
+        touching.setdefault(source, (source, target))
+        touching.setdefault(target, (source, target))
+    for node in defn.nodes:
+        handler = node.on_failure
+        if handler is None:
+            continue
+        where = f"node '{node.id}' on_failure"
+        if handler not in ids:
+            raise InvalidArgument(
+                f"{where} names unknown node {handler!r}; declare the handler node or fix "
+                "on_failure"
+            )
+        if handler == node.id:
+            raise InvalidArgument(
+                f"{where} names the node itself; point it at a separate handler node"
+            )
+        spec = defn.node_map[handler]
+        role = f"node '{handler}' is the on_failure handler of '{node.id}'"
+        if handler in touching:
+            source, target = touching[handler]
+            raise InvalidArgument(
+                f"{role} and so must have no edges, but has edge {source} -> {target}; "
+                "remove the edge (a handler runs only when the node fails)"
+            )
+        if spec.on_failure is not None:
+            raise InvalidArgument(
+                f"{role} and declares on_failure {spec.on_failure!r} itself; handlers cannot "
+                "have handlers, remove it"
+            )
+        if spec.compensation_task_type is not None:
+            raise InvalidArgument(
+                f"{role} and declares compensation_task_type; only workflow nodes are "
+                "compensated, remove it"
+            )
 
 
 def _check_acyclic(defn: WorkflowDef) -> None:

@@ -10,6 +10,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from coordinator.errors import InvalidArgument
 from coordinator.model import (
+    DeadLetter,
     ErrorInfo,
     Event,
     Execution,
@@ -71,6 +72,7 @@ def retry_from_proto(msg: common_pb2.RetryPolicy) -> RetryPolicy:
         backoff_coefficient=msg.backoff_coefficient or _DEFAULT_RETRY.backoff_coefficient,
         max_interval=duration_or_none(msg, "max_interval") or _DEFAULT_RETRY.max_interval,
         non_retryable_error_types=tuple(msg.non_retryable_error_types),
+        jitter=msg.jitter,
     )
 
 
@@ -81,6 +83,7 @@ def retry_to_proto(policy: RetryPolicy) -> common_pb2.RetryPolicy:
         backoff_coefficient=policy.backoff_coefficient,
         max_interval=_dur(policy.max_interval),
         non_retryable_error_types=list(policy.non_retryable_error_types),
+        jitter=policy.jitter,
     )
 
 
@@ -103,6 +106,10 @@ def definition_from_proto(msg: common_pb2.WorkflowDefinition, tenant_id: str) ->
                 start_to_close_timeout=duration_or_none(n, "start_to_close_timeout"),
                 heartbeat_timeout=duration_or_none(n, "heartbeat_timeout"),
                 priority=n.priority,
+                schedule_to_start_timeout=duration_or_none(n, "schedule_to_start_timeout"),
+                on_failure=n.on_failure or None,
+                compensation_task_type=n.compensation_task_type or None,
+                pause_before=n.pause_before,
             )
         )
     defaults = WorkflowDef(name="", nodes=())
@@ -117,6 +124,11 @@ def definition_from_proto(msg: common_pb2.WorkflowDefinition, tenant_id: str) ->
         default_start_to_close_timeout=duration_or_none(msg, "default_start_to_close_timeout")
         or defaults.default_start_to_close_timeout,
         tenant_id=tenant_id,
+        execution_timeout=duration_or_none(msg, "execution_timeout"),
+        default_schedule_to_start_timeout=duration_or_none(
+            msg, "default_schedule_to_start_timeout"
+        ),
+        default_heartbeat_timeout=duration_or_none(msg, "default_heartbeat_timeout"),
     )
 
 
@@ -129,6 +141,9 @@ def definition_to_proto(defn: WorkflowDef) -> common_pb2.WorkflowDefinition:
         default_retry_policy=retry_to_proto(defn.default_retry_policy),
         default_start_to_close_timeout=_dur(defn.default_start_to_close_timeout),
         create_time=_ts(defn.created_at),
+        execution_timeout=_dur(defn.execution_timeout),
+        default_schedule_to_start_timeout=_dur(defn.default_schedule_to_start_timeout),
+        default_heartbeat_timeout=_dur(defn.default_heartbeat_timeout),
     )
     for n in defn.nodes:
         node = msg.nodes.add(
@@ -139,6 +154,10 @@ def definition_to_proto(defn: WorkflowDef) -> common_pb2.WorkflowDefinition:
             start_to_close_timeout=_dur(n.start_to_close_timeout),
             heartbeat_timeout=_dur(n.heartbeat_timeout),
             priority=n.priority,
+            schedule_to_start_timeout=_dur(n.schedule_to_start_timeout),
+            on_failure=n.on_failure or "",
+            compensation_task_type=n.compensation_task_type or "",
+            pause_before=n.pause_before,
         )
         if n.config:
             struct = struct_pb2.Struct()
@@ -180,6 +199,7 @@ def node_to_proto(node: NodeRun) -> common_pb2.NodeRun:
         error=error_to_proto(node.error),
         worker_id=node.worker_id or "",
         update_time=_ts(node.updated_at),
+        held=node.held,
     )
 
 
@@ -233,6 +253,29 @@ def event_to_proto(event: Event) -> common_pb2.Event:
     )
 
 
+def dead_letter_to_proto(letter: DeadLetter) -> common_pb2.DeadLetter:
+    return common_pb2.DeadLetter(
+        id=letter.id,
+        execution_id=letter.execution_id,
+        workflow_name=letter.workflow_name,
+        workflow_version=letter.workflow_version,
+        node_id=letter.node_id,
+        task_type=letter.task_type,
+        input=letter.input or b"",
+        attempts=[
+            common_pb2.AttemptFailure(
+                attempt=a.attempt,
+                error=error_to_proto(a.error),
+                worker_id=a.worker_id or "",
+                time=_ts(a.time),
+            )
+            for a in letter.attempts
+        ],
+        create_time=_ts(letter.created_at),
+        redrive_time=_ts(letter.redriven_at),
+    )
+
+
 # -- worker protocol ----------------------------------------------------------------------
 
 
@@ -265,6 +308,7 @@ def task_error_from_proto(msg: worker_service_pb2.TaskError) -> tuple[ErrorInfo,
 
 
 __all__ = [
+    "dead_letter_to_proto",
     "definition_from_proto",
     "definition_to_proto",
     "event_to_proto",

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import TrellisError
 from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
-from coordinator.service import Coordinator, ServiceSettings, Store
+from coordinator.service import Coordinator, ServiceSettings, Store, Sweeper
 from trellis.v1 import (
     worker_service_pb2,
     worker_service_pb2_grpc,
@@ -64,6 +64,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
             max_payload_bytes=config.max_payload_bytes,
             poll_max_wait=config.poll_max_wait,
             heartbeat_interval=config.heartbeat_interval,
+            worker_liveness_timeout=config.worker_liveness_timeout,
         ),
     )
     max_message = config.max_payload_bytes * 4 + 1024 * 1024
@@ -94,7 +95,9 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    sweeper = asyncio.create_task(_sweep(coordinator, config.sweep_interval.total_seconds()))
+    sweeper = asyncio.create_task(
+        _sweep(Sweeper(coordinator), config.sweep_interval.total_seconds())
+    )
     host = config.listen.rsplit(":", 1)[0]
     log.info("coordinator listening on %s:%d", host, port, extra={"port": port})
     return RunningServer(
@@ -102,16 +105,15 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     )
 
 
-async def _sweep(coordinator: Coordinator, interval: float) -> None:
-    """Expire overdue leases. Safe on every replica at once (fenced transitions)."""
+async def _sweep(sweeper: Sweeper, interval: float) -> None:
+    """Run the sweepers every ``interval``. Safe on every replica at once (fenced)."""
     while True:
         try:
-            while await coordinator.expire_leases() >= 100:
-                pass
+            await sweeper.sweep()
         except TrellisError as exc:
-            log.warning("lease sweep failed: %s", exc)
+            log.warning("sweep failed: %s", exc)
         except Exception:
-            log.exception("lease sweep failed")
+            log.exception("sweep failed")
         await asyncio.sleep(interval)
 
 

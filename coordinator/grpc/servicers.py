@@ -11,7 +11,8 @@ import grpc
 from coordinator.grpc import convert
 from coordinator.grpc.status import stream, unary
 from coordinator.model import DEFAULT_TENANT, Execution
-from coordinator.service import Coordinator
+from coordinator.service import Coordinator, ExecutionView
+from trellis.v1 import common_pb2
 from trellis.v1 import (
     worker_service_pb2 as wpb,
 )
@@ -160,9 +161,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.GetExecutionRequest, context: Ctx
     ) -> fpb.GetExecutionResponse:
         view = await self._c.get_execution(TENANT, request.execution_id)
-        return fpb.GetExecutionResponse(
-            execution=convert.execution_to_proto(view.execution, view.nodes)
-        )
+        return fpb.GetExecutionResponse(execution=_view(view))
 
     @unary
     async def ListExecutions(
@@ -190,3 +189,81 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
                 yield fpb.WatchExecutionResponse(execution=convert.execution_to_proto(item))
             else:
                 yield fpb.WatchExecutionResponse(event=convert.event_to_proto(item))
+
+    # -- operators ------------------------------------------------------------------------
+
+    @unary
+    async def CancelExecution(
+        self, request: fpb.CancelExecutionRequest, context: Ctx
+    ) -> fpb.CancelExecutionResponse:
+        view = await self._c.cancel_execution(TENANT, request.execution_id, request.reason)
+        return fpb.CancelExecutionResponse(execution=_view(view))
+
+    @unary
+    async def CancelNode(
+        self, request: fpb.CancelNodeRequest, context: Ctx
+    ) -> fpb.CancelNodeResponse:
+        view = await self._c.cancel_node(
+            TENANT, request.execution_id, request.node_id, request.reason
+        )
+        return fpb.CancelNodeResponse(execution=_view(view))
+
+    @unary
+    async def PauseExecution(
+        self, request: fpb.PauseExecutionRequest, context: Ctx
+    ) -> fpb.PauseExecutionResponse:
+        view = await self._c.pause_execution(TENANT, request.execution_id)
+        return fpb.PauseExecutionResponse(execution=_view(view))
+
+    @unary
+    async def ResumeExecution(
+        self, request: fpb.ResumeExecutionRequest, context: Ctx
+    ) -> fpb.ResumeExecutionResponse:
+        view = await self._c.resume_execution(TENANT, request.execution_id)
+        return fpb.ResumeExecutionResponse(execution=_view(view))
+
+    @unary
+    async def PauseNode(self, request: fpb.PauseNodeRequest, context: Ctx) -> fpb.PauseNodeResponse:
+        view = await self._c.pause_node(TENANT, request.execution_id, request.node_id)
+        return fpb.PauseNodeResponse(execution=_view(view))
+
+    @unary
+    async def ResumeNode(
+        self, request: fpb.ResumeNodeRequest, context: Ctx
+    ) -> fpb.ResumeNodeResponse:
+        view = await self._c.resume_node(TENANT, request.execution_id, request.node_id)
+        return fpb.ResumeNodeResponse(execution=_view(view))
+
+    @unary
+    async def ListDeadLetters(
+        self, request: fpb.ListDeadLettersRequest, context: Ctx
+    ) -> fpb.ListDeadLettersResponse:
+        rows, token = await self._c.list_dead_letters(
+            TENANT,
+            workflow_name=request.workflow_name or None,
+            task_type=request.task_type or None,
+            include_redriven=request.include_redriven,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return fpb.ListDeadLettersResponse(
+            dead_letters=[convert.dead_letter_to_proto(d) for d in rows], next_page_token=token
+        )
+
+    @unary
+    async def GetDeadLetter(
+        self, request: fpb.GetDeadLetterRequest, context: Ctx
+    ) -> fpb.GetDeadLetterResponse:
+        letter = await self._c.get_dead_letter(TENANT, request.id)
+        return fpb.GetDeadLetterResponse(dead_letter=convert.dead_letter_to_proto(letter))
+
+    @unary
+    async def RedriveDeadLetter(
+        self, request: fpb.RedriveDeadLetterRequest, context: Ctx
+    ) -> fpb.RedriveDeadLetterResponse:
+        view = await self._c.redrive_dead_letter(TENANT, request.id)
+        return fpb.RedriveDeadLetterResponse(execution=_view(view))
+
+
+def _view(view: ExecutionView) -> common_pb2.Execution:
+    return convert.execution_to_proto(view.execution, view.nodes)

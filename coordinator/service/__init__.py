@@ -9,6 +9,7 @@ from coordinator.service._coordinator import (
     utcnow,
 )
 from coordinator.service._notifier import Notifier
+from coordinator.service._sweeps import Sweeper
 from coordinator.service._tokens import LeaseToken
 from coordinator.service.ports import Decision, LeaseKey, Store
 
@@ -23,5 +24,6 @@ __all__ = [
     "Notifier",
     "ServiceSettings",
     "Store",
+    "Sweeper",
     "utcnow",
 ]

@@ -18,6 +18,7 @@ from coordinator import engine
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from coordinator.model import (
     NULL_JSON,
+    DeadLetter,
     ErrorInfo,
     Event,
     Execution,
@@ -36,6 +37,8 @@ from coordinator.service.ports import Decision, Store
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+# One engine step over a loaded execution: (definition, execution, nodes, now) -> Transition.
+Step = Callable[[WorkflowDef, Execution, Mapping[str, NodeRun], datetime], Transition]
 
 
 def utcnow() -> datetime:
@@ -47,6 +50,9 @@ class ServiceSettings:
     max_payload_bytes: int = 1024 * 1024
     poll_max_wait: timedelta = timedelta(seconds=30)
     heartbeat_interval: timedelta = timedelta(seconds=5)
+    # A worker holding leases that sends no heartbeat (nor claims) for this long is lost:
+    # its leases are failed (retryable) at once.
+    worker_liveness_timeout: timedelta = timedelta(seconds=15)
     limits: engine.Limits = field(default_factory=engine.Limits)
 
 
@@ -99,6 +105,9 @@ class Coordinator:
     @property
     def draining(self) -> bool:
         return self._draining
+
+    def clock(self) -> datetime:
+        return self._clock()
 
     # -- definitions ----------------------------------------------------------------------
 
@@ -323,9 +332,12 @@ class Coordinator:
         self, tenant_id: str, worker_id: str, tokens: Sequence[str]
     ) -> HeartbeatResult:
         decoded = {t: LeaseToken.decode(t) for t in tokens}
-        rows = await self.store.touch_leases(
-            tenant_id, [d.key for d in decoded.values()], self._clock()
-        )
+        now = self._clock()
+        if worker_id:
+            await self.store.touch_worker(tenant_id, worker_id, now)
+        if not decoded:
+            return HeartbeatResult((), ())
+        rows = await self.store.touch_leases(tenant_id, [d.key for d in decoded.values()], now)
         cancelled: list[str] = []
         lost: list[str] = []
         for raw, token in decoded.items():
@@ -401,44 +413,125 @@ class Coordinator:
             self._after(transition)
         return will_retry, duplicate
 
-    async def expire_leases(self, limit: int = 100) -> int:
-        """Fail attempts whose lease or heartbeat deadline passed (retryable). Any replica may
-        run this at once: each expiry is a fenced transition on the node's lease_seq."""
-        now = self._clock()
-        expired = await self.store.find_expired_leases(now, limit)
-        for node in expired:
-            hb = node.heartbeat_deadline is not None and node.heartbeat_deadline < now
-            kind = "HeartbeatTimeout" if hb else "StartToCloseTimeout"
-            message = (
-                f"no heartbeat within {node.heartbeat_timeout}"
-                if hb
-                else f"attempt did not finish within {node.start_to_close_timeout}"
+    async def fail_lease(self, node: NodeRun, error: ErrorInfo, retryable: bool) -> bool:
+        """Fail the attempt ``node`` currently holds (a sweeper's verdict). False when the
+        lease changed meanwhile (completed, or already failed by another replica)."""
+        token = LeaseToken(
+            node.execution_id,
+            node.node_id,
+            node.lease_seq,
+            node.workflow_name,
+            node.workflow_version,
+        )
+        defn = await self.get_workflow(node.tenant_id, node.workflow_name, node.workflow_version)
+        try:
+            await self._fail(node.tenant_id, defn, token, error, retryable)
+        except (FailedPrecondition, NotFound):
+            return False
+        return True
+
+    async def run_step(self, tenant_id: str, execution_id: str, step: Step) -> Transition:
+        """Apply one engine step to an execution in a transaction; wake whoever it concerns."""
+        execution = await self.store.get_execution(tenant_id, execution_id)
+        defn = await self.get_workflow(
+            tenant_id, execution.workflow_name, execution.workflow_version
+        )
+
+        def decide(execution: Execution, nodes: Mapping[str, NodeRun]) -> Decision[Transition]:
+            transition = step(defn, execution, nodes, self._clock())
+            return Decision(transition, transition)
+
+        transition = await self.store.transact(tenant_id, execution_id, decide)
+        self._after(transition)
+        return transition
+
+    # -- operators ------------------------------------------------------------------------
+
+    async def cancel_execution(
+        self, tenant_id: str, execution_id: str, reason: str
+    ) -> ExecutionView:
+        why = reason or "cancelled by request"
+        await self.run_step(
+            tenant_id, execution_id, lambda d, e, n, now: engine.cancel_execution(d, e, n, why, now)
+        )
+        return await self.get_execution(tenant_id, execution_id)
+
+    async def cancel_node(
+        self, tenant_id: str, execution_id: str, node_id: str, reason: str
+    ) -> ExecutionView:
+        why = reason or "cancelled by request"
+        await self.run_step(
+            tenant_id,
+            execution_id,
+            lambda d, e, n, now: engine.cancel_node(d, e, n, node_id, why, now),
+        )
+        return await self.get_execution(tenant_id, execution_id)
+
+    async def pause_execution(self, tenant_id: str, execution_id: str) -> ExecutionView:
+        await self.run_step(tenant_id, execution_id, engine.pause_execution)
+        return await self.get_execution(tenant_id, execution_id)
+
+    async def resume_execution(self, tenant_id: str, execution_id: str) -> ExecutionView:
+        await self.run_step(tenant_id, execution_id, engine.resume_execution)
+        return await self.get_execution(tenant_id, execution_id)
+
+    async def pause_node(self, tenant_id: str, execution_id: str, node_id: str) -> ExecutionView:
+        await self.run_step(
+            tenant_id, execution_id, lambda d, e, n, now: engine.pause_node(d, e, n, node_id, now)
+        )
+        return await self.get_execution(tenant_id, execution_id)
+
+    async def resume_node(self, tenant_id: str, execution_id: str, node_id: str) -> ExecutionView:
+        await self.run_step(
+            tenant_id, execution_id, lambda d, e, n, now: engine.resume_node(d, e, n, node_id, now)
+        )
+        return await self.get_execution(tenant_id, execution_id)
+
+    async def list_dead_letters(
+        self,
+        tenant_id: str,
+        *,
+        workflow_name: str | None,
+        task_type: str | None,
+        include_redriven: bool,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[DeadLetter], str]:
+        limit = _page_size(page_size)
+        rows = await self.store.list_dead_letters(
+            tenant_id,
+            workflow_name=workflow_name,
+            task_type=task_type,
+            include_redriven=include_redriven,
+            limit=limit + 1,
+            before=_decode_cursor(page_token) if page_token else None,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (_cursor(rows[-1].created_at, rows[-1].id) if more else "")
+
+    async def get_dead_letter(self, tenant_id: str, dead_letter_id: str) -> DeadLetter:
+        return await self.store.get_dead_letter(tenant_id, dead_letter_id)
+
+    async def redrive_dead_letter(self, tenant_id: str, dead_letter_id: str) -> ExecutionView:
+        """Run the dead-lettered node again with a fresh attempt budget; the execution rolls
+        forward from there (finished nodes are not run again)."""
+        letter = await self.store.get_dead_letter(tenant_id, dead_letter_id)
+        if letter.redriven_at is not None:
+            raise FailedPrecondition(
+                f"dead letter '{dead_letter_id}' was already redriven at "
+                f"{letter.redriven_at.isoformat()}"
             )
-            token = LeaseToken(
-                node.execution_id,
-                node.node_id,
-                node.lease_seq,
-                node.workflow_name,
-                node.workflow_version,
-            )
-            defn = await self.get_workflow(
-                node.tenant_id, node.workflow_name, node.workflow_version
-            )
-            try:
-                await self._fail(node.tenant_id, defn, token, ErrorInfo(kind, message), True)
-            except (FailedPrecondition, NotFound):
-                continue  # completed or expired concurrently (another replica)
-            log.warning(
-                "lease expired",
-                extra={
-                    "execution_id": node.execution_id,
-                    "node_id": node.node_id,
-                    "attempt": node.attempt,
-                    "worker_id": node.worker_id,
-                    "reason": kind,
-                },
-            )
-        return len(expired)
+        await self.run_step(
+            tenant_id,
+            letter.execution_id,
+            lambda d, e, n, now: engine.redrive(d, e, n, letter.node_id, letter.id, now),
+        )
+        log.info(
+            "dead letter redriven",
+            extra={"execution_id": letter.execution_id, "node_id": letter.node_id},
+        )
+        return await self.get_execution(tenant_id, letter.execution_id)
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -490,7 +583,11 @@ def _page_size(requested: int) -> int:
 
 
 def _encode_cursor(execution: Execution) -> str:
-    return f"{int(execution.created_at.timestamp() * 1000)}:{execution.id}"
+    return _cursor(execution.created_at, execution.id)
+
+
+def _cursor(created_at: datetime, ident: str) -> str:
+    return f"{int(created_at.timestamp() * 1000)}:{ident}"
 
 
 def _decode_cursor(token: str) -> tuple[datetime, str]:

@@ -100,8 +100,8 @@ class Store(Protocol):
         atomically, including its ``dead_lettered`` nodes (a DeadLetter row each, with the
         node's input and its failures since its last redrive, from NODE_ATTEMPT_FAILED and
         NODE_TIMED_OUT events) and its ``redriven_dead_letter`` (stamped redriven_at; one
-        already redriven raises ``FailedPrecondition``). On a version conflict, reload and call ``decide`` again (bounded).
-        Raises ``NotFound`` for an unknown execution."""
+        already redriven raises ``FailedPrecondition``). On a version conflict, reload and
+        call ``decide`` again (bounded). Raises ``NotFound`` for an unknown execution."""
         ...
 
     # -- leasing --------------------------------------------------------------------------

@@ -14,11 +14,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from coordinator.model import (
+    AttemptFailure,
+    DeadLetter,
     ErrorInfo,
     Event,
     EventType,
     Execution,
     ExecutionStatus,
+    NodeRole,
     NodeRun,
     NodeStatus,
     WorkerInfo,
@@ -58,6 +61,14 @@ def opt_from_ms(value: int | None) -> datetime | None:
 
 def duration_ms(value: timedelta) -> int:
     return value // _MS
+
+
+def opt_duration_ms(value: timedelta | None) -> int | None:
+    return None if value is None else duration_ms(value)
+
+
+def opt_duration(value: int | None) -> timedelta | None:
+    return None if value is None else timedelta(milliseconds=value)
 
 
 def _bytes(value: Any) -> bytes | None:
@@ -160,6 +171,7 @@ def execution_mutable_values(execution: Execution) -> dict[str, Any]:
         "priority": execution.priority,
         "updated_at": to_ms(execution.updated_at),
         "ended_at": opt_to_ms(execution.ended_at),
+        "deadline": opt_to_ms(execution.deadline),
     }
 
 
@@ -181,6 +193,7 @@ def execution_from_row(row: Row) -> Execution:
         created_at=from_ms(row["created_at"]),
         updated_at=from_ms(row["updated_at"]),
         ended_at=opt_from_ms(row["ended_at"]),
+        deadline=opt_from_ms(row["deadline"]),
     )
 
 
@@ -216,19 +229,22 @@ def node_run_mutable_values(run: NodeRun) -> dict[str, Any]:
         "priority": run.priority,
         "available_at": opt_to_ms(available_at),
         "start_to_close_ms": duration_ms(run.start_to_close_timeout),
-        "heartbeat_timeout_ms": (
-            None if run.heartbeat_timeout is None else duration_ms(run.heartbeat_timeout)
-        ),
+        "heartbeat_timeout_ms": opt_duration_ms(run.heartbeat_timeout),
         "lease_seq": run.lease_seq,
         "worker_id": run.worker_id,
         "lease_deadline": opt_to_ms(run.lease_deadline),
         "heartbeat_deadline": opt_to_ms(run.heartbeat_deadline),
         "updated_at": to_ms(run.updated_at),
+        "schedule_deadline": opt_to_ms(run.schedule_deadline),
+        "schedule_to_start_ms": opt_duration_ms(run.schedule_to_start_timeout),
+        "held": run.held,
+        "node_paused": run.node_paused,
+        "retry_base": run.retry_base,
+        "role": run.role.value,
     }
 
 
 def node_run_from_row(row: Row) -> NodeRun:
-    heartbeat_ms = row["heartbeat_timeout_ms"]
     return NodeRun(
         execution_id=row["execution_id"],
         node_id=row["node_id"],
@@ -244,12 +260,18 @@ def node_run_from_row(row: Row) -> NodeRun:
         priority=row["priority"],
         available_at=opt_from_ms(row["available_at"]),
         start_to_close_timeout=timedelta(milliseconds=row["start_to_close_ms"]),
-        heartbeat_timeout=None if heartbeat_ms is None else timedelta(milliseconds=heartbeat_ms),
+        heartbeat_timeout=opt_duration(row["heartbeat_timeout_ms"]),
         lease_seq=row["lease_seq"],
         worker_id=row["worker_id"],
         lease_deadline=opt_from_ms(row["lease_deadline"]),
         heartbeat_deadline=opt_from_ms(row["heartbeat_deadline"]),
         updated_at=from_ms(row["updated_at"]),
+        schedule_deadline=opt_from_ms(row["schedule_deadline"]),
+        schedule_to_start_timeout=opt_duration(row["schedule_to_start_ms"]),
+        held=bool(row["held"]),
+        node_paused=bool(row["node_paused"]),
+        retry_base=row["retry_base"],
+        role=NodeRole(row["role"]),
     )
 
 
@@ -312,4 +334,110 @@ def worker_from_row(row: Row) -> WorkerInfo:
         sdk_version=row["sdk_version"],
         identity=row["identity"],
         last_seen=from_ms(row["last_seen"]),
+    )
+
+
+# -- dead letters -------------------------------------------------------------------------
+
+
+def attempt_failure_from_event(row: Row) -> AttemptFailure:
+    """A failed (or timed-out) attempt from its NODE_ATTEMPT_FAILED / NODE_TIMED_OUT event.
+
+    The event's details are ``{"error_type", "message", ...}``; the error's own details, if
+    any, under ``"details"`` (JSON text as a string, or a JSON value). A timeout event without
+    an ``error_type`` is typed by its event type.
+    """
+    raw = row["details"]
+    doc: Any = json.loads(bytes(raw)) if raw else None
+    if not isinstance(doc, dict):
+        doc = {}
+    error_details = _json_text(doc.get("details"))
+    return AttemptFailure(
+        attempt=row["attempt"],
+        worker_id=row["worker_id"],
+        time=from_ms(row["time"]),
+        error=ErrorInfo(
+            type=str(doc.get("error_type") or row["type"]),
+            message=str(doc.get("message") or doc.get("reason") or ""),
+            details=None if error_details is None else error_details.encode(),
+            node_id=row["node_id"],
+            attempt=row["attempt"],
+            worker_id=row["worker_id"],
+        ),
+    )
+
+
+def _json_text(value: Any) -> str | None:
+    """``value`` as JSON text: a string holding JSON is kept as is, anything else encoded."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            pass
+        else:
+            return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _attempt_doc(failure: AttemptFailure) -> dict[str, Any]:
+    details = failure.error.details
+    return {
+        "attempt": failure.attempt,
+        "type": failure.error.type,
+        "message": failure.error.message,
+        "details": None if details is None else details.decode(),
+        "worker_id": failure.worker_id,
+        "time": to_ms(failure.time),
+    }
+
+
+def _attempt_from_doc(doc: Mapping[str, Any], node_id: str) -> AttemptFailure:
+    details = doc["details"]
+    return AttemptFailure(
+        attempt=doc["attempt"],
+        worker_id=doc["worker_id"],
+        time=from_ms(doc["time"]),
+        error=ErrorInfo(
+            type=doc["type"],
+            message=doc["message"],
+            details=None if details is None else details.encode(),
+            node_id=node_id,
+            attempt=doc["attempt"],
+            worker_id=doc["worker_id"],
+        ),
+    )
+
+
+def dead_letter_values(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "tenant_id": letter.tenant_id,
+        "execution_id": letter.execution_id,
+        "workflow_name": letter.workflow_name,
+        "workflow_version": letter.workflow_version,
+        "node_id": letter.node_id,
+        "task_type": letter.task_type,
+        "input": letter.input,
+        "attempts": json.dumps([_attempt_doc(a) for a in letter.attempts], separators=(",", ":")),
+        "created_at": to_ms(letter.created_at),
+        "redriven_at": opt_to_ms(letter.redriven_at),
+    }
+
+
+def dead_letter_from_row(row: Row) -> DeadLetter:
+    node_id = row["node_id"]
+    return DeadLetter(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        execution_id=row["execution_id"],
+        workflow_name=row["workflow_name"],
+        workflow_version=row["workflow_version"],
+        node_id=node_id,
+        task_type=row["task_type"],
+        input=_bytes(row["input"]),
+        attempts=tuple(_attempt_from_doc(d, node_id) for d in json.loads(row["attempts"])),
+        created_at=from_ms(row["created_at"]),
+        redriven_at=opt_from_ms(row["redriven_at"]),
     )

@@ -29,6 +29,7 @@ from sqlalchemy.pool import StaticPool
 
 from coordinator import errors
 from coordinator.model import (
+    DeadLetter,
     Event,
     EventType,
     Execution,
@@ -40,9 +41,17 @@ from coordinator.model import (
     WorkflowSummary,
 )
 from coordinator.service.ports import Decision, LeaseKey
-from coordinator.store import _rows
+from coordinator.store import _dead_letters, _rows
 from coordinator.store._lock import ProcessLock
-from coordinator.store._tables import events, executions, node_runs, workers, workflow_definitions
+from coordinator.store._tables import (
+    LIVE_EXECUTION_STATUSES,
+    dead_letters,
+    events,
+    executions,
+    node_runs,
+    workers,
+    workflow_definitions,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -53,10 +62,15 @@ logger = logging.getLogger(__name__)
 TRANSACT_MAX_TRIES = 50
 REGISTER_MAX_TRIES = 10
 
-# Statuses compared in claim and sweep queries are SQL literals, not bound parameters, so
-# the planners can match the partial indexes (WHERE status = 'READY' / 'LEASED').
+# Statuses and flags compared in claim and sweep queries are SQL literals, not bound
+# parameters, so the planners can match the partial indexes (WHERE status = 'READY' AND
+# held = false / status = 'LEASED' / status IN (<live>)).
 _READY: sa.ColumnClause[str] = sa.literal_column("'READY'", sa.Text)
 _LEASED: sa.ColumnClause[str] = sa.literal_column("'LEASED'", sa.Text)
+_NOT_HELD = node_runs.c.held == sa.literal_column("false", sa.Boolean)
+_LIVE_EXECUTION = executions.c.status.in_(
+    [sa.literal_column(f"'{s}'", sa.Text) for s in LIVE_EXECUTION_STATUSES]
+)
 
 _UNAVAILABLE_ERRORS = (
     sa_exc.OperationalError,
@@ -421,6 +435,13 @@ class SqlStore:
         added = [r for r in transition.nodes if r.node_id not in loaded_nodes]
         await self._insert_nodes(conn, tenant_id, loaded.id, added)
         await self._insert_events(conn, tenant_id, transition.events)
+        await _dead_letters.write_dead_letters(conn, tenant_id, loaded_nodes, transition)
+        if transition.redriven_dead_letter is not None:
+            # Raises FailedPrecondition (not a conflict: no retry) when already redriven,
+            # which rolls the whole transition back.
+            await _dead_letters.stamp_redriven(
+                conn, tenant_id, transition.redriven_dead_letter, transition.execution.updated_at
+            )
         return True
 
     async def _insert_nodes(
@@ -466,12 +487,16 @@ class SqlStore:
         n = node_runs
         now_ms = _rows.to_ms(now)
         now_param = sa.literal(now_ms, sa.BigInteger)
-        # PostgreSQL: SKIP LOCKED lets concurrent claimers pass over each other's rows.
+        # PostgreSQL: SKIP LOCKED lets concurrent claimers pass over each other's rows. The
+        # pick is a MATERIALIZED CTE, run once: as a subquery joined to the UPDATE, the
+        # planner may rescan it per outer row, and each rescan locks and returns *further*
+        # rows (those already updated are skipped), leasing more than ``limit``.
         # SQLite: no FOR UPDATE (the compiler omits it); the writer lock serializes claims.
         picked = (
             sa.select(n.c.execution_id, n.c.node_id)
             .where(
                 n.c.status == _READY,
+                _NOT_HELD,
                 n.c.tenant_id == tenant_id,
                 self._task_type_filter(task_types),
                 n.c.available_at <= now_ms,
@@ -479,8 +504,10 @@ class SqlStore:
             .order_by(n.c.priority.desc(), n.c.available_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
-            .subquery("c")
+            .cte("c")
         )
+        if self._postgres:
+            picked = picked.prefix_with("MATERIALIZED")
         claim = (
             sa.update(n)
             .where(
@@ -496,6 +523,8 @@ class SqlStore:
                 lease_deadline=now_param + n.c.start_to_close_ms,
                 # NULL when the node has no heartbeat timeout.
                 heartbeat_deadline=now_param + n.c.heartbeat_timeout_ms,
+                # Started in time: the schedule-to-start deadline no longer applies.
+                schedule_deadline=None,
                 updated_at=now_ms,
             )
             .returning(*n.c)
@@ -519,6 +548,9 @@ class SqlStore:
                     for r in runs
                 ],
             )
+            if runs:
+                # A worker that is handed tasks is alive (as if it had heartbeated).
+                await conn.execute(_touch_worker(tenant_id, worker_id, now_ms))
         return runs
 
     async def next_available_at(
@@ -529,6 +561,7 @@ class SqlStore:
         n = node_runs
         query = sa.select(sa.func.min(n.c.available_at)).where(
             n.c.status == _READY,
+            _NOT_HELD,
             n.c.tenant_id == tenant_id,
             self._task_type_filter(task_types),
             n.c.available_at > _rows.to_ms(now),
@@ -593,6 +626,84 @@ class SqlStore:
             rows = (await conn.execute(query)).mappings().all()
         return [_rows.node_run_from_row(r) for r in rows]
 
+    async def find_unstarted_overdue(self, now: datetime, limit: int) -> list[NodeRun]:
+        n = node_runs
+        query = (
+            sa.select(n)
+            .where(n.c.status == _READY, _NOT_HELD, n.c.schedule_deadline < _rows.to_ms(now))
+            .order_by(n.c.schedule_deadline, n.c.execution_id, n.c.node_id)
+            .limit(limit)
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.node_run_from_row(r) for r in rows]
+
+    async def find_overdue_executions(self, now: datetime, limit: int) -> list[Execution]:
+        e = executions
+        query = (
+            sa.select(e)
+            .where(_LIVE_EXECUTION, e.c.deadline < _rows.to_ms(now))
+            .order_by(e.c.deadline, e.c.id)
+            .limit(limit)
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.execution_from_row(r) for r in rows]
+
+    async def find_leases_of_lost_workers(self, cutoff: datetime, limit: int) -> list[NodeRun]:
+        n, w = node_runs, workers
+        query = (
+            sa.select(n)
+            .join(w, sa.and_(w.c.tenant_id == n.c.tenant_id, w.c.id == n.c.worker_id))
+            .where(n.c.status == _LEASED, w.c.last_seen < _rows.to_ms(cutoff))
+            .order_by(w.c.last_seen, n.c.execution_id, n.c.node_id)
+            .limit(limit)
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.node_run_from_row(r) for r in rows]
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    async def list_dead_letters(
+        self,
+        tenant_id: str,
+        *,
+        workflow_name: str | None,
+        task_type: str | None,
+        include_redriven: bool,
+        limit: int,
+        before: tuple[datetime, str] | None,
+    ) -> list[DeadLetter]:
+        d = dead_letters
+        query = (
+            sa.select(d)
+            .where(d.c.tenant_id == tenant_id)
+            .order_by(d.c.created_at.desc(), d.c.id.desc())
+            .limit(limit)
+        )
+        if not include_redriven:
+            query = query.where(d.c.redriven_at.is_(None))
+        if workflow_name is not None:
+            query = query.where(d.c.workflow_name == workflow_name)
+        if task_type is not None:
+            query = query.where(d.c.task_type == task_type)
+        if before is not None:
+            at, last_id = _rows.to_ms(before[0]), before[1]
+            query = query.where(sa.tuple_(d.c.created_at, d.c.id) < sa.tuple_(at, last_id))
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.dead_letter_from_row(r) for r in rows]
+
+    async def get_dead_letter(self, tenant_id: str, dead_letter_id: str) -> DeadLetter:
+        d = dead_letters
+        query = sa.select(d).where(d.c.tenant_id == tenant_id, d.c.id == dead_letter_id)
+        async with self._tx(write=False) as conn:
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise errors.NotFound(f"dead letter {dead_letter_id!r} not found")
+        return _rows.dead_letter_from_row(row)
+
     # -- workers --------------------------------------------------------------------------
 
     async def upsert_worker(self, worker: WorkerInfo) -> None:
@@ -605,6 +716,10 @@ class SqlStore:
         async with self._tx(write=True) as conn:
             await conn.execute(stmt)
 
+    async def touch_worker(self, tenant_id: str, worker_id: str, now: datetime) -> None:
+        async with self._tx(write=True) as conn:
+            await conn.execute(_touch_worker(tenant_id, worker_id, _rows.to_ms(now)))
+
     async def get_worker(self, tenant_id: str, worker_id: str) -> WorkerInfo:
         """Not part of the ``Store`` port (yet): the registered worker. Raises ``NotFound``."""
         query = sa.select(workers).where(
@@ -615,6 +730,16 @@ class SqlStore:
         if row is None:
             raise errors.NotFound(f"worker {worker_id!r} not found")
         return _rows.worker_from_row(row)
+
+
+def _touch_worker(tenant_id: str, worker_id: str, now_ms: int) -> sa.Update:
+    """last_seen = now for a registered worker; never moves it back (replicas' clocks)."""
+    w = workers
+    return (
+        sa.update(w)
+        .where(w.c.tenant_id == tenant_id, w.c.id == worker_id, w.c.last_seen < now_ms)
+        .values(last_seen=now_ms)
+    )
 
 
 # A transition's node-run write, executed once for many rows: replaces the row only if its

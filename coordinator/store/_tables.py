@@ -7,7 +7,9 @@ hand-written operations, and a test checks that the two agree. Conventions:
 - timestamps are BIGINT epoch milliseconds (UTC), durations BIGINT milliseconds;
 - payloads (inputs, outputs, details) are JSON documents kept as bytes, small JSON lists and
   maps (task types, labels, definition documents) as text;
-- enum values (statuses, event types) are stored as their text names.
+- enum values (statuses, event types, node roles) are stored as their text names;
+- flags are BOOLEAN, compared in queries as the literal ``held = false`` so the planners of
+  both databases match the partial indexes that carry the same term.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ metadata = sa.MetaData(
         "pk": "pk_%(table_name)s",
     }
 )
+
+# The non-terminal execution statuses: the deadline index and the execution-timeout query
+# both spell them as this literal list (a partial index is matched on the same terms). A
+# status added to the model needs a migration of the index, and a test checks they agree.
+LIVE_EXECUTION_STATUSES = ("PENDING", "PAUSED", "RUNNING")
+_LIVE_SQL = ", ".join(f"'{s}'" for s in LIVE_EXECUTION_STATUSES)
+
+# The predicate of the claim index: a READY row that is not held.
+CLAIMABLE = "status = 'READY' AND held = false"
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigIntId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -76,9 +87,19 @@ executions = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
     sa.Column("ended_at", sa.BigInteger, nullable=True),
+    # When the execution times out (the definition's execution_timeout), if it has one.
+    sa.Column("deadline", sa.BigInteger, nullable=True),
     sa.UniqueConstraint("tenant_id", "idempotency_key"),
     sa.Index(None, "tenant_id", "created_at", "id"),
     sa.Index(None, "tenant_id", "workflow_name", "created_at"),
+    # The execution-timeout sweeper: unfinished executions with a deadline. Finished ones
+    # keep their deadline but leave the index, so it stays as small as the live set.
+    sa.Index(
+        "ix_executions_deadline",
+        "deadline",
+        postgresql_where=sa.text(f"status IN ({_LIVE_SQL}) AND deadline IS NOT NULL"),
+        sqlite_where=sa.text(f"status IN ({_LIVE_SQL}) AND deadline IS NOT NULL"),
+    ),
 )
 
 node_runs = sa.Table(
@@ -110,18 +131,35 @@ node_runs = sa.Table(
     sa.Column("lease_deadline", sa.BigInteger, nullable=True),
     sa.Column("heartbeat_deadline", sa.BigInteger, nullable=True),
     sa.Column("updated_at", sa.BigInteger, nullable=False),
+    # READY rows still unleased at this time are TIMED_OUT (schedule-to-start).
+    sa.Column("schedule_deadline", sa.BigInteger, nullable=True),
+    sa.Column("schedule_to_start_ms", sa.BigInteger, nullable=True),
+    # Held rows are not dispatched (execution PAUSED or node_paused).
+    sa.Column("held", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("node_paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Attempts made before the last redrive.
+    sa.Column("retry_base", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("role", sa.Text, nullable=False, server_default="task"),
     sa.PrimaryKeyConstraint("execution_id", "node_id"),
-    # The claim: WHERE status = 'READY' AND tenant_id = ? AND task_type IN (...)
-    # AND available_at <= now ORDER BY priority DESC, available_at. Queries must spell the
-    # status as the literal 'READY' (not a bound parameter) for the planner to use it.
+    # The claim: WHERE status = 'READY' AND held = false AND tenant_id = ?
+    # AND task_type IN (...) AND available_at <= now ORDER BY priority DESC, available_at.
+    # Queries must spell the status and the flag as the literals 'READY' and false (not
+    # bound parameters) for the planner to use it.
     sa.Index(
         "ix_node_runs_claim",
         "tenant_id",
         "task_type",
         sa.text("priority DESC"),
         "available_at",
-        postgresql_where=sa.text("status = 'READY'"),
-        sqlite_where=sa.text("status = 'READY'"),
+        postgresql_where=sa.text(CLAIMABLE),
+        sqlite_where=sa.text(CLAIMABLE),
+    ),
+    # The schedule-to-start sweeper: claimable rows with a deadline.
+    sa.Index(
+        "ix_node_runs_schedule_deadline",
+        "schedule_deadline",
+        postgresql_where=sa.text(f"{CLAIMABLE} AND schedule_deadline IS NOT NULL"),
+        sqlite_where=sa.text(f"{CLAIMABLE} AND schedule_deadline IS NOT NULL"),
     ),
     # The lease sweeper: LEASED rows past either deadline.
     sa.Index(
@@ -173,4 +211,40 @@ workers = sa.Table(
     sa.Column("identity", sa.Text, nullable=False),
     sa.Column("last_seen", sa.BigInteger, nullable=False),
     sa.PrimaryKeyConstraint("tenant_id", "id"),
+    # The lost-worker sweeper: workers silent since a cutoff.
+    sa.Index(None, "last_seen"),
+)
+
+dead_letters = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column(
+        "execution_id",
+        sa.Text,
+        sa.ForeignKey("executions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("workflow_name", sa.Text, nullable=False),
+    sa.Column("workflow_version", sa.Integer, nullable=False),
+    sa.Column("node_id", sa.Text, nullable=False),
+    sa.Column("task_type", sa.Text, nullable=False),
+    sa.Column("input", sa.LargeBinary, nullable=True),
+    # JSON list of {attempt, type, message, details (JSON text or null), worker_id, time (ms)}.
+    sa.Column("attempts", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("redriven_at", sa.BigInteger, nullable=True),
+    # Listing, newest first: all of a tenant's, or (the usual view) those not yet redriven.
+    sa.Index(None, "tenant_id", "created_at", "id"),
+    sa.Index(
+        "ix_dead_letters_unredriven",
+        "tenant_id",
+        "created_at",
+        "id",
+        postgresql_where=sa.text("redriven_at IS NULL"),
+        sqlite_where=sa.text("redriven_at IS NULL"),
+    ),
+    # An execution's dead letters (and the cascade when an execution is deleted).
+    sa.Index(None, "execution_id"),
 )

@@ -101,6 +101,17 @@ def keys_in_order(payload: bytes) -> list[str]:
     return [k for k, _ in pairs]
 
 
+def descendants(defn: WorkflowDef, node_id: str) -> set[str]:
+    out: set[str] = set()
+    stack = list(defn.children[node_id])
+    while stack:
+        nid = stack.pop()
+        if nid not in out:
+            out.add(nid)
+            stack.extend(defn.children[nid])
+    return out
+
+
 def check_step(
     defn: WorkflowDef,
     before: dict[str, NodeRun],
@@ -145,7 +156,7 @@ def check_step(
     for nid, node in after.items():
         assert node.attempt <= defn.retry_policy_for(defn.node_map[nid]).max_attempts
         # Nothing runs or ran before all its parents succeeded.
-        if node.status not in (NodeStatus.BLOCKED, NodeStatus.CANCELLED):
+        if node.status not in (NodeStatus.BLOCKED, NodeStatus.CANCELLED, NodeStatus.SKIPPED):
             assert all(after[p].status is NodeStatus.SUCCEEDED for p in defn.parents[nid])
         for payload in (node.input, node.output):
             if payload is not None:
@@ -224,11 +235,13 @@ def test_random_runs_always_finish_consistently(
         assert len(failed) == 1
         assert execution.error is not None
         assert execution.error.node_id == failed[0].node_id
-        assert {n.status for n in nodes.values()} <= {
-            NodeStatus.SUCCEEDED,
-            NodeStatus.FAILED,
-            NodeStatus.CANCELLED,
-        }
+        assert t.dead_lettered == (failed[0].node_id,)
+        below = descendants(defn, failed[0].node_id)
+        for n in nodes.values():
+            if n.node_id in below:  # below the failed node: skipped (never ran)
+                assert n.status is NodeStatus.SKIPPED
+            elif n.status is not NodeStatus.FAILED:
+                assert n.status in (NodeStatus.SUCCEEDED, NodeStatus.CANCELLED)
     # A finished execution accepts no more results.
     leased = replace(next(iter(nodes.values())), status=NodeStatus.LEASED)
     with pytest.raises(FailedPrecondition):

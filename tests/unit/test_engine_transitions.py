@@ -391,7 +391,7 @@ def assert_execution_failed(
     assert json.loads(details)["node_id"] == node_id
 
 
-def test_exhausted_retries_fail_the_execution_and_cancel_the_rest() -> None:
+def test_exhausted_retries_fail_the_execution_skip_below_and_cancel_the_rest() -> None:
     policy = RetryPolicy(max_attempts=2, initial_interval=timedelta(0), max_interval=timedelta(0))
     defn = WorkflowDef(
         name="x",
@@ -411,23 +411,28 @@ def test_exhausted_retries_fail_the_execution_and_cancel_the_rest() -> None:
     err = ErrorInfo("Boom", "disk full", details=b'{"why": "x"}')
     t = run.fail("b", err)
     assert run.nodes["b"].status is NodeStatus.READY
+    assert t.dead_lettered == ()
     t = run.fail("b", err)
     assert_execution_failed(run, t, "b", 2, "Boom", "disk full")
+    assert t.dead_lettered == ("b",)
     assert [(n.node_id, n.status) for n in t.nodes] == [
         ("b", NodeStatus.FAILED),
+        ("e", NodeStatus.SKIPPED),  # below the failed node
         ("c", NodeStatus.CANCELLED),
         ("d", NodeStatus.CANCELLED),
-        ("e", NodeStatus.CANCELLED),
     ]
     assert run.nodes["a"].status is NodeStatus.SUCCEEDED  # finished nodes are kept
-    assert kinds(t)[2:5] == [
+    assert kinds(t)[2:6] == [
+        (EventType.NODE_DEAD_LETTERED, "b"),
+        (EventType.NODE_SKIPPED, "e"),
         (EventType.NODE_CANCELLED, "c"),
         (EventType.NODE_CANCELLED, "d"),
-        (EventType.NODE_CANCELLED, "e"),
     ]
+    assert json.loads(t.events[3].details or b"") == {"reason": "upstream node 'b' failed"}
+    assert json.loads(t.events[4].details or b"") == {"reason": "node 'b' failed"}
     c = run.nodes["c"]
     assert (c.worker_id, c.lease_seq, c.lease_deadline) == ("wc", 1, None)
-    assert t.events[2].worker_id == "wc"
+    assert t.events[4].worker_id == "wc"
     assert run.nodes["b"].error == ErrorInfo("Boom", "disk full", b'{"why": "x"}', "b", 2, "w1")
 
 
@@ -436,7 +441,8 @@ def test_non_retryable_error_type_fails_at_once() -> None:
     t = run.fail("a", ErrorInfo("Fatal", "bad input", details=b'{"why": "x"}'))
     assert_execution_failed(run, t, "a", 1, "Fatal", "bad input")
     assert EventType.NODE_RETRY_SCHEDULED not in [e.type for e in t.events]
-    assert run.nodes["b"].status is NodeStatus.CANCELLED
+    assert run.nodes["b"].status is NodeStatus.SKIPPED
+    assert run.nodes["c"].status is NodeStatus.CANCELLED
 
 
 def test_retryable_false_fails_at_once() -> None:
@@ -445,7 +451,12 @@ def test_retryable_false_fails_at_once() -> None:
     assert_execution_failed(run, t, "a", 1, "Boom", "no")
     attempt_failed = t.events[0].details
     assert attempt_failed is not None
-    assert json.loads(attempt_failed) == {"error_type": "Boom", "message": "no", "retryable": False}
+    assert json.loads(attempt_failed) == {
+        "error_type": "Boom",
+        "message": "no",
+        "retryable": False,
+        "details": '{"why": "x"}',  # the worker's details, kept for the dead letter
+    }
 
 
 def test_no_retry_by_default() -> None:

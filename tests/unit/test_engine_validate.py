@@ -242,3 +242,94 @@ def test_node_timeouts_positive(field: str, value: timedelta) -> None:
 def test_default_timeout_positive() -> None:
     msg = invalid(wf(default_start_to_close_timeout=timedelta(0)))
     assert "default_start_to_close_timeout is 0.0s; use a positive duration" in msg
+
+
+# -- fault tolerance: handlers, compensation, timeouts, jitter ------------------------------
+
+SEC = timedelta(seconds=1)
+
+
+def test_fault_tolerance_features_pass() -> None:
+    validate_definition(
+        wf(
+            nodes=(
+                node("a", on_failure="h", compensation_task_type="ns:undo/a-1.0"),
+                node("b", on_failure="h", pause_before=True, schedule_to_start_timeout=SEC),
+                node("h", pause_before=True, retry_policy=RetryPolicy(jitter=1.0)),
+            ),
+            edges=(("a", "b"),),
+            execution_timeout=SEC,
+            default_schedule_to_start_timeout=SEC,
+            default_heartbeat_timeout=SEC,
+            default_retry_policy=RetryPolicy(jitter=0.0),
+        )
+    )
+
+
+def test_on_failure_must_name_a_node() -> None:
+    msg = invalid(wf(nodes=(node("a", on_failure="zz"),)))
+    assert msg == (
+        "node 'a' on_failure names unknown node 'zz'; declare the handler node or fix on_failure"
+    )
+
+
+def test_on_failure_cannot_name_the_node_itself() -> None:
+    msg = invalid(wf(nodes=(node("a", on_failure="a"),)))
+    assert msg == "node 'a' on_failure names the node itself; point it at a separate handler node"
+
+
+@pytest.mark.parametrize("edge", [("h", "b"), ("b", "h")])
+def test_handler_must_have_no_edges(edge: tuple[str, str]) -> None:
+    defn = wf(nodes=(node("a", on_failure="h"), node("b"), node("h")), edges=(edge,))
+    msg = invalid(defn)
+    assert msg.startswith(
+        "node 'h' is the on_failure handler of 'a' and so must have no edges, "
+        f"but has edge {edge[0]} -> {edge[1]}; remove the edge"
+    )
+
+
+def test_handlers_cannot_chain() -> None:
+    defn = wf(nodes=(node("a", on_failure="h"), node("h", on_failure="g"), node("g")))
+    msg = invalid(defn)
+    assert "node 'h' is the on_failure handler of 'a' and declares on_failure 'g' itself" in msg
+    assert "handlers cannot have handlers" in msg
+    loop = wf(nodes=(node("a", on_failure="h"), node("h", on_failure="a")))
+    assert "handlers cannot have handlers" in invalid(loop)
+
+
+def test_handlers_are_not_compensated() -> None:
+    defn = wf(nodes=(node("a", on_failure="h"), node("h", compensation_task_type="u")))
+    assert "declares compensation_task_type; only workflow nodes are compensated" in (invalid(defn))
+
+
+@pytest.mark.parametrize("bad", ["", "undo it", "x;y"])
+def test_compensation_task_type_charset(bad: str) -> None:
+    msg = invalid(wf(nodes=(node("a", compensation_task_type=bad),)))
+    assert f"node 'a' compensation_task_type {bad!r} is invalid; use only letters" in msg
+
+
+def test_compensation_task_type_length() -> None:
+    msg = invalid(wf(nodes=(node("a", compensation_task_type="abcde"),)), Limits(max_id_length=4))
+    assert "node 'a' compensation_task_type is 5 characters long; use at most 4" in msg
+
+
+@pytest.mark.parametrize("value", [timedelta(0), timedelta(seconds=-1)])
+def test_new_timeouts_positive(value: timedelta) -> None:
+    msg = invalid(wf(nodes=(node("a", schedule_to_start_timeout=value),)))
+    assert "node 'a' schedule_to_start_timeout is" in msg
+    for field in (
+        "execution_timeout",
+        "default_schedule_to_start_timeout",
+        "default_heartbeat_timeout",
+    ):
+        msg = invalid(wf(**{field: value}))
+        assert msg.startswith(f"workflow 'wf' {field} is")
+        assert "use a positive duration or leave it unset" in msg
+
+
+@pytest.mark.parametrize("jitter", [-0.1, 1.01, float("nan"), float("inf")])
+def test_jitter_is_a_fraction(jitter: float) -> None:
+    policy = RetryPolicy(jitter=jitter)
+    fragment = f"has jitter {jitter}; use a fraction between 0 (none) and 1"
+    assert fragment in invalid(wf(nodes=(node("a", retry_policy=policy),)))
+    assert fragment in invalid(wf(default_retry_policy=policy))

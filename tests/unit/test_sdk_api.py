@@ -29,7 +29,9 @@ from worker_sdk._errors import rpc_error
 def test_public_api_is_pinned() -> None:
     assert worker_sdk.__all__ == [
         "DEFAULT_ADDRESS",
+        "AttemptFailure",
         "Client",
+        "DeadLetter",
         "DefinitionError",
         "ErrorDetails",
         "Event",

@@ -172,3 +172,34 @@ def test_load_workflow_errors(tmp_path: Path, name: str, content: str | None, pr
     message = str(info.value)
     assert message.startswith(f"{path}: ")
     assert "\n" not in message
+
+
+def test_builder_carries_fault_tolerance_settings() -> None:
+    wf = Workflow(
+        "saga",
+        execution_timeout="10m",
+        default_heartbeat_timeout="20s",
+        default_schedule_to_start_timeout="1m",
+    )
+    wf.node("alert", "notify")
+    a = wf.node(
+        "charge",
+        "charge-card",
+        compensation="refund-card",
+        on_failure="alert",
+        schedule_to_start_timeout="30s",
+        retry_jitter=0.2,
+        retries=2,
+    )
+    wf.node("ship", "ship", after=[a], pause_before=True)
+    msg = wf.to_proto()
+    assert msg.execution_timeout.seconds == 600
+    assert msg.default_heartbeat_timeout.seconds == 20
+    assert msg.default_schedule_to_start_timeout.seconds == 60
+    charge = msg.nodes[1]
+    assert (charge.compensation_task_type, charge.on_failure) == ("refund-card", "alert")
+    assert charge.schedule_to_start_timeout.seconds == 30
+    assert charge.retry_policy.jitter == pytest.approx(0.2)
+    assert msg.nodes[2].pause_before is True
+    with pytest.raises(DefinitionError, match="retry_jitter"):
+        wf.node("bad", "t", retry_jitter=2)
