@@ -10,13 +10,14 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from coordinator import engine
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from coordinator.model import (
+    COMPENSATION_SUFFIX,
     NULL_JSON,
     DeadLetter,
     ErrorInfo,
@@ -318,7 +319,8 @@ class Coordinator:
 
     async def _leased(self, node: NodeRun) -> LeasedTask:
         defn = await self.get_workflow(node.tenant_id, node.workflow_name, node.workflow_version)
-        spec = defn.node_map[node.node_id]
+        # A compensation run gets the configuration of the node it undoes.
+        spec = defn.node_map.get(node.node_id.removesuffix(COMPENSATION_SUFFIX))
         token = LeaseToken(
             node.execution_id,
             node.node_id,
@@ -326,15 +328,18 @@ class Coordinator:
             node.workflow_name,
             node.workflow_version,
         )
-        return LeasedTask(token.encode(), node, spec.config)
+        return LeasedTask(token.encode(), node, spec.config if spec else b"")
 
     async def heartbeat(
         self, tenant_id: str, worker_id: str, tokens: Sequence[str]
     ) -> HeartbeatResult:
+        """Extend the leases the worker reports; say which it must drop. A lease this worker
+        holds but no longer reports (its poll reply was lost, say) is failed for a retry."""
         decoded = {t: LeaseToken.decode(t) for t in tokens}
         now = self._clock()
         if worker_id:
             await self.store.touch_worker(tenant_id, worker_id, now)
+            await self._release_unreported(tenant_id, worker_id, decoded.values(), now)
         if not decoded:
             return HeartbeatResult((), ())
         rows = await self.store.touch_leases(tenant_id, [d.key for d in decoded.values()], now)
@@ -350,6 +355,36 @@ class Coordinator:
                     continue
             lost.append(raw)
         return HeartbeatResult(tuple(cancelled), tuple(lost))
+
+    async def _release_unreported(
+        self, tenant_id: str, worker_id: str, reported: Iterable[LeaseToken], now: datetime
+    ) -> None:
+        held = {(t.execution_id, t.node_id, t.lease_seq) for t in reported}
+        # A lease claimed just now may not be in a heartbeat that was already on its way.
+        grace = 2 * self.settings.heartbeat_interval + timedelta(seconds=2)
+        for node in await self.store.list_worker_leases(tenant_id, worker_id):
+            if (node.execution_id, node.node_id, node.lease_seq) in held:
+                continue
+            if node.lease_deadline is None:
+                continue
+            leased_at = node.lease_deadline - node.start_to_close_timeout
+            if now - leased_at < grace:
+                continue
+            error = ErrorInfo(
+                "LeaseNotHeld",
+                f"worker '{worker_id}' no longer reports this lease in its heartbeats "
+                "(its poll reply was probably lost)",
+            )
+            if await self.fail_lease(node, error, retryable=True):
+                log.warning(
+                    "lease not reported by its worker; released for a retry",
+                    extra={
+                        "execution_id": node.execution_id,
+                        "node_id": node.node_id,
+                        "attempt": node.attempt,
+                        "worker_id": worker_id,
+                    },
+                )
 
     async def complete_task(
         self, tenant_id: str, token_text: str, output: bytes, worker_id: str = ""

@@ -33,6 +33,9 @@ class Sweeper:
     def __init__(self, coordinator: Coordinator, batch: int = 100) -> None:
         self._c = coordinator
         self._batch = batch
+        # Workers cannot heartbeat to a coordinator that was down: give them one liveness
+        # window to reconnect before calling any of them lost.
+        self._started = coordinator.clock()
 
     async def sweep(self) -> int:
         """One pass over every kind of overdue work; returns how many verdicts were found."""
@@ -74,6 +77,8 @@ class Sweeper:
     async def release_lost_workers(self) -> int:
         """Leases of workers silent past the liveness window fail (retryable) at once."""
         window = self._c.settings.worker_liveness_timeout
+        if self._now() - self._started < window:
+            return 0
         lost = await self._c.store.find_leases_of_lost_workers(self._now() - window, self._batch)
         for node in lost:
             error = ErrorInfo(

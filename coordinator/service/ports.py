@@ -151,6 +151,10 @@ class Store(Protocol):
         last_seen < cutoff."""
         ...
 
+    async def list_worker_leases(self, tenant_id: str, worker_id: str) -> list[NodeRun]:
+        """LEASED rows currently held by this worker."""
+        ...
+
     # -- dead letters ---------------------------------------------------------------------
     async def list_dead_letters(
         self,

@@ -663,6 +663,15 @@ class SqlStore:
             rows = (await conn.execute(query)).mappings().all()
         return [_rows.node_run_from_row(r) for r in rows]
 
+    async def list_worker_leases(self, tenant_id: str, worker_id: str) -> list[NodeRun]:
+        n = node_runs
+        query = sa.select(n).where(
+            n.c.tenant_id == tenant_id, n.c.status == _LEASED, n.c.worker_id == worker_id
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.node_run_from_row(r) for r in rows]
+
     # -- dead letters ---------------------------------------------------------------------
 
     async def list_dead_letters(

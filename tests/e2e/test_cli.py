@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.procs import ROOT, Proc, base_env, spawn_coordinator, spawn_worker
+from worker_sdk import Client
 
 pytestmark = pytest.mark.e2e
 
@@ -138,3 +139,46 @@ def test_migrate_is_idempotent(db_url: str) -> None:
         )
         assert result.returncode == 0, result.stderr
         assert "up to date" in result.stdout
+
+
+async def test_saga_example_rolls_back_in_reverse_order(
+    coordinator: tuple[Proc, str], tmp_path: Path
+) -> None:
+    _, address = coordinator
+    worker = spawn_worker(ROOT / "examples/saga_worker.py", address, tmp_path, "saga-worker")
+    try:
+        assert trellis(address, "workflow", "apply", "examples/saga.yaml").returncode == 0
+        ok = trellis(
+            address, "run", "saga", "--input", '{"order": 7}', "--wait", "--output", "json"
+        )
+        assert json.loads(ok.stdout)["output"] == {"tracking": "T-7"}, ok.stderr
+
+        bad = trellis(
+            address,
+            "run",
+            "saga",
+            "--input",
+            '{"order": 8, "ship_fails": true}',
+            "--wait",
+            "--output",
+            "json",
+        )
+        assert bad.returncode == 1
+        doc = json.loads(bad.stdout)
+        assert doc["status"] == "FAILED"
+        assert "carrier down (attempt 3)" in doc["error"]["message"]
+        nodes = {n["id"]: n for n in doc["nodes"]}
+        assert nodes["ship"]["status"] == "FAILED" and nodes["ship"]["attempt"] == 3
+        assert nodes["alert"]["output"] == {"alerted": "ship"}
+        assert nodes["charge~compensate"]["output"] == {"refunded": "P-8"}
+        assert nodes["reserve~compensate"]["output"] == {"released": "R-8"}
+        async with Client(address) as client:
+            events = [e async for e in client.watch_execution(doc["id"])]
+        done = [e.node_id for e in events if e.type == "NODE_SUCCEEDED"]
+        assert done.index("charge~compensate") < done.index("reserve~compensate")
+
+        letters = json.loads(trellis(address, "dlq", "list", "--output", "json").stdout)
+        assert [(d["node_id"], len(d["attempts"])) for d in letters] == [("ship", 3)]
+        assert {a["error"]["type"] for a in letters[0]["attempts"]} == {"ShippingUnavailable"}
+    finally:
+        assert worker.stop() == 0, worker.output()
