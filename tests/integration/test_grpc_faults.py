@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import grpc
+from google.protobuf import duration_pb2
 
 from coordinator.model import Event
 from tests.integration.conftest import Api
@@ -221,3 +222,57 @@ async def test_unknown_dead_letter_is_not_found(api: Api) -> None:
         grpc.StatusCode.NOT_FOUND,
         "no-such-letter",
     )
+
+
+async def test_unstarted_node_times_out_and_is_dead_lettered(api: Api) -> None:
+    defn = definition(
+        "nobody-home",
+        ["a", "b"],
+        [("a", "b")],
+        schedule_to_start_timeout=duration_pb2.Duration(nanos=200_000_000),
+    )
+    await register(api, defn)
+    execution_id = await start(api, "nobody-home", 1)
+
+    async def ended() -> common_pb2.Execution | None:
+        got = await execution(api, execution_id)
+        return got if got.status == common_pb2.EXECUTION_STATUS_FAILED else None
+
+    failed = await eventually(ended, within=10)
+    assert statuses(failed) == {
+        "a": common_pb2.NODE_STATUS_TIMED_OUT,
+        "b": common_pb2.NODE_STATUS_SKIPPED,
+    }
+    assert failed.error.type == "ScheduleToStartTimeout"
+    letters = await api.workflows.ListDeadLetters(fpb.ListDeadLettersRequest())
+    assert [(d.execution_id, d.node_id) for d in letters.dead_letters] == [(execution_id, "a")]
+    assert await poll(api) == [], "a timed-out node is not dispatched any more"
+
+
+async def test_execution_timeout_revokes_running_leases(api: Api) -> None:
+    defn = definition("deadline", ["a"], [])
+    defn.execution_timeout.FromMilliseconds(300)
+    await register(api, defn)
+    execution_id = await start(api, "deadline", 1)
+    (task,) = await poll(api)
+
+    async def timed_out() -> bool:
+        got = await execution(api, execution_id)
+        return got.status == common_pb2.EXECUTION_STATUS_TIMED_OUT
+
+    await eventually(timed_out, within=10)
+    beat = await api.workers.Heartbeat(
+        wpb.HeartbeatRequest(
+            worker_id="w1", leases=[wpb.LeaseHeartbeat(lease_token=task.lease_token)]
+        )
+    )
+    assert list(beat.cancelled_lease_tokens) == [task.lease_token]
+    await expect_status(
+        api.workers.CompleteTask(
+            wpb.CompleteTaskRequest(lease_token=task.lease_token, output=b"1")
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    ended = await execution(api, execution_id)
+    assert ended.error.type == "ExecutionTimeout"
+    assert statuses(ended) == {"a": common_pb2.NODE_STATUS_CANCELLED}
