@@ -71,7 +71,11 @@ class CoordinatorConfig:
         """Read ``TRELLIS_<FIELD>`` for each field; unknown TRELLIS_ names are rejected."""
         known = {f"TRELLIS_{f.name.upper()}": f for f in fields(cls)}
         accepted = known.keys() | _OTHER_SETTINGS
-        extra = sorted(k for k in environ if k.startswith("TRELLIS_") and k not in accepted)
+        extra = sorted(
+            k
+            for k in environ
+            if k.startswith("TRELLIS_") and k not in accepted and not k.startswith(_GATEWAY)
+        )
         if extra:
             raise ConfigError(
                 f"unknown setting {', '.join(extra)}; known settings: {', '.join(sorted(known))}"
@@ -107,5 +111,6 @@ class CoordinatorConfig:
             raise ConfigError("TRELLIS_POLL_MAX_WAIT and TRELLIS_SWEEP_INTERVAL must be positive")
 
 
-# Variables read by other entry points (the CLI's client commands), not by the coordinator.
+# Variables read by other entry points (the CLI's client commands, the gateway).
 _OTHER_SETTINGS = frozenset({"TRELLIS_ADDRESS"})
+_GATEWAY = "TRELLIS_GATEWAY_"

@@ -295,6 +295,30 @@ async def _coordinator_serve(args: argparse.Namespace) -> int:
     return await _serve(_coordinator_config(os.environ, {"listen": args.listen}))
 
 
+async def _gateway_serve(args: argparse.Namespace) -> int:
+    try:
+        from gateway.app import serve
+        from gateway.config import GatewayConfig, GatewayConfigError
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise CliError("the gateway is not installed; pip install 'trellis[gateway]'") from exc
+    import logging
+
+    try:
+        config = GatewayConfig.from_env(os.environ)
+        if args.listen:
+            config = replace(config, listen=args.listen)
+        if args.coordinator:
+            config = replace(config, coordinator_address=args.coordinator)
+        config.host_port  # noqa: B018 - validates the listen address before serving
+    except GatewayConfigError as exc:
+        raise CliError(str(exc)) from exc
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    )
+    await serve(config)
+    return 0
+
+
 async def _migrate(args: argparse.Namespace) -> int:
     config = _coordinator_config(os.environ, {"database_url": args.database_url})
     from coordinator.store import migrate
@@ -326,6 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = coord_sub.add_parser("serve", help="serve with TRELLIS_* settings")
     serve.add_argument("--listen", help="HOST:PORT (overrides TRELLIS_LISTEN)")
     serve.set_defaults(func=_coordinator_serve)
+
+    gw = sub.add_parser("gateway", help="HTTP gateway commands")
+    gw_sub = gw.add_subparsers(dest="gateway_command", required=True, metavar="ACTION")
+    gw_serve = gw_sub.add_parser("serve", help="serve /healthz and /readyz (TRELLIS_GATEWAY_*)")
+    gw_serve.add_argument("--listen", help="HOST:PORT (overrides TRELLIS_GATEWAY_LISTEN)")
+    gw_serve.add_argument(
+        "--coordinator",
+        help="coordinator HOST:PORT (overrides TRELLIS_GATEWAY_COORDINATOR_ADDRESS)",
+    )
+    gw_serve.set_defaults(func=_gateway_serve)
 
     mig = sub.add_parser("migrate", help="apply database migrations (TRELLIS_DATABASE_URL)")
     mig.add_argument("--database-url", help="overrides TRELLIS_DATABASE_URL")

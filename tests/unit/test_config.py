@@ -58,3 +58,17 @@ def test_bad_values_name_the_variable(env: dict[str, str], fragment: str) -> Non
     with pytest.raises(ConfigError) as info:
         CoordinatorConfig.from_env(env)
     assert fragment in str(info.value)
+
+
+def test_gateway_settings_are_left_to_the_gateway() -> None:
+    from gateway.config import GatewayConfig, GatewayConfigError
+
+    shared = {"TRELLIS_GATEWAY_LISTEN": "0.0.0.0:8080", "TRELLIS_LISTEN": "0.0.0.0:7400"}
+    assert CoordinatorConfig.from_env(shared).listen == "0.0.0.0:7400"
+    gateway = GatewayConfig.from_env({**shared, "TRELLIS_GATEWAY_READY_TIMEOUT": "250ms"})
+    assert gateway.host_port == ("0.0.0.0", 8080)
+    assert gateway.ready_timeout == 0.25
+    with pytest.raises(GatewayConfigError, match="unknown setting TRELLIS_GATEWAY_PORT"):
+        GatewayConfig.from_env({"TRELLIS_GATEWAY_PORT": "1"})
+    with pytest.raises(GatewayConfigError, match="HOST:PORT"):
+        GatewayConfig.from_env({"TRELLIS_GATEWAY_COORDINATOR_ADDRESS": "coordinator"})

@@ -68,3 +68,8 @@ def test_base_install_is_grpcio_and_protobuf_only() -> None:
     names = sorted(d.split(">")[0].split("=")[0].split("<")[0] for d in project["dependencies"])
     assert names == ["grpcio", "protobuf"]
     assert project["scripts"]["trellis"] == "trellis.cli:main"
+
+
+def test_gateway_talks_to_the_coordinator_over_grpc_only() -> None:
+    allowed = ("grpc", "grpc_health", "starlette", "uvicorn", "gateway", "trellis.v1")
+    assert offenders("gateway", allowed) == []

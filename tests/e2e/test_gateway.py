@@ -1,0 +1,78 @@
+"""The gateway process answers Kubernetes probes: /readyz follows the coordinator."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import Proc, base_env, free_port, spawn, spawn_coordinator, wait_serving
+
+pytestmark = pytest.mark.e2e
+
+
+def get(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def until(url: str, status: int, proc: Proc, within: float = 30.0) -> dict[str, object]:
+    import time
+
+    deadline = time.monotonic() + within
+    last: tuple[int, object] | None = None
+    while time.monotonic() < deadline:
+        assert proc.popen.poll() is None, proc.output()
+        try:
+            code, body = get(url)
+        except OSError as exc:  # not listening yet
+            last = (0, str(exc))
+        else:
+            if code == status:
+                return body
+            last = (code, body)
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered {status}; last {last}\n{proc.output()}")
+
+
+def test_readyz_follows_the_coordinator(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/trellis.db"
+    coordinator, address = spawn_coordinator(db, tmp_path)
+    port = free_port()
+    gateway = spawn(
+        "gateway",
+        [sys.executable, "-m", "trellis.cli", "gateway", "serve"],
+        base_env(
+            {
+                "TRELLIS_GATEWAY_LISTEN": f"127.0.0.1:{port}",
+                "TRELLIS_GATEWAY_COORDINATOR_ADDRESS": address,
+                "TRELLIS_GATEWAY_READY_TIMEOUT": "500ms",
+            }
+        ),
+        tmp_path,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert until(f"{base}/healthz", 200, gateway) == {"status": "ok"}
+        ready = until(f"{base}/readyz", 200, gateway)
+        assert ready["dependencies"] == {"coordinator": "SERVING"}
+
+        assert coordinator.stop() == 0
+        unready = until(f"{base}/readyz", 503, gateway)
+        assert unready["status"] == "unready"
+        assert get(f"{base}/healthz")[0] == 200, "the gateway itself stays alive"
+
+        restarted, _ = spawn_coordinator(db, tmp_path, port=int(address.rsplit(":", 1)[1]))
+        wait_serving(address, restarted)
+        until(f"{base}/readyz", 200, gateway)
+        assert restarted.stop() == 0
+    finally:
+        coordinator.stop()
+        assert gateway.stop() == 0, gateway.output()
