@@ -150,6 +150,10 @@ def _check_config(node: NodeSpec, limits: Limits) -> None:
         raise InvalidArgument(f"{where} is not valid JSON ({exc}); fix the document") from exc
 
 
+# Every timeout and retry interval is bounded so deadlines stay representable.
+MAX_DURATION = timedelta(days=3650)
+
+
 def _check_retry_policy(policy: RetryPolicy, where: str) -> None:
     if policy.max_attempts < 1:
         raise InvalidArgument(
@@ -159,6 +163,15 @@ def _check_retry_policy(policy: RetryPolicy, where: str) -> None:
         raise InvalidArgument(f"{where} has a negative initial_interval; use 0 or more")
     if policy.max_interval < timedelta(0):
         raise InvalidArgument(f"{where} has a negative max_interval; use 0 or more")
+    for name, value in (
+        ("initial_interval", policy.initial_interval),
+        ("max_interval", policy.max_interval),
+    ):
+        if value > MAX_DURATION:
+            raise InvalidArgument(
+                f"{where} has {name} {value.total_seconds():.0f}s, over the "
+                f"{MAX_DURATION.days}-day limit; use a shorter interval"
+            )
     if policy.max_interval < policy.initial_interval:
         raise InvalidArgument(
             f"{where} has max_interval {policy.max_interval.total_seconds()}s below "
@@ -187,6 +200,11 @@ def _check_timeout(value: timedelta | None, where: str, *, required: bool = Fals
     if value <= timedelta(0):
         raise InvalidArgument(
             f"{where} is {value.total_seconds()}s; use a positive duration or leave it unset"
+        )
+    if value > MAX_DURATION:
+        raise InvalidArgument(
+            f"{where} is {value.total_seconds():.0f}s, over the {MAX_DURATION.days}-day limit; "
+            "use a shorter duration or leave it unset"
         )
 
 

@@ -26,6 +26,10 @@ from trellis.v1 import (
 
 log = logging.getLogger(__name__)
 
+# gRPC messages up to this size are sent (the Python SDK accepts 64 MiB too); a poll is
+# capped so its tasks' payloads fit.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
 SERVICE_NAMES = (
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
@@ -65,9 +69,10 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
             poll_max_wait=config.poll_max_wait,
             heartbeat_interval=config.heartbeat_interval,
             worker_liveness_timeout=config.worker_liveness_timeout,
+            max_reply_bytes=MAX_REPLY_BYTES,
         ),
     )
-    max_message = config.max_payload_bytes * 4 + 1024 * 1024
+    max_message = max(MAX_REPLY_BYTES, config.max_payload_bytes * 4 + 1024 * 1024)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message),

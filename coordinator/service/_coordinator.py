@@ -51,6 +51,8 @@ class ServiceSettings:
     max_payload_bytes: int = 1024 * 1024
     poll_max_wait: timedelta = timedelta(seconds=30)
     heartbeat_interval: timedelta = timedelta(seconds=5)
+    # A poll hands out at most as many tasks as fit this reply size at the payload limit.
+    max_reply_bytes: int = 64 * 1024 * 1024
     # A worker holding leases that sends no heartbeat (nor claims) for this long is lost:
     # its leases are failed (retryable) at once.
     worker_liveness_timeout: timedelta = timedelta(seconds=15)
@@ -157,6 +159,7 @@ class Coordinator:
         payload = self.check_payload("input", input)
         if not workflow_name:
             raise InvalidArgument("workflow_name is required")
+        _check_names(workflow_name=workflow_name, idempotency_key=idempotency_key)
         defn = await self.get_workflow(tenant_id, workflow_name, version)
         now = self._clock()
         shell = Execution(
@@ -264,14 +267,28 @@ class Coordinator:
     ) -> str:
         if not task_types:
             raise InvalidArgument("task_types is empty; name at least one task type to serve")
+        _check_names(worker_id=worker_id, task_types=task_types, identity=identity)
         worker_id = worker_id or str(uuid.uuid4())
+        now = self._clock()
+        try:
+            known = await self.store.get_worker(tenant_id, worker_id)
+        except NotFound:
+            pass
+        else:
+            alive = now - known.last_seen < self.settings.worker_liveness_timeout
+            if alive and identity and known.identity and known.identity != identity:
+                raise FailedPrecondition(
+                    f"worker id '{worker_id}' is in use by {known.identity} (seen "
+                    f"{(now - known.last_seen).total_seconds():.0f}s ago); give each worker "
+                    "process its own worker_id"
+                )
         await self.store.upsert_worker(
             WorkerInfo(
                 id=worker_id,
                 tenant_id=tenant_id,
                 task_types=tuple(task_types),
                 capacity=max(capacity, 1),
-                last_seen=self._clock(),
+                last_seen=now,
                 labels=dict(labels or {}),
                 sdk_language=sdk_language,
                 sdk_version=sdk_version,
@@ -293,9 +310,11 @@ class Coordinator:
             raise InvalidArgument("task_types is empty; name at least one task type to poll")
         if not worker_id:
             raise InvalidArgument("worker_id is required; call RegisterWorker first")
+        _check_names(worker_id=worker_id, task_types=task_types)
         if self._draining:
             raise Unavailable("coordinator is shutting down; reconnect to another replica")
-        max_tasks = max(1, min(max_tasks, 1000))
+        fit = self.settings.max_reply_bytes // (2 * self.settings.max_payload_bytes)
+        max_tasks = max(1, min(max_tasks, 1000, fit))
         wait = min(wait, self.settings.poll_max_wait)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(wait.total_seconds(), 0.0)
@@ -397,7 +416,7 @@ class Coordinator:
         def decide(
             execution: Execution, nodes: Mapping[str, NodeRun]
         ) -> Decision[tuple[bool, Transition | None]]:
-            node = _held_node(nodes, token, accept_done=NodeStatus.SUCCEEDED)
+            node = _held_node(nodes, token, accept_done=_SUCCESS_RECORDED)
             if node is None:
                 return Decision(None, (True, None))
             t = engine.complete_node(defn, execution, nodes, token.node_id, payload, self._clock())
@@ -415,6 +434,12 @@ class Coordinator:
         token = LeaseToken.decode(token_text)
         if error.details:
             self.check_payload("error.details", error.details)
+        # Error text is copied into events, the execution and dead letters: keep it bounded.
+        error = replace(
+            error,
+            type=_clip(error.type, MAX_ERROR_TYPE),
+            message=_clip(error.message, MAX_ERROR_MESSAGE),
+        )
         defn = await self.get_workflow(tenant_id, token.workflow_name, token.workflow_version)
         return await self._fail(tenant_id, defn, token, error, retryable)
 
@@ -429,7 +454,7 @@ class Coordinator:
         def decide(
             execution: Execution, nodes: Mapping[str, NodeRun]
         ) -> Decision[tuple[bool, bool, Transition | None]]:
-            node = _held_node(nodes, token, accept_done=None)
+            node = _held_node(nodes, token, accept_done=_FAILURE_RECORDED)
             if node is None:
                 return Decision(None, (False, True, None))
             full = replace(
@@ -593,22 +618,51 @@ class Coordinator:
         self.notifier.notify(keys)
 
 
+# After a recorded failure the row is READY (retry scheduled) or FAILED, with the same
+# lease_seq until the next claim and the error of that attempt.
+_FAILURE_RECORDED = frozenset({NodeStatus.READY, NodeStatus.FAILED})
+_SUCCESS_RECORDED = frozenset({NodeStatus.SUCCEEDED})
+
+
 def _held_node(
-    nodes: Mapping[str, NodeRun], token: LeaseToken, accept_done: NodeStatus | None
+    nodes: Mapping[str, NodeRun], token: LeaseToken, accept_done: frozenset[NodeStatus]
 ) -> NodeRun | None:
-    """The node the token still leases, None for an accepted duplicate, else raise."""
+    """The node the token still leases, None for a duplicate of the result that ended the
+    lease (its status is in ``accept_done``), else raise FailedPrecondition."""
     node = nodes.get(token.node_id)
     if node is None:
         raise NotFound(f"node '{token.node_id}' not found in execution '{token.execution_id}'")
     if node.lease_seq == token.lease_seq:
         if node.status is NodeStatus.LEASED:
             return node
-        if accept_done is not None and node.status is accept_done:
+        failed_here = node.error is not None and node.error.attempt == node.attempt
+        if node.status in accept_done and (node.status is NodeStatus.SUCCEEDED or failed_here):
             return None
     raise FailedPrecondition(
         f"lease on node '{token.node_id}' of execution '{token.execution_id}' is no longer held "
         f"(node is {node.status.value}, attempt {node.attempt}); drop this result"
     )
+
+
+MAX_ERROR_TYPE = 256
+MAX_ERROR_MESSAGE = 8192
+
+
+_CLIPPED = " …(truncated)"
+
+
+def _clip(text: str, limit: int) -> str:
+    """Bounded error text without NUL characters (which PostgreSQL text cannot hold)."""
+    text = text.replace("\x00", "")
+    return text if len(text) <= limit else text[: limit - len(_CLIPPED)] + _CLIPPED
+
+
+def _check_names(**values: str | Sequence[str] | None) -> None:
+    """Identifiers from clients must not carry NUL characters (stores differ on them)."""
+    for name, value in values.items():
+        items = [value] if isinstance(value, str) else list(value or ())
+        if any("\x00" in item for item in items):
+            raise InvalidArgument(f"{name} contains a NUL character; remove it")
 
 
 def _page_size(requested: int) -> int:

@@ -1,15 +1,17 @@
 """Sweepers: lease expiry, lost workers, schedule-to-start and execution timeouts.
 
 Every replica runs them at once; each verdict is a fenced transition (a lease's
-``lease_seq``, an execution's ``version``), so two replicas cannot both apply it.
+``lease_seq``, an execution's ``version``), so two replicas cannot both apply it. A row
+whose verdict fails is logged and skipped, so one bad row never stops the others.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
+from typing import TypeVar
 
 from coordinator import engine
 from coordinator.errors import FailedPrecondition, NotFound
@@ -17,6 +19,8 @@ from coordinator.model import ErrorInfo, Execution, NodeRun, Transition, Workflo
 from coordinator.service._coordinator import Coordinator
 
 log = logging.getLogger(__name__)
+
+Row = TypeVar("Row", NodeRun, Execution)
 
 
 def _time_out_unstarted(
@@ -34,12 +38,12 @@ class Sweeper:
         self._c = coordinator
         self._batch = batch
         # Workers cannot heartbeat to a coordinator that was down: give them one liveness
-        # window to reconnect before calling any of them lost.
+        # window to reconnect before calling any of them lost or silent.
         self._started = coordinator.clock()
 
     async def sweep(self) -> int:
-        """One pass over every kind of overdue work; returns how many verdicts were found."""
-        found = 0
+        """One pass over every kind of overdue work; returns how many verdicts were applied."""
+        applied = 0
         for step in (
             self.expire_leases,
             self.release_lost_workers,
@@ -47,22 +51,45 @@ class Sweeper:
             self.time_out_executions,
         ):
             while True:
-                n = await step()
-                found += n
-                if n < self._batch:
+                seen, done = await step()
+                applied += done
+                # Go on while full batches keep yielding verdicts; rows that could not be
+                # settled come back first, so stop rather than spin on them.
+                if seen < self._batch or done == 0:
                     break
-        return found
+        return applied
 
     def _now(self) -> datetime:
         return self._c.clock()
 
-    async def expire_leases(self) -> int:
+    def _in_grace(self) -> bool:
+        return self._now() - self._started < self._c.settings.worker_liveness_timeout
+
+    async def _each(
+        self, rows: Sequence[Row], verdict: Callable[[Row], Awaitable[bool]]
+    ) -> tuple[int, int]:
+        done = 0
+        for row in rows:
+            try:
+                if await verdict(row):
+                    done += 1
+            except (FailedPrecondition, NotFound):
+                continue  # settled meanwhile (completed, or swept by another replica)
+            except Exception:
+                log.exception("sweep verdict failed; skipping this row", extra={"row": repr(row)})
+        return len(rows), done
+
+    async def expire_leases(self) -> tuple[int, int]:
         """Attempts past their start-to-close or heartbeat deadline fail (retryable)."""
         now = self._now()
+        grace = self._in_grace()
         expired = await self._c.store.find_expired_leases(now, self._batch)
-        for node in expired:
-            hb = node.heartbeat_deadline is not None and node.heartbeat_deadline < now
-            if hb:
+
+        async def verdict(node: NodeRun) -> bool:
+            closed = node.lease_deadline is not None and node.lease_deadline < now
+            if not closed:
+                if grace:
+                    return False  # silent only because this coordinator was down
                 error = ErrorInfo(
                     "HeartbeatTimeout", f"no heartbeat within {node.heartbeat_timeout}"
                 )
@@ -71,61 +98,65 @@ class Sweeper:
                     "StartToCloseTimeout",
                     f"attempt did not finish within {node.start_to_close_timeout}",
                 )
-            await self._fail(node, error)
-        return len(expired)
+            return await self._fail(node, error)
 
-    async def release_lost_workers(self) -> int:
+        return await self._each(expired, verdict)
+
+    async def release_lost_workers(self) -> tuple[int, int]:
         """Leases of workers silent past the liveness window fail (retryable) at once."""
+        if self._in_grace():
+            return 0, 0
         window = self._c.settings.worker_liveness_timeout
-        if self._now() - self._started < window:
-            return 0
         lost = await self._c.store.find_leases_of_lost_workers(self._now() - window, self._batch)
-        for node in lost:
+
+        async def verdict(node: NodeRun) -> bool:
             error = ErrorInfo(
                 "WorkerLost", f"worker '{node.worker_id}' sent no heartbeat for {window}"
             )
-            await self._fail(node, error)
-        return len(lost)
+            return await self._fail(node, error)
 
-    async def _fail(self, node: NodeRun, error: ErrorInfo) -> None:
-        if await self._c.fail_lease(node, error, retryable=True):
-            log.warning(
-                "attempt failed by the coordinator",
-                extra={
-                    "execution_id": node.execution_id,
-                    "node_id": node.node_id,
-                    "attempt": node.attempt,
-                    "worker_id": node.worker_id,
-                    "reason": error.type,
-                },
-            )
+        return await self._each(lost, verdict)
 
-    async def time_out_unstarted(self) -> int:
+    async def _fail(self, node: NodeRun, error: ErrorInfo) -> bool:
+        if not await self._c.fail_lease(node, error, retryable=True):
+            return False
+        log.warning(
+            "attempt failed by the coordinator",
+            extra={
+                "execution_id": node.execution_id,
+                "node_id": node.node_id,
+                "attempt": node.attempt,
+                "worker_id": node.worker_id,
+                "reason": error.type,
+            },
+        )
+        return True
+
+    async def time_out_unstarted(self) -> tuple[int, int]:
         """READY nodes not leased within schedule-to-start become TIMED_OUT (not retried)."""
         overdue = await self._c.store.find_unstarted_overdue(self._now(), self._batch)
-        for node in overdue:
-            node_id = node.node_id
-            try:
-                await self._c.run_step(
-                    node.tenant_id,
-                    node.execution_id,
-                    functools.partial(_time_out_unstarted, node_id),
-                )
-            except (FailedPrecondition, NotFound):
-                continue  # leased, released or timed out meanwhile
+
+        async def verdict(node: NodeRun) -> bool:
+            await self._c.run_step(
+                node.tenant_id,
+                node.execution_id,
+                functools.partial(_time_out_unstarted, node.node_id),
+            )
             log.warning(
                 "node not started in time",
-                extra={"execution_id": node.execution_id, "node_id": node_id},
+                extra={"execution_id": node.execution_id, "node_id": node.node_id},
             )
-        return len(overdue)
+            return True
 
-    async def time_out_executions(self) -> int:
+        return await self._each(overdue, verdict)
+
+    async def time_out_executions(self) -> tuple[int, int]:
         """Executions past their deadline become TIMED_OUT; their leases are revoked."""
         overdue = await self._c.store.find_overdue_executions(self._now(), self._batch)
-        for execution in overdue:
-            try:
-                await self._c.run_step(execution.tenant_id, execution.id, engine.time_out_execution)
-            except (FailedPrecondition, NotFound):
-                continue
+
+        async def verdict(execution: Execution) -> bool:
+            await self._c.run_step(execution.tenant_id, execution.id, engine.time_out_execution)
             log.warning("execution timed out", extra={"execution_id": execution.id})
-        return len(overdue)
+            return True
+
+        return await self._each(overdue, verdict)

@@ -176,6 +176,10 @@ class Store(Protocol):
     # -- workers --------------------------------------------------------------------------
     async def upsert_worker(self, worker: WorkerInfo) -> None: ...
 
+    async def get_worker(self, tenant_id: str, worker_id: str) -> WorkerInfo:
+        """The registered worker. Raises ``NotFound``."""
+        ...
+
     async def touch_worker(self, tenant_id: str, worker_id: str, now: datetime) -> None:
         """Record that the worker is alive (last_seen = now); unknown workers are ignored."""
         ...

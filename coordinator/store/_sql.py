@@ -147,6 +147,12 @@ class SqlStore:
         try:
             async with guard, self._engine.begin() as conn:
                 yield conn
+        except sa_exc.DataError as exc:
+            # e.g. a NUL character, which PostgreSQL text cannot hold: the caller's input.
+            raise errors.InvalidArgument(
+                f"the database refused a value ({_describe(exc)}); "
+                "remove NUL characters and out-of-range numbers from the request"
+            ) from exc
         except (sa_exc.OperationalError, sa_exc.ProgrammingError) as exc:
             if _missing_table(exc):
                 raise errors.FailedPrecondition(
@@ -730,7 +736,7 @@ class SqlStore:
             await conn.execute(_touch_worker(tenant_id, worker_id, _rows.to_ms(now)))
 
     async def get_worker(self, tenant_id: str, worker_id: str) -> WorkerInfo:
-        """Not part of the ``Store`` port (yet): the registered worker. Raises ``NotFound``."""
+        """The registered worker. Raises ``NotFound``."""
         query = sa.select(workers).where(
             workers.c.tenant_id == tenant_id, workers.c.id == worker_id
         )

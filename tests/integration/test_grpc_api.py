@@ -339,3 +339,51 @@ async def test_drain_answers_waiting_polls_and_refuses_new_ones(api: Api) -> Non
     coordinator.begin_drain()
     assert await asyncio.wait_for(poller, 5) == []
     await expect_status(poll(api), grpc.StatusCode.UNAVAILABLE, "shutting down")
+
+
+async def test_failure_resent_is_a_duplicate_and_long_error_text_is_clipped(api: Api) -> None:
+    retry = common_pb2.RetryPolicy(
+        max_attempts=2, initial_interval=duration_pb2.Duration(seconds=60)
+    )
+    await register(api, definition("twice", ["a"], [], retry_policy=retry))
+    execution_id = await start(api, "twice", 1)
+    (task,) = await poll(api)
+    error = wpb.TaskError(type="E" * 1000, message="m" * 100_000)
+    first = await api.workers.FailTask(
+        wpb.FailTaskRequest(lease_token=task.lease_token, error=error)
+    )
+    assert (first.will_retry, first.duplicate) == (True, False)
+    again = await api.workers.FailTask(
+        wpb.FailTaskRequest(lease_token=task.lease_token, error=error)
+    )
+    assert again.duplicate is True
+    got = await api.workflows.GetExecution(fpb.GetExecutionRequest(execution_id=execution_id))
+    (node,) = got.execution.nodes
+    assert node.status == common_pb2.NODE_STATUS_READY
+    assert len(node.error.type) == 256 and len(node.error.message) == 8192
+    assert node.error.message.endswith("(truncated)")
+
+
+async def test_nul_characters_are_refused_in_names_and_dropped_from_error_text(api: Api) -> None:
+    await register(api, definition("nul", ["a"], []))
+    execution_id = await start(api, "nul", 1)
+    await expect_status(
+        api.workers.PollTasks(wpb.PollTasksRequest(worker_id="w\x00", task_types=["t"])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "NUL",
+    )
+    (task,) = await poll(api)
+    bad = wpb.TaskError(type="E", message="bad \x00 byte", non_retryable=True)
+    await api.workers.FailTask(wpb.FailTaskRequest(lease_token=task.lease_token, error=bad))
+    got = await api.workflows.GetExecution(fpb.GetExecutionRequest(execution_id=execution_id))
+    assert got.execution.nodes[0].error.message == "bad  byte"
+
+
+async def test_a_second_process_cannot_take_a_live_worker_id(api: Api) -> None:
+    first = wpb.RegisterWorkerRequest(worker_id="emails", task_types=["t"], identity="host-a:1")
+    await api.workers.RegisterWorker(first)
+    await api.workers.RegisterWorker(first)  # the same process reconnecting is fine
+    other = wpb.RegisterWorkerRequest(worker_id="emails", task_types=["t"], identity="host-b:2")
+    await expect_status(
+        api.workers.RegisterWorker(other), grpc.StatusCode.FAILED_PRECONDITION, "host-a:1"
+    )

@@ -333,3 +333,28 @@ def test_jitter_is_a_fraction(jitter: float) -> None:
     fragment = f"has jitter {jitter}; use a fraction between 0 (none) and 1"
     assert fragment in invalid(wf(nodes=(node("a", retry_policy=policy),)))
     assert fragment in invalid(wf(default_retry_policy=policy))
+
+
+def test_durations_past_ten_years_are_rejected() -> None:
+    from datetime import timedelta
+
+    from coordinator.errors import InvalidArgument
+    from coordinator.model import NodeSpec, RetryPolicy, WorkflowDef
+
+    huge = timedelta(seconds=3e11)
+    cases = [
+        WorkflowDef(name="w", nodes=(NodeSpec(id="a", task_type="t"),), execution_timeout=huge),
+        WorkflowDef(
+            name="w",
+            nodes=(
+                NodeSpec(
+                    id="a",
+                    task_type="t",
+                    retry_policy=RetryPolicy(initial_interval=huge, max_interval=huge),
+                ),
+            ),
+        ),
+    ]
+    for defn in cases:
+        with pytest.raises(InvalidArgument, match="3650-day limit"):
+            validate_definition(defn)
