@@ -406,6 +406,12 @@ class Worker:
                 extra=extra,
             )
         lease.runner = asyncio.create_task(self._run(lease), name=f"trellis-task-{msg.node_id}")
+        if msg.HasField("heartbeat_timeout"):
+            timeout = msg.heartbeat_timeout.ToTimedelta().total_seconds()
+            if 0 < timeout / 2 < self._heartbeat_interval:
+                # The heartbeat loop may be sleeping for a whole (longer) interval: wake it so
+                # this lease is reported well within its heartbeat timeout.
+                self._beat_now.set()
 
     async def _run(self, lease: _Lease) -> None:
         try:

@@ -20,7 +20,7 @@ from tests.e2e._fault_helpers import (
     read_records,
     trellis_cli,
 )
-from tests.support.procs import spawn_coordinator, spawn_worker
+from tests.support.procs import ROOT, spawn_coordinator, spawn_worker
 from tests.support.wait import eventually
 from worker_sdk import Client, Workflow
 
@@ -235,3 +235,39 @@ async def test_cancel_reaches_running_async_and_sync_handlers(db_url: str, tmp_p
     assert not [r for r in read_records(record) if r.what == "done"], "a handler ran to the end"
     assert worker_exit == 0, worker.output()
     assert coordinator_exit == 0, coordinator.output()
+
+
+async def test_short_heartbeat_timeout_is_honoured_with_a_long_heartbeat_interval(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The SDK heartbeats a new lease within half its heartbeat_timeout even when the
+    coordinator's interval (5 s) is longer and the worker's loop was sleeping."""
+    coordinator, address = spawn_coordinator(
+        db_url,
+        tmp_path,
+        heartbeat_interval="5s",
+        worker_liveness_timeout="1s",
+        sweep_interval="100ms",
+    )
+    worker = spawn_worker(
+        ROOT / "tests/e2e/fault_worker.py",
+        address,
+        tmp_path,
+        "short-hb",
+        RECORD_FILE=str(tmp_path / "calls.txt"),
+        FAULT_TASKS="hold",
+        HOLD_SECONDS="3",
+    )
+    try:
+        async with Client(address) as client:
+            wf = Workflow("short-heartbeat")
+            wf.node("a", "hold", heartbeat_timeout="1s")
+            await client.register_workflow(wf)
+            await asyncio.sleep(1.5)  # past the start-up grace, so deadlines are enforced
+            started = await client.start_execution("short-heartbeat", {})
+            done = await client.wait_for_execution(started.id, timeout=30)
+            assert done.status == "SUCCEEDED", done
+            assert done.nodes[0].attempt == 1
+    finally:
+        assert worker.stop() == 0, worker.output()
+        coordinator.stop()
