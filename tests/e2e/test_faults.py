@@ -74,8 +74,14 @@ async def test_failing_handlers_retry_with_backoff_dead_letter_and_redrive(
     raises: each gets 3 attempts 0.5 s then 1 s apart, is dead-lettered and its execution
     FAILED; once fixed, a redrive (CLI for one, Client for the others) finishes the execution
     without running the finished ``first`` node again."""
+    # Heartbeat deadlines are enforced once the coordinator has been up for one liveness
+    # window (workers may still be reconnecting before that): keep the window short.
     coordinator, address = spawn_coordinator(
-        db_url, tmp_path, heartbeat_interval="500ms", sweep_interval="200ms"
+        db_url,
+        tmp_path,
+        heartbeat_interval="500ms",
+        sweep_interval="200ms",
+        worker_liveness_timeout="2s",
     )
     record = tmp_path / "calls.txt"
     fix_flag = tmp_path / "fixed"
