@@ -100,6 +100,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await store.listen_wakeups(coordinator.notifier.notify)
     sweeper = asyncio.create_task(
         _sweep(Sweeper(coordinator), config.sweep_interval.total_seconds())
     )

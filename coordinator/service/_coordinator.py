@@ -15,7 +15,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from coordinator import engine
-from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from coordinator.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TrellisError,
+    Unavailable,
+)
 from coordinator.model import (
     COMPENSATION_SUFFIX,
     NULL_JSON,
@@ -177,7 +183,7 @@ class Coordinator:
         transition = engine.start_execution(defn, shell, now)
         execution, created = await self.store.create_execution(transition)
         if created:
-            self._after(transition)
+            await self._after(transition)
             log.info(
                 "execution started",
                 extra={"execution_id": execution.id, "workflow": defn.name},
@@ -424,7 +430,7 @@ class Coordinator:
 
         duplicate, transition = await self.store.transact(tenant_id, token.execution_id, decide)
         if transition is not None:
-            self._after(transition)
+            await self._after(transition)
         return duplicate
 
     async def fail_task(
@@ -470,7 +476,7 @@ class Coordinator:
             tenant_id, token.execution_id, decide
         )
         if transition is not None:
-            self._after(transition)
+            await self._after(transition)
         return will_retry, duplicate
 
     async def fail_lease(self, node: NodeRun, error: ErrorInfo, retryable: bool) -> bool:
@@ -502,7 +508,7 @@ class Coordinator:
             return Decision(transition, transition)
 
         transition = await self.store.transact(tenant_id, execution_id, decide)
-        self._after(transition)
+        await self._after(transition)
         return transition
 
     # -- operators ------------------------------------------------------------------------
@@ -611,11 +617,17 @@ class Coordinator:
             raise InvalidArgument(f"{name} is not valid JSON: {exc}") from exc
         return payload
 
-    def _after(self, transition: Transition) -> None:
-        """Wake pollers for newly ready task types and watchers of the execution."""
+    async def _after(self, transition: Transition) -> None:
+        """Wake pollers for newly ready task types and watchers of the execution, here and
+        on every other replica. The transition is committed: a failed publish is logged,
+        and other replicas' pollers then find the work at their next poll."""
         keys = [execution_key(transition.execution.id)]
         keys.extend(task_key(t) for t in {n.task_type for n in transition.ready})
         self.notifier.notify(keys)
+        try:
+            await self.store.publish_wakeups(keys)
+        except TrellisError as exc:
+            log.warning("could not publish wake-ups to other replicas: %s", exc)
 
 
 # After a recorded failure the row is READY (retry scheduled) or FAILED, with the same

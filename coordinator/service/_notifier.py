@@ -12,6 +12,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+WAKE_ALL = "*"
+
 
 def task_key(task_type: str) -> str:
     return f"task:{task_type}"
@@ -45,7 +47,13 @@ class Notifier:
                         del self._listeners[key]
 
     def notify(self, keys: Iterable[str]) -> None:
+        """Wake the listeners of ``keys``; the key ``"*"`` wakes every listener."""
         for key in keys:
+            if key == WAKE_ALL:
+                for listeners in self._listeners.values():
+                    for event in listeners:
+                        event.set()
+                return
             for event in self._listeners.get(key, ()):
                 event.set()
 

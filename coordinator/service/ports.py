@@ -45,6 +45,17 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    # -- wake-ups across replicas ---------------------------------------------------------
+    async def publish_wakeups(self, keys: Sequence[str]) -> None:
+        """Tell every replica (this one included) that work for these notifier keys may be
+        ready. A store serving one process may do nothing."""
+        ...
+
+    async def listen_wakeups(self, on_keys: Callable[[list[str]], None]) -> None:
+        """Start handing keys published by any replica to ``on_keys`` (``"*"`` means wake
+        every listener) until the store closes."""
+        ...
+
     # -- definitions ----------------------------------------------------------------------
     async def register_workflow(self, defn: WorkflowDef, now: datetime) -> tuple[WorkflowDef, bool]:
         """Store ``defn`` as the next version of its name, or return the existing version

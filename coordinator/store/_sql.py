@@ -52,6 +52,7 @@ from coordinator.store._tables import (
     workers,
     workflow_definitions,
 )
+from coordinator.store._wakeups import CHANNEL, PgListener, payload_for
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -120,6 +121,7 @@ class SqlStore:
         self._writer = asyncio.Lock() if self.dialect == "sqlite" else None
         self._reader = self._writer if memory else None
         self._closed = False
+        self._listener: PgListener | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -130,10 +132,35 @@ class SqlStore:
             return
         self._closed = True
         try:
+            if self._listener is not None:
+                await self._listener.close()
             await self._engine.dispose()
         finally:
             if self._process_lock is not None:
                 self._process_lock.release()
+
+    # -- wake-ups across replicas ---------------------------------------------------------
+
+    async def publish_wakeups(self, keys: Sequence[str]) -> None:
+        if not self._postgres or not keys:
+            return  # SQLite serves one process: the in-process notifier is enough
+        async with self._tx(write=True) as conn:
+            await conn.execute(
+                sa.text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": CHANNEL, "payload": payload_for(keys)},
+            )
+
+    @property
+    def listening(self) -> bool:
+        """True while the cross-replica wake-up listener is connected (PostgreSQL)."""
+        return self._listener is not None and self._listener.connected.is_set()
+
+    async def listen_wakeups(self, on_keys: Callable[[list[str]], None]) -> None:
+        if not self._postgres or self._listener is not None:
+            return
+        dsn = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._listener = PgListener(dsn)
+        self._listener.start(on_keys)
 
     # -- transactions ---------------------------------------------------------------------
 
