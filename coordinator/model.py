@@ -95,11 +95,36 @@ class EventType(enum.StrEnum):
 
 
 class NodeRole(enum.StrEnum):
-    """Why a node run exists: a definition node, an on_failure handler, or a compensation."""
+    """Why a node run exists: a definition node, an on_failure handler, a compensation, or
+    one element of a ``map`` node (id ``"<map id>[<index>]"``)."""
 
     TASK = "task"
     ON_FAILURE = "on_failure"
     COMPENSATION = "compensation"
+    MAP_ITEM = "map_item"
+
+
+class NodeKind(enum.StrEnum):
+    """What a node is. Only ``task`` nodes (and the elements of a ``map``) go to workers."""
+
+    TASK = "task"
+    # Evaluated by the coordinator: CEL cases choose which children run; the others SKIP.
+    SWITCH = "switch"
+    # Starts a child execution of another definition and WAITs for it (no worker held).
+    WORKFLOW = "workflow"
+    # One task of ``task_type`` per element of the list ``items_expr`` gives; output: the list
+    # of their outputs, in order.
+    MAP = "map"
+
+
+class TriggerRule(enum.StrEnum):
+    """When a node with parents runs, given how its parents ended (docs/control-flow.md)."""
+
+    ALL_SUCCESS = "all_success"
+    ALL_DONE = "all_done"
+    ONE_SUCCESS = "one_success"
+    NONE_FAILED_MIN_ONE_SUCCESS = "none_failed_min_one_success"
+    ALL_FAILED = "all_failed"
 
 
 COMPENSATION_SUFFIX = "~compensate"
@@ -121,7 +146,8 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One node of a definition. ``kind`` is ``"task"`` (run by a worker of ``task_type``)."""
+    """One node of a definition. ``kind`` is a ``NodeKind`` value (``"task"``: run by a
+    worker of ``task_type``)."""
 
     id: str
     task_type: str
@@ -138,6 +164,34 @@ class NodeSpec:
     compensation_task_type: str | None = None
     # Hold the node when it becomes READY until resumed by an operator.
     pause_before: bool = False
+    # -- control flow (CEL expressions are compiled and type-checked at registration) --
+    trigger_rule: TriggerRule = TriggerRule.ALL_SUCCESS
+    # CEL condition; true when the node becomes ready means it is SKIPPED instead of run.
+    skip_if: str = ""
+    # CEL expression computing the node's input; empty means the default data passing.
+    input_expr: str = ""
+    # CEL expression over ``output`` (and the context) mapping the node's result
+    # (a workflow node's child output, a map's list) to the node's output.
+    output_expr: str = ""
+    # kind switch: cases in order; ``match_all`` takes every matching case, else the first.
+    cases: tuple[SwitchCase, ...] = ()
+    default_targets: tuple[str, ...] = ()
+    match_all: bool = False
+    # kind workflow: the child definition (version 0 = the latest when the child starts).
+    workflow_name: str = ""
+    workflow_version: int = 0
+    # kind map: CEL expression giving the list to fan out over; at most ``max_concurrency``
+    # elements READY or LEASED at once (0 = no limit).
+    items_expr: str = ""
+    max_concurrency: int = 0
+
+
+@dataclass(frozen=True)
+class SwitchCase:
+    """One branch of a switch node: when ``condition`` (CEL, bool) holds, ``targets`` run."""
+
+    condition: str
+    targets: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -241,6 +295,13 @@ class Execution:
     ended_at: datetime | None = None
     # When the execution times out (definition's execution_timeout), if it has one.
     deadline: datetime | None = None
+    # The workflow node of the parent execution this execution runs for (sub-workflows).
+    parent_node_id: str | None = None
+    # A delayed start: the execution stays PENDING until then (durable; a sweeper starts it).
+    start_at: datetime | None = None
+    # Nodes and edges added at run time by tasks (dynamic expansion): a JSON document
+    # ``{"nodes": [...], "edges": [[s, t], ...]}`` in definition_to_document's node form.
+    expansion: bytes | None = None
     # Optimistic concurrency: every transition writes version + 1 where version matches.
     version: int = 0
 
@@ -281,6 +342,8 @@ class NodeRun:
     # Attempts made before the last redrive: the retry budget counts attempt - retry_base.
     retry_base: int = 0
     role: NodeRole = NodeRole.TASK
+    # A workflow node that is WAITING: the child execution it started.
+    child_execution_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -340,11 +403,27 @@ class Transition:
     dead_lettered: tuple[str, ...] = ()
     # The dead letter this transition redrives: the store stamps its redriven_at.
     redriven_dead_letter: str | None = None
+    # Child executions to create (workflow nodes that became WAITING); the service resolves
+    # each definition, starts the child and stores it in the same transaction.
+    start_children: tuple[ChildStart, ...] = ()
+    # Child executions to cancel (their parent was cancelled or failed).
+    cancel_children: tuple[str, ...] = ()
 
     @property
     def ready(self) -> tuple[NodeRun, ...]:
         """Rows this transition left READY and dispatchable (not held)."""
         return tuple(n for n in self.nodes if n.status is NodeStatus.READY and not n.held)
+
+
+@dataclass(frozen=True)
+class ChildStart:
+    """A child execution a workflow node asks for (see ``Transition.start_children``)."""
+
+    node_id: str
+    workflow_name: str
+    workflow_version: int  # 0 = latest
+    input: bytes
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -410,6 +489,84 @@ def _retry_from_doc(doc: dict[str, Any] | None) -> RetryPolicy | None:
     )
 
 
+def _control_doc(node: NodeSpec) -> dict[str, Any]:
+    """The control-flow fields that differ from their defaults (so that definitions without
+    them keep the content hash they had before these fields existed)."""
+    doc: dict[str, Any] = {}
+    if node.trigger_rule is not TriggerRule.ALL_SUCCESS:
+        doc["trigger_rule"] = node.trigger_rule.value
+    for key in ("skip_if", "input_expr", "output_expr", "workflow_name", "items_expr"):
+        if getattr(node, key):
+            doc[key] = getattr(node, key)
+    if node.cases:
+        doc["cases"] = [{"condition": c.condition, "targets": list(c.targets)} for c in node.cases]
+    if node.default_targets:
+        doc["default_targets"] = list(node.default_targets)
+    if node.match_all:
+        doc["match_all"] = True
+    if node.workflow_version:
+        doc["workflow_version"] = node.workflow_version
+    if node.max_concurrency:
+        doc["max_concurrency"] = node.max_concurrency
+    return doc
+
+
+def _control_from_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "trigger_rule": TriggerRule(doc.get("trigger_rule", TriggerRule.ALL_SUCCESS.value)),
+        "skip_if": doc.get("skip_if", ""),
+        "input_expr": doc.get("input_expr", ""),
+        "output_expr": doc.get("output_expr", ""),
+        "cases": tuple(
+            SwitchCase(condition=c["condition"], targets=tuple(c["targets"]))
+            for c in doc.get("cases", ())
+        ),
+        "default_targets": tuple(doc.get("default_targets", ())),
+        "match_all": doc.get("match_all", False),
+        "workflow_name": doc.get("workflow_name", ""),
+        "workflow_version": doc.get("workflow_version", 0),
+        "items_expr": doc.get("items_expr", ""),
+        "max_concurrency": doc.get("max_concurrency", 0),
+    }
+
+
+def node_to_document(node: NodeSpec) -> dict[str, Any]:
+    """One node in the document form (also used for dynamic expansions)."""
+    return {
+        "id": node.id,
+        "kind": node.kind,
+        "task_type": node.task_type,
+        "config": node.config.decode() if node.config else None,
+        "retry_policy": _retry_doc(node.retry_policy),
+        "start_to_close_timeout": _td(node.start_to_close_timeout),
+        "heartbeat_timeout": _td(node.heartbeat_timeout),
+        "priority": node.priority,
+        "schedule_to_start_timeout": _td(node.schedule_to_start_timeout),
+        "on_failure": node.on_failure,
+        "compensation_task_type": node.compensation_task_type,
+        "pause_before": node.pause_before,
+        **_control_doc(node),
+    }
+
+
+def node_from_document(n: dict[str, Any]) -> NodeSpec:
+    return NodeSpec(
+        id=n["id"],
+        kind=n["kind"],
+        task_type=n["task_type"],
+        config=n["config"].encode() if n["config"] else b"",
+        retry_policy=_retry_from_doc(n["retry_policy"]),
+        start_to_close_timeout=_from_td(n["start_to_close_timeout"]),
+        heartbeat_timeout=_from_td(n["heartbeat_timeout"]),
+        priority=n["priority"],
+        schedule_to_start_timeout=_from_td(n.get("schedule_to_start_timeout")),
+        on_failure=n.get("on_failure"),
+        compensation_task_type=n.get("compensation_task_type"),
+        pause_before=n.get("pause_before", False),
+        **_control_from_doc(n),
+    )
+
+
 def definition_to_document(defn: WorkflowDef) -> dict[str, Any]:
     """A JSON-serializable form of a definition, used for storage and content hashing."""
     return {
@@ -422,23 +579,7 @@ def definition_to_document(defn: WorkflowDef) -> dict[str, Any]:
         "execution_timeout": _td(defn.execution_timeout),
         "default_schedule_to_start_timeout": _td(defn.default_schedule_to_start_timeout),
         "default_heartbeat_timeout": _td(defn.default_heartbeat_timeout),
-        "nodes": [
-            {
-                "id": n.id,
-                "kind": n.kind,
-                "task_type": n.task_type,
-                "config": n.config.decode() if n.config else None,
-                "retry_policy": _retry_doc(n.retry_policy),
-                "start_to_close_timeout": _td(n.start_to_close_timeout),
-                "heartbeat_timeout": _td(n.heartbeat_timeout),
-                "priority": n.priority,
-                "schedule_to_start_timeout": _td(n.schedule_to_start_timeout),
-                "on_failure": n.on_failure,
-                "compensation_task_type": n.compensation_task_type,
-                "pause_before": n.pause_before,
-            }
-            for n in defn.nodes
-        ],
+        "nodes": [node_to_document(n) for n in defn.nodes],
         "edges": [[s, t] for s, t in defn.edges],
     }
 
@@ -446,23 +587,7 @@ def definition_to_document(defn: WorkflowDef) -> dict[str, Any]:
 def definition_from_document(
     doc: dict[str, Any], *, version: int | None = None, created_at: datetime | None = None
 ) -> WorkflowDef:
-    nodes = tuple(
-        NodeSpec(
-            id=n["id"],
-            kind=n["kind"],
-            task_type=n["task_type"],
-            config=n["config"].encode() if n["config"] else b"",
-            retry_policy=_retry_from_doc(n["retry_policy"]),
-            start_to_close_timeout=_from_td(n["start_to_close_timeout"]),
-            heartbeat_timeout=_from_td(n["heartbeat_timeout"]),
-            priority=n["priority"],
-            schedule_to_start_timeout=_from_td(n.get("schedule_to_start_timeout")),
-            on_failure=n.get("on_failure"),
-            compensation_task_type=n.get("compensation_task_type"),
-            pause_before=n.get("pause_before", False),
-        )
-        for n in doc["nodes"]
-    )
+    nodes = tuple(node_from_document(n) for n in doc["nodes"])
     default_retry = _retry_from_doc(doc["default_retry_policy"]) or RetryPolicy()
     return WorkflowDef(
         name=doc["name"],

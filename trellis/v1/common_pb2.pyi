@@ -144,10 +144,24 @@ class NodeDefinition(_message.Message):
     ON_FAILURE_FIELD_NUMBER: _builtins.int
     COMPENSATION_TASK_TYPE_FIELD_NUMBER: _builtins.int
     PAUSE_BEFORE_FIELD_NUMBER: _builtins.int
+    TRIGGER_RULE_FIELD_NUMBER: _builtins.int
+    SKIP_IF_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    CASES_FIELD_NUMBER: _builtins.int
+    DEFAULT_TARGETS_FIELD_NUMBER: _builtins.int
+    MATCH_ALL_FIELD_NUMBER: _builtins.int
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
+    WORKFLOW_VERSION_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique within the definition: letters, digits, '_', '-' and '.'."""
     kind: _builtins.str
-    """"task" (the default when empty): run by a worker serving task_type."""
+    """"task" (the default when empty): run by a worker serving task_type. "switch": evaluated
+    by the coordinator (cases). "workflow": runs a child execution of workflow_name.
+    "map": one task of task_type per element of the list items gives.
+    """
     task_type: _builtins.str
     priority: _builtins.int
     """Higher runs first."""
@@ -159,6 +173,31 @@ class NodeDefinition(_message.Message):
     """
     pause_before: _builtins.bool
     """Hold the node when it becomes ready, until an operator resumes it (ResumeNode)."""
+    trigger_rule: _builtins.str
+    """Control flow. Expressions are CEL, compiled and type-checked on registration. They see
+    `input` (the node's default input), `parents` (map: parent id -> output) and
+    `execution` (id, workflow_name, workflow_version, input, start_time).
+
+    When the node runs given how its parents ended: "all_success" (default), "all_done",
+    "one_success", "none_failed_min_one_success", "all_failed".
+    """
+    skip_if: _builtins.str
+    """Boolean CEL: when true as the node becomes ready, the node is SKIPPED instead of run."""
+    input: _builtins.str
+    """CEL computing the node's input; empty means the default data passing."""
+    output: _builtins.str
+    """CEL over `output` mapping the node's result to its output (a workflow node's child
+    output, a map node's list of element outputs).
+    """
+    match_all: _builtins.bool
+    """kind "switch": take the targets of every matching case, not only the first."""
+    workflow_name: _builtins.str
+    """kind "workflow": the child definition; version 0 means the latest when the child starts."""
+    workflow_version: _builtins.int
+    items: _builtins.str
+    """kind "map": CEL giving the list to fan out over."""
+    max_concurrency: _builtins.int
+    """kind "map": at most this many elements ready or running at once; 0 means no limit."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Static configuration handed to the worker with every attempt (as Task.config)."""
@@ -177,6 +216,12 @@ class NodeDefinition(_message.Message):
     def schedule_to_start_timeout(self) -> _duration_pb2.Duration:
         """Longest the node may stay READY without being leased; then it is TIMED_OUT (not retried)."""
 
+    @_builtins.property
+    def cases(self) -> _containers.RepeatedCompositeFieldContainer[Global___SwitchCase]:
+        """kind "switch": the cases in order, and the children taken when none matches."""
+
+    @_builtins.property
+    def default_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -192,14 +237,53 @@ class NodeDefinition(_message.Message):
         on_failure: _builtins.str = ...,
         compensation_task_type: _builtins.str = ...,
         pause_before: _builtins.bool = ...,
+        trigger_rule: _builtins.str = ...,
+        skip_if: _builtins.str = ...,
+        input: _builtins.str = ...,
+        output: _builtins.str = ...,
+        cases: _abc.Iterable[Global___SwitchCase] | None = ...,
+        default_targets: _abc.Iterable[_builtins.str] | None = ...,
+        match_all: _builtins.bool = ...,
+        workflow_name: _builtins.str = ...,
+        workflow_version: _builtins.int = ...,
+        items: _builtins.str = ...,
+        max_concurrency: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compensation_task_type", b"compensation_task_type", "config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "kind", b"kind", "on_failure", b"on_failure", "pause_before", b"pause_before", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cases", b"cases", "compensation_task_type", b"compensation_task_type", "config", b"config", "default_targets", b"default_targets", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input", b"input", "items", b"items", "kind", b"kind", "match_all", b"match_all", "max_concurrency", b"max_concurrency", "on_failure", b"on_failure", "output", b"output", "pause_before", b"pause_before", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "skip_if", b"skip_if", "start_to_close_timeout", b"start_to_close_timeout", "task_type", b"task_type", "trigger_rule", b"trigger_rule", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeDefinition: _TypeAlias = NodeDefinition  # noqa: Y015
+
+@_typing.final
+class SwitchCase(_message.Message):
+    """One branch of a switch node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONDITION_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    condition: _builtins.str
+    """Boolean CEL expression."""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Children of the switch node that run when the condition holds."""
+
+    def __init__(
+        self,
+        *,
+        condition: _builtins.str = ...,
+        targets: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwitchCase: _TypeAlias = SwitchCase  # noqa: Y015
 
 @_typing.final
 class Edge(_message.Message):
@@ -343,6 +427,7 @@ class NodeRun(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
+    CHILD_EXECUTION_ID_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     task_type: _builtins.str
     status: Global___NodeStatus.ValueType
@@ -353,6 +438,8 @@ class NodeRun(_message.Message):
     worker_id: _builtins.str
     held: _builtins.bool
     """True while the node is held from dispatch (paused execution or paused node)."""
+    child_execution_id: _builtins.str
+    """A workflow node: the child execution it started."""
     @_builtins.property
     def error(self) -> Global___ErrorInfo: ...
     @_builtins.property
@@ -370,10 +457,11 @@ class NodeRun(_message.Message):
         worker_id: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         held: _builtins.bool = ...,
+        child_execution_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "held", b"held", "input", b"input", "node_id", b"node_id", "output", b"output", "status", b"status", "task_type", b"task_type", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "child_execution_id", b"child_execution_id", "error", b"error", "held", b"held", "input", b"input", "node_id", b"node_id", "output", b"output", "status", b"status", "task_type", b"task_type", "update_time", b"update_time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -399,6 +487,8 @@ class Execution(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
+    PARENT_NODE_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     workflow_name: _builtins.str
     workflow_version: _builtins.int
@@ -409,6 +499,8 @@ class Execution(_message.Message):
     idempotency_key: _builtins.str
     parent_execution_id: _builtins.str
     depth: _builtins.int
+    parent_node_id: _builtins.str
+    """A child execution: the workflow node of the parent execution it runs for."""
     @_builtins.property
     def error(self) -> Global___ErrorInfo: ...
     @_builtins.property
@@ -418,6 +510,10 @@ class Execution(_message.Message):
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeRun]:
         """Filled by GetExecution; empty in lists."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """A delayed start: the execution stays PENDING until then."""
 
     def __init__(
         self,
@@ -436,10 +532,12 @@ class Execution(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         nodes: _abc.Iterable[Global___NodeRun] | None = ...,
+        parent_node_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "depth", b"depth", "end_time", b"end_time", "error", b"error", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "nodes", b"nodes", "output", b"output", "parent_execution_id", b"parent_execution_id", "priority", b"priority", "status", b"status", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "depth", b"depth", "end_time", b"end_time", "error", b"error", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "nodes", b"nodes", "output", b"output", "parent_execution_id", b"parent_execution_id", "parent_node_id", b"parent_node_id", "priority", b"priority", "start_time", b"start_time", "status", b"status", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

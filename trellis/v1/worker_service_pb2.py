@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from trellis.v1 import common_pb2 as trellis_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftrellis/v1/worker_service.proto\x12\ntrellis.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfb\x01\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ntask_types\x18\x02 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12=\n\x06labels\x18\x04 \x03(\x0b\x32-.trellis.v1.RegisterWorkerRequest.LabelsEntry\x12\x14\n\x0csdk_language\x18\x05 \x01(\t\x12\x13\n\x0bsdk_version\x18\x06 \x01(\t\x12\x10\n\x08identity\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"u\n\x10PollTasksRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ntask_types\x18\x02 \x03(\t\x12\x11\n\tmax_tasks\x18\x03 \x01(\x05\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9c\x03\n\x04Task\x12\x13\n\x0blease_token\x18\x01 \x01(\t\x12\x14\n\x0c\x65xecution_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x11\n\ttask_type\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\r\n\x05input\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63onfig\x18\x07 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x15\n\rworkflow_name\x18\t \x01(\t\x12\x18\n\x10workflow_version\x18\n \x01(\x05\x12\x32\n\x0elease_deadline\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x11heartbeat_timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\x08metadata\x18\r \x03(\x0b\x32\x1e.trellis.v1.Task.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x11PollTasksResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.trellis.v1.Task\"6\n\x0eLeaseHeartbeat\x12\x13\n\x0blease_token\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\x0c\"Q\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12*\n\x06leases\x18\x02 \x03(\x0b\x32\x1a.trellis.v1.LeaseHeartbeat\"\x7f\n\x11HeartbeatResponse\x12\x1e\n\x16\x63\x61ncelled_lease_tokens\x18\x01 \x03(\t\x12\x19\n\x11lost_lease_tokens\x18\x02 \x03(\t\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x13\x43ompleteTaskRequest\x12\x13\n\x0blease_token\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\x0c\x12\x11\n\tworker_id\x18\x03 \x01(\t\")\n\x14\x43ompleteTaskResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"R\n\tTaskError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rnon_retryable\x18\x03 \x01(\x08\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\x0c\"_\n\x0f\x46\x61ilTaskRequest\x12\x13\n\x0blease_token\x18\x01 \x01(\t\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.trellis.v1.TaskError\x12\x11\n\tworker_id\x18\x03 \x01(\t\"9\n\x10\x46\x61ilTaskResponse\x12\x12\n\nwill_retry\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x32\x96\x03\n\rWorkerService\x12W\n\x0eRegisterWorker\x12!.trellis.v1.RegisterWorkerRequest\x1a\".trellis.v1.RegisterWorkerResponse\x12H\n\tPollTasks\x12\x1c.trellis.v1.PollTasksRequest\x1a\x1d.trellis.v1.PollTasksResponse\x12H\n\tHeartbeat\x12\x1c.trellis.v1.HeartbeatRequest\x1a\x1d.trellis.v1.HeartbeatResponse\x12Q\n\x0c\x43ompleteTask\x12\x1f.trellis.v1.CompleteTaskRequest\x1a .trellis.v1.CompleteTaskResponse\x12\x45\n\x08\x46\x61ilTask\x12\x1b.trellis.v1.FailTaskRequest\x1a\x1c.trellis.v1.FailTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftrellis/v1/worker_service.proto\x12\ntrellis.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17trellis/v1/common.proto\"\xfb\x01\n\x15RegisterWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ntask_types\x18\x02 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12=\n\x06labels\x18\x04 \x03(\x0b\x32-.trellis.v1.RegisterWorkerRequest.LabelsEntry\x12\x14\n\x0csdk_language\x18\x05 \x01(\t\x12\x13\n\x0bsdk_version\x18\x06 \x01(\t\x12\x10\n\x08identity\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\x16RegisterWorkerResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"u\n\x10PollTasksRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\ntask_types\x18\x02 \x03(\t\x12\x11\n\tmax_tasks\x18\x03 \x01(\x05\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9a\x04\n\x04Task\x12\x13\n\x0blease_token\x18\x01 \x01(\t\x12\x14\n\x0c\x65xecution_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x11\n\ttask_type\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\r\n\x05input\x18\x06 \x01(\x0c\x12\x0e\n\x06\x63onfig\x18\x07 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12\x15\n\rworkflow_name\x18\t \x01(\t\x12\x18\n\x10workflow_version\x18\n \x01(\x05\x12\x32\n\x0elease_deadline\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x11heartbeat_timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\x08metadata\x18\r \x03(\x0b\x32\x1e.trellis.v1.Task.MetadataEntry\x12\x38\n\x14\x65xecution_start_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65xecution_input\x18\x0f \x01(\x0c\x12\x16\n\x0eparent_outputs\x18\x10 \x01(\x0c\x12\x11\n\tmap_index\x18\x11 \x01(\x05\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x11PollTasksResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.trellis.v1.Task\"6\n\x0eLeaseHeartbeat\x12\x13\n\x0blease_token\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\x0c\"Q\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12*\n\x06leases\x18\x02 \x03(\x0b\x32\x1a.trellis.v1.LeaseHeartbeat\"\x7f\n\x11HeartbeatResponse\x12\x1e\n\x16\x63\x61ncelled_lease_tokens\x18\x01 \x03(\t\x12\x19\n\x11lost_lease_tokens\x18\x02 \x03(\t\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x01\n\x13\x43ompleteTaskRequest\x12\x13\n\x0blease_token\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\x0c\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x0c\n\x04next\x18\x04 \x03(\t\x12+\n\texpansion\x18\x05 \x01(\x0b\x32\x18.trellis.v1.DagExpansion\"Z\n\x0c\x44\x61gExpansion\x12)\n\x05nodes\x18\x01 \x03(\x0b\x32\x1a.trellis.v1.NodeDefinition\x12\x1f\n\x05\x65\x64ges\x18\x02 \x03(\x0b\x32\x10.trellis.v1.Edge\")\n\x14\x43ompleteTaskResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\"R\n\tTaskError\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rnon_retryable\x18\x03 \x01(\x08\x12\x0f\n\x07\x64\x65tails\x18\x04 \x01(\x0c\"_\n\x0f\x46\x61ilTaskRequest\x12\x13\n\x0blease_token\x18\x01 \x01(\t\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.trellis.v1.TaskError\x12\x11\n\tworker_id\x18\x03 \x01(\t\"9\n\x10\x46\x61ilTaskResponse\x12\x12\n\nwill_retry\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x32\x96\x03\n\rWorkerService\x12W\n\x0eRegisterWorker\x12!.trellis.v1.RegisterWorkerRequest\x1a\".trellis.v1.RegisterWorkerResponse\x12H\n\tPollTasks\x12\x1c.trellis.v1.PollTasksRequest\x1a\x1d.trellis.v1.PollTasksResponse\x12H\n\tHeartbeat\x12\x1c.trellis.v1.HeartbeatRequest\x1a\x1d.trellis.v1.HeartbeatResponse\x12Q\n\x0c\x43ompleteTask\x12\x1f.trellis.v1.CompleteTaskRequest\x1a .trellis.v1.CompleteTaskResponse\x12\x45\n\x08\x46\x61ilTask\x12\x1b.trellis.v1.FailTaskRequest\x1a\x1c.trellis.v1.FailTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,36 +38,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERWORKERREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_TASK_METADATAENTRY']._loaded_options = None
   _globals['_TASK_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=113
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=364
-  _globals['_REGISTERWORKERREQUEST_LABELSENTRY']._serialized_start=319
-  _globals['_REGISTERWORKERREQUEST_LABELSENTRY']._serialized_end=364
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=366
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=464
-  _globals['_POLLTASKSREQUEST']._serialized_start=466
-  _globals['_POLLTASKSREQUEST']._serialized_end=583
-  _globals['_TASK']._serialized_start=586
-  _globals['_TASK']._serialized_end=998
-  _globals['_TASK_METADATAENTRY']._serialized_start=951
-  _globals['_TASK_METADATAENTRY']._serialized_end=998
-  _globals['_POLLTASKSRESPONSE']._serialized_start=1000
-  _globals['_POLLTASKSRESPONSE']._serialized_end=1052
-  _globals['_LEASEHEARTBEAT']._serialized_start=1054
-  _globals['_LEASEHEARTBEAT']._serialized_end=1108
-  _globals['_HEARTBEATREQUEST']._serialized_start=1110
-  _globals['_HEARTBEATREQUEST']._serialized_end=1191
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1193
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1320
-  _globals['_COMPLETETASKREQUEST']._serialized_start=1322
-  _globals['_COMPLETETASKREQUEST']._serialized_end=1399
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=1401
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=1442
-  _globals['_TASKERROR']._serialized_start=1444
-  _globals['_TASKERROR']._serialized_end=1526
-  _globals['_FAILTASKREQUEST']._serialized_start=1528
-  _globals['_FAILTASKREQUEST']._serialized_end=1623
-  _globals['_FAILTASKRESPONSE']._serialized_start=1625
-  _globals['_FAILTASKRESPONSE']._serialized_end=1682
-  _globals['_WORKERSERVICE']._serialized_start=1685
-  _globals['_WORKERSERVICE']._serialized_end=2091
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=138
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=389
+  _globals['_REGISTERWORKERREQUEST_LABELSENTRY']._serialized_start=344
+  _globals['_REGISTERWORKERREQUEST_LABELSENTRY']._serialized_end=389
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=391
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=489
+  _globals['_POLLTASKSREQUEST']._serialized_start=491
+  _globals['_POLLTASKSREQUEST']._serialized_end=608
+  _globals['_TASK']._serialized_start=611
+  _globals['_TASK']._serialized_end=1149
+  _globals['_TASK_METADATAENTRY']._serialized_start=1102
+  _globals['_TASK_METADATAENTRY']._serialized_end=1149
+  _globals['_POLLTASKSRESPONSE']._serialized_start=1151
+  _globals['_POLLTASKSRESPONSE']._serialized_end=1203
+  _globals['_LEASEHEARTBEAT']._serialized_start=1205
+  _globals['_LEASEHEARTBEAT']._serialized_end=1259
+  _globals['_HEARTBEATREQUEST']._serialized_start=1261
+  _globals['_HEARTBEATREQUEST']._serialized_end=1342
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1344
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1471
+  _globals['_COMPLETETASKREQUEST']._serialized_start=1474
+  _globals['_COMPLETETASKREQUEST']._serialized_end=1610
+  _globals['_DAGEXPANSION']._serialized_start=1612
+  _globals['_DAGEXPANSION']._serialized_end=1702
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=1704
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=1745
+  _globals['_TASKERROR']._serialized_start=1747
+  _globals['_TASKERROR']._serialized_end=1829
+  _globals['_FAILTASKREQUEST']._serialized_start=1831
+  _globals['_FAILTASKREQUEST']._serialized_end=1926
+  _globals['_FAILTASKRESPONSE']._serialized_start=1928
+  _globals['_FAILTASKRESPONSE']._serialized_end=1985
+  _globals['_WORKERSERVICE']._serialized_start=1988
+  _globals['_WORKERSERVICE']._serialized_end=2394
 # @@protoc_insertion_point(module_scope)

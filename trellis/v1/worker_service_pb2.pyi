@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from trellis.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -179,6 +180,10 @@ class Task(_message.Message):
     LEASE_DEADLINE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    EXECUTION_START_TIME_FIELD_NUMBER: _builtins.int
+    EXECUTION_INPUT_FIELD_NUMBER: _builtins.int
+    PARENT_OUTPUTS_FIELD_NUMBER: _builtins.int
+    MAP_INDEX_FIELD_NUMBER: _builtins.int
     lease_token: _builtins.str
     """Opaque; send it back with Heartbeat, CompleteTask and FailTask."""
     execution_id: _builtins.str
@@ -194,6 +199,12 @@ class Task(_message.Message):
     """Stable across attempts: execution id and node id."""
     workflow_name: _builtins.str
     workflow_version: _builtins.int
+    execution_input: _builtins.bytes
+    """The execution's input (JSON)."""
+    parent_outputs: _builtins.bytes
+    """JSON object: parent node id -> that parent's output (absent parents: null)."""
+    map_index: _builtins.int
+    """An element of a map node: its index in the list (-1 otherwise)."""
     @_builtins.property
     def lease_deadline(self) -> _timestamp_pb2.Timestamp:
         """The attempt fails unless completed before this time."""
@@ -204,6 +215,10 @@ class Task(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def execution_start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the execution started."""
+
     def __init__(
         self,
         *,
@@ -220,10 +235,14 @@ class Task(_message.Message):
         lease_deadline: _timestamp_pb2.Timestamp | None = ...,
         heartbeat_timeout: _duration_pb2.Duration | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        execution_start_time: _timestamp_pb2.Timestamp | None = ...,
+        execution_input: _builtins.bytes = ...,
+        parent_outputs: _builtins.bytes = ...,
+        map_index: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_timeout", b"heartbeat_timeout", "lease_deadline", b"lease_deadline"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution_start_time", b"execution_start_time", "heartbeat_timeout", b"heartbeat_timeout", "lease_deadline", b"lease_deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "config", b"config", "execution_id", b"execution_id", "heartbeat_timeout", b"heartbeat_timeout", "idempotency_key", b"idempotency_key", "input", b"input", "lease_deadline", b"lease_deadline", "lease_token", b"lease_token", "metadata", b"metadata", "node_id", b"node_id", "task_type", b"task_type", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "config", b"config", "execution_id", b"execution_id", "execution_input", b"execution_input", "execution_start_time", b"execution_start_time", "heartbeat_timeout", b"heartbeat_timeout", "idempotency_key", b"idempotency_key", "input", b"input", "lease_deadline", b"lease_deadline", "lease_token", b"lease_token", "map_index", b"map_index", "metadata", b"metadata", "node_id", b"node_id", "parent_outputs", b"parent_outputs", "task_type", b"task_type", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,24 +355,66 @@ class CompleteTaskRequest(_message.Message):
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     OUTPUT_FIELD_NUMBER: _builtins.int
     WORKER_ID_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
+    EXPANSION_FIELD_NUMBER: _builtins.int
     lease_token: _builtins.str
     output: _builtins.bytes
     """JSON document."""
     worker_id: _builtins.str
+    @_builtins.property
+    def next(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Branching: the children of this node that run; the others are SKIPPED. Empty: all."""
+
+    @_builtins.property
+    def expansion(self) -> Global___DagExpansion:
+        """Dynamic composition: nodes and edges to add to this execution, validated like a
+        registered definition (ids unique, acyclic, within limits).
+        """
+
     def __init__(
         self,
         *,
         lease_token: _builtins.str = ...,
         output: _builtins.bytes = ...,
         worker_id: _builtins.str = ...,
+        next: _abc.Iterable[_builtins.str] | None = ...,
+        expansion: Global___DagExpansion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expansion", b"expansion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_token", b"lease_token", "output", b"output", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expansion", b"expansion", "lease_token", b"lease_token", "next", b"next", "output", b"output", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompleteTaskRequest: _TypeAlias = CompleteTaskRequest  # noqa: Y015
+
+@_typing.final
+class DagExpansion(_message.Message):
+    """Nodes and edges a task adds to its own execution. Edges may start at existing nodes and
+    end at new nodes or at existing nodes that have not started yet.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    EDGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.NodeDefinition]: ...
+    @_builtins.property
+    def edges(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Edge]: ...
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[_common_pb2.NodeDefinition] | None = ...,
+        edges: _abc.Iterable[_common_pb2.Edge] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edges", b"edges", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DagExpansion: _TypeAlias = DagExpansion  # noqa: Y015
 
 @_typing.final
 class CompleteTaskResponse(_message.Message):

@@ -5,7 +5,9 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from trellis.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
@@ -228,14 +230,26 @@ class StartExecutionRequest(_message.Message):
     INPUT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    DELAY_FIELD_NUMBER: _builtins.int
     workflow_name: _builtins.str
     workflow_version: _builtins.int
     """0 means the latest version."""
     input: _builtins.bytes
     """JSON document; empty means null."""
     idempotency_key: _builtins.str
-    """A repeated key returns the execution it first started instead of a new one."""
+    """A repeated key (within the coordinator's idempotency window) returns the execution it
+    first started instead of a new one.
+    """
     priority: _builtins.int
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Delayed start: the execution is created PENDING and starts at this time (durable)."""
+
+    @_builtins.property
+    def delay(self) -> _duration_pb2.Duration:
+        """Delayed start relative to now; at most one of start_time and delay."""
+
     def __init__(
         self,
         *,
@@ -244,14 +258,58 @@ class StartExecutionRequest(_message.Message):
         input: _builtins.bytes = ...,
         idempotency_key: _builtins.str = ...,
         priority: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        delay: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "input", b"input", "priority", b"priority", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "idempotency_key", b"idempotency_key", "input", b"input", "priority", b"priority", "start_time", b"start_time", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StartExecutionRequest: _TypeAlias = StartExecutionRequest  # noqa: Y015
+
+@_typing.final
+class BatchStartExecutionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___StartExecutionRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___StartExecutionRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchStartExecutionsRequest: _TypeAlias = BatchStartExecutionsRequest  # noqa: Y015
+
+@_typing.final
+class BatchStartExecutionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StartExecutionResponse]:
+        """One per request, in order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___StartExecutionResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchStartExecutionsResponse: _TypeAlias = BatchStartExecutionsResponse  # noqa: Y015
 
 @_typing.final
 class StartExecutionResponse(_message.Message):

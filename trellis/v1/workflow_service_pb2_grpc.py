@@ -60,6 +60,11 @@ class WorkflowServiceStub:
                 request_serializer=trellis_dot_v1_dot_workflow__service__pb2.StartExecutionRequest.SerializeToString,
                 response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.StartExecutionResponse.FromString,
                 _registered_method=True)
+        self.BatchStartExecutions = channel.unary_unary(
+                '/trellis.v1.WorkflowService/BatchStartExecutions',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.BatchStartExecutionsRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.BatchStartExecutionsResponse.FromString,
+                _registered_method=True)
         self.GetExecution = channel.unary_unary(
                 '/trellis.v1.WorkflowService/GetExecution',
                 request_serializer=trellis_dot_v1_dot_workflow__service__pb2.GetExecutionRequest.SerializeToString,
@@ -153,6 +158,13 @@ class WorkflowServiceServicer:
 
     def StartExecution(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchStartExecutions(self, request, context):
+        """Starts many executions in one call: all are validated first; one bad request starts none.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -262,6 +274,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.StartExecution,
                     request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.StartExecutionRequest.FromString,
                     response_serializer=trellis_dot_v1_dot_workflow__service__pb2.StartExecutionResponse.SerializeToString,
+            ),
+            'BatchStartExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchStartExecutions,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.BatchStartExecutionsRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.BatchStartExecutionsResponse.SerializeToString,
             ),
             'GetExecution': grpc.unary_unary_rpc_method_handler(
                     servicer.GetExecution,
@@ -460,6 +477,33 @@ class WorkflowService:
             '/trellis.v1.WorkflowService/StartExecution',
             trellis_dot_v1_dot_workflow__service__pb2.StartExecutionRequest.SerializeToString,
             trellis_dot_v1_dot_workflow__service__pb2.StartExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchStartExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/BatchStartExecutions',
+            trellis_dot_v1_dot_workflow__service__pb2.BatchStartExecutionsRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.BatchStartExecutionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,8 @@ class WorkflowServiceStub:
     ListWorkflows: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ListWorkflowsRequest, _workflow_service_pb2.ListWorkflowsResponse]
     ListWorkflowVersions: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ListWorkflowVersionsRequest, _workflow_service_pb2.ListWorkflowVersionsResponse]
     StartExecution: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.StartExecutionRequest, _workflow_service_pb2.StartExecutionResponse]
+    BatchStartExecutions: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.BatchStartExecutionsRequest, _workflow_service_pb2.BatchStartExecutionsResponse]
+    """Starts many executions in one call: all are validated first; one bad request starts none."""
     GetExecution: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetExecutionRequest, _workflow_service_pb2.GetExecutionResponse]
     ListExecutions: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ListExecutionsRequest, _workflow_service_pb2.ListExecutionsResponse]
     WatchExecution: _grpc.UnaryStreamMultiCallable[_workflow_service_pb2.WatchExecutionRequest, _workflow_service_pb2.WatchExecutionResponse]
@@ -69,6 +71,8 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     ListWorkflows: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ListWorkflowsRequest, _workflow_service_pb2.ListWorkflowsResponse]  # type: ignore[assignment]
     ListWorkflowVersions: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ListWorkflowVersionsRequest, _workflow_service_pb2.ListWorkflowVersionsResponse]  # type: ignore[assignment]
     StartExecution: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.StartExecutionRequest, _workflow_service_pb2.StartExecutionResponse]  # type: ignore[assignment]
+    BatchStartExecutions: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.BatchStartExecutionsRequest, _workflow_service_pb2.BatchStartExecutionsResponse]  # type: ignore[assignment]
+    """Starts many executions in one call: all are validated first; one bad request starts none."""
     GetExecution: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetExecutionRequest, _workflow_service_pb2.GetExecutionResponse]  # type: ignore[assignment]
     ListExecutions: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ListExecutionsRequest, _workflow_service_pb2.ListExecutionsResponse]  # type: ignore[assignment]
     WatchExecution: _aio.UnaryStreamMultiCallable[_workflow_service_pb2.WatchExecutionRequest, _workflow_service_pb2.WatchExecutionResponse]  # type: ignore[assignment]
@@ -126,6 +130,14 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _workflow_service_pb2.StartExecutionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_service_pb2.StartExecutionResponse, _abc.Awaitable[_workflow_service_pb2.StartExecutionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def BatchStartExecutions(
+        self,
+        request: _workflow_service_pb2.BatchStartExecutionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.BatchStartExecutionsResponse, _abc.Awaitable[_workflow_service_pb2.BatchStartExecutionsResponse]]:
+        """Starts many executions in one call: all are validated first; one bad request starts none."""
 
     @_abc_1.abstractmethod
     def GetExecution(
