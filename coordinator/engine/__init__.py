@@ -5,6 +5,12 @@ and persists the returned ``Transition`` in one transaction (DESIGN §3).
 """
 
 from coordinator.engine._backoff import backoff_delay, jitter_fraction, retry_delay, should_retry
+from coordinator.engine._cel import (
+    NODE_VARIABLES,
+    Expression,
+    ExpressionError,
+    compile_expression,
+)
 from coordinator.engine._control import (
     cancel_execution,
     cancel_node,
@@ -21,10 +27,14 @@ from coordinator.engine._validate import ALLOWED_KINDS, Limits, validate_definit
 
 __all__ = [
     "ALLOWED_KINDS",
+    "NODE_VARIABLES",
+    "Expression",
+    "ExpressionError",
     "Limits",
     "backoff_delay",
     "cancel_execution",
     "cancel_node",
+    "compile_expression",
     "complete_node",
     "fail_node",
     "jitter_fraction",

@@ -1,0 +1,135 @@
+"""CEL expressions: compiled and type-checked once, evaluated over JSON-like values.
+
+Uses ``cel-expr-python``, the binding of the reference C++ implementation. Every variable
+is declared ``dyn`` (payloads are schemaless JSON), so registration catches syntax errors,
+unknown names and ill-typed operations on literals (``1 + 'a'``); an expression that must
+give a boolean and can be seen not to (``input.x + 1``) is refused too.
+
+Evaluation errors (a missing key, division by zero, a non-boolean condition) raise
+``ExpressionError`` with the expression and the reason; callers decide what that means
+(a node fails, a webhook answers 400 ...).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from cel_expr_python import cel
+
+from coordinator.errors import InvalidArgument, TrellisError
+
+# The variables node expressions see (DESIGN §3, docs/control-flow.md).
+NODE_VARIABLES: tuple[str, ...] = ("input", "parents", "execution")
+MAX_EXPRESSION_LENGTH = 4096
+
+
+class ExpressionError(TrellisError):
+    """A compiled expression could not be evaluated on the given values."""
+
+
+@cache
+def _env(variables: tuple[str, ...]) -> cel.Env:
+    return cel.NewEnv(variables=dict.fromkeys(variables, cel.Type.DYN))
+
+
+@dataclass(frozen=True)
+class Expression:
+    """A compiled CEL expression. ``where`` names it in error messages."""
+
+    source: str
+    where: str
+    boolean: bool
+    _compiled: Any = field(repr=False, compare=False)
+
+    def evaluate(self, variables: Mapping[str, Any]) -> Any:
+        """Evaluate with ``variables`` (JSON-like values); returns plain Python values."""
+        try:
+            value = self._compiled.eval(data=dict(variables))
+        except Exception as exc:  # the binding raises RuntimeError with CEL's status text
+            raise ExpressionError(f"{self.where} ({self.source!r}) failed: {exc}") from exc
+        if value.type() == cel.Type.ERROR:
+            raise ExpressionError(f"{self.where} ({self.source!r}) failed: {value.value()}")
+        result = _plain(value.plain_value())
+        if self.boolean and not isinstance(result, bool):
+            raise ExpressionError(
+                f"{self.where} ({self.source!r}) gave {type(result).__name__} "
+                f"{_short(result)}, not a boolean"
+            )
+        return result
+
+    def evaluate_json(self, variables: Mapping[str, Any]) -> bytes:
+        """Evaluate and serialize the result as JSON bytes (for inputs and outputs)."""
+        result = self.evaluate(variables)
+        try:
+            return json.dumps(result, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise ExpressionError(
+                f"{self.where} ({self.source!r}) gave a value that is not JSON: {exc}"
+            ) from exc
+
+
+def compile_expression(
+    source: str,
+    *,
+    where: str,
+    variables: Sequence[str] = NODE_VARIABLES,
+    boolean: bool = False,
+) -> Expression:
+    """Compile and type-check ``source``; raise ``InvalidArgument`` naming ``where``.
+
+    ``boolean`` requires a result that can be a boolean (``bool`` or ``dyn``).
+    """
+    if not source.strip():
+        raise InvalidArgument(f"{where} is empty; write a CEL expression or leave it unset")
+    if len(source) > MAX_EXPRESSION_LENGTH:
+        raise InvalidArgument(
+            f"{where} is {len(source)} characters, more than {MAX_EXPRESSION_LENGTH}"
+        )
+    env = _env(tuple(sorted(variables)))
+    try:
+        compiled = env.compile(source)
+    except Exception as exc:
+        names = ", ".join(sorted(variables))
+        raise InvalidArgument(
+            f"{where} is not a valid CEL expression: {_first_line(exc)} "
+            f"(the expression may use: {names})"
+        ) from exc
+    if boolean:
+        result_type = compiled.return_type()
+        if result_type != cel.Type.BOOL and result_type != cel.Type.DYN:
+            raise InvalidArgument(
+                f"{where} ({source!r}) gives {result_type}, not a boolean; "
+                "write a condition such as input.amount > 100"
+            )
+    return Expression(source=source, where=where, boolean=boolean, _compiled=compiled)
+
+
+def _plain(value: Any) -> Any:
+    """CEL results as JSON-like values (bytes, durations and timestamps as strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, _dt.datetime):
+        return value.isoformat()
+    if isinstance(value, _dt.timedelta):
+        return f"{value.total_seconds():g}s"
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).removeprefix("INVALID_ARGUMENT: ")
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
