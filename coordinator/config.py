@@ -14,6 +14,8 @@ from coordinator.errors import InvalidArgument
 
 DEFAULT_LISTEN = "127.0.0.1:7400"
 DEFAULT_DATABASE_URL = "sqlite:///trellis.db"
+# Sub-workflows nest at most this deep whatever TRELLIS_MAX_WORKFLOW_DEPTH says.
+MAX_WORKFLOW_DEPTH_CEILING = 100
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -41,6 +43,16 @@ def _parse_int(name: str, raw: str, minimum: int) -> int:
     return value
 
 
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r} must be a finite number, at least 0")
+    return value
+
+
 def _parse_bool(name: str, raw: str) -> bool:
     low = raw.strip().lower()
     if low in {"1", "true", "yes", "on"}:
@@ -65,6 +77,22 @@ class CoordinatorConfig:
     shutdown_grace: timedelta = timedelta(seconds=10)
     log_level: str = "INFO"
     log_format: str = "text"
+    # Deepest chain of sub-workflows: a root execution has depth 0, its children 1, ...
+    max_workflow_depth: int = 10
+    # A repeated StartExecution idempotency key within this window returns the first
+    # execution; after it, the key starts a new one.
+    idempotency_window: timedelta = timedelta(hours=24)
+    # Notifications (docs/notifications.md): the delivery loop on every replica.
+    notify_poll_interval: timedelta = timedelta(seconds=1)
+    notify_max_attempts: int = 10
+    notify_max_age: timedelta = timedelta(hours=24)
+    notify_backoff_initial: timedelta = timedelta(seconds=1)
+    notify_backoff_max: timedelta = timedelta(minutes=5)
+    notify_backoff_multiplier: float = 2.0
+    notify_backoff_jitter: float = 0.2
+    notify_breaker_threshold: int = 5
+    notify_breaker_reset: timedelta = timedelta(seconds=30)
+    notify_send_timeout: timedelta = timedelta(seconds=10)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> CoordinatorConfig:
@@ -88,6 +116,8 @@ class CoordinatorConfig:
             default = f.default
             if isinstance(default, bool):
                 values[f.name] = _parse_bool(env_name, raw)
+            elif isinstance(default, float):
+                values[f.name] = _parse_float(env_name, raw)
             elif isinstance(default, int):
                 values[f.name] = _parse_int(env_name, raw, 1)
             elif isinstance(default, timedelta):
@@ -109,6 +139,36 @@ class CoordinatorConfig:
             raise ConfigError(f"TRELLIS_LISTEN={self.listen!r} must be HOST:PORT")
         if self.poll_max_wait <= timedelta(0) or self.sweep_interval <= timedelta(0):
             raise ConfigError("TRELLIS_POLL_MAX_WAIT and TRELLIS_SWEEP_INTERVAL must be positive")
+        self._check_notify()
+        if self.idempotency_window <= timedelta(0):
+            raise ConfigError(
+                f"TRELLIS_IDEMPOTENCY_WINDOW={self.idempotency_window} must be positive (e.g. 24h)"
+            )
+        if not 1 <= self.max_workflow_depth <= MAX_WORKFLOW_DEPTH_CEILING:
+            raise ConfigError(
+                f"TRELLIS_MAX_WORKFLOW_DEPTH={self.max_workflow_depth} must be between 1 "
+                f"and {MAX_WORKFLOW_DEPTH_CEILING}"
+            )
+
+    def _check_notify(self) -> None:
+        if self.notify_poll_interval <= timedelta(0) or self.notify_send_timeout <= timedelta(0):
+            raise ConfigError(
+                "TRELLIS_NOTIFY_POLL_INTERVAL and TRELLIS_NOTIFY_SEND_TIMEOUT must be positive"
+            )
+        if self.notify_backoff_multiplier < 1:
+            raise ConfigError(
+                f"TRELLIS_NOTIFY_BACKOFF_MULTIPLIER={self.notify_backoff_multiplier} must be "
+                "at least 1"
+            )
+        if self.notify_backoff_jitter > 1:
+            raise ConfigError(
+                f"TRELLIS_NOTIFY_BACKOFF_JITTER={self.notify_backoff_jitter} must be between "
+                "0 and 1 (a fraction of the delay)"
+            )
+        if self.notify_backoff_max < self.notify_backoff_initial:
+            raise ConfigError(
+                "TRELLIS_NOTIFY_BACKOFF_MAX must be at least TRELLIS_NOTIFY_BACKOFF_INITIAL"
+            )
 
 
 # Variables read by other entry points (the CLI's client commands, the gateway).

@@ -7,8 +7,10 @@
     ├─ InvalidArgument     → INVALID_ARGUMENT   (bad definition, payload too large)
     ├─ FailedPrecondition  → FAILED_PRECONDITION (stale lease, illegal transition)
     ├─ Conflict            → ABORTED            (concurrent update lost; retry)
+    │  └─ AlreadyExists    → ALREADY_EXISTS     (a trigger or schedule with that name)
     ├─ ResourceExhausted   → RESOURCE_EXHAUSTED (backpressure, rate limit)
-    └─ Unavailable         → UNAVAILABLE        (store down, shutting down)
+    ├─ Unavailable         → UNAVAILABLE        (store down, shutting down)
+    └─ Unauthenticated     → UNAUTHENTICATED    (bad webhook signature or token)
 
 Messages say what was wrong and what to do; they reach users verbatim.
 """
@@ -42,3 +44,11 @@ class ResourceExhausted(TrellisError):
 
 class Unavailable(TrellisError):
     """A dependency (the database) is unreachable, or the coordinator is shutting down."""
+
+
+class AlreadyExists(Conflict):
+    """Something with that name (a webhook path, a schedule id) exists already."""
+
+
+class Unauthenticated(TrellisError):
+    """The caller's credentials (a webhook signature or token) are missing or wrong."""

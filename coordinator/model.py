@@ -92,6 +92,8 @@ class EventType(enum.StrEnum):
     NODE_RELEASED = "NODE_RELEASED"
     NODE_DEAD_LETTERED = "NODE_DEAD_LETTERED"
     NODE_REDRIVEN = "NODE_REDRIVEN"
+    # A workflow node waits for its child execution, a map node for its elements.
+    NODE_WAITING = "NODE_WAITING"
 
 
 class NodeRole(enum.StrEnum):

@@ -1,4 +1,4 @@
-"""The Trellis HTTP gateway: health and readiness for Kubernetes (webhooks come next).
+"""The Trellis HTTP gateway: health and readiness for Kubernetes, webhooks and events.
 
 It talks to the coordinator over gRPC only, never to its database.
 """

@@ -1,26 +1,92 @@
-"""The gateway's ASGI app (Starlette): ``/healthz`` and ``/readyz`` for Kubernetes probes.
+"""The gateway's ASGI app (Starlette): probes, webhooks and event publishing.
 
-``/healthz`` says the process is alive. ``/readyz`` asks the coordinator's standard gRPC
-health service and answers 503 while it is unreachable or not serving, so a gateway pod
-takes traffic only when it can hand work to a coordinator.
+- ``GET /healthz``: the process is alive.
+- ``GET /readyz``: asks the coordinator's standard gRPC health service; 503 while it is
+  unreachable or not serving. The JSON lists each dependency and which are degraded.
+- ``POST /api/webhooks/{path}``: hands the path, headers and raw body to the coordinator's
+  ``FireWebhook`` (signatures and tokens are checked there: secrets never reach the
+  gateway); 202 ``{"execution_id", "created"}``.
+- ``POST /api/events/{name}``: ``PublishEvent``, guarded by the bearer token in
+  ``TRELLIS_GATEWAY_EVENTS_TOKEN`` (404 when unset).
+
+Errors answer JSON ``{"error": "..."}``: 413 over ``TRELLIS_GATEWAY_MAX_BODY_BYTES``, 400
+for a body that is not JSON, 401 for a bad signature or token, 404 for an unknown path,
+503 with ``Retry-After`` when the coordinator cannot be reached. The gateway talks to the
+coordinator over gRPC only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import json
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gateway.config import GatewayConfig
+from trellis.v1 import trigger_service_pb2, trigger_service_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# Seconds a client should wait before retrying when the coordinator is unreachable.
+RETRY_AFTER_SECONDS = 5
+TRIGGER_SERVICE = trigger_service_pb2.DESCRIPTOR.services_by_name["TriggerService"].full_name
+
+# gRPC status → HTTP status for webhook and event calls.
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 503,
+    grpc.StatusCode.UNIMPLEMENTED: 503,
+}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused past ``limit`` by its Content-Length and while it streams in."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError, what: str) -> JSONResponse:
+    code = exc.code()
+    status = _HTTP_STATUS.get(code, 502)
+    if status == 503:
+        log.warning("%s: coordinator unavailable (%s)", what, code.name)
+        return _error(503, "the coordinator is unavailable; retry later")
+    return _error(status, exc.details() or code.name)
 
 
 def create_app(config: GatewayConfig) -> Starlette:
@@ -35,32 +101,120 @@ def create_app(config: GatewayConfig) -> Starlette:
         finally:
             await state["channel"].close()
 
+    def triggers() -> trigger_service_pb2_grpc.TriggerServiceAsyncStub:
+        return trigger_service_pb2_grpc.TriggerServiceStub(state["channel"])
+
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> JSONResponse:
         stub = health_pb2_grpc.HealthStub(state["channel"])
-        try:
-            reply = await stub.Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=config.ready_timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            detail = f"unreachable: {exc.code().name}"
-            return JSONResponse(
-                {"status": "unready", "dependencies": {"coordinator": detail}}, status_code=503
-            )
-        serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-        status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        dependencies: dict[str, str] = {}
+        for name, service in (("coordinator", ""), ("coordinator.triggers", TRIGGER_SERVICE)):
+            try:
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=config.ready_timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                dependencies[name] = f"unreachable: {exc.code().name}"
+                if name == "coordinator":
+                    break
+            else:
+                dependencies[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        degraded = sorted(n for n, status in dependencies.items() if status != "SERVING")
+        ready = dependencies.get("coordinator") == "SERVING"
         return JSONResponse(
             {
-                "status": "ready" if serving else "unready",
-                "dependencies": {"coordinator": status_name},
+                "status": "ready" if ready else "unready",
+                "dependencies": dependencies,
+                "degraded": degraded,
+                "events_endpoint": "enabled" if config.events_token else "disabled",
             },
-            status_code=200 if serving else 503,
+            status_code=200 if ready else 503,
+        )
+
+    async def webhook(request: Request) -> JSONResponse:
+        path = request.path_params["path"]
+        try:
+            body = await _read_body(request, config.max_body_bytes)
+        except _TooLarge:
+            return _error(413, f"the body is larger than {config.max_body_bytes} bytes")
+        except ClientDisconnect:
+            return _error(400, "the client disconnected before sending the whole body")
+        try:
+            json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, f"the body is not valid JSON: {exc}")
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        try:
+            reply = await triggers().FireWebhook(
+                trigger_service_pb2.FireWebhookRequest(path=path, headers=headers, body=body),
+                timeout=config.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            return _rpc_error(exc, f"webhook {path}")
+        return JSONResponse(
+            {"execution_id": reply.execution_id, "created": reply.created}, status_code=202
+        )
+
+    async def event(request: Request) -> JSONResponse:
+        if not config.events_token:
+            return _error(404, "event publishing is disabled (set TRELLIS_GATEWAY_EVENTS_TOKEN)")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode()).digest()
+        wanted = hashlib.sha256(config.events_token.encode()).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, wanted):
+            return _error(401, "missing or wrong Authorization: Bearer <token>")
+        try:
+            body = await _read_body(request, config.max_body_bytes)
+        except _TooLarge:
+            return _error(413, f"the body is larger than {config.max_body_bytes} bytes")
+        except ClientDisconnect:
+            return _error(400, "the client disconnected before sending the whole body")
+        try:
+            json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, f"the body is not valid JSON: {exc}")
+        name = request.path_params["name"]
+        try:
+            reply = await triggers().PublishEvent(
+                trigger_service_pb2.PublishEventRequest(
+                    name=name,
+                    payload=body,
+                    idempotency_key=request.headers.get("idempotency-key", ""),
+                ),
+                timeout=config.rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            return _rpc_error(exc, f"event {name}")
+        return JSONResponse(
+            {
+                "executions": [
+                    {
+                        "trigger_id": e.trigger_id,
+                        "execution_id": e.execution_id,
+                        "created": e.created,
+                    }
+                    for e in reply.executions
+                ],
+                "failures": [
+                    {"trigger_id": f.trigger_id, "error": f.message} for f in reply.failures
+                ],
+                "filtered_out": reply.filtered_out,
+            },
+            status_code=202,
         )
 
     return Starlette(
-        routes=[Route("/healthz", healthz), Route("/readyz", readyz)], lifespan=lifespan
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/api/webhooks/{path:path}", webhook, methods=["POST"]),
+            Route("/api/events/{name}", event, methods=["POST"]),
+        ],
+        lifespan=lifespan,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$")
 
@@ -22,6 +22,13 @@ class GatewayConfig:
     # How long /readyz waits for the coordinator's health answer, in seconds.
     ready_timeout: float = 1.0
     log_level: str = "INFO"
+    # Webhook and event bodies larger than this are refused (413) before reaching the
+    # coordinator.
+    max_body_bytes: int = 1024 * 1024
+    # Bearer token guarding POST /api/events/{name}; empty disables event publishing.
+    events_token: str = field(default="", repr=False)
+    # How long a webhook or event call to the coordinator may take, in seconds.
+    rpc_timeout: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> GatewayConfig:
@@ -31,12 +38,18 @@ class GatewayConfig:
             raise GatewayConfigError(
                 f"unknown setting {', '.join(unknown)}; known settings: {', '.join(sorted(known))}"
             )
-        values: dict[str, str | float] = {}
+        values: dict[str, str | float | int] = {}
         for env_name, name in known.items():
             raw = environ.get(env_name, "").strip()
             if not raw:
                 continue
-            if name == "ready_timeout":
+            if name == "max_body_bytes":
+                if not raw.isdigit() or int(raw) < 1:
+                    raise GatewayConfigError(
+                        f"{env_name}={raw!r} must be a positive number of bytes"
+                    )
+                values[name] = int(raw)
+            elif name in ("ready_timeout", "rpc_timeout"):
                 m = _DURATION.match(raw)
                 if not m:
                     raise GatewayConfigError(

@@ -14,9 +14,11 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from trellis import _cli_notifications, _cli_triggers
 from worker_sdk import (
     DEFAULT_ADDRESS,
     Client,
@@ -122,15 +124,36 @@ async def _list_workflows(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_start_at(raw: str | None) -> datetime | None:
+    """An ISO 8601 time; without an offset it is local time."""
+    if raw is None:
+        return None
+    try:
+        when = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise CliError(
+            f"--at {raw!r} is not an ISO 8601 time (e.g. 2030-01-31T09:00:00+01:00)"
+        ) from exc
+    return when if when.utcoffset() is not None else when.astimezone()
+
+
 async def _run(args: argparse.Namespace) -> int:
+    if args.delay is not None and args.at is not None:
+        raise CliError("give either --delay or --at, not both")
+    start_at = _parse_start_at(args.at)
     async with Client(args.address) as client:
-        execution = await client.start_execution(
-            args.name,
-            _parse_input(args.input),
-            version=args.version,
-            idempotency_key=args.idempotency_key,
-            priority=args.priority,
-        )
+        try:
+            execution = await client.start_execution(
+                args.name,
+                _parse_input(args.input),
+                version=args.version,
+                idempotency_key=args.idempotency_key,
+                priority=args.priority,
+                delay=args.delay,
+                start_at=start_at,
+            )
+        except ValueError as exc:  # a malformed --delay
+            raise CliError(str(exc)) from exc
         if args.wait:
             execution = await client.wait_for_execution(execution.id, timeout=args.timeout)
     if args.output == "json":
@@ -141,6 +164,29 @@ async def _run(args: argparse.Namespace) -> int:
         print(execution.id)
     if args.wait and execution.status != "SUCCEEDED":
         return EXIT_FAILED
+    return 0
+
+
+async def _workflow_versions(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        definitions = await client.list_workflow_versions(args.name)
+    rows: list[dict[str, Any]] = [
+        {
+            "version": d.version,
+            "created": d.create_time.ToDatetime(tzinfo=UTC).isoformat()
+            if d.HasField("create_time")
+            else None,
+            "nodes": len(d.nodes),
+            "description": d.description,
+        }
+        for d in definitions
+    ]
+    if args.output == "json":
+        _print_json(rows)
+    else:
+        for row in rows:
+            created = row["created"] or "-"
+            print(f"v{row['version']}\t{created}\t{row['nodes']} nodes\t{row['description']}")
     return 0
 
 
@@ -373,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     wf_list = wf_sub.add_parser("list", help="list registered workflows")
     wf_list.add_argument("--output", choices=["text", "json"], default="text")
     wf_list.set_defaults(func=_list_workflows)
+    wf_versions = wf_sub.add_parser("versions", help="list the registered versions of a workflow")
+    wf_versions.add_argument("name", help="workflow name")
+    wf_versions.add_argument("--output", choices=["text", "json"], default="text")
+    wf_versions.set_defaults(func=_workflow_versions)
 
     run = sub.add_parser("run", help="start an execution")
     run.add_argument("name", help="workflow name")
@@ -380,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--version", type=int, help="definition version (default: latest)")
     run.add_argument("--idempotency-key")
     run.add_argument("--priority", type=int, default=0)
+    run.add_argument(
+        "--delay", help="start later, e.g. 30s, 5m, 1h30m (the execution is PENDING until then)"
+    )
+    run.add_argument(
+        "--at", help="start at this ISO 8601 time (local time unless it has an offset)"
+    )
     run.add_argument(
         "--wait", action="store_true", help="wait until it ends; exit 1 unless it SUCCEEDED"
     )
@@ -423,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_redrive.add_argument("id")
     dlq_redrive.add_argument("--output", choices=["text", "json"], default="text")
     dlq_redrive.set_defaults(func=_dlq_redrive)
+    _cli_triggers.add_commands(sub)
+    _cli_notifications.add_parser(sub)
     return parser
 
 

@@ -38,6 +38,8 @@ from worker_sdk._errors import (
     TrellisError,
     UnavailableError,
 )
+from worker_sdk._nodes import Case, MapNode, SwitchNode, TaskNode, WorkflowNode
+from worker_sdk._result import Result
 from worker_sdk._task import Task, TaskContext, task
 from worker_sdk._types import (
     AttemptFailure,
@@ -54,6 +56,7 @@ from worker_sdk._worker import Worker
 __all__ = [
     "DEFAULT_ADDRESS",
     "AttemptFailure",
+    "Case",
     "Client",
     "DeadLetter",
     "DefinitionError",
@@ -62,18 +65,23 @@ __all__ = [
     "Execution",
     "FailedPreconditionError",
     "InvalidArgumentError",
+    "MapNode",
     "NodeState",
     "NonRetryableError",
     "NotFoundError",
     "RegisteredWorkflow",
     "ResourceExhaustedError",
+    "Result",
     "RpcError",
+    "SwitchNode",
     "Task",
     "TaskContext",
+    "TaskNode",
     "TrellisError",
     "UnavailableError",
     "Worker",
     "Workflow",
+    "WorkflowNode",
     "WorkflowSummary",
     "__version__",
     "load_workflow",

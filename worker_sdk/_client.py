@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Iterable
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -16,12 +17,13 @@ from trellis.v1 import common_pb2, workflow_service_pb2, workflow_service_pb2_gr
 from worker_sdk._channel import DEFAULT_ADDRESS, TRANSIENT_CODES, Backoff, open_channel
 from worker_sdk._convert import (
     dead_letter_from_proto,
-    encode_input,
     event_from_proto,
     execution_from_proto,
     execution_status_from_name,
+    start_request,
 )
 from worker_sdk._definition import Workflow, load_workflow
+from worker_sdk._duration import Duration
 from worker_sdk._errors import RpcError, rpc_error
 from worker_sdk._types import DeadLetter, Event, Execution, RegisteredWorkflow, WorkflowSummary
 
@@ -176,23 +178,77 @@ class Client:
         version: int | None = None,
         idempotency_key: str | None = None,
         priority: int = 0,
+        delay: Duration | None = None,
+        start_at: datetime | None = None,
     ) -> Execution:
         """Starts a run of ``workflow_name`` (its latest version unless ``version`` is given).
 
         ``input`` is any JSON-serializable value, or bytes holding JSON text. A
-        repeated ``idempotency_key`` returns the execution it first started.
+        repeated ``idempotency_key`` (within the coordinator's idempotency window)
+        returns the execution it first started. ``delay`` ("30s", seconds, a
+        timedelta) or ``start_at`` (a timezone-aware datetime) start it later: it
+        is PENDING until then, durably (a coordinator restart does not lose it).
         """
-        request = workflow_service_pb2.StartExecutionRequest(
-            workflow_name=workflow_name,
-            workflow_version=version or 0,
-            input=encode_input(input),
-            idempotency_key=idempotency_key or "",
+        request = start_request(
+            workflow_name,
+            input,
+            version=version,
+            idempotency_key=idempotency_key,
             priority=priority,
+            delay=delay,
+            start_at=start_at,
         )
         response = await self._rpc(
             "StartExecution", self._stub().StartExecution(request, timeout=self._timeout)
         )
         return execution_from_proto(response.execution)
+
+    async def start_many(
+        self,
+        workflow_name: str,
+        inputs: Iterable[Any],
+        *,
+        version: int | None = None,
+        idempotency_keys: Iterable[str] | None = None,
+        priority: int = 0,
+        delay: Duration | None = None,
+        start_at: datetime | None = None,
+    ) -> list[Execution]:
+        """Starts one run of ``workflow_name`` per input in one call (BatchStartExecutions).
+
+        Returns the executions in the order of ``inputs`` (an input whose idempotency
+        key was already used gets the execution that key started). ``idempotency_keys``,
+        when given, holds one key per input. All or nothing: when the coordinator refuses
+        one request (say, an input too large), none is started and the error names it.
+        """
+        inputs = list(inputs)
+        keys: list[str | None] = [None] * len(inputs)
+        if idempotency_keys is not None:
+            keys = list(idempotency_keys)
+            if len(keys) != len(inputs):
+                raise ValueError(
+                    f"start_many got {len(inputs)} inputs but {len(keys)} idempotency keys; "
+                    "give one key per input"
+                )
+        request = workflow_service_pb2.BatchStartExecutionsRequest(
+            requests=[
+                start_request(
+                    workflow_name,
+                    value,
+                    version=version,
+                    idempotency_key=key,
+                    priority=priority,
+                    delay=delay,
+                    start_at=start_at,
+                )
+                for value, key in zip(inputs, keys, strict=True)
+            ]
+        )
+        response = await self._rpc(
+            "BatchStartExecutions",
+            self._stub().BatchStartExecutions(request, timeout=self._timeout),
+        )
+        return [execution_from_proto(r.execution) for r in response.results]
 
     async def get_execution(self, execution_id: str) -> Execution:
         """An execution with the state of every node."""

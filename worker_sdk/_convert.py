@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from trellis.v1 import common_pb2, worker_service_pb2
+from trellis.v1 import common_pb2, worker_service_pb2, workflow_service_pb2
+from worker_sdk._duration import Duration, parse_duration
 from worker_sdk._task import TaskContext, _LeaseSignals
 from worker_sdk._types import (
     AttemptFailure,
@@ -112,6 +114,38 @@ def execution_status_from_name(name: str) -> common_pb2.ExecutionStatus.ValueTyp
         raise ValueError(f"unknown execution status {name!r}; expected one of {known}") from None
 
 
+def start_request(
+    workflow_name: str,
+    input: Any,
+    *,
+    version: int | None,
+    idempotency_key: str | None,
+    priority: int,
+    delay: Duration | None,
+    start_at: datetime | None,
+) -> workflow_service_pb2.StartExecutionRequest:
+    """A StartExecutionRequest; raises ValueError on a bad delay or start time."""
+    request = workflow_service_pb2.StartExecutionRequest(
+        workflow_name=workflow_name,
+        workflow_version=version or 0,
+        input=encode_input(input),
+        idempotency_key=idempotency_key or "",
+        priority=priority,
+    )
+    if delay is not None and start_at is not None:
+        raise ValueError("give either delay or start_at, not both")
+    if delay is not None:
+        request.delay.CopyFrom(duration_to_proto(parse_duration(delay, what="delay")))
+    if start_at is not None:
+        if not isinstance(start_at, datetime) or start_at.utcoffset() is None:
+            raise ValueError(
+                f"start_at must be a timezone-aware datetime (e.g. datetime.now(UTC)), "
+                f"got {start_at!r}"
+            )
+        request.start_time.FromDatetime(start_at.astimezone(UTC))
+    return request
+
+
 # Client types --------------------------------------------------------------
 
 
@@ -139,6 +173,7 @@ def node_from_proto(msg: common_pb2.NodeRun) -> NodeState:
         error=error_from_proto(msg),
         worker_id=msg.worker_id,
         held=msg.held,
+        child_execution_id=msg.child_execution_id,
     )
 
 
@@ -179,6 +214,10 @@ def execution_from_proto(msg: common_pb2.Execution) -> Execution:
         idempotency_key=msg.idempotency_key,
         create_time=timestamp_from_proto(msg, "create_time"),
         end_time=timestamp_from_proto(msg, "end_time"),
+        parent_execution_id=msg.parent_execution_id,
+        parent_node_id=msg.parent_node_id,
+        depth=msg.depth,
+        start_time=timestamp_from_proto(msg, "start_time"),
     )
 
 
@@ -214,5 +253,18 @@ def context_from_proto(
         lease_deadline=timestamp_from_proto(msg, "lease_deadline"),
         worker_id=worker_id,
         metadata=dict(msg.metadata),
+        execution_start_time=timestamp_from_proto(msg, "execution_start_time"),
+        map_index=map_index(msg.node_id),
         _signals=signals,
+        _execution_input=msg.execution_input,
+        _parent_outputs=msg.parent_outputs,
     )
+
+
+_MAP_ELEMENT = re.compile(r".+\[(\d+)\]")
+
+
+def map_index(node_id: str) -> int | None:
+    """The index of a map element from its run id ("<map id>[<index>]"); None otherwise."""
+    match = _MAP_ELEMENT.fullmatch(node_id)
+    return int(match.group(1)) if match else None

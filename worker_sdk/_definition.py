@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,35 +12,27 @@ from google.protobuf import json_format
 
 from trellis.v1 import common_pb2
 from worker_sdk._convert import duration_to_proto
-from worker_sdk._duration import Duration, parse_duration, parse_positive_duration
+from worker_sdk._duration import Duration
 from worker_sdk._errors import DefinitionError
+from worker_sdk._nodes import (
+    NODE_KINDS,
+    NODE_TYPES,
+    TRIGGER_RULES,
+    Case,
+    MapNode,
+    Node,
+    SwitchNode,
+    TaskNode,
+    WorkflowNode,
+    check_duration,
+    check_retries,
+    one_line,
+)
 from worker_sdk._task import Task
 
-_NODE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
 
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _retries(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise DefinitionError(f"{what} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _duration(value: Duration, what: str, *, positive: bool = True) -> Any:
-    try:
-        parsed = (parse_positive_duration if positive else parse_duration)(value, what=what)
-    except ValueError as exc:
-        raise DefinitionError(str(exc)) from None
-    return duration_to_proto(parsed)
-
-
-@dataclass
-class _Node:
-    proto: common_pb2.NodeDefinition
-    after: tuple[str, ...] = field(default=())
+def _duration(value: Duration, what: str) -> Any:
+    return duration_to_proto(check_duration(value, what))
 
 
 class Workflow:
@@ -55,10 +45,11 @@ class Workflow:
         wf.node("ship", ship_task, after=[b, c], config={"carrier": "ups"})
         await client.register_workflow(wf)
 
-    ``node`` returns the node id, so dependencies read naturally; a node may only
-    depend on nodes added before it. A node that runs a ``Task`` object takes the
-    task's timeout and retries unless it sets its own. Semantic validation (limits,
-    known task types ...) happens on the coordinator at registration.
+    ``node`` (and ``switch``, ``subworkflow``, ``map``, ``add``) returns the node id,
+    so dependencies read naturally; a node may only depend on nodes added before it
+    (switch targets may name nodes added later). A node that runs a ``Task`` object
+    takes the task's timeout and retries unless it sets its own. Semantic validation
+    (references, cycles, CEL types, limits) happens on the coordinator at registration.
     """
 
     def __init__(
@@ -79,7 +70,7 @@ class Workflow:
         self._default_retries = (
             None
             if default_retries is None
-            else _retries(default_retries, f"workflow {name!r}: default_retries")
+            else check_retries(default_retries, f"workflow {name!r}: default_retries")
         )
         self._default_timeout = (
             None
@@ -95,12 +86,48 @@ class Workflow:
             )
             if value is not None
         }
-        self._nodes: dict[str, _Node] = {}
+        self._nodes: dict[str, tuple[Node, tuple[str, ...]]] = {}
 
     @property
     def node_ids(self) -> tuple[str, ...]:
         """The ids of the nodes added so far, in order."""
         return tuple(self._nodes)
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """The nodes added so far, in order."""
+        return tuple(node for node, _ in self._nodes.values())
+
+    def add(self, node: Node, *, after: str | Iterable[str] = ()) -> str:
+        """Adds a node built by hand (``TaskNode``, ``SwitchNode`` ...) and returns its id.
+
+        ``after`` names the nodes it depends on (added before it).
+        """
+        if not isinstance(node, NODE_TYPES):
+            raise DefinitionError(
+                f"workflow {self.name!r}: add() takes a TaskNode, SwitchNode, WorkflowNode or "
+                f"MapNode, got {node!r}"
+            )
+        where = f"workflow {self.name!r}, node {node.id!r}"
+        if node.id in self._nodes:
+            raise DefinitionError(f"{where}: a node with this id already exists")
+        deps = (after,) if isinstance(after, str) else tuple(after)
+        for dep in deps:
+            if dep not in self._nodes:
+                raise DefinitionError(
+                    f"{where}: depends on {dep!r}, which is not a node added before it"
+                )
+        if len(set(deps)) != len(deps):
+            raise DefinitionError(f"{where}: 'after' lists a node twice")
+        self._nodes[node.id] = (node, deps)
+        return node.id
+
+    def _build(self, make: Any, *args: Any, after: str | Iterable[str], **options: Any) -> str:
+        try:
+            node = make(*args, **options)
+        except DefinitionError as exc:
+            raise DefinitionError(f"workflow {self.name!r}: {exc}") from None
+        return self.add(node, after=after)
 
     def node(
         self,
@@ -122,6 +149,10 @@ class Workflow:
         on_failure: str | None = None,
         compensation: str | Task | None = None,
         pause_before: bool = False,
+        trigger_rule: str = "",
+        skip_if: str = "",
+        input: str = "",
+        output: str = "",
     ) -> str:
         """Adds a node running ``task`` (a task type name or a ``Task``) and returns its id.
 
@@ -132,103 +163,135 @@ class Workflow:
         none) that runs with this node's failure as input; ``compensation`` is the task
         that undoes this node if the execution fails later (run in reverse order of
         completion); ``pause_before`` holds the node until an operator resumes it.
-        Raises DefinitionError on a bad argument.
+        ``trigger_rule``, ``skip_if``, ``input`` and ``output`` steer the flow (see
+        ``TaskNode`` and docs/control-flow.md). Raises DefinitionError on a bad argument.
         """
-        where = f"workflow {self.name!r}, node {id!r}"
-        if not isinstance(id, str) or not _NODE_ID.fullmatch(id):
-            raise DefinitionError(
-                f"workflow {self.name!r}: invalid node id {id!r} "
-                "(use letters, digits, '_', '-' and '.')"
-            )
-        if id in self._nodes:
-            raise DefinitionError(f"{where}: a node with this id already exists")
-        if isinstance(task, Task):
-            task_type = task.name
-            if retries is None:
-                retries = task.retries
-            if timeout is None:
-                timeout = task.timeout
-        elif isinstance(task, str) and task.strip():
-            task_type = task
-        else:
-            raise DefinitionError(f"{where}: task must be a task type name or a Task, got {task!r}")
-        deps = (after,) if isinstance(after, str) else tuple(after)
-        for dep in deps:
-            if dep not in self._nodes:
-                raise DefinitionError(
-                    f"{where}: depends on {dep!r}, which is not a node added before it"
-                )
-        if len(set(deps)) != len(deps):
-            raise DefinitionError(f"{where}: 'after' lists a node twice")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise DefinitionError(f"{where}: priority must be an integer, got {priority!r}")
-
-        node = common_pb2.NodeDefinition(id=id, task_type=task_type, priority=priority)
-        if config is not None:
-            if not isinstance(config, Mapping):
-                raise DefinitionError(f"{where}: config must be a mapping, got {config!r}")
-            try:
-                node.config.update(config)
-            except (TypeError, ValueError, AttributeError) as exc:
-                raise DefinitionError(
-                    f"{where}: config is not a JSON object: {_one_line(str(exc))}"
-                ) from None
-        if timeout is not None:
-            node.start_to_close_timeout.CopyFrom(_duration(timeout, f"{where}: timeout"))
-        if heartbeat_timeout is not None:
-            node.heartbeat_timeout.CopyFrom(
-                _duration(heartbeat_timeout, f"{where}: heartbeat_timeout")
-            )
-        if schedule_to_start_timeout is not None:
-            node.schedule_to_start_timeout.CopyFrom(
-                _duration(schedule_to_start_timeout, f"{where}: schedule_to_start_timeout")
-            )
-        if on_failure is not None:
-            node.on_failure = on_failure
-        if compensation is not None:
-            node.compensation_task_type = (
-                compensation.name if isinstance(compensation, Task) else compensation
-            )
-        node.pause_before = bool(pause_before)
-
-        policy = common_pb2.RetryPolicy()
-        if retries is not None:
-            policy.max_attempts = _retries(retries, f"{where}: retries") + 1
-        if retry_initial_interval is not None:
-            policy.initial_interval.CopyFrom(
-                _duration(retry_initial_interval, f"{where}: retry_initial_interval")
-            )
-        if retry_backoff is not None:
-            if isinstance(retry_backoff, bool) or not isinstance(retry_backoff, int | float):
-                raise DefinitionError(f"{where}: retry_backoff must be a number")
-            if retry_backoff < 1:
-                raise DefinitionError(f"{where}: retry_backoff must be at least 1.0")
-            policy.backoff_coefficient = float(retry_backoff)
-        if retry_max_interval is not None:
-            policy.max_interval.CopyFrom(
-                _duration(retry_max_interval, f"{where}: retry_max_interval")
-            )
         if isinstance(non_retryable_errors, str):
             non_retryable_errors = (non_retryable_errors,)
-        policy.non_retryable_error_types.extend(non_retryable_errors)
-        if retry_jitter is not None:
-            if not 0 <= retry_jitter <= 1:
-                raise DefinitionError(f"{where}: retry_jitter must be between 0 and 1")
-            policy.jitter = float(retry_jitter)
-        if policy.ByteSize():
-            node.retry_policy.CopyFrom(policy)
+        return self._build(
+            TaskNode,
+            id,
+            task,
+            after=after,
+            config=config,
+            retries=retries,
+            timeout=timeout,
+            heartbeat_timeout=heartbeat_timeout,
+            priority=priority,
+            retry_initial_interval=retry_initial_interval,
+            retry_backoff=retry_backoff,
+            retry_max_interval=retry_max_interval,
+            non_retryable_errors=tuple(non_retryable_errors),
+            retry_jitter=retry_jitter,
+            schedule_to_start_timeout=schedule_to_start_timeout,
+            on_failure=on_failure,
+            compensation=compensation,
+            pause_before=pause_before,
+            trigger_rule=trigger_rule,
+            skip_if=skip_if,
+            input=input,
+            output=output,
+        )
 
-        self._nodes[id] = _Node(node, deps)
-        return id
+    def switch(
+        self,
+        id: str,
+        cases: Iterable[Case | tuple[str, str | Iterable[str]]],
+        *,
+        after: str | Iterable[str] = (),
+        default_targets: str | Iterable[str] = (),
+        match_all: bool = False,
+        **options: Any,
+    ) -> str:
+        """Adds a switch node choosing which of its children run, and returns its id::
+
+            route = wf.switch("route", [("input.amount > 1000", "manual_review")],
+                              after=check, default_targets="auto_approve")
+
+        ``cases`` are ``Case`` objects or ``(condition, targets)`` pairs, tried in
+        order; the targets are children of the switch added after it. ``options`` are
+        ``trigger_rule``, ``skip_if``, ``input``, ``output``, ``priority``.
+        """
+        built: list[Case] = []
+        for case in cases:
+            if isinstance(case, Case):
+                built.append(case)
+                continue
+            try:
+                condition, targets = case
+            except (TypeError, ValueError):
+                raise DefinitionError(
+                    f"workflow {self.name!r}, node {id!r}: a case must be Case(condition, "
+                    f"targets) or a (condition, targets) pair, got {case!r}"
+                ) from None
+            built.append(self._case(id, condition, targets))
+        return self._build(
+            SwitchNode,
+            id,
+            built,
+            after=after,
+            default_targets=(
+                (default_targets,) if isinstance(default_targets, str) else tuple(default_targets)
+            ),
+            match_all=match_all,
+            **options,
+        )
+
+    def _case(self, id: str, condition: str, targets: str | Iterable[str]) -> Case:
+        try:
+            return Case(condition, (targets,) if isinstance(targets, str) else tuple(targets))
+        except DefinitionError as exc:
+            raise DefinitionError(f"workflow {self.name!r}, node {id!r}: {exc}") from None
+
+    def subworkflow(
+        self,
+        id: str,
+        workflow: str,
+        *,
+        version: int = 0,
+        after: str | Iterable[str] = (),
+        **options: Any,
+    ) -> str:
+        """Adds a node running a child execution of the registered workflow ``workflow``.
+
+        ``version`` 0 means the child's latest version when it starts; ``options`` are
+        ``input`` (CEL: the child's input), ``output`` (CEL over the child's ``output``),
+        ``trigger_rule``, ``skip_if``, ``priority``. See ``WorkflowNode``.
+        """
+        return self._build(WorkflowNode, id, workflow, version=version, after=after, **options)
+
+    def map(
+        self,
+        id: str,
+        task: str | Task,
+        *,
+        items: str,
+        max_concurrency: int = 0,
+        after: str | Iterable[str] = (),
+        **options: Any,
+    ) -> str:
+        """Adds a map node: ``task`` runs once per element of the list ``items`` gives.
+
+        ``max_concurrency`` caps the elements ready or running at once (0: no limit);
+        ``options`` are those of ``node`` (retries, timeout, config, input, output ...).
+        See ``MapNode``.
+        """
+        return self._build(
+            MapNode,
+            id,
+            task,
+            items=items,
+            max_concurrency=max_concurrency,
+            after=after,
+            **options,
+        )
 
     def to_proto(self) -> common_pb2.WorkflowDefinition:
         """The definition as sent to ``RegisterWorkflow`` (version 0: assigned on registration)."""
         msg = common_pb2.WorkflowDefinition(name=self.name, description=self.description)
-        for node in self._nodes.values():
-            msg.nodes.append(node.proto)
-            msg.edges.extend(
-                common_pb2.Edge(source=dep, target=node.proto.id) for dep in node.after
-            )
+        for node, after in self._nodes.values():
+            msg.nodes.append(node.to_proto())
+            msg.edges.extend(common_pb2.Edge(source=dep, target=node.id) for dep in after)
         if self._default_retries is not None:
             msg.default_retry_policy.max_attempts = self._default_retries + 1
         if self._default_timeout is not None:
@@ -249,7 +312,7 @@ def _load_yaml(file: Path, text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise DefinitionError(f"{file}: invalid YAML: {_one_line(str(exc))}") from None
+        raise DefinitionError(f"{file}: invalid YAML: {one_line(str(exc))}") from None
 
 
 def load_workflow(path: str | os.PathLike[str]) -> common_pb2.WorkflowDefinition:
@@ -270,12 +333,12 @@ def load_workflow(path: str | os.PathLike[str]) -> common_pb2.WorkflowDefinition
     except FileNotFoundError:
         raise DefinitionError(f"{file}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DefinitionError(f"{file}: cannot read: {_one_line(str(exc))}") from None
+        raise DefinitionError(f"{file}: cannot read: {one_line(str(exc))}") from None
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DefinitionError(f"{file}: invalid JSON: {_one_line(str(exc))}") from None
+            raise DefinitionError(f"{file}: invalid JSON: {one_line(str(exc))}") from None
     else:
         data = _load_yaml(file, text)
     if data is None:
@@ -286,6 +349,30 @@ def load_workflow(path: str | os.PathLike[str]) -> common_pb2.WorkflowDefinition
             f"not {type(data).__name__}"
         )
     try:
-        return json_format.ParseDict(data, common_pb2.WorkflowDefinition())
+        msg = json_format.ParseDict(data, common_pb2.WorkflowDefinition())
     except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
-        raise DefinitionError(f"{file}: {_one_line(str(exc))}") from None
+        raise DefinitionError(f"{file}: {one_line(str(exc))}") from None
+    try:
+        check_definition(msg)
+    except DefinitionError as exc:
+        raise DefinitionError(f"{file}: {exc}") from None
+    return msg
+
+
+def check_definition(msg: common_pb2.WorkflowDefinition | Iterable[Any]) -> None:
+    """Local checks of a definition's (or an expansion's) nodes: known kinds and trigger rules.
+
+    Everything else (references, cycles, CEL, limits) is the coordinator's to check.
+    """
+    nodes = msg.nodes if isinstance(msg, common_pb2.WorkflowDefinition) else msg
+    for node in nodes:
+        where = f"node {node.id!r}"
+        if node.kind and node.kind not in NODE_KINDS:
+            raise DefinitionError(
+                f"{where}: unknown kind {node.kind!r}; use one of {', '.join(NODE_KINDS)}"
+            )
+        if node.trigger_rule and node.trigger_rule not in TRIGGER_RULES:
+            raise DefinitionError(
+                f"{where}: unknown trigger_rule {node.trigger_rule!r}; "
+                f"use one of {', '.join(TRIGGER_RULES)}"
+            )

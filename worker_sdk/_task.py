@@ -128,6 +128,10 @@ class TaskContext:
     at-least-once); ``attempt`` starts at 1. ``config`` is the node's static
     configuration (parsed JSON, or None). ``lease_deadline`` is when the
     coordinator gives up on this attempt unless it is completed or kept alive.
+    ``execution_start_time`` is when the execution started; ``execution_input`` the
+    execution's input and ``parent_outputs`` the outputs of the node's parents keyed
+    by parent id (both parsed on first use); ``map_index`` is the element's index when
+    the task is an element of a map node (None otherwise).
     ``logger`` adds execution_id, node_id, attempt and worker_id to every record.
     """
 
@@ -142,8 +146,25 @@ class TaskContext:
     lease_deadline: datetime | None = None
     worker_id: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    execution_start_time: datetime | None = None
+    map_index: int | None = None
     logger: logging.LoggerAdapter[logging.Logger] = field(init=False, repr=False, compare=False)
     _signals: _LeaseSignals = field(default_factory=_LeaseSignals, repr=False, compare=False)
+    _execution_input: bytes = field(default=b"", repr=False, compare=False)
+    _parent_outputs: bytes = field(default=b"", repr=False, compare=False)
+
+    @functools.cached_property
+    def execution_input(self) -> Any:
+        """The execution's input (parsed JSON; None when empty)."""
+        return json.loads(self._execution_input) if self._execution_input else None
+
+    @functools.cached_property
+    def parent_outputs(self) -> Mapping[str, Any]:
+        """Parent node id -> that parent's output (parsed JSON; empty for an entry node)."""
+        if not self._parent_outputs:
+            return {}
+        parsed = json.loads(self._parent_outputs)
+        return parsed if isinstance(parsed, dict) else {}
 
     def __post_init__(self) -> None:
         adapter = logging.LoggerAdapter(

@@ -33,7 +33,9 @@ class NodeState:
 
     ``status`` is one of BLOCKED, READY, LEASED, SUCCEEDED, FAILED, SKIPPED,
     CANCELLED, TIMED_OUT, WAITING; ``attempt`` is the current or last attempt
-    (0 before the first lease); ``output`` is decoded JSON.
+    (0 before the first lease); ``output`` is decoded JSON. A workflow node's
+    ``child_execution_id`` is the child execution it started; the elements of a map
+    node appear as ``"<map id>[<index>]"``.
     """
 
     node_id: str
@@ -44,6 +46,7 @@ class NodeState:
     error: ErrorDetails | None = None
     worker_id: str = ""
     held: bool = False
+    child_execution_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,9 @@ class Execution:
     ``status`` is one of PENDING, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED,
     TIMED_OUT. ``input`` and ``output`` are decoded JSON. ``nodes`` is filled by
     ``Client.get_execution`` and ``wait_for_execution`` (empty in lists).
+    A child execution (started by a workflow node) has ``parent_execution_id``,
+    ``parent_node_id`` and ``depth`` (0 for a top-level execution); ``start_time`` is
+    when a delayed execution starts (it is PENDING until then).
     """
 
     id: str
@@ -94,6 +100,10 @@ class Execution:
     idempotency_key: str = ""
     create_time: datetime | None = None
     end_time: datetime | None = None
+    parent_execution_id: str = ""
+    parent_node_id: str = ""
+    depth: int = 0
+    start_time: datetime | None = None
 
     @property
     def terminal(self) -> bool:

@@ -24,6 +24,7 @@ from trellis.v1 import worker_service_pb2_grpc as pb_grpc
 from worker_sdk._channel import DEFAULT_ADDRESS, TRANSIENT_CODES, Backoff, open_channel
 from worker_sdk._convert import context_from_proto, decode_json, duration_to_proto, encode_json
 from worker_sdk._errors import NonRetryableError, rpc_error
+from worker_sdk._result import fill_completion
 from worker_sdk._task import Task, TaskContext, _LeaseSignals
 
 logger = logging.getLogger(__name__)
@@ -494,8 +495,9 @@ class Worker:
         error = handler.exception()
         if error is not None:
             return self._failure_from_exception(lease, error)
+        request = pb.CompleteTaskRequest(lease_token=lease.token, worker_id=self._worker_id)
         try:
-            output = encode_json(handler.result())
+            fill_completion(request, handler.result())  # a plain value or a Result
         except (TypeError, ValueError) as err:
             return self._failure(
                 lease,
@@ -504,9 +506,7 @@ class Worker:
                 non_retryable=True,
             )
         logger.debug("%s: succeeded", msg.task_type, extra=lease.extra)
-        return pb.CompleteTaskRequest(
-            lease_token=lease.token, output=output, worker_id=self._worker_id
-        )
+        return request
 
     async def _call_handler(self, lease: _Lease, task: Task, ctx: TaskContext, data: Any) -> Any:
         seconds = task.timeout.total_seconds() if task.timeout is not None else None
@@ -637,7 +637,7 @@ class Worker:
             return self._failure(
                 lease,
                 "OutputRejected",
-                f"the coordinator refused the task's output: {reason}",
+                f"the coordinator refused the task's result: {reason}",
                 non_retryable=True,
             )
         if refused.error.details or len(refused.error.message) > 200:

@@ -1,16 +1,20 @@
 """The pure engine: validates definitions and decides what each transition does.
 
 No I/O and no clock (``now`` is an argument): the service loads state, calls the engine
-and persists the returned ``Transition`` in one transaction (DESIGN §3).
+and persists the returned ``Transition`` in one transaction (DESIGN §3). The service
+passes ``effective_definition(defn, execution)`` (the definition with the execution's
+dynamic expansion merged in) to every transition.
 """
 
 from coordinator.engine._backoff import backoff_delay, jitter_fraction, retry_delay, should_retry
 from coordinator.engine._cel import (
     NODE_VARIABLES,
+    OUTPUT_VARIABLES,
     Expression,
     ExpressionError,
     compile_expression,
 )
+from coordinator.engine._children import child_ended, fail_waiting_node
 from coordinator.engine._control import (
     cancel_execution,
     cancel_node,
@@ -22,21 +26,28 @@ from coordinator.engine._control import (
     time_out_execution,
     time_out_unstarted,
 )
+from coordinator.engine._expand import Expansion, effective_definition
 from coordinator.engine._transitions import complete_node, fail_node, start_execution
 from coordinator.engine._validate import ALLOWED_KINDS, Limits, validate_definition
 
-__all__ = [
+# Plainly sorted (a test pins it), not in ruff's constants-first order.
+__all__ = [  # noqa: RUF022
     "ALLOWED_KINDS",
-    "NODE_VARIABLES",
+    "Expansion",
     "Expression",
     "ExpressionError",
     "Limits",
+    "NODE_VARIABLES",
+    "OUTPUT_VARIABLES",
     "backoff_delay",
     "cancel_execution",
     "cancel_node",
+    "child_ended",
     "compile_expression",
     "complete_node",
+    "effective_definition",
     "fail_node",
+    "fail_waiting_node",
     "jitter_fraction",
     "pause_execution",
     "pause_node",

@@ -16,7 +16,7 @@ import datetime as _dt
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from cel_expr_python import cel
@@ -25,6 +25,8 @@ from coordinator.errors import InvalidArgument, TrellisError
 
 # The variables node expressions see (DESIGN §3, docs/control-flow.md).
 NODE_VARIABLES: tuple[str, ...] = ("input", "parents", "execution")
+# output_expr also sees the node's result.
+OUTPUT_VARIABLES: tuple[str, ...] = (*NODE_VARIABLES, "output")
 MAX_EXPRESSION_LENGTH = 4096
 
 
@@ -90,23 +92,35 @@ def compile_expression(
         raise InvalidArgument(
             f"{where} is {len(source)} characters, more than {MAX_EXPRESSION_LENGTH}"
         )
-    env = _env(tuple(sorted(variables)))
+    compiled, problem = _compile(source, tuple(sorted(variables)), boolean)
+    if problem:
+        raise InvalidArgument(f"{where} {problem}")
+    return Expression(source=source, where=where, boolean=boolean, _compiled=compiled)
+
+
+@lru_cache(maxsize=4096)
+def _compile(source: str, variables: tuple[str, ...], boolean: bool) -> tuple[Any, str]:
+    """Compile and type-check once per (source, variables, boolean): the engine re-gets its
+    expressions at run time from here instead of keeping them around.
+
+    Returns ``(compiled, "")`` or ``(None, why it does not compile)``, so that failures are
+    cached too; the caller names the expression (``where``) in its message.
+    """
     try:
-        compiled = env.compile(source)
-    except Exception as exc:
-        names = ", ".join(sorted(variables))
-        raise InvalidArgument(
-            f"{where} is not a valid CEL expression: {_first_line(exc)} "
-            f"(the expression may use: {names})"
-        ) from exc
+        compiled = _env(variables).compile(source)
+    except Exception as exc:  # the binding raises plain exceptions with CEL's status text
+        names = ", ".join(variables)
+        return None, (
+            f"is not a valid CEL expression: {_first_line(exc)} (the expression may use: {names})"
+        )
     if boolean:
         result_type = compiled.return_type()
         if result_type != cel.Type.BOOL and result_type != cel.Type.DYN:
-            raise InvalidArgument(
-                f"{where} ({source!r}) gives {result_type}, not a boolean; "
+            return None, (
+                f"({source!r}) gives {result_type}, not a boolean; "
                 "write a condition such as input.amount > 100"
             )
-    return Expression(source=source, where=where, boolean=boolean, _compiled=compiled)
+    return compiled, ""
 
 
 def _plain(value: Any) -> Any:

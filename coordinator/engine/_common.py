@@ -8,18 +8,21 @@ into one ``Transition``. The execution keeps its loaded ``version``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from coordinator.errors import FailedPrecondition, NotFound
 from coordinator.model import (
     COMPENSATION_SUFFIX,
     NULL_JSON,
+    ChildStart,
     Event,
     EventType,
     Execution,
     ExecutionStatus,
+    NodeKind,
     NodeRole,
     NodeRun,
     NodeSpec,
@@ -50,6 +53,12 @@ class Step:
         self.events: list[Event] = []
         self.dead_lettered: list[str] = []
         self.redriven: str | None = None
+        self.start_children: list[ChildStart] = []
+        self.cancel_children: list[str] = []
+        # Parsed payloads for expressions: id -> (the payload parsed, its value).
+        self.parsed: dict[str, tuple[bytes, Any]] = {}
+        self._items: dict[str, list[str]] | None = None
+        self._order: dict[str, int] | None = None
 
     def get(self, node_id: str) -> NodeRun:
         """The node run as this step leaves it."""
@@ -64,6 +73,10 @@ class Step:
     ) -> NodeRun:
         """Record a changed row (stamped ``now``) and, given a type, its event."""
         node = replace(node, updated_at=self.now)
+        new = node.node_id not in self.changed and node.node_id not in self.nodes
+        if new and node.role is NodeRole.MAP_ITEM and self._items is not None:
+            map_id, _ = split_item_id(node.node_id)
+            self._items.setdefault(map_id, []).append(node.node_id)
         self.changed[node.node_id] = node
         if type_ is not None:
             self.node_event(node, type_, details)
@@ -98,16 +111,48 @@ class Step:
             )
         )
 
-    def ids(self) -> list[str]:
-        """Every node run id: definition order first, then compensation runs by id."""
-        present = self.nodes.keys() | self.changed.keys()
-        ordered = [n.id for n in self.defn.nodes if n.id in present]
-        return ordered + sorted(i for i in present if i not in self.defn.node_map)
+    def has(self, node_id: str) -> bool:
+        return node_id in self.changed or node_id in self.nodes
 
-    def task_ids(self) -> Iterable[str]:
-        """The workflow's own nodes (not handlers), in definition order."""
+    def items(self, map_id: str) -> list[str]:
+        """The element runs of map node ``map_id`` (``"<id>[<i>]"``), in index order."""
+        if self._items is None:
+            groups: dict[str, list[tuple[int, str]]] = {}
+            for key in self.nodes.keys() | self.changed.keys():
+                if key.endswith("]"):
+                    base, index = split_item_id(key)
+                    groups.setdefault(base, []).append((index, key))
+            self._items = {m: [k for _, k in sorted(v)] for m, v in groups.items()}
+        return self._items.get(map_id, [])
+
+    def order(self, node_id: str) -> int:
+        """The position of a definition node (for worklists in definition order)."""
+        if self._order is None:
+            self._order = {n.id: i for i, n in enumerate(self.defn.nodes)}
+        return self._order[node_id]
+
+    def ids(self) -> list[str]:
+        """Every node run id: definition order (each map followed by its elements), then
+        compensation runs by id."""
+        present = self.nodes.keys() | self.changed.keys()
+        ordered: list[str] = []
+        for n in self.defn.nodes:
+            if n.id in present:
+                ordered.append(n.id)
+                if n.kind == NodeKind.MAP:
+                    ordered.extend(self.items(n.id))
+        listed = set(ordered)
+        return ordered + sorted(i for i in present if i not in listed)
+
+    def task_ids(self) -> Iterator[str]:
+        """The workflow's own nodes (not handlers), in definition order, each map node
+        followed by its elements."""
         handlers = self.defn.handlers
-        return (n.id for n in self.defn.nodes if n.id not in handlers)
+        for n in self.defn.nodes:
+            if n.id not in handlers:
+                yield n.id
+                if n.kind == NodeKind.MAP:
+                    yield from self.items(n.id)
 
     def transition(self) -> Transition:
         return Transition(
@@ -116,6 +161,8 @@ class Step:
             events=tuple(self.events),
             dead_lettered=tuple(self.dead_lettered),
             redriven_dead_letter=self.redriven,
+            start_children=tuple(self.start_children),
+            cancel_children=tuple(self.cancel_children),
         )
 
 
@@ -203,12 +250,32 @@ def end_node(
     return step.put(ended, type_, details)
 
 
+def abort(
+    step: Step,
+    node: NodeRun,
+    status: NodeStatus,
+    type_: EventType,
+    reason: str,
+) -> None:
+    """End a node run that did not finish on its own (cancelled or skipped). A WAITING
+    workflow node's child execution is cancelled (``Transition.cancel_children``); a
+    WAITING map node's unfinished elements are CANCELLED."""
+    waiting = node.status is NodeStatus.WAITING
+    end_node(step, node, status, type_, {"reason": reason})
+    if not waiting:
+        return
+    if node.child_execution_id is not None:
+        step.cancel_children.append(node.child_execution_id)
+    if node.role is NodeRole.TASK and step.defn.node_map[node.node_id].kind == NodeKind.MAP:
+        end_unfinished(step, step.items(node.node_id), reason)
+
+
 def end_unfinished(step: Step, ids: Iterable[str], reason: str) -> None:
     """CANCEL every unfinished node run among ``ids``."""
     for nid in ids:
         node = step.get(nid)
         if not node.status.terminal:
-            end_node(step, node, NodeStatus.CANCELLED, EventType.NODE_CANCELLED, {"reason": reason})
+            abort(step, node, NodeStatus.CANCELLED, EventType.NODE_CANCELLED, reason)
 
 
 def descendants(defn: WorkflowDef, node_id: str) -> set[str]:
@@ -226,9 +293,10 @@ def skip_descendants(step: Step, node_id: str, reason: str) -> None:
     """SKIP the unfinished descendants of ``node_id``, in definition order."""
     below = descendants(step.defn, node_id)
     for nid in step.task_ids():
-        node = step.get(nid)
-        if nid in below and not node.status.terminal:
-            end_node(step, node, NodeStatus.SKIPPED, EventType.NODE_SKIPPED, {"reason": reason})
+        if nid in below:
+            node = step.get(nid)
+            if not node.status.terminal:
+                abort(step, node, NodeStatus.SKIPPED, EventType.NODE_SKIPPED, reason)
 
 
 # -- node runs ---------------------------------------------------------------------------------
@@ -265,10 +333,23 @@ def new_run(
 
 
 def spec_of(defn: WorkflowDef, node: NodeRun) -> NodeSpec:
-    """The spec that configures a run: a compensation run uses its compensated node's."""
+    """The spec that configures a run: a compensation run uses its compensated node's, a
+    map element its map node's."""
     if node.role is NodeRole.COMPENSATION:
         return defn.node_map[node.node_id.removesuffix(COMPENSATION_SUFFIX)]
+    if node.role is NodeRole.MAP_ITEM:
+        return defn.node_map[split_item_id(node.node_id)[0]]
     return defn.node_map[node.node_id]
+
+
+def item_id(map_id: str, index: int) -> str:
+    return f"{map_id}[{index}]"
+
+
+def split_item_id(node_id: str) -> tuple[str, int]:
+    """``"m[3]"`` -> ``("m", 3)`` (node ids cannot contain ``[``)."""
+    base, _, rest = node_id.partition("[")
+    return base, int(rest.removesuffix("]"))
 
 
 def compose(ids: tuple[str, ...], step: Step) -> bytes:

@@ -12,8 +12,8 @@ from datetime import datetime
 
 from coordinator.engine._common import (
     Step,
-    compose,
-    end_node,
+    abort,
+    descendants,
     end_unfinished,
     hold,
     holds,
@@ -22,12 +22,14 @@ from coordinator.engine._common import (
     require_node,
     require_unfinished,
     seconds,
-    skip_descendants,
+    split_item_id,
 )
-from coordinator.engine._flow import cleanup_run_ended, fail_task_node, settle
+from coordinator.engine._flow import cleanup_run_ended
+from coordinator.engine._readiness import evaluate, propagate
+from coordinator.engine._routing import maybe_settle
+from coordinator.engine._transitions import fail_run
 from coordinator.errors import FailedPrecondition
 from coordinator.model import (
-    NULL_JSON,
     ErrorInfo,
     EventType,
     Execution,
@@ -52,8 +54,11 @@ def cancel_execution(
     now: datetime,
 ) -> Transition:
     """Cancel an unfinished execution: every unfinished node run is CANCELLED (leased ones
-    keep their lease, so their workers learn it by heartbeat); no handler or compensation
-    runs."""
+    keep their lease, so their workers learn it by heartbeat; WAITING workflow nodes' child
+    executions go to ``Transition.cancel_children``); no handler or compensation runs.
+
+    A PENDING execution (a delayed start) is CANCELLED before it has any node run.
+    """
     if execution.status.terminal:
         raise FailedPrecondition(
             f"cannot cancel execution '{execution.id}': execution is {execution.status}; "
@@ -74,10 +79,13 @@ def cancel_node(
     reason: str,
     now: datetime,
 ) -> Transition:
-    """Cancel one unfinished node run; the nodes below it are SKIPPED, other branches go on.
+    """Cancel one unfinished node run; its children are evaluated by their trigger rules
+    (by default they, and the nodes below them, are SKIPPED); other branches go on.
 
-    When nothing is left to run, the execution ends (CANCELLED, since a node was).
-    Cancelling a compensation run moves on to the next compensation.
+    Cancelling a WAITING workflow node cancels its child execution; cancelling a map
+    element cancels its map node (and the other elements). When nothing is left to run,
+    the execution ends (CANCELLED, since a node was). Cancelling a compensation run moves
+    on to the next compensation.
     """
     require_unfinished(execution, f"cancel node '{node_id}'")
     node = require_node(execution, nodes, node_id)
@@ -87,10 +95,16 @@ def cancel_node(
             "only an unfinished node can be cancelled"
         )
     step = Step(defn, execution, nodes, now)
-    end_node(step, node, NodeStatus.CANCELLED, EventType.NODE_CANCELLED, {"reason": reason})
+    abort(step, node, NodeStatus.CANCELLED, EventType.NODE_CANCELLED, reason)
     if node.role is NodeRole.TASK:
-        skip_descendants(step, node_id, f"upstream node '{node_id}' was cancelled")
-        settle(step)
+        propagate(step, [node_id])
+        maybe_settle(step)
+    elif node.role is NodeRole.MAP_ITEM:
+        map_id, index = split_item_id(node_id)
+        why = f"element {index} ('{node_id}') was cancelled"
+        abort(step, step.get(map_id), NodeStatus.CANCELLED, EventType.NODE_CANCELLED, why)
+        propagate(step, [map_id])
+        maybe_settle(step)
     else:
         cleanup_run_ended(step)
     return step.transition()
@@ -209,7 +223,8 @@ def time_out_unstarted(
 ) -> Transition:
     """A READY, unheld node run was not claimed by its schedule deadline: it is TIMED_OUT,
     not retried. A workflow node then fails like after its last attempt (dead letter,
-    failure flow); a handler or compensation run just ends and the flow goes on."""
+    handled by a child or the failure flow), a map element fails its map node; a handler
+    or compensation run just ends and the flow goes on."""
     require_unfinished(execution, f"time out node '{node_id}'")
     node = require_node(execution, nodes, node_id)
     where = f"cannot time out node '{node_id}'"
@@ -240,14 +255,8 @@ def time_out_unstarted(
         type="ScheduleToStartTimeout", message=message, node_id=node_id, attempt=node.attempt
     )
     step = Step(defn, execution, nodes, now)
-    if node.role is NodeRole.TASK:
-        execution_error = replace(node_error, message=f"node '{node_id}' was {message}")
-        fail_task_node(step, node, NodeStatus.TIMED_OUT, node_error, execution_error)
-    else:
-        info = {"error_type": node_error.type, "message": message}
-        timed_out = replace(node, error=node_error)
-        end_node(step, timed_out, NodeStatus.TIMED_OUT, EventType.NODE_TIMED_OUT, info)
-        cleanup_run_ended(step)
+    execution_error = replace(node_error, message=f"node '{node_id}' was {message}")
+    fail_run(step, node, NodeStatus.TIMED_OUT, node_error, execution_error)
     return step.transition()
 
 
@@ -300,12 +309,16 @@ def redrive(
     """Run a FAILED execution forward again from its dead-lettered node.
 
     The node is READY again with its input and a fresh retry budget; the workflow nodes
-    cancelled or skipped by the failure are restored (READY when their parents have all
-    succeeded, else BLOCKED), handlers are BLOCKED again, compensation runs stay as history
-    and succeeded nodes are not touched, so they never run again. The execution is RUNNING
+    the failure cancelled, and the SKIPPED nodes below the redriven one, are restored:
+    BLOCKED, then evaluated by their trigger rules like after a parent ended (so READY when
+    they may run). Handlers are BLOCKED again, compensation runs stay as history and
+    succeeded nodes are not touched, so they never run again. The execution is RUNNING
     with no error and, when its workflow has an execution_timeout, a fresh deadline.
     Events: ``EXECUTION_RESUMED`` (details say it is a redrive), then ``NODE_REDRIVEN`` for
-    every reset node run, followed by ``NODE_READY`` for those that are ready.
+    every reset node run, each followed by what happened to it (``NODE_READY`` ...).
+
+    Redriving a map element is not supported (``FailedPrecondition``): the dead letter of
+    an element names the element, and its map node failed with it; rerun the execution.
     """
     where = f"cannot redrive node '{node_id}'"
     if execution.status is not ExecutionStatus.FAILED:
@@ -314,6 +327,11 @@ def redrive(
             "only a FAILED execution can be redriven"
         )
     node = require_node(execution, nodes, node_id)
+    if node.role is NodeRole.MAP_ITEM:
+        raise FailedPrecondition(
+            f"{where}: it is an element of a map node; redriving map elements is not "
+            "supported, start the workflow again instead"
+        )
     if node.role is not NodeRole.TASK:
         raise FailedPrecondition(
             f"{where}: it is a {node.role} run; only workflow nodes can be redriven "
@@ -344,23 +362,37 @@ def redrive(
     step.node_event(target, EventType.NODE_REDRIVEN, {"dead_letter_id": dead_letter_id})
     make_ready(step, target, input=node.input, available_at=now)
 
+    handlers = defn.handlers
+    cancelled = [
+        n.id
+        for n in defn.nodes
+        if n.id != node_id
+        and n.id not in handlers
+        and step.get(n.id).status is NodeStatus.CANCELLED
+    ]
+    # SKIPPED nodes below the redriven node or below a restored (cancelled) one were skipped
+    # because of what is now undone; others (a switch's untaken branch) stay skipped.
+    below = descendants(defn, node_id).union(*(descendants(defn, c) for c in cancelled))
+    restored_ids = [
+        n.id
+        for n in defn.nodes
+        if n.id != node_id
+        and n.id not in handlers
+        and (n.id in cancelled or (n.id in below and step.get(n.id).status is NodeStatus.SKIPPED))
+    ]
+    # First all BLOCKED, so that each is evaluated against the others' restored state.
+    for nid in restored_ids:
+        step.put(_reset(step.get(nid)))
     restored = {"dead_letter_id": dead_letter_id, "restored_by": node_id}
-    for nid in step.task_ids():
-        other = step.get(nid)
-        if nid == node_id or other.status not in _RESTORED:
-            continue
-        reset = _reset(other)
-        step.node_event(reset, EventType.NODE_REDRIVEN, restored)
-        parents = defn.parents[nid]
-        if all(step.get(p).status is NodeStatus.SUCCEEDED for p in parents):
-            payload = compose(parents, step) if parents else (execution.input or NULL_JSON)
-            make_ready(step, reset, input=payload, available_at=now)
-        else:
-            step.put(reset)
+    for nid in restored_ids:
+        step.node_event(step.get(nid), EventType.NODE_REDRIVEN, restored)
+        if step.get(nid).status is NodeStatus.BLOCKED:
+            propagate(step, evaluate(step, nid))
     for spec in defn.nodes:
         handler = step.get(spec.id)
-        if spec.id in defn.handlers and handler.status is not NodeStatus.BLOCKED:
+        if spec.id in handlers and handler.status is not NodeStatus.BLOCKED:
             step.put(_reset(handler), EventType.NODE_REDRIVEN, restored)
+    maybe_settle(step)
     return step.transition()
 
 

@@ -42,13 +42,13 @@ def fail_task_node(
     status: NodeStatus,
     node_error: ErrorInfo,
     execution_error: ErrorInfo,
+    *,
+    dead_letter: bool = True,
 ) -> None:
-    """A workflow node failed for good (``FAILED`` after its retries, or ``TIMED_OUT``)."""
-    event = EventType.NODE_FAILED if status is NodeStatus.FAILED else EventType.NODE_TIMED_OUT
-    info = {"error_type": node_error.type, "message": node_error.message}
-    failed = end_node(step, replace(node, error=node_error), status, event, info)
-    step.node_event(failed, EventType.NODE_DEAD_LETTERED, info)
-    step.dead_lettered.append(failed.node_id)
+    """A workflow node failed for good (``FAILED`` after its retries, or ``TIMED_OUT``) and
+    no child handles it (see ``_readiness.fail_for_good``). Task nodes are dead-lettered;
+    switch, workflow and map nodes are not (a map's failed element is)."""
+    failed = end_failed(step, node, status, node_error, dead_letter=dead_letter)
     step.execution = replace(step.execution, error=execution_error)
 
     nid = failed.node_id
@@ -62,10 +62,24 @@ def fail_task_node(
     if handler or compensation:
         step.execution_event(EventType.EXECUTION_FAILING, error_details(execution_error))
     if handler:
-        _trigger_handler(step, handler, failed)
+        trigger_handler(step, handler, failed)
     if compensation:
         _start_compensation(step, compensation)
     settle(step)
+
+
+def end_failed(
+    step: Step, node: NodeRun, status: NodeStatus, error: ErrorInfo, *, dead_letter: bool
+) -> NodeRun:
+    """Record a run's failure for good: ``NODE_FAILED``/``NODE_TIMED_OUT``, and, when
+    ``dead_letter``, ``NODE_DEAD_LETTERED`` and a dead letter."""
+    event = EventType.NODE_FAILED if status is NodeStatus.FAILED else EventType.NODE_TIMED_OUT
+    info = {"error_type": error.type, "message": error.message}
+    failed = end_node(step, replace(node, error=error), status, event, info)
+    if dead_letter:
+        step.node_event(failed, EventType.NODE_DEAD_LETTERED, info)
+        step.dead_lettered.append(failed.node_id)
+    return failed
 
 
 def cleanup_run_ended(step: Step) -> None:
@@ -83,10 +97,11 @@ def cleanup_run_ended(step: Step) -> None:
 def settle(step: Step) -> None:
     """End the execution when nothing is left to run.
 
-    That is when every workflow node is finished and no handler or compensation run is
-    READY or LEASED. Handlers never triggered are SKIPPED. The execution then FAILS when it
-    has an error, is CANCELLED when a workflow node was cancelled, and otherwise SUCCEEDS
-    with its sinks' outputs (a skipped sink gives ``null``).
+    That is when every workflow node (and map element) is finished and no handler or
+    compensation run is READY or LEASED. Handlers never triggered are SKIPPED. The
+    execution then FAILS when it has an error, is CANCELLED when a workflow node was
+    cancelled, and otherwise SUCCEEDS with its sinks' outputs (a skipped sink gives
+    ``null``; nodes whose failure a child handled do not fail it).
     """
     if step.execution.status.terminal:
         return
@@ -103,7 +118,11 @@ def settle(step: Step) -> None:
             end_node(step, node, NodeStatus.SKIPPED, EventType.NODE_SKIPPED, reason)
 
     error = step.execution.error
-    cancelled = [i for i in step.task_ids() if step.get(i).status is NodeStatus.CANCELLED]
+    cancelled = [
+        n.id
+        for n in defn.nodes
+        if n.id not in defn.handlers and step.get(n.id).status is NodeStatus.CANCELLED
+    ]
     if error is not None:
         step.execution = replace(step.execution, status=ExecutionStatus.FAILED, ended_at=step.now)
         step.execution_event(EventType.EXECUTION_FAILED, error_details(error))
@@ -127,7 +146,8 @@ def error_details(error: ErrorInfo) -> dict[str, object]:
     return {"error_type": error.type, "message": error.message, "node_id": error.node_id}
 
 
-def _trigger_handler(step: Step, handler_id: str, failed: NodeRun) -> None:
+def trigger_handler(step: Step, handler_id: str, failed: NodeRun) -> None:
+    """Make an on_failure handler READY with ``failed``'s failure as its input."""
     error = failed.error
     assert error is not None
     error_doc = {

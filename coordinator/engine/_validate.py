@@ -8,10 +8,11 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 
+from coordinator.engine._cel import OUTPUT_VARIABLES, compile_expression
 from coordinator.errors import InvalidArgument
-from coordinator.model import NodeSpec, RetryPolicy, WorkflowDef
+from coordinator.model import NodeKind, NodeSpec, RetryPolicy, TriggerRule, WorkflowDef
 
-ALLOWED_KINDS: tuple[str, ...] = ("task",)
+ALLOWED_KINDS: tuple[str, ...] = tuple(k.value for k in NodeKind)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.:/-]+")
@@ -28,6 +29,7 @@ class Limits:
     max_id_length: int = 128  # node ids and task types
     max_name_length: int = 128  # workflow names
     max_config_bytes: int = 64 * 1024
+    max_map_items: int = 10000  # elements one map node fans out over
 
 
 def validate_definition(defn: WorkflowDef, limits: Limits = Limits()) -> None:
@@ -70,6 +72,7 @@ def validate_definition(defn: WorkflowDef, limits: Limits = Limits()) -> None:
         seen.add(node.id)
         _check_node(node, limits)
     _check_edges(defn, seen)
+    _check_switches(defn)
     _check_handlers(defn, seen)
     _check_acyclic(defn)
 
@@ -100,17 +103,10 @@ def _check_node(node: NodeSpec, limits: Limits) -> None:
     if node.kind not in ALLOWED_KINDS:
         allowed = ", ".join(repr(k) for k in ALLOWED_KINDS)
         raise InvalidArgument(f"{where} has unknown kind {node.kind!r}; allowed kinds: {allowed}")
-    if not node.task_type:
-        raise InvalidArgument(f"{where} has an empty task_type; name the task its workers run")
-    if len(node.task_type) > limits.max_id_length:
-        raise InvalidArgument(
-            f"{where} task_type is {len(node.task_type)} characters long; "
-            f"use at most {limits.max_id_length}"
-        )
-    if not _TASK_TYPE_RE.fullmatch(node.task_type):
-        raise InvalidArgument(
-            f"{where} task_type {node.task_type!r} is invalid; use only {_TASK_TYPE_CHARSET}"
-        )
+    if node.task_type or node.kind in (NodeKind.TASK, NodeKind.MAP):
+        _check_task_type(node, limits)
+    _check_kind_fields(node, limits)
+    _check_expressions(node)
     _check_config(node, limits)
     if node.retry_policy is not None:
         _check_retry_policy(node.retry_policy, f"{where} retry policy")
@@ -129,6 +125,116 @@ def _check_node(node: NodeSpec, limits: Limits) -> None:
                 f"{where} compensation_task_type {compensation!r} is invalid; "
                 f"use only {_TASK_TYPE_CHARSET}"
             )
+
+
+def _check_task_type(node: NodeSpec, limits: Limits) -> None:
+    where = f"node '{node.id}'"
+    if not node.task_type:
+        raise InvalidArgument(f"{where} has an empty task_type; name the task its workers run")
+    if len(node.task_type) > limits.max_id_length:
+        raise InvalidArgument(
+            f"{where} task_type is {len(node.task_type)} characters long; "
+            f"use at most {limits.max_id_length}"
+        )
+    if not _TASK_TYPE_RE.fullmatch(node.task_type):
+        raise InvalidArgument(
+            f"{where} task_type {node.task_type!r} is invalid; use only {_TASK_TYPE_CHARSET}"
+        )
+
+
+# The fields only one kind uses, and that kind.
+_KIND_FIELDS: tuple[tuple[str, NodeKind], ...] = (
+    ("cases", NodeKind.SWITCH),
+    ("default_targets", NodeKind.SWITCH),
+    ("match_all", NodeKind.SWITCH),
+    ("workflow_name", NodeKind.WORKFLOW),
+    ("workflow_version", NodeKind.WORKFLOW),
+    ("items_expr", NodeKind.MAP),
+    ("max_concurrency", NodeKind.MAP),
+)
+
+
+def _check_kind_fields(node: NodeSpec, limits: Limits) -> None:
+    where = f"node '{node.id}'"
+    for name, kind in _KIND_FIELDS:
+        if getattr(node, name) and node.kind != kind:
+            raise InvalidArgument(
+                f"{where} sets {name} but is a {node.kind} node; {name} only applies to "
+                f"{kind} nodes, remove it or change the kind"
+            )
+    try:
+        TriggerRule(node.trigger_rule)
+    except ValueError:
+        allowed = ", ".join(repr(r.value) for r in TriggerRule)
+        raise InvalidArgument(
+            f"{where} has unknown trigger_rule {node.trigger_rule!r}; allowed: {allowed}"
+        ) from None
+    if node.kind == NodeKind.SWITCH and not (node.cases or node.default_targets):
+        raise InvalidArgument(
+            f"{where} is a switch with no cases and no default_targets; add a case "
+            "(condition and targets) or default targets"
+        )
+    if node.kind == NodeKind.WORKFLOW:
+        if not node.workflow_name:
+            raise InvalidArgument(
+                f"{where} is a workflow node with no workflow_name; name the workflow it starts"
+            )
+        try:
+            _check_name(node.workflow_name, limits)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{where} workflow_name: {exc}") from None
+        if node.workflow_version < 0:
+            raise InvalidArgument(
+                f"{where} has workflow_version {node.workflow_version}; use 0 (the latest "
+                "version when the child starts) or a version number"
+            )
+    if node.kind == NodeKind.MAP:
+        if not node.items_expr:
+            raise InvalidArgument(
+                f"{where} is a map node with no items_expr; write a CEL expression giving "
+                "the list to fan out over, such as input.items"
+            )
+        if node.max_concurrency < 0:
+            raise InvalidArgument(
+                f"{where} has max_concurrency {node.max_concurrency}; use 0 (no limit) or more"
+            )
+
+
+def _check_expressions(node: NodeSpec) -> None:
+    where = f"node '{node.id}'"
+    if node.skip_if:
+        compile_expression(node.skip_if, where=f"{where} skip_if", boolean=True)
+    if node.input_expr:
+        compile_expression(node.input_expr, where=f"{where} input_expr")
+    if node.output_expr:
+        compile_expression(
+            node.output_expr, where=f"{where} output_expr", variables=OUTPUT_VARIABLES
+        )
+    if node.items_expr:
+        compile_expression(node.items_expr, where=f"{where} items_expr")
+    for number, case in enumerate(node.cases, 1):
+        compile_expression(case.condition, where=f"{where} case {number} condition", boolean=True)
+
+
+def _check_switches(defn: WorkflowDef) -> None:
+    """Every target of a switch is one of its children (an edge switch -> target exists)."""
+    for node in defn.nodes:
+        if node.kind != NodeKind.SWITCH:
+            continue
+        children = set(defn.children[node.id])
+        named = [(f"case {n}", t) for n, c in enumerate(node.cases, 1) for t in c.targets]
+        named += [("default_targets", t) for t in node.default_targets]
+        for where, target in named:
+            if target not in children:
+                raise InvalidArgument(
+                    f"node '{node.id}' {where} names {target!r}, which is not a child of the "
+                    f"switch; add the edge {node.id} -> {target} or fix the target"
+                )
+        for number, case in enumerate(node.cases, 1):
+            if not case.targets:
+                raise InvalidArgument(
+                    f"node '{node.id}' case {number} has no targets; name the children it runs"
+                )
 
 
 def _reject_constant(name: str) -> object:
@@ -246,6 +352,11 @@ def _check_handlers(defn: WorkflowDef, ids: set[str]) -> None:
             )
         spec = defn.node_map[handler]
         role = f"node '{handler}' is the on_failure handler of '{node.id}'"
+        if spec.kind != NodeKind.TASK:
+            raise InvalidArgument(
+                f"{role} and so must be a task node, but is a {spec.kind} node; "
+                "point on_failure at a task node"
+            )
         if handler in touching:
             source, target = touching[handler]
             raise InvalidArgument(

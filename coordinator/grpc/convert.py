@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
+from coordinator import engine
 from coordinator.errors import InvalidArgument
 from coordinator.model import (
     DeadLetter,
@@ -18,10 +20,12 @@ from coordinator.model import (
     NodeRun,
     NodeSpec,
     RetryPolicy,
+    SwitchCase,
+    TriggerRule,
     WorkflowDef,
     WorkflowSummary,
 )
-from coordinator.service import LeasedTask
+from coordinator.service import LeasedTask, StartRequest
 from trellis.v1 import common_pb2, worker_service_pb2, workflow_service_pb2
 
 _DEFAULT_RETRY = RetryPolicy()
@@ -87,31 +91,52 @@ def retry_to_proto(policy: RetryPolicy) -> common_pb2.RetryPolicy:
     )
 
 
+def trigger_rule_from_proto(value: str, node_id: str) -> TriggerRule:
+    if not value:
+        return TriggerRule.ALL_SUCCESS
+    try:
+        return TriggerRule(value)
+    except ValueError:
+        valid = ", ".join(repr(r.value) for r in TriggerRule)
+        raise InvalidArgument(
+            f"node '{node_id}': unknown trigger_rule {value!r}; use one of {valid}"
+        ) from None
+
+
+def node_from_proto(n: common_pb2.NodeDefinition) -> NodeSpec:
+    config = b""
+    if n.HasField("config"):
+        doc = _whole_numbers(json_format.MessageToDict(n.config))
+        config = json.dumps(doc, separators=(",", ":")).encode()
+    return NodeSpec(
+        id=n.id,
+        kind=n.kind or "task",
+        task_type=n.task_type,
+        config=config,
+        retry_policy=retry_from_proto(n.retry_policy) if n.HasField("retry_policy") else None,
+        start_to_close_timeout=duration_or_none(n, "start_to_close_timeout"),
+        heartbeat_timeout=duration_or_none(n, "heartbeat_timeout"),
+        priority=n.priority,
+        schedule_to_start_timeout=duration_or_none(n, "schedule_to_start_timeout"),
+        on_failure=n.on_failure or None,
+        compensation_task_type=n.compensation_task_type or None,
+        pause_before=n.pause_before,
+        trigger_rule=trigger_rule_from_proto(n.trigger_rule, n.id),
+        skip_if=n.skip_if,
+        input_expr=n.input,
+        output_expr=n.output,
+        cases=tuple(SwitchCase(c.condition, tuple(c.targets)) for c in n.cases),
+        default_targets=tuple(n.default_targets),
+        match_all=n.match_all,
+        workflow_name=n.workflow_name,
+        workflow_version=n.workflow_version,
+        items_expr=n.items,
+        max_concurrency=n.max_concurrency,
+    )
+
+
 def definition_from_proto(msg: common_pb2.WorkflowDefinition, tenant_id: str) -> WorkflowDef:
-    nodes = []
-    for n in msg.nodes:
-        config = b""
-        if n.HasField("config"):
-            doc = _whole_numbers(json_format.MessageToDict(n.config))
-            config = json.dumps(doc, separators=(",", ":")).encode()
-        nodes.append(
-            NodeSpec(
-                id=n.id,
-                kind=n.kind or "task",
-                task_type=n.task_type,
-                config=config,
-                retry_policy=retry_from_proto(n.retry_policy)
-                if n.HasField("retry_policy")
-                else None,
-                start_to_close_timeout=duration_or_none(n, "start_to_close_timeout"),
-                heartbeat_timeout=duration_or_none(n, "heartbeat_timeout"),
-                priority=n.priority,
-                schedule_to_start_timeout=duration_or_none(n, "schedule_to_start_timeout"),
-                on_failure=n.on_failure or None,
-                compensation_task_type=n.compensation_task_type or None,
-                pause_before=n.pause_before,
-            )
-        )
+    nodes = [node_from_proto(n) for n in msg.nodes]
     defaults = WorkflowDef(name="", nodes=())
     return WorkflowDef(
         name=msg.name,
@@ -132,6 +157,46 @@ def definition_from_proto(msg: common_pb2.WorkflowDefinition, tenant_id: str) ->
     )
 
 
+def expansion_from_proto(msg: worker_service_pb2.DagExpansion) -> engine.Expansion:
+    return engine.Expansion(
+        nodes=tuple(node_from_proto(n) for n in msg.nodes),
+        edges=tuple((e.source, e.target) for e in msg.edges),
+    )
+
+
+def node_to_proto_definition(n: NodeSpec) -> common_pb2.NodeDefinition:
+    node = common_pb2.NodeDefinition(
+        id=n.id,
+        kind=n.kind,
+        task_type=n.task_type,
+        retry_policy=retry_to_proto(n.retry_policy) if n.retry_policy else None,
+        start_to_close_timeout=_dur(n.start_to_close_timeout),
+        heartbeat_timeout=_dur(n.heartbeat_timeout),
+        priority=n.priority,
+        schedule_to_start_timeout=_dur(n.schedule_to_start_timeout),
+        on_failure=n.on_failure or "",
+        compensation_task_type=n.compensation_task_type or "",
+        pause_before=n.pause_before,
+        # The default rule is left unset, as a definition that does not name one says.
+        trigger_rule="" if n.trigger_rule is TriggerRule.ALL_SUCCESS else n.trigger_rule.value,
+        skip_if=n.skip_if,
+        input=n.input_expr,
+        output=n.output_expr,
+        cases=[common_pb2.SwitchCase(condition=c.condition, targets=c.targets) for c in n.cases],
+        default_targets=n.default_targets,
+        match_all=n.match_all,
+        workflow_name=n.workflow_name,
+        workflow_version=n.workflow_version,
+        items=n.items_expr,
+        max_concurrency=n.max_concurrency,
+    )
+    if n.config:
+        struct = struct_pb2.Struct()
+        struct.update(json.loads(n.config))
+        node.config.CopyFrom(struct)
+    return node
+
+
 def definition_to_proto(defn: WorkflowDef) -> common_pb2.WorkflowDefinition:
     msg = common_pb2.WorkflowDefinition(
         name=defn.name,
@@ -145,24 +210,7 @@ def definition_to_proto(defn: WorkflowDef) -> common_pb2.WorkflowDefinition:
         default_schedule_to_start_timeout=_dur(defn.default_schedule_to_start_timeout),
         default_heartbeat_timeout=_dur(defn.default_heartbeat_timeout),
     )
-    for n in defn.nodes:
-        node = msg.nodes.add(
-            id=n.id,
-            kind=n.kind,
-            task_type=n.task_type,
-            retry_policy=retry_to_proto(n.retry_policy) if n.retry_policy else None,
-            start_to_close_timeout=_dur(n.start_to_close_timeout),
-            heartbeat_timeout=_dur(n.heartbeat_timeout),
-            priority=n.priority,
-            schedule_to_start_timeout=_dur(n.schedule_to_start_timeout),
-            on_failure=n.on_failure or "",
-            compensation_task_type=n.compensation_task_type or "",
-            pause_before=n.pause_before,
-        )
-        if n.config:
-            struct = struct_pb2.Struct()
-            struct.update(json.loads(n.config))
-            node.config.CopyFrom(struct)
+    msg.nodes.extend(node_to_proto_definition(n) for n in defn.nodes)
     return msg
 
 
@@ -200,6 +248,7 @@ def node_to_proto(node: NodeRun) -> common_pb2.NodeRun:
         worker_id=node.worker_id or "",
         update_time=_ts(node.updated_at),
         held=node.held,
+        child_execution_id=node.child_execution_id or "",
     )
 
 
@@ -221,6 +270,8 @@ def execution_to_proto(
         create_time=_ts(execution.created_at),
         end_time=_ts(execution.ended_at),
         nodes=[node_to_proto(n) for n in nodes],
+        parent_node_id=execution.parent_node_id or "",
+        start_time=_ts(execution.start_at),
     )
 
 
@@ -294,7 +345,41 @@ def task_to_proto(task: LeasedTask) -> worker_service_pb2.Task:
         workflow_version=node.workflow_version,
         lease_deadline=_ts(node.lease_deadline),
         heartbeat_timeout=_dur(node.heartbeat_timeout),
+        execution_start_time=_ts(task.execution_start_time),
+        execution_input=task.execution_input,
+        parent_outputs=task.parent_outputs,
+        map_index=map_index(node.node_id),
     )
+
+
+_MAP_ELEMENT = re.compile(r"^.+\[(\d+)\]$")
+
+
+def map_index(node_id: str) -> int:
+    """The index of a map element run (id ``"<map id>[<i>]"``), else -1."""
+    m = _MAP_ELEMENT.match(node_id)
+    return int(m.group(1)) if m else -1
+
+
+def start_request_from_proto(msg: workflow_service_pb2.StartExecutionRequest) -> StartRequest:
+    return StartRequest(
+        workflow_name=msg.workflow_name,
+        workflow_version=msg.workflow_version or None,
+        input=msg.input,
+        idempotency_key=msg.idempotency_key or None,
+        priority=msg.priority,
+        start_time=msg.start_time.ToDatetime(tzinfo=UTC) if msg.HasField("start_time") else None,
+        delay=duration_or_none(msg, "delay"),
+    )
+
+
+def complete_options_from_proto(
+    msg: worker_service_pb2.CompleteTaskRequest,
+) -> tuple[tuple[str, ...] | None, engine.Expansion | None]:
+    """``next`` (None when empty: every child) and ``expansion`` (None when unset)."""
+    taken = tuple(msg.next) or None
+    expansion = expansion_from_proto(msg.expansion) if msg.HasField("expansion") else None
+    return taken, expansion
 
 
 def task_error_from_proto(msg: worker_service_pb2.TaskError) -> tuple[ErrorInfo, bool]:
@@ -308,14 +393,21 @@ def task_error_from_proto(msg: worker_service_pb2.TaskError) -> tuple[ErrorInfo,
 
 
 __all__ = [
+    "complete_options_from_proto",
     "dead_letter_to_proto",
     "definition_from_proto",
     "definition_to_proto",
     "event_to_proto",
     "execution_status_from_proto",
     "execution_to_proto",
+    "expansion_from_proto",
+    "map_index",
+    "node_from_proto",
     "node_to_proto",
+    "node_to_proto_definition",
+    "start_request_from_proto",
     "summary_to_proto",
     "task_error_from_proto",
     "task_to_proto",
+    "trigger_rule_from_proto",
 ]

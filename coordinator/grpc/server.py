@@ -15,9 +15,16 @@ from grpc_reflection.v1alpha import reflection
 
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import TrellisError
+from coordinator.grpc import notification_servicer
 from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
+from coordinator.grpc.trigger_servicer import TriggerServicer
 from coordinator.service import Coordinator, ServiceSettings, Store, Sweeper
+from coordinator.service._schedules import Scheduler, Schedules
+from coordinator.service._trigger_model import TriggerStore
+from coordinator.service._triggers import Triggers
 from trellis.v1 import (
+    trigger_service_pb2,
+    trigger_service_pb2_grpc,
     worker_service_pb2,
     worker_service_pb2_grpc,
     workflow_service_pb2,
@@ -33,6 +40,8 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024
 SERVICE_NAMES = (
     worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
+    trigger_service_pb2.DESCRIPTOR.services_by_name["TriggerService"].full_name,
+    notification_servicer.SERVICE_NAME,
 )
 
 
@@ -46,6 +55,10 @@ class RunningServer:
     port: int
     sweeper: asyncio.Task[None]
     grace: float
+    # The cron scheduler loop (coordinator/service/_schedules.py).
+    scheduler: asyncio.Task[None] | None = None
+    # The notification delivery loop (coordinator/grpc/notification_servicer.py).
+    notifications: notification_servicer.NotificationRuntime | None = None
 
     async def stop(self) -> None:
         """Drain: refuse new polls, answer waiting ones, finish in-flight calls, then stop."""
@@ -56,6 +69,12 @@ class RunningServer:
         self.sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.sweeper
+        if self.scheduler is not None:
+            self.scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.scheduler
+        if self.notifications is not None:
+            await self.notifications.stop()
         await self.coordinator.store.close()
         log.info("stopped")
 
@@ -70,6 +89,8 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
             heartbeat_interval=config.heartbeat_interval,
             worker_liveness_timeout=config.worker_liveness_timeout,
             max_reply_bytes=MAX_REPLY_BYTES,
+            max_workflow_depth=config.max_workflow_depth,
+            idempotency_window=config.idempotency_window,
         ),
     )
     max_message = max(MAX_REPLY_BYTES, config.max_payload_bytes * 4 + 1024 * 1024)
@@ -83,6 +104,13 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
         WorkflowServicer(coordinator), server
     )
+    if not isinstance(store, TriggerStore):
+        raise TypeError("the store does not implement TriggerStore")
+    schedules = Schedules(coordinator, store)
+    trigger_service_pb2_grpc.add_TriggerServiceServicer_to_server(
+        TriggerServicer(Triggers(coordinator, store), schedules), server
+    )
+    notifications = notification_servicer.add_notifications(server, coordinator, config)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -106,8 +134,17 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     )
     host = config.listen.rsplit(":", 1)[0]
     log.info("coordinator listening on %s:%d", host, port, extra={"port": port})
+    scheduler = asyncio.create_task(Scheduler(schedules).run())
+    notifications.start()
     return RunningServer(
-        server, coordinator, health_servicer, port, sweeper, config.shutdown_grace.total_seconds()
+        server,
+        coordinator,
+        health_servicer,
+        port,
+        sweeper,
+        config.shutdown_grace.total_seconds(),
+        scheduler=scheduler,
+        notifications=notifications,
     )
 
 

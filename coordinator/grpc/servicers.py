@@ -87,8 +87,14 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
     async def CompleteTask(
         self, request: wpb.CompleteTaskRequest, context: Ctx
     ) -> wpb.CompleteTaskResponse:
+        taken, expansion = convert.complete_options_from_proto(request)
         duplicate = await self._c.complete_task(
-            TENANT, request.lease_token, request.output, request.worker_id
+            TENANT,
+            request.lease_token,
+            request.output,
+            request.worker_id,
+            next=taken,
+            expansion=expansion,
         )
         return wpb.CompleteTaskResponse(duplicate=duplicate)
 
@@ -144,16 +150,35 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def StartExecution(
         self, request: fpb.StartExecutionRequest, context: Ctx
     ) -> fpb.StartExecutionResponse:
+        start = convert.start_request_from_proto(request)
         execution, created = await self._c.start_execution(
             TENANT,
-            request.workflow_name,
-            request.workflow_version or None,
-            request.input,
-            idempotency_key=request.idempotency_key or None,
-            priority=request.priority,
+            start.workflow_name,
+            start.workflow_version,
+            start.input,
+            idempotency_key=start.idempotency_key,
+            priority=start.priority,
+            start_time=start.start_time,
+            delay=start.delay,
         )
         return fpb.StartExecutionResponse(
             execution=convert.execution_to_proto(execution), created=created
+        )
+
+    @unary
+    async def BatchStartExecutions(
+        self, request: fpb.BatchStartExecutionsRequest, context: Ctx
+    ) -> fpb.BatchStartExecutionsResponse:
+        results = await self._c.batch_start_executions(
+            TENANT, [convert.start_request_from_proto(r) for r in request.requests]
+        )
+        return fpb.BatchStartExecutionsResponse(
+            results=[
+                fpb.StartExecutionResponse(
+                    execution=convert.execution_to_proto(execution), created=created
+                )
+                for execution, created in results
+            ]
         )
 
     @unary

@@ -10,12 +10,14 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from coordinator.errors import (
+    AlreadyExists,
     Conflict,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     TrellisError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -25,9 +27,11 @@ STATUS_TABLE: tuple[tuple[type[TrellisError], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),  # before its base class Conflict
     (Conflict, grpc.StatusCode.ABORTED),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
 )
 
 

@@ -9,11 +9,14 @@ from coordinator.service._coordinator import (
     utcnow,
 )
 from coordinator.service._notifier import Notifier
+from coordinator.service._starts import MAX_BATCH_START, MAX_START_DELAY, StartRequest
 from coordinator.service._sweeps import Sweeper
 from coordinator.service._tokens import LeaseToken
-from coordinator.service.ports import Decision, LeaseKey, Store
+from coordinator.service.ports import Decision, LeaseKey, NewExecution, Store
 
 __all__ = [
+    "MAX_BATCH_START",
+    "MAX_START_DELAY",
     "Coordinator",
     "Decision",
     "ExecutionView",
@@ -21,8 +24,10 @@ __all__ = [
     "LeaseKey",
     "LeaseToken",
     "LeasedTask",
+    "NewExecution",
     "Notifier",
     "ServiceSettings",
+    "StartRequest",
     "Store",
     "Sweeper",
     "utcnow",

@@ -7,21 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from coordinator import engine
-from coordinator.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    TrellisError,
-    Unavailable,
-)
+from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from coordinator.model import (
     COMPENSATION_SUFFIX,
     NULL_JSON,
@@ -35,34 +28,32 @@ from coordinator.model import (
     Transition,
     WorkerInfo,
     WorkflowDef,
-    WorkflowSummary,
+    compose_object,
 )
-from coordinator.service._notifier import Notifier, execution_key, task_key
+from coordinator.service._core import (
+    Clock,
+    ServiceSettings,
+    Step,
+    check_names,
+    clamp_page_size,
+    utcnow,
+)
+from coordinator.service._notifier import execution_key, task_key
+from coordinator.service._starting import ExecutionStarts
 from coordinator.service._tokens import LeaseToken
-from coordinator.service.ports import Decision, Store
+
+__all__ = [
+    "Clock",
+    "Coordinator",
+    "ExecutionView",
+    "HeartbeatResult",
+    "LeasedTask",
+    "ServiceSettings",
+    "Step",
+    "utcnow",
+]
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], datetime]
-# One engine step over a loaded execution: (definition, execution, nodes, now) -> Transition.
-Step = Callable[[WorkflowDef, Execution, Mapping[str, NodeRun], datetime], Transition]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    max_payload_bytes: int = 1024 * 1024
-    poll_max_wait: timedelta = timedelta(seconds=30)
-    heartbeat_interval: timedelta = timedelta(seconds=5)
-    # A poll hands out at most as many tasks as fit this reply size at the payload limit.
-    max_reply_bytes: int = 64 * 1024 * 1024
-    # A worker holding leases that sends no heartbeat (nor claims) for this long is lost:
-    # its leases are failed (retryable) at once.
-    worker_liveness_timeout: timedelta = timedelta(seconds=15)
-    limits: engine.Limits = field(default_factory=engine.Limits)
 
 
 @dataclass(frozen=True)
@@ -72,6 +63,11 @@ class LeasedTask:
     token: str
     node: NodeRun
     config: bytes
+    # The execution's context: when it started, its input, and the outputs of the node's
+    # parents as a JSON object (parent id -> output; null for a parent without one).
+    execution_start_time: datetime | None = None
+    execution_input: bytes = NULL_JSON
+    parent_outputs: bytes = b"{}"
 
 
 @dataclass(frozen=True)
@@ -86,109 +82,8 @@ class ExecutionView:
     nodes: tuple[NodeRun, ...]
 
 
-class Coordinator:
+class Coordinator(ExecutionStarts):
     """The coordinator's use cases, shared by every gRPC servicer and the sweepers."""
-
-    def __init__(
-        self,
-        store: Store,
-        settings: ServiceSettings | None = None,
-        *,
-        notifier: Notifier | None = None,
-        clock: Clock = utcnow,
-    ) -> None:
-        self.store = store
-        self.settings = settings or ServiceSettings()
-        self.notifier = notifier or Notifier()
-        self._clock = clock
-        self._definitions: dict[tuple[str, str, int], WorkflowDef] = {}
-        self._draining = False
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def begin_drain(self) -> None:
-        """Stop handing out work: waiting polls return empty, new polls are refused."""
-        self._draining = True
-        self.notifier.close()
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    def clock(self) -> datetime:
-        return self._clock()
-
-    # -- definitions ----------------------------------------------------------------------
-
-    async def register_workflow(self, defn: WorkflowDef) -> tuple[WorkflowDef, bool]:
-        engine.validate_definition(defn, self.settings.limits)
-        stored, created = await self.store.register_workflow(defn, self._clock())
-        self._definitions[(stored.tenant_id, stored.name, stored.version)] = stored
-        return stored, created
-
-    async def get_workflow(self, tenant_id: str, name: str, version: int | None) -> WorkflowDef:
-        if version is not None:
-            cached = self._definitions.get((tenant_id, name, version))
-            if cached is not None:
-                return cached
-        defn = await self.store.get_workflow(tenant_id, name, version)
-        self._definitions[(tenant_id, defn.name, defn.version)] = defn
-        return defn
-
-    async def list_workflows(
-        self, tenant_id: str, page_size: int, page_token: str
-    ) -> tuple[list[WorkflowSummary], str]:
-        limit = _page_size(page_size)
-        rows = await self.store.list_workflows(tenant_id, limit + 1, page_token or None)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return rows, (rows[-1].name if more else "")
-
-    async def list_workflow_versions(self, tenant_id: str, name: str) -> list[WorkflowDef]:
-        versions = await self.store.list_workflow_versions(tenant_id, name)
-        if not versions:
-            raise NotFound(f"workflow '{name}' not found; register it first")
-        return versions
-
-    # -- executions -----------------------------------------------------------------------
-
-    async def start_execution(
-        self,
-        tenant_id: str,
-        workflow_name: str,
-        version: int | None,
-        input: bytes,
-        *,
-        idempotency_key: str | None = None,
-        priority: int = 0,
-    ) -> tuple[Execution, bool]:
-        payload = self.check_payload("input", input)
-        if not workflow_name:
-            raise InvalidArgument("workflow_name is required")
-        _check_names(workflow_name=workflow_name, idempotency_key=idempotency_key)
-        defn = await self.get_workflow(tenant_id, workflow_name, version)
-        now = self._clock()
-        shell = Execution(
-            id=str(uuid.uuid4()),
-            tenant_id=tenant_id,
-            workflow_name=defn.name,
-            workflow_version=defn.version,
-            status=ExecutionStatus.PENDING,
-            input=payload,
-            created_at=now,
-            updated_at=now,
-            priority=priority,
-            idempotency_key=idempotency_key or None,
-        )
-        transition = engine.start_execution(defn, shell, now)
-        execution, created = await self.store.create_execution(transition)
-        if created:
-            await self._after(transition)
-            log.info(
-                "execution started",
-                extra={"execution_id": execution.id, "workflow": defn.name},
-            )
-        return execution, created
 
     async def get_execution(self, tenant_id: str, execution_id: str) -> ExecutionView:
         execution = await self.store.get_execution(tenant_id, execution_id)
@@ -196,7 +91,7 @@ class Coordinator:
         defn = await self.get_workflow(
             tenant_id, execution.workflow_name, execution.workflow_version
         )
-        order = {n.id: i for i, n in enumerate(defn.nodes)}
+        order = {n.id: i for i, n in enumerate(engine.effective_definition(defn, execution).nodes)}
         nodes.sort(key=lambda n: order.get(n.node_id, len(order)))
         return ExecutionView(execution, tuple(nodes))
 
@@ -209,7 +104,7 @@ class Coordinator:
         page_size: int,
         page_token: str,
     ) -> tuple[list[Execution], str]:
-        limit = _page_size(page_size)
+        limit = clamp_page_size(page_size)
         before = _decode_cursor(page_token) if page_token else None
         rows = await self.store.list_executions(
             tenant_id, workflow_name=workflow_name, status=status, limit=limit + 1, before=before
@@ -273,7 +168,7 @@ class Coordinator:
     ) -> str:
         if not task_types:
             raise InvalidArgument("task_types is empty; name at least one task type to serve")
-        _check_names(worker_id=worker_id, task_types=task_types, identity=identity)
+        check_names(worker_id=worker_id, task_types=task_types, identity=identity)
         worker_id = worker_id or str(uuid.uuid4())
         now = self._clock()
         try:
@@ -316,7 +211,7 @@ class Coordinator:
             raise InvalidArgument("task_types is empty; name at least one task type to poll")
         if not worker_id:
             raise InvalidArgument("worker_id is required; call RegisterWorker first")
-        _check_names(worker_id=worker_id, task_types=task_types)
+        check_names(worker_id=worker_id, task_types=task_types)
         if self._draining:
             raise Unavailable("coordinator is shutting down; reconnect to another replica")
         fit = self.settings.max_reply_bytes // (2 * self.settings.max_payload_bytes)
@@ -332,7 +227,7 @@ class Coordinator:
                     tenant_id, worker_id, task_types, max_tasks, now
                 )
                 if claimed:
-                    return [await self._leased(n) for n in claimed]
+                    return await self._leased(tenant_id, claimed)
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self._draining:
                     return []
@@ -342,18 +237,57 @@ class Coordinator:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), remaining)
 
-    async def _leased(self, node: NodeRun) -> LeasedTask:
-        defn = await self.get_workflow(node.tenant_id, node.workflow_name, node.workflow_version)
-        # A compensation run gets the configuration of the node it undoes.
-        spec = defn.node_map.get(node.node_id.removesuffix(COMPENSATION_SUFFIX))
-        token = LeaseToken(
-            node.execution_id,
-            node.node_id,
-            node.lease_seq,
-            node.workflow_name,
-            node.workflow_version,
+    async def _leased(self, tenant_id: str, claimed: Sequence[NodeRun]) -> list[LeasedTask]:
+        """The claimed rows with their configuration and execution context (two reads for
+        the whole poll: the executions, and the outputs of the nodes' parents)."""
+        executions = await self.store.get_executions(
+            tenant_id, sorted({n.execution_id for n in claimed})
         )
-        return LeasedTask(token.encode(), node, spec.config if spec else b"")
+        parents: dict[tuple[str, str], tuple[str, ...]] = {}
+        specs: dict[tuple[str, str], bytes] = {}
+        for node in claimed:
+            execution = executions.get(node.execution_id)
+            defn = await self.get_workflow(
+                node.tenant_id, node.workflow_name, node.workflow_version
+            )
+            if execution is not None:
+                defn = engine.effective_definition(defn, execution)
+            # A compensation run gets the configuration of the node it undoes; an element
+            # of a map node that of the map node.
+            spec_id = _spec_id(node.node_id)
+            spec = defn.node_map.get(spec_id)
+            specs[(node.execution_id, node.node_id)] = spec.config if spec else b""
+            parents[(node.execution_id, node.node_id)] = defn.parents.get(spec_id, ())
+        outputs = await self.store.get_node_outputs(
+            tenant_id,
+            sorted({(k[0], p) for k, ps in parents.items() for p in ps}),
+        )
+        tasks = []
+        for node in claimed:
+            key = (node.execution_id, node.node_id)
+            token = LeaseToken(
+                node.execution_id,
+                node.node_id,
+                node.lease_seq,
+                node.workflow_name,
+                node.workflow_version,
+            )
+            execution = executions.get(node.execution_id)
+            tasks.append(
+                LeasedTask(
+                    token.encode(),
+                    node,
+                    specs[key],
+                    execution_start_time=None
+                    if execution is None
+                    else execution.start_at or execution.created_at,
+                    execution_input=NULL_JSON if execution is None else execution.input,
+                    parent_outputs=compose_object(
+                        [(p, outputs.get((node.execution_id, p))) for p in parents[key]]
+                    ),
+                )
+            )
+        return tasks
 
     async def heartbeat(
         self, tenant_id: str, worker_id: str, tokens: Sequence[str]
@@ -412,25 +346,37 @@ class Coordinator:
                 )
 
     async def complete_task(
-        self, tenant_id: str, token_text: str, output: bytes, worker_id: str = ""
+        self,
+        tenant_id: str,
+        token_text: str,
+        output: bytes,
+        worker_id: str = "",
+        *,
+        next: Sequence[str] | None = None,
+        expansion: engine.Expansion | None = None,
     ) -> bool:
-        """Record a result. Returns True when it was a duplicate of an accepted result."""
+        """Record a result, with the children to take (``next``) and nodes to add
+        (``expansion``). Returns True when it was a duplicate of an accepted result. A bad
+        ``next`` or ``expansion`` raises InvalidArgument and changes nothing (the lease is
+        still held)."""
         token = LeaseToken.decode(token_text)
         payload = self.check_payload("output", output)
         defn = await self.get_workflow(tenant_id, token.workflow_name, token.workflow_version)
+        taken = None if next is None else tuple(next)
+        duplicate = False
 
-        def decide(
-            execution: Execution, nodes: Mapping[str, NodeRun]
-        ) -> Decision[tuple[bool, Transition | None]]:
-            node = _held_node(nodes, token, accept_done=_SUCCESS_RECORDED)
-            if node is None:
-                return Decision(None, (True, None))
-            t = engine.complete_node(defn, execution, nodes, token.node_id, payload, self._clock())
-            return Decision(t, (False, t))
+        def step(
+            d: WorkflowDef, execution: Execution, nodes: Mapping[str, NodeRun], now: datetime
+        ) -> Transition | None:
+            nonlocal duplicate
+            duplicate = _held_node(nodes, token, accept_done=_SUCCESS_RECORDED) is None
+            if duplicate:
+                return None
+            return engine.complete_node(
+                d, execution, nodes, token.node_id, payload, now, next=taken, expansion=expansion
+            )
 
-        duplicate, transition = await self.store.transact(tenant_id, token.execution_id, decide)
-        if transition is not None:
-            await self._after(transition)
+        await self._transact(tenant_id, token.execution_id, step, defn=defn)
         return duplicate
 
     async def fail_task(
@@ -457,26 +403,25 @@ class Coordinator:
         error: ErrorInfo,
         retryable: bool,
     ) -> tuple[bool, bool]:
-        def decide(
-            execution: Execution, nodes: Mapping[str, NodeRun]
-        ) -> Decision[tuple[bool, bool, Transition | None]]:
+        will_retry = duplicate = False
+
+        def step(
+            d: WorkflowDef, execution: Execution, nodes: Mapping[str, NodeRun], now: datetime
+        ) -> Transition | None:
+            nonlocal will_retry, duplicate
             node = _held_node(nodes, token, accept_done=_FAILURE_RECORDED)
+            duplicate, will_retry = node is None, False
             if node is None:
-                return Decision(None, (False, True, None))
+                return None
             full = replace(
                 error, node_id=node.node_id, attempt=node.attempt, worker_id=node.worker_id
             )
-            t = engine.fail_node(
-                defn, execution, nodes, token.node_id, full, retryable, self._clock()
-            )
+            t = engine.fail_node(d, execution, nodes, token.node_id, full, retryable, now)
             changed = next(n for n in t.nodes if n.node_id == token.node_id)
-            return Decision(t, (changed.status is NodeStatus.READY, False, t))
+            will_retry = changed.status is NodeStatus.READY
+            return t
 
-        will_retry, duplicate, transition = await self.store.transact(
-            tenant_id, token.execution_id, decide
-        )
-        if transition is not None:
-            await self._after(transition)
+        await self._transact(tenant_id, token.execution_id, step, defn=defn)
         return will_retry, duplicate
 
     async def fail_lease(self, node: NodeRun, error: ErrorInfo, retryable: bool) -> bool:
@@ -495,21 +440,6 @@ class Coordinator:
         except (FailedPrecondition, NotFound):
             return False
         return True
-
-    async def run_step(self, tenant_id: str, execution_id: str, step: Step) -> Transition:
-        """Apply one engine step to an execution in a transaction; wake whoever it concerns."""
-        execution = await self.store.get_execution(tenant_id, execution_id)
-        defn = await self.get_workflow(
-            tenant_id, execution.workflow_name, execution.workflow_version
-        )
-
-        def decide(execution: Execution, nodes: Mapping[str, NodeRun]) -> Decision[Transition]:
-            transition = step(defn, execution, nodes, self._clock())
-            return Decision(transition, transition)
-
-        transition = await self.store.transact(tenant_id, execution_id, decide)
-        await self._after(transition)
-        return transition
 
     # -- operators ------------------------------------------------------------------------
 
@@ -563,7 +493,7 @@ class Coordinator:
         page_size: int,
         page_token: str,
     ) -> tuple[list[DeadLetter], str]:
-        limit = _page_size(page_size)
+        limit = clamp_page_size(page_size)
         rows = await self.store.list_dead_letters(
             tenant_id,
             workflow_name=workflow_name,
@@ -599,35 +529,14 @@ class Coordinator:
         )
         return await self.get_execution(tenant_id, letter.execution_id)
 
-    # -- helpers --------------------------------------------------------------------------
 
-    def check_payload(self, name: str, payload: bytes) -> bytes:
-        """A JSON document within the size limit; empty means null."""
-        if not payload:
-            return NULL_JSON
-        limit = self.settings.max_payload_bytes
-        if len(payload) > limit:
-            raise InvalidArgument(
-                f"{name} is {len(payload)} bytes, over the {limit}-byte limit "
-                "(TRELLIS_MAX_PAYLOAD_BYTES); pass large data by reference"
-            )
-        try:
-            json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"{name} is not valid JSON: {exc}") from exc
-        return payload
-
-    async def _after(self, transition: Transition) -> None:
-        """Wake pollers for newly ready task types and watchers of the execution, here and
-        on every other replica. The transition is committed: a failed publish is logged,
-        and other replicas' pollers then find the work at their next poll."""
-        keys = [execution_key(transition.execution.id)]
-        keys.extend(task_key(t) for t in {n.task_type for n in transition.ready})
-        self.notifier.notify(keys)
-        try:
-            await self.store.publish_wakeups(keys)
-        except TrellisError as exc:
-            log.warning("could not publish wake-ups to other replicas: %s", exc)
+def _spec_id(node_id: str) -> str:
+    """The definition node a run belongs to: ``"m[3]"`` (a map element) -> ``"m"``, a
+    compensation run -> the node it undoes."""
+    node_id = node_id.removesuffix(COMPENSATION_SUFFIX)
+    if node_id.endswith("]") and "[" in node_id:
+        return node_id[: node_id.rindex("[")]
+    return node_id
 
 
 # After a recorded failure the row is READY (retry scheduled) or FAILED, with the same
@@ -667,20 +576,6 @@ def _clip(text: str, limit: int) -> str:
     """Bounded error text without NUL characters (which PostgreSQL text cannot hold)."""
     text = text.replace("\x00", "")
     return text if len(text) <= limit else text[: limit - len(_CLIPPED)] + _CLIPPED
-
-
-def _check_names(**values: str | Sequence[str] | None) -> None:
-    """Identifiers from clients must not carry NUL characters (stores differ on them)."""
-    for name, value in values.items():
-        items = [value] if isinstance(value, str) else list(value or ())
-        if any("\x00" in item for item in items):
-            raise InvalidArgument(f"{name} contains a NUL character; remove it")
-
-
-def _page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument("page_size must not be negative")
-    return min(requested or 100, 1000)
 
 
 def _encode_cursor(execution: Execution) -> str:

@@ -66,4 +66,7 @@ class Notifier:
 
     @property
     def waiting(self) -> int:
-        return len({id(e) for ls in self._listeners.values() for e in ls})
+        """Listeners waiting for tasks (long-polls); background loops are not counted."""
+        return len(
+            {id(e) for key, ls in self._listeners.items() if key.startswith("task:") for e in ls}
+        )

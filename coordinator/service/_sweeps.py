@@ -1,4 +1,5 @@
-"""Sweepers: lease expiry, lost workers, schedule-to-start and execution timeouts.
+"""Sweepers: lease expiry, lost workers, schedule-to-start and execution timeouts, delayed
+starts, and sub-workflow reconciliation.
 
 Every replica runs them at once; each verdict is a fenced transition (a lease's
 ``lease_seq``, an execution's ``version``), so two replicas cannot both apply it. A row
@@ -49,6 +50,9 @@ class Sweeper:
             self.release_lost_workers,
             self.time_out_unstarted,
             self.time_out_executions,
+            self.start_due,
+            self.report_ended_children,
+            self.cancel_orphaned_children,
         ):
             while True:
                 seen, done = await step()
@@ -61,6 +65,34 @@ class Sweeper:
 
     def _now(self) -> datetime:
         return self._c.clock()
+
+    async def start_due(self, now: datetime | None = None) -> tuple[int, int]:
+        """Delayed executions whose start time has come are started (each a claim: replicas
+        sweeping at once skip a row another one is starting)."""
+        due = await self._c.store.find_due_executions(now or self._now(), self._batch)
+
+        async def verdict(execution: Execution) -> bool:
+            if not await self._c.start_delayed(execution):
+                return False
+            log.info("delayed execution started", extra={"execution_id": execution.id})
+            return True
+
+        return await self._each(due, verdict)
+
+    async def report_ended_children(self) -> tuple[int, int]:
+        """A finished child whose parent node still waits on it (the report after its end
+        was lost, e.g. in a crash) is reported now."""
+        ended = await self._c.store.find_ended_children(self._batch)
+        return await self._each(ended, self._c.report_child_ended)
+
+    async def cancel_orphaned_children(self) -> tuple[int, int]:
+        """An unfinished child whose parent no longer waits on it is cancelled."""
+        orphans = await self._c.store.find_orphaned_children(self._batch)
+
+        async def verdict(child: Execution) -> bool:
+            return await self._c.cancel_child(child.tenant_id, child.id)
+
+        return await self._each(orphans, verdict)
 
     def _in_grace(self) -> bool:
         return self._now() - self._started < self._c.settings.worker_liveness_timeout

@@ -31,6 +31,18 @@ class Decision(Generic[T]):
 
     transition: Transition | None
     result: T
+    # Executions to insert in the same database transaction as ``transition`` (the child
+    # executions its workflow nodes start, each with its start transition).
+    created: tuple[Transition, ...] = ()
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    """An execution to insert: its start transition (or a PENDING row for a delayed start)
+    and the child executions (sub-workflows) that start with it, each a start transition."""
+
+    transition: Transition
+    children: tuple[Transition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,10 +85,35 @@ class Store(Protocol):
     async def list_workflow_versions(self, tenant_id: str, name: str) -> list[WorkflowDef]: ...
 
     # -- executions -----------------------------------------------------------------------
-    async def create_execution(self, transition: Transition) -> tuple[Execution, bool]:
-        """Insert the execution, all its node runs and events. When the execution's
-        idempotency key is already used in its tenant, insert nothing and return the
-        existing execution with ``created`` False."""
+    async def create_execution(
+        self,
+        transition: Transition,
+        *,
+        children: Sequence[Transition] = (),
+        idempotency_cutoff: datetime | None = None,
+    ) -> tuple[Execution, bool]:
+        """Insert the execution, all its node runs and events, and ``children`` (child
+        executions with theirs), in one transaction. When the execution's idempotency key is
+        already used in its tenant by an execution created at or after
+        ``idempotency_cutoff`` (any time when None), insert nothing and return that
+        execution with ``created`` False; an older holder releases the key. Race-free."""
+        ...
+
+    async def create_executions(
+        self, items: Sequence[NewExecution], *, idempotency_cutoff: datetime | None = None
+    ) -> list[tuple[Execution, bool]]:
+        """``create_execution`` for each item, in order, all in one transaction (a key
+        repeated within ``items`` returns the execution its first use created)."""
+        ...
+
+    async def get_executions(self, tenant_id: str, ids: Sequence[str]) -> dict[str, Execution]:
+        """The executions among ``ids`` that exist, by id."""
+        ...
+
+    async def get_node_outputs(
+        self, tenant_id: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], bytes | None]:
+        """The output of each existing node run ``(execution_id, node_id)`` in ``keys``."""
         ...
 
     async def get_execution(self, tenant_id: str, execution_id: str) -> Execution:
@@ -113,6 +150,31 @@ class Store(Protocol):
         NODE_TIMED_OUT events) and its ``redriven_dead_letter`` (stamped redriven_at; one
         already redriven raises ``FailedPrecondition``). On a version conflict, reload and
         call ``decide`` again (bounded). Raises ``NotFound`` for an unknown execution."""
+        ...
+
+    async def claim_transact(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        decide: Callable[[Execution, Mapping[str, NodeRun]], Decision[T]],
+    ) -> T | None:
+        """``transact`` for a sweeper's claim: on PostgreSQL, when another transaction holds
+        the execution row (``FOR UPDATE SKIP LOCKED``), or the execution does not exist,
+        return None without calling ``decide``."""
+        ...
+
+    # -- control flow sweeps (any tenant) -------------------------------------------------
+    async def find_due_executions(self, now: datetime, limit: int) -> list[Execution]:
+        """PENDING executions whose ``start_at <= now`` (delayed starts now due)."""
+        ...
+
+    async def find_ended_children(self, limit: int) -> list[Execution]:
+        """Finished child executions whose parent's workflow node still WAITs on them."""
+        ...
+
+    async def find_orphaned_children(self, limit: int) -> list[Execution]:
+        """Unfinished child executions whose parent's workflow node no longer waits on them
+        (the parent ended, or the node was cancelled or skipped)."""
         ...
 
     # -- leasing --------------------------------------------------------------------------

@@ -156,7 +156,9 @@ def execution_values(execution: Execution) -> dict[str, Any]:
         "created_at": to_ms(execution.created_at),
         "idempotency_key": execution.idempotency_key,
         "parent_execution_id": execution.parent_execution_id,
+        "parent_node_id": execution.parent_node_id,
         "depth": execution.depth,
+        "start_at": opt_to_ms(execution.start_at),
         "version": execution.version,
         **execution_mutable_values(execution),
     }
@@ -172,6 +174,7 @@ def execution_mutable_values(execution: Execution) -> dict[str, Any]:
         "updated_at": to_ms(execution.updated_at),
         "ended_at": opt_to_ms(execution.ended_at),
         "deadline": opt_to_ms(execution.deadline),
+        "expansion": execution.expansion,
     }
 
 
@@ -194,6 +197,9 @@ def execution_from_row(row: Row) -> Execution:
         updated_at=from_ms(row["updated_at"]),
         ended_at=opt_from_ms(row["ended_at"]),
         deadline=opt_from_ms(row["deadline"]),
+        parent_node_id=row["parent_node_id"],
+        start_at=opt_from_ms(row["start_at"]),
+        expansion=_bytes(row["expansion"]),
     )
 
 
@@ -241,6 +247,7 @@ def node_run_mutable_values(run: NodeRun) -> dict[str, Any]:
         "node_paused": run.node_paused,
         "retry_base": run.retry_base,
         "role": run.role.value,
+        "child_execution_id": run.child_execution_id,
     }
 
 
@@ -272,6 +279,7 @@ def node_run_from_row(row: Row) -> NodeRun:
         node_paused=bool(row["node_paused"]),
         retry_base=row["retry_base"],
         role=NodeRole(row["role"]),
+        child_execution_id=row["child_execution_id"],
     )
 
 

@@ -40,9 +40,10 @@ from coordinator.model import (
     WorkflowDef,
     WorkflowSummary,
 )
-from coordinator.service.ports import Decision, LeaseKey
-from coordinator.store import _dead_letters, _rows
+from coordinator.service.ports import Decision, LeaseKey, NewExecution
+from coordinator.store import _control, _dead_letters, _rows
 from coordinator.store._lock import ProcessLock
+from coordinator.store._notifications import NotificationStoreMixin, enqueue_deliveries
 from coordinator.store._tables import (
     LIVE_EXECUTION_STATUSES,
     dead_letters,
@@ -52,6 +53,7 @@ from coordinator.store._tables import (
     workers,
     workflow_definitions,
 )
+from coordinator.store._triggers import TriggerStoreMixin
 from coordinator.store._wakeups import CHANNEL, PgListener, payload_for
 
 T = TypeVar("T")
@@ -59,9 +61,11 @@ R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
 
-# Bounded retries: optimistic transitions, and registrations racing for a version number.
+# Bounded retries: optimistic transitions, registrations racing for a version number, and
+# creations racing for an idempotency key.
 TRANSACT_MAX_TRIES = 50
 REGISTER_MAX_TRIES = 10
+CREATE_MAX_TRIES = 10
 
 # Statuses and flags compared in claim and sweep queries are SQL literals, not bound
 # parameters, so the planners can match the partial indexes (WHERE status = 'READY' AND
@@ -109,7 +113,7 @@ def _sorted_runs(runs: list[NodeRun]) -> list[NodeRun]:
     return sorted(runs, key=lambda r: (-r.priority, r.available_at or r.updated_at, r.node_id))
 
 
-class SqlStore:
+class SqlStore(NotificationStoreMixin, TriggerStoreMixin):
     """The ``Store`` port on a SQLAlchemy async engine. Build it with ``open_store``."""
 
     def __init__(self, engine: AsyncEngine, *, process_lock: ProcessLock | None = None) -> None:
@@ -279,29 +283,88 @@ class SqlStore:
 
     # -- executions -----------------------------------------------------------------------
 
-    async def create_execution(self, transition: Transition) -> tuple[Execution, bool]:
-        execution = transition.execution
+    async def create_execution(
+        self,
+        transition: Transition,
+        *,
+        children: Sequence[Transition] = (),
+        idempotency_cutoff: datetime | None = None,
+    ) -> tuple[Execution, bool]:
+        item = NewExecution(transition, tuple(children))
+        [result] = await self.create_executions([item], idempotency_cutoff=idempotency_cutoff)
+        return result
+
+    async def create_executions(
+        self, items: Sequence[NewExecution], *, idempotency_cutoff: datetime | None = None
+    ) -> list[tuple[Execution, bool]]:
+        # Idempotency keys stay unique per tenant (the unique index on executions), and the
+        # window is applied here: a holder created before ``idempotency_cutoff`` has its key
+        # released (set to NULL) in the same transaction that inserts the new execution. Two
+        # racing creations with one key both insert; the unique index lets one commit and
+        # fails the other, which retries and finds the winner. On PostgreSQL the release's
+        # UPDATE re-checks the key after a concurrent release commits, so it never takes the
+        # key off the new holder. (The released execution keeps no key.)
+        keyed = any(i.transition.execution.idempotency_key for i in items)
+        for attempt in range(1, CREATE_MAX_TRIES + 1):
+            try:
+                async with self._tx(write=True) as conn:
+                    return [await self._create(conn, i, idempotency_cutoff) for i in items]
+            except sa_exc.IntegrityError as exc:
+                # Lost a race for an idempotency key (retry: the winner is found), or the
+                # id is taken.
+                if keyed and attempt < CREATE_MAX_TRIES:
+                    continue
+                ids = ", ".join(repr(i.transition.execution.id) for i in items[:3])
+                raise errors.Conflict(f"execution {ids} already exists") from exc
+        raise AssertionError("unreachable")
+
+    async def _create(
+        self, conn: AsyncConnection, item: NewExecution, cutoff: datetime | None
+    ) -> tuple[Execution, bool]:
+        execution = item.transition.execution
         tenant = execution.tenant_id
         key = execution.idempotency_key
-        values = _rows.execution_values(execution)
-        try:
-            async with self._tx(write=True) as conn:
-                if key is not None:
-                    existing = await self._by_idempotency_key(conn, tenant, key)
-                    if existing is not None:
-                        return existing, False
-                await conn.execute(sa.insert(executions).values(values))
-                await self._insert_nodes(conn, tenant, execution.id, transition.nodes)
-                await self._insert_events(conn, tenant, transition.events)
-        except sa_exc.IntegrityError as exc:
-            # Lost a race for the idempotency key (or the id is taken).
-            if key is not None:
-                async with self._tx(write=False) as conn:
-                    existing = await self._by_idempotency_key(conn, tenant, key)
-                if existing is not None:
+        if key is not None:
+            existing = await self._by_idempotency_key(conn, tenant, key)
+            if existing is not None:
+                if cutoff is None or existing.created_at >= cutoff:
                     return existing, False
-            raise errors.Conflict(f"execution {execution.id!r} already exists") from exc
+                await conn.execute(_control.release_key(tenant, existing.id, key))
+        values = _rows.execution_values(execution)
+        await self._insert_execution(conn, item.transition)
+        for child in item.children:
+            await self._insert_execution(conn, child)
         return _rows.execution_from_row(values), True
+
+    async def _insert_execution(self, conn: AsyncConnection, transition: Transition) -> None:
+        execution = transition.execution
+        await conn.execute(sa.insert(executions).values(_rows.execution_values(execution)))
+        await self._insert_nodes(conn, execution.tenant_id, execution.id, transition.nodes)
+        await self._insert_events(conn, execution.tenant_id, transition.events)
+        # Notifications for an execution created already ended (a no-op otherwise).
+        await enqueue_deliveries(conn, None, transition)
+
+    async def get_executions(self, tenant_id: str, ids: Sequence[str]) -> dict[str, Execution]:
+        async with self._tx(write=False) as conn:
+            return await _control.get_executions(conn, tenant_id, ids)
+
+    async def get_node_outputs(
+        self, tenant_id: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], bytes | None]:
+        async with self._tx(write=False) as conn:
+            return await _control.get_node_outputs(conn, tenant_id, keys)
+
+    async def find_due_executions(self, now: datetime, limit: int) -> list[Execution]:
+        async with self._tx(write=False) as conn:
+            return await _control.find_due_executions(conn, now, limit)
+
+    async def find_ended_children(self, limit: int) -> list[Execution]:
+        async with self._tx(write=False) as conn:
+            return await _control.find_ended_children(conn, limit)
+
+    async def find_orphaned_children(self, limit: int) -> list[Execution]:
+        async with self._tx(write=False) as conn:
+            return await _control.find_orphaned_children(conn, limit)
 
     async def _by_idempotency_key(
         self, conn: AsyncConnection, tenant_id: str, key: str
@@ -317,13 +380,19 @@ class SqlStore:
             return await self._load_execution(conn, tenant_id, execution_id)
 
     async def _load_execution(
-        self, conn: AsyncConnection, tenant_id: str, execution_id: str, *, lock: bool = False
+        self,
+        conn: AsyncConnection,
+        tenant_id: str,
+        execution_id: str,
+        *,
+        lock: bool = False,
+        skip_locked: bool = False,
     ) -> Execution:
         query = sa.select(executions).where(
             executions.c.tenant_id == tenant_id, executions.c.id == execution_id
         )
         if lock:
-            query = query.with_for_update()
+            query = query.with_for_update(skip_locked=skip_locked)
         row = (await conn.execute(query)).mappings().first()
         if row is None:
             raise errors.NotFound(f"execution {execution_id!r} not found")
@@ -396,24 +465,62 @@ class SqlStore:
         execution_id: str,
         decide: Callable[[Execution, Mapping[str, NodeRun]], Decision[T]],
     ) -> T:
+        out = await self._transact(tenant_id, execution_id, decide, claim=False)
+        assert out is not None  # only a claim skips
+        return out[0]
+
+    async def claim_transact(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        decide: Callable[[Execution, Mapping[str, NodeRun]], Decision[T]],
+    ) -> T | None:
+        try:
+            out = await self._transact(tenant_id, execution_id, decide, claim=True)
+        except errors.NotFound:
+            return None
+        return None if out is None else out[0]
+
+    async def _transact(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        decide: Callable[[Execution, Mapping[str, NodeRun]], Decision[T]],
+        *,
+        claim: bool,
+    ) -> tuple[T] | None:
+        """``(result,)``, or None when ``claim`` found the row locked."""
         for attempt in range(1, TRANSACT_MAX_TRIES + 1):
             try:
                 async with self._tx(write=True) as conn:
                     # On PostgreSQL, transitions of one execution queue on its row instead of
                     # racing and retrying (a 100-way fan-in would otherwise retry ~N² times);
                     # the version check below stays as the guard. SQLite has a single writer.
-                    execution = await self._load_execution(
-                        conn, tenant_id, execution_id, lock=self._postgres
-                    )
+                    # A claim skips a row another transaction holds instead of queueing.
+                    try:
+                        execution = await self._load_execution(
+                            conn, tenant_id, execution_id, lock=self._postgres, skip_locked=claim
+                        )
+                    except errors.NotFound:
+                        if claim and self._postgres:
+                            return None
+                        raise
                     loaded = {
                         r.node_id: r for r in await self._load_nodes(conn, tenant_id, execution_id)
                     }
                     decision = decide(execution, loaded)
                     transition = decision.transition
                     if transition is None:
-                        return decision.result
+                        return (decision.result,)
                     if await self._apply(conn, tenant_id, execution, loaded, transition):
-                        return decision.result
+                        try:
+                            for child in decision.created:
+                                await self._insert_execution(conn, child)
+                        except sa_exc.IntegrityError as exc:
+                            raise errors.Conflict(
+                                f"execution {execution_id!r}: a child execution id is taken; retry"
+                            ) from exc
+                        return (decision.result,)
                     await conn.rollback()
             except _LostRace:
                 # A deadlock or serialization failure reported by PostgreSQL: same as a
@@ -475,6 +582,9 @@ class SqlStore:
         added = [r for r in transition.nodes if r.node_id not in loaded_nodes]
         await self._insert_nodes(conn, tenant_id, loaded.id, added)
         await self._insert_events(conn, tenant_id, transition.events)
+        # Notifications: an execution this transition ends gets its outbox rows here, in
+        # the same transaction (one indexed rule lookup; nothing more without rules).
+        await enqueue_deliveries(conn, loaded.status, transition)
         await _dead_letters.write_dead_letters(conn, tenant_id, loaded_nodes, transition)
         if transition.redriven_dead_letter is not None:
             # Raises FailedPrecondition (not a conflict: no retry) when already redriven,

@@ -33,6 +33,11 @@ metadata = sa.MetaData(
 LIVE_EXECUTION_STATUSES = ("PENDING", "PAUSED", "RUNNING")
 _LIVE_SQL = ", ".join(f"'{s}'" for s in LIVE_EXECUTION_STATUSES)
 
+# The predicate of the delayed-start index: a PENDING execution with a start time.
+DELAYED = "status = 'PENDING' AND start_at IS NOT NULL"
+# The predicate of the live-children index: an unfinished execution that has a parent.
+LIVE_CHILD = f"status IN ({_LIVE_SQL}) AND parent_execution_id IS NOT NULL"
+
 # The predicate of the claim index: a READY row that is not held.
 CLAIMABLE = "status = 'READY' AND held = false"
 
@@ -89,6 +94,12 @@ executions = sa.Table(
     sa.Column("ended_at", sa.BigInteger, nullable=True),
     # When the execution times out (the definition's execution_timeout), if it has one.
     sa.Column("deadline", sa.BigInteger, nullable=True),
+    # A child execution (sub-workflow): the workflow node of its parent it runs for.
+    sa.Column("parent_node_id", sa.Text, nullable=True),
+    # A delayed start: the execution stays PENDING (no node runs) until then.
+    sa.Column("start_at", sa.BigInteger, nullable=True),
+    # Nodes and edges added at run time (dynamic expansion): a JSON document as bytes.
+    sa.Column("expansion", sa.LargeBinary, nullable=True),
     sa.UniqueConstraint("tenant_id", "idempotency_key"),
     sa.Index(None, "tenant_id", "created_at", "id"),
     sa.Index(None, "tenant_id", "workflow_name", "created_at"),
@@ -99,6 +110,21 @@ executions = sa.Table(
         "deadline",
         postgresql_where=sa.text(f"status IN ({_LIVE_SQL}) AND deadline IS NOT NULL"),
         sqlite_where=sa.text(f"status IN ({_LIVE_SQL}) AND deadline IS NOT NULL"),
+    ),
+    # The delayed-start sweeper: PENDING executions waiting for their start time.
+    sa.Index(
+        "ix_executions_start_at",
+        "start_at",
+        postgresql_where=sa.text(DELAYED),
+        sqlite_where=sa.text(DELAYED),
+    ),
+    # Unfinished children (sub-workflows), by parent: the sweeper that cancels children of
+    # finished parents drives from it. Finished children leave it, so it stays small.
+    sa.Index(
+        "ix_executions_parent_execution_id",
+        "parent_execution_id",
+        postgresql_where=sa.text(LIVE_CHILD),
+        sqlite_where=sa.text(LIVE_CHILD),
     ),
 )
 
@@ -140,6 +166,8 @@ node_runs = sa.Table(
     # Attempts made before the last redrive.
     sa.Column("retry_base", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("role", sa.Text, nullable=False, server_default="task"),
+    # A workflow node: the child execution it started.
+    sa.Column("child_execution_id", sa.Text, nullable=True),
     sa.PrimaryKeyConstraint("execution_id", "node_id"),
     # The claim: WHERE status = 'READY' AND held = false AND tenant_id = ?
     # AND task_type IN (...) AND available_at <= now ORDER BY priority DESC, available_at.
@@ -167,6 +195,13 @@ node_runs = sa.Table(
         "lease_deadline",
         postgresql_where=sa.text("status = 'LEASED'"),
         sqlite_where=sa.text("status = 'LEASED'"),
+    ),
+    # Sub-workflow reconciliation: workflow nodes WAITING on a child execution.
+    sa.Index(
+        "ix_node_runs_waiting",
+        "child_execution_id",
+        postgresql_where=sa.text("status = 'WAITING'"),
+        sqlite_where=sa.text("status = 'WAITING'"),
     ),
     sa.Index(
         "ix_node_runs_heartbeat_deadline",

@@ -62,11 +62,16 @@ def test_readyz_follows_the_coordinator(tmp_path: Path) -> None:
     try:
         assert until(f"{base}/healthz", 200, gateway) == {"status": "ok"}
         ready = until(f"{base}/readyz", 200, gateway)
-        assert ready["dependencies"] == {"coordinator": "SERVING"}
+        assert ready["dependencies"] == {
+            "coordinator": "SERVING",
+            "coordinator.triggers": "SERVING",
+        }
+        assert ready["degraded"] == []
 
         assert coordinator.stop() == 0
         unready = until(f"{base}/readyz", 503, gateway)
         assert unready["status"] == "unready"
+        assert unready["degraded"] == ["coordinator"]
         assert get(f"{base}/healthz")[0] == 200, "the gateway itself stays alive"
 
         restarted, _ = spawn_coordinator(db, tmp_path, port=int(address.rsplit(":", 1)[1]))

@@ -30,6 +30,7 @@ from coordinator.model import (
     NodeStatus,
     RetryPolicy,
     Transition,
+    TriggerRule,
     WorkflowDef,
 )
 
@@ -272,3 +273,118 @@ def test_backoff_grows_and_stays_capped(policy: RetryPolicy, attempts: int) -> N
     assert delays[0] == min(policy.initial_interval, policy.max_interval)
     assert delays == sorted(delays)
     assert all(timedelta(0) <= d <= policy.max_interval for d in delays)
+
+
+# -- control flow: trigger rules, skip_if, next ------------------------------------------------
+
+HANDLING = (TriggerRule.ALL_DONE, TriggerRule.ALL_FAILED, TriggerRule.ONE_SUCCESS)
+FAILED_STATUSES = (NodeStatus.FAILED, NodeStatus.TIMED_OUT)
+
+
+@st.composite
+def rule_dags(draw: st.DrawFn) -> tuple[WorkflowDef, dict[str, bool]]:
+    base = draw(dags(max_nodes=10))
+    skips = {n.id: draw(st.integers(0, 5)) == 0 for n in base.nodes}
+    nodes = tuple(
+        replace(
+            n,
+            trigger_rule=draw(st.sampled_from(list(TriggerRule))),
+            skip_if=f"execution.input.skip.{n.id}" if draw(st.booleans()) else "",
+        )
+        for n in base.nodes
+    )
+    return replace(base, nodes=nodes), skips
+
+
+def rule_allows(rule: TriggerRule, parents: list[NodeStatus]) -> bool:
+    """The trigger rule table, on the parents' final statuses (docs/control-flow.md)."""
+    if not parents:
+        return True
+    ok = sum(s is NodeStatus.SUCCEEDED for s in parents)
+    failed = sum(s in FAILED_STATUSES for s in parents)
+    return {
+        TriggerRule.ALL_SUCCESS: ok == len(parents),
+        TriggerRule.ALL_DONE: True,
+        TriggerRule.ONE_SUCCESS: ok > 0,
+        TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS: failed == 0 and ok > 0,
+        TriggerRule.ALL_FAILED: failed == len(parents),
+    }[rule]
+
+
+@PROPERTY
+@given(drawn=rule_dags(), data=st.data())
+def test_random_trigger_rules_skips_and_failures_always_end(
+    drawn: tuple[WorkflowDef, dict[str, bool]], data: st.DataObject
+) -> None:
+    defn, skips = drawn
+    validate_definition(defn)
+    exec_in = json.dumps({"skip": skips}).encode()
+    execution = Execution(
+        id="x",
+        workflow_name="prop",
+        workflow_version=0,
+        status=ExecutionStatus.PENDING,
+        input=exec_in,
+        created_at=T0,
+        updated_at=T0,
+        tenant_id="t",
+        version=7,
+    )
+    now = T0
+    t = start_execution(defn, execution, now)
+    execution = t.execution
+    nodes = {n.node_id: n for n in t.nodes}
+    not_chosen: set[str] = set()
+    bound = sum(defn.retry_policy_for(s).max_attempts for s in defn.nodes)
+    steps = 0
+    while not execution.status.terminal:
+        steps += 1
+        assert steps <= bound, "the run did not terminate within the attempt budget"
+        ready = [n for n in nodes.values() if n.status is NodeStatus.READY]
+        assert ready, "a running execution must have a READY node"
+        node = data.draw(st.sampled_from(ready))
+        assert node.available_at is not None
+        now = max(now, node.available_at) + timedelta(milliseconds=1)
+        nodes[node.node_id] = replace(
+            node, status=NodeStatus.LEASED, attempt=node.attempt + 1, lease_seq=node.lease_seq + 1
+        )
+        action = data.draw(st.sampled_from(["complete", "complete", "fail", "fail-permanent"]))
+        if action == "complete":
+            children = defn.children[node.node_id]
+            chosen = None
+            if children and data.draw(st.booleans()):
+                chosen = tuple(c for c in children if data.draw(st.booleans()))
+                not_chosen |= {
+                    c
+                    for c in children
+                    if chosen and c not in chosen and nodes[c].status is NodeStatus.BLOCKED
+                }
+            t = complete_node(defn, execution, nodes, node.node_id, b"1", now, next=chosen)
+        else:
+            error = ErrorInfo(type="Boom", message="m")
+            t = fail_node(defn, execution, nodes, node.node_id, error, action == "fail", now)
+        execution = t.execution
+        nodes.update((n.node_id, n) for n in t.nodes)
+        for n in t.nodes:  # never held, never waiting: only task nodes here
+            assert n.status is not NodeStatus.WAITING
+
+    assert all(n.status.terminal for n in nodes.values())
+    unhandled = [
+        n.node_id
+        for n in nodes.values()
+        if n.status in FAILED_STATUSES
+        and not any(defn.node_map[c].trigger_rule in HANDLING for c in defn.children[n.node_id])
+    ]
+    if execution.status is ExecutionStatus.FAILED:
+        assert execution.error is not None and unhandled == [execution.error.node_id]
+        return
+    assert execution.status is ExecutionStatus.SUCCEEDED
+    assert execution.error is None and unhandled == []
+    for nid, n in nodes.items():
+        spec = defn.node_map[nid]
+        parents = [nodes[p].status for p in defn.parents[nid]]
+        if n.status is not NodeStatus.SKIPPED:  # it ran: its rule allowed it
+            assert rule_allows(spec.trigger_rule, parents), nid
+            assert not (spec.skip_if and skips[nid])
+        elif not (spec.skip_if and skips[nid]) and nid not in not_chosen:
+            assert not rule_allows(spec.trigger_rule, parents), nid

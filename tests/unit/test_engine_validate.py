@@ -106,7 +106,10 @@ def test_node_id_too_long() -> None:
 
 def test_unknown_kind_lists_allowed_kinds() -> None:
     msg = invalid(wf(nodes=(node("a", kind="timer"),)))
-    assert msg == "node 'a' has unknown kind 'timer'; allowed kinds: 'task'"
+    assert (
+        msg
+        == "node 'a' has unknown kind 'timer'; allowed kinds: 'task', 'switch', 'workflow', 'map'"
+    )
 
 
 def test_empty_task_type() -> None:
@@ -358,3 +361,122 @@ def test_durations_past_ten_years_are_rejected() -> None:
     for defn in cases:
         with pytest.raises(InvalidArgument, match="3650-day limit"):
             validate_definition(defn)
+
+
+# -- control flow ----------------------------------------------------------------------------
+
+from coordinator.model import SwitchCase  # noqa: E402
+
+
+def switch(id: str = "s", **kw: object) -> NodeSpec:
+    kw.setdefault("task_type", "")
+    return node(id, kind="switch", **kw)
+
+
+def test_control_flow_kinds_pass() -> None:
+    validate_definition(
+        wf(
+            nodes=(
+                switch(
+                    cases=(SwitchCase("input.x > 1", ("m",)),),
+                    default_targets=("sub",),
+                    match_all=True,
+                    skip_if="execution.depth > 3",
+                ),
+                node("m", kind="map", items_expr="input.items", max_concurrency=4),
+                node(
+                    "sub",
+                    task_type="",
+                    kind="workflow",
+                    workflow_name="child.v1",
+                    workflow_version=2,
+                    input_expr="{'a': parents.s}",
+                    output_expr="output.total",
+                ),
+                node("j", trigger_rule="one_success"),  # type: ignore[arg-type]
+            ),
+            edges=(("s", "m"), ("s", "sub"), ("m", "j"), ("sub", "j")),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("nodes", "edges", "message"),
+    [
+        ((switch(),), (), "node 's' is a switch with no cases and no default_targets"),
+        (
+            (switch(cases=(SwitchCase("true", ("b",)),)), node("b")),
+            (),
+            "node 's' case 1 names 'b', which is not a child of the switch; add the edge s -> b",
+        ),
+        (
+            (switch(default_targets=("b",)), node("b")),
+            (),
+            "node 's' default_targets names 'b', which is not a child",
+        ),
+        (
+            (switch(cases=(SwitchCase("true", ()),), default_targets=("b",)), node("b")),
+            (("s", "b"),),
+            "node 's' case 1 has no targets",
+        ),
+        (
+            (switch(cases=(SwitchCase("true", ("b",)), SwitchCase("1 +", ("b",)))), node("b")),
+            (("s", "b"),),
+            "node 's' case 2 condition is not a valid CEL expression: ",
+        ),
+        (
+            (switch(cases=(SwitchCase("input.x + 1", ("b",)),)), node("b")),
+            (("s", "b"),),
+            "node 's' case 1 condition",
+        ),
+        ((node("w", task_type="", kind="workflow"),), (), "node 'w' is a workflow node with no"),
+        (
+            (node("w", task_type="", kind="workflow", workflow_name="bad name"),),
+            (),
+            "node 'w' workflow_name: workflow name 'bad name' is invalid",
+        ),
+        (
+            (node("w", task_type="", kind="workflow", workflow_name="c", workflow_version=-1),),
+            (),
+            "node 'w' has workflow_version -1",
+        ),
+        ((node("m", kind="map"),), (), "node 'm' is a map node with no items_expr"),
+        (
+            (node("m", kind="map", task_type="", items_expr="input"),),
+            (),
+            "node 'm' has an empty task_type",
+        ),
+        (
+            (node("m", kind="map", items_expr="input", max_concurrency=-1),),
+            (),
+            "node 'm' has max_concurrency -1; use 0 (no limit) or more",
+        ),
+        ((node("a", items_expr="input"),), (), "node 'a' sets items_expr but is a task node"),
+        ((node("a", match_all=True),), (), "node 'a' sets match_all but is a task node"),
+        (
+            (node("a", trigger_rule="sometimes"),),
+            (),
+            "node 'a' has unknown trigger_rule 'sometimes'; allowed: 'all_success'",
+        ),
+        ((node("a", skip_if="input.x + 1"),), (), "node 'a' skip_if ('input.x + 1') gives"),
+        ((node("a", input_expr="output"),), (), "node 'a' input_expr is not a valid CEL"),
+        ((node("a", output_expr="nope"),), (), "node 'a' output_expr is not a valid CEL"),
+        ((node("a", input_expr=" "),), (), "node 'a' input_expr is empty"),
+        (
+            (node("a", on_failure="h"), node("h", kind="workflow", workflow_name="x")),
+            (),
+            "node 'h' is the on_failure handler of 'a' and so must be a task node",
+        ),
+    ],
+)
+def test_control_flow_rules(
+    nodes: tuple[NodeSpec, ...], edges: tuple[tuple[str, str], ...], message: str
+) -> None:
+    assert message in invalid(wf(nodes=nodes, edges=edges))
+
+
+def test_output_expr_sees_output_and_the_compile_cache_keeps_messages_apart() -> None:
+    validate_definition(wf(nodes=(node("a", output_expr="output.x"),)))
+    for where in ("a", "b"):
+        msg = invalid(wf(nodes=(node(where, skip_if="1 +"),)))
+        assert msg.startswith(f"node '{where}' skip_if is not a valid CEL expression")

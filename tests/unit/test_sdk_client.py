@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,16 @@ class FakeWorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         self.events[execution.id] = []
         self.ended[execution.id] = asyncio.Event()
         return workflow_service_pb2.StartExecutionResponse(execution=execution, created=True)
+
+    async def BatchStartExecutions(
+        self, request: workflow_service_pb2.BatchStartExecutionsRequest, context: Any
+    ) -> workflow_service_pb2.BatchStartExecutionsResponse:
+        self.requests.append(request)
+        results = []
+        for one in request.requests:
+            results.append(await self.StartExecution(one, context))
+        self.requests[-len(results) :] = []  # keep the batch itself as the last request
+        return workflow_service_pb2.BatchStartExecutionsResponse(results=results)
 
     async def GetExecution(
         self, request: workflow_service_pb2.GetExecutionRequest, context: Any
@@ -304,6 +314,40 @@ async def test_start_execution_encodes_input(
     assert execution.create_time == T0
     assert execution.end_time is None
     assert not execution.terminal
+
+
+async def test_start_execution_later(fake: FakeWorkflowService, client: Client) -> None:
+    await client.start_execution("orders", {"n": 1}, delay="1m30s")
+    request = fake.requests[-1]
+    assert request.delay.ToTimedelta() == timedelta(seconds=90)
+    assert not request.HasField("start_time")
+
+    when = datetime(2030, 1, 31, 9, 0, tzinfo=timezone(timedelta(hours=1)))
+    await client.start_execution("orders", start_at=when)
+    request = fake.requests[-1]
+    assert request.start_time.ToDatetime(tzinfo=UTC) == when
+    assert not request.HasField("delay")
+
+    with pytest.raises(ValueError, match="either delay or start_at"):
+        await client.start_execution("orders", delay=5, start_at=when)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await client.start_execution("orders", start_at=datetime(2030, 1, 1))
+    with pytest.raises(ValueError, match="invalid delay 'soon'"):
+        await client.start_execution("orders", delay="soon")
+
+
+async def test_start_many_sends_one_batch(fake: FakeWorkflowService, client: Client) -> None:
+    runs = await client.start_many(
+        "orders", [{"n": i} for i in range(3)], idempotency_keys=["a", "b", "c"], delay="10s"
+    )
+    assert [r.input for r in runs] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert [r.idempotency_key for r in runs] == ["a", "b", "c"]
+    batch = fake.requests[-1]
+    assert isinstance(batch, workflow_service_pb2.BatchStartExecutionsRequest)
+    assert [r.workflow_name for r in batch.requests] == ["orders"] * 3
+    assert all(r.delay.ToTimedelta() == timedelta(seconds=10) for r in batch.requests)
+    with pytest.raises(ValueError, match="one key per input"):
+        await client.start_many("orders", [1, 2], idempotency_keys=["a"])
 
 
 async def test_start_execution_refuses_unserializable_input(client: Client) -> None:

@@ -82,7 +82,7 @@ def test_builder_diamond_to_proto() -> None:
         (lambda wf: wf.node("b", "t", after=["a"]), "depends on 'a'"),
         (lambda wf: wf.node("has space", "t"), "invalid node id"),
         (lambda wf: wf.node("a", ""), "task must be"),
-        (lambda wf: wf.node("a", "t", timeout="soon"), "invalid workflow 'w', node 'a': timeout"),
+        (lambda wf: wf.node("a", "t", timeout="soon"), "workflow 'w': invalid node 'a': timeout"),
         (lambda wf: wf.node("a", "t", retries=-1), "retries must be a non-negative"),
         (lambda wf: wf.node("a", "t", config={"x": object()}), "config is not a JSON object"),
         (lambda wf: wf.node("a", "t", config=[1]), "config must be a mapping"),

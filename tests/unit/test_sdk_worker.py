@@ -483,6 +483,60 @@ async def test_refused_output_becomes_non_retryable_failure(fake: FakeWorkerServ
     assert "output is 9 MiB; limit 1 MiB" in error.message
 
 
+async def test_result_sends_next_and_expansion(fake: FakeWorkerService) -> None:
+    @task("route")
+    async def route(ctx: TaskContext, data: Any) -> Any:
+        return worker_sdk.Result(
+            {"amount": data},
+            next=["manual"],
+            add_nodes=(worker_sdk.TaskNode("audit", "audit"),),
+            add_edges=(("route", "audit"),),
+        )
+
+    @task("plain")
+    def plain(ctx: TaskContext, data: Any) -> Any:  # sync handlers may return one too
+        return worker_sdk.Result(data) if data else "bare"
+
+    async with serving(Worker([route, plain], address=fake.address)):
+        token = await fake.add_task("route", 5000)
+        wrapped = await fake.add_task("plain", [1])
+        bare = await fake.add_task("plain", 0)
+        await wait_until(lambda: all(fake.done(t) for t in (token, wrapped, bare)))
+    calls = {c.lease_token: c for c in fake.complete_calls}
+    assert fake.completions[token] == {"amount": 5000}
+    assert list(calls[token].next) == ["manual"]
+    assert [n.id for n in calls[token].expansion.nodes] == ["audit"]
+    assert [(e.source, e.target) for e in calls[token].expansion.edges] == [("route", "audit")]
+    assert fake.completions[wrapped] == [1]
+    assert fake.completions[bare] == "bare"
+    for plain_token in (wrapped, bare):
+        assert not calls[plain_token].next
+        assert not calls[plain_token].HasField("expansion")
+
+
+async def test_refused_expansion_fails_the_task_once(fake: FakeWorkerService) -> None:
+    message = "expansion: adding edge audit -> route makes a cycle"
+    fake.complete_errors = [(grpc.StatusCode.INVALID_ARGUMENT, message)] * 10
+
+    @task("route")
+    async def route(ctx: TaskContext, data: Any) -> Any:
+        return worker_sdk.Result(
+            None,
+            add_nodes=(worker_sdk.TaskNode("audit", "audit"),),
+            add_edges=(("route", "audit"), ("audit", "route")),
+        )
+
+    async with serving(Worker([route], address=fake.address)):
+        token = await fake.add_task("route")
+        await wait_until(lambda: fake.done(token))
+    assert len(fake.complete_calls) == 1  # not resent in a loop
+    assert len(fake.fail_calls) == 1
+    error = fake.failures[token]
+    assert error.non_retryable
+    assert error.type == "OutputRejected"
+    assert message in error.message
+
+
 async def test_poll_failure_backs_off_and_registers_again(fake: FakeWorkerService) -> None:
     fake.poll_errors = [
         (grpc.StatusCode.UNAVAILABLE, "down"),

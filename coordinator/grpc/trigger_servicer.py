@@ -1,0 +1,177 @@
+"""TriggerService: decode the request, call the trigger use cases, encode the reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from coordinator.grpc import convert_triggers as convert
+from coordinator.grpc.status import unary
+from coordinator.model import DEFAULT_TENANT
+from coordinator.service._schedules import Schedules
+from coordinator.service._triggers import Triggers
+from trellis.v1 import trigger_service_pb2 as tpb
+from trellis.v1 import trigger_service_pb2_grpc as tgrpc
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+# Until authentication exists every call acts in the default tenant (DESIGN §2).
+TENANT = DEFAULT_TENANT
+
+
+class TriggerServicer(tgrpc.TriggerServiceServicer):
+    def __init__(self, triggers: Triggers, schedules: Schedules) -> None:
+        self._t = triggers
+        self._s = schedules
+
+    # -- webhooks
+
+    @unary
+    async def CreateWebhookTrigger(
+        self, request: tpb.CreateWebhookTriggerRequest, context: Ctx
+    ) -> tpb.CreateWebhookTriggerResponse:
+        tolerance = (
+            request.signature_tolerance.ToTimedelta()
+            if request.HasField("signature_tolerance")
+            else None
+        )
+        trigger = await self._t.create_webhook_trigger(
+            TENANT,
+            request.path,
+            request.workflow_name,
+            request.workflow_version,
+            hmac_secret=request.hmac_secret,
+            bearer_token=request.bearer_token,
+            signature_tolerance=tolerance,
+            idempotency_expr=request.idempotency_key,
+            input_expr=request.input,
+        )
+        return tpb.CreateWebhookTriggerResponse(trigger=convert.webhook_to_proto(trigger))
+
+    @unary
+    async def ListWebhookTriggers(
+        self, request: tpb.ListWebhookTriggersRequest, context: Ctx
+    ) -> tpb.ListWebhookTriggersResponse:
+        rows = await self._t.list_webhook_triggers(TENANT)
+        return tpb.ListWebhookTriggersResponse(triggers=[convert.webhook_to_proto(t) for t in rows])
+
+    @unary
+    async def DeleteWebhookTrigger(
+        self, request: tpb.DeleteWebhookTriggerRequest, context: Ctx
+    ) -> tpb.DeleteWebhookTriggerResponse:
+        await self._t.delete_webhook_trigger(TENANT, request.path)
+        return tpb.DeleteWebhookTriggerResponse()
+
+    @unary
+    async def FireWebhook(
+        self, request: tpb.FireWebhookRequest, context: Ctx
+    ) -> tpb.FireWebhookResponse:
+        execution, created = await self._t.fire_webhook(
+            TENANT, request.path, dict(request.headers), request.body
+        )
+        return tpb.FireWebhookResponse(execution_id=execution.id, created=created)
+
+    # -- schedules
+
+    @unary
+    async def CreateSchedule(
+        self, request: tpb.CreateScheduleRequest, context: Ctx
+    ) -> tpb.CreateScheduleResponse:
+        schedule = await self._s.create_schedule(
+            TENANT,
+            request.id,
+            request.cron,
+            request.timezone,
+            request.workflow_name,
+            request.workflow_version,
+            request.input,
+            overlap=convert.overlap_from_proto(request.overlap),
+            catchup=convert.catchup_from_proto(request.catchup),
+            max_catchup=request.max_catchup,
+            paused=request.paused,
+        )
+        return tpb.CreateScheduleResponse(schedule=convert.schedule_to_proto(schedule))
+
+    @unary
+    async def GetSchedule(
+        self, request: tpb.GetScheduleRequest, context: Ctx
+    ) -> tpb.GetScheduleResponse:
+        schedule, fires = await self._s.get_schedule(TENANT, request.id)
+        return tpb.GetScheduleResponse(schedule=convert.schedule_to_proto(schedule, fires))
+
+    @unary
+    async def ListSchedules(
+        self, request: tpb.ListSchedulesRequest, context: Ctx
+    ) -> tpb.ListSchedulesResponse:
+        rows = await self._s.list_schedules(TENANT)
+        return tpb.ListSchedulesResponse(schedules=[convert.schedule_to_proto(s) for s in rows])
+
+    @unary
+    async def PauseSchedule(
+        self, request: tpb.PauseScheduleRequest, context: Ctx
+    ) -> tpb.PauseScheduleResponse:
+        schedule = await self._s.pause_schedule(TENANT, request.id)
+        return tpb.PauseScheduleResponse(schedule=convert.schedule_to_proto(schedule))
+
+    @unary
+    async def ResumeSchedule(
+        self, request: tpb.ResumeScheduleRequest, context: Ctx
+    ) -> tpb.ResumeScheduleResponse:
+        schedule = await self._s.resume_schedule(TENANT, request.id)
+        return tpb.ResumeScheduleResponse(schedule=convert.schedule_to_proto(schedule))
+
+    @unary
+    async def DeleteSchedule(
+        self, request: tpb.DeleteScheduleRequest, context: Ctx
+    ) -> tpb.DeleteScheduleResponse:
+        await self._s.delete_schedule(TENANT, request.id)
+        return tpb.DeleteScheduleResponse()
+
+    # -- events
+
+    @unary
+    async def CreateEventTrigger(
+        self, request: tpb.CreateEventTriggerRequest, context: Ctx
+    ) -> tpb.CreateEventTriggerResponse:
+        trigger = await self._t.create_event_trigger(
+            TENANT,
+            request.event_name,
+            request.workflow_name,
+            request.workflow_version,
+            filter_expr=request.filter,
+            input_expr=request.input,
+        )
+        return tpb.CreateEventTriggerResponse(trigger=convert.event_trigger_to_proto(trigger))
+
+    @unary
+    async def ListEventTriggers(
+        self, request: tpb.ListEventTriggersRequest, context: Ctx
+    ) -> tpb.ListEventTriggersResponse:
+        rows = await self._t.list_event_triggers(TENANT, request.event_name or None)
+        return tpb.ListEventTriggersResponse(
+            triggers=[convert.event_trigger_to_proto(t) for t in rows]
+        )
+
+    @unary
+    async def DeleteEventTrigger(
+        self, request: tpb.DeleteEventTriggerRequest, context: Ctx
+    ) -> tpb.DeleteEventTriggerResponse:
+        await self._t.delete_event_trigger(TENANT, request.id)
+        return tpb.DeleteEventTriggerResponse()
+
+    @unary
+    async def PublishEvent(
+        self, request: tpb.PublishEventRequest, context: Ctx
+    ) -> tpb.PublishEventResponse:
+        result = await self._t.publish_event(
+            TENANT, request.name, request.payload, request.idempotency_key
+        )
+        return tpb.PublishEventResponse(
+            executions=[
+                tpb.TriggeredExecution(trigger_id=tid, execution_id=e.id, created=created)
+                for tid, e, created in result.started
+            ],
+            failures=[tpb.TriggerFailure(trigger_id=tid, message=m) for tid, m in result.failures],
+            filtered_out=result.filtered_out,
+        )

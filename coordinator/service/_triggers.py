@@ -1,0 +1,399 @@
+"""Webhook and event triggers: registration, signature checks, and starting executions.
+
+Secrets stay here: the gateway hands over the path, the headers and the raw body
+(``fire_webhook``) and gets back an execution or an error (``Unauthenticated``,
+``NotFound``, ``InvalidArgument``). Executions start through ``Coordinator.start_execution``.
+
+Expressions are CEL (``coordinator.engine``), compiled when the trigger is created:
+webhooks see ``body`` (the parsed JSON) and ``headers`` (lower-cased names); event
+triggers see ``event`` (the payload).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from coordinator.engine import Expression, ExpressionError, compile_expression
+from coordinator.errors import InvalidArgument, NotFound, TrellisError, Unauthenticated, Unavailable
+from coordinator.model import NULL_JSON, Execution
+from coordinator.service._coordinator import Coordinator
+from coordinator.service._trigger_model import (
+    DEFAULT_SIGNATURE_TOLERANCE,
+    EventTrigger,
+    TriggerStore,
+    WebhookAuth,
+    WebhookTrigger,
+)
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "x-trellis-signature"
+MIN_SECRET_LENGTH = 16
+MAX_KEY_LENGTH = 512
+WEBHOOK_VARIABLES = ("body", "headers")
+EVENT_VARIABLES = ("event",)
+_PATH = re.compile(r"^[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
+_EVENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+_MAX_PATH = 200
+_MAX_TOLERANCE = timedelta(days=1)
+
+
+# -- signatures (pure) --------------------------------------------------------------------
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The ``X-Trellis-Signature`` value for ``body`` signed at ``timestamp`` (unix s)."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+def token_digest(token: str) -> str:
+    """Bearer tokens are stored as their SHA-256 hex digest."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def verify_signature(
+    secret: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    now: datetime,
+    tolerance: timedelta = DEFAULT_SIGNATURE_TOLERANCE,
+) -> None:
+    """Check ``X-Trellis-Signature: t=<unix s>,v1=<hex>`` (several v1 allowed, any may
+    match: rotating secrets). ``headers`` have lower-cased names. Raises
+    ``Unauthenticated`` saying what was wrong."""
+    raw = headers.get(SIGNATURE_HEADER)
+    if not raw:
+        raise Unauthenticated(
+            "missing X-Trellis-Signature header; sign the body as t=<unix seconds>,"
+            'v1=<hex hmac_sha256(secret, "<t>." + body)> (see docs/triggers.md)'
+        )
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for part in raw.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t":
+            try:
+                timestamp = int(value)
+            except ValueError:
+                timestamp = None
+        elif name == "v1":
+            signatures.append(value.strip().lower())
+    if timestamp is None or not signatures:
+        raise Unauthenticated(
+            "X-Trellis-Signature is malformed; expected t=<unix seconds>,v1=<hex signature>"
+        )
+    skew = abs(now.timestamp() - timestamp)
+    if skew > tolerance.total_seconds():
+        raise Unauthenticated(
+            f"X-Trellis-Signature timestamp is {skew:.0f}s away from the coordinator's clock "
+            f"(tolerance {tolerance.total_seconds():.0f}s); sign with the current time"
+        )
+    expected = sign(secret, body, timestamp).partition("v1=")[2]
+    # Compare against every candidate (no early exit) in constant time.
+    matched = False
+    for candidate in signatures:
+        matched |= hmac.compare_digest(candidate.encode(), expected.encode())
+    if not matched:
+        raise Unauthenticated(
+            "X-Trellis-Signature does not match the body; check the secret and sign the raw "
+            "body exactly as sent"
+        )
+
+
+def verify_bearer(digest: str, headers: Mapping[str, str]) -> None:
+    """Check ``Authorization: Bearer <token>`` against the stored digest (constant time)."""
+    raw = headers.get("authorization", "")
+    scheme, _, token = raw.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("missing Authorization: Bearer <token> header")
+    if not hmac.compare_digest(token_digest(token.strip()).encode(), digest.encode()):
+        raise Unauthenticated("the bearer token is wrong")
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    started: list[tuple[str, Execution, bool]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    filtered_out: int = 0
+
+
+class Triggers:
+    """Webhook and event trigger use cases."""
+
+    def __init__(self, coordinator: Coordinator, store: TriggerStore) -> None:
+        self._c = coordinator
+        self._store = store
+        self._compiled: dict[tuple[str, str, bool, tuple[str, ...]], Expression] = {}
+
+    def _expr(
+        self, source: str, where: str, variables: tuple[str, ...], boolean: bool = False
+    ) -> Expression:
+        key = (source, where, boolean, variables)
+        found = self._compiled.get(key)
+        if found is None:
+            found = compile_expression(source, where=where, variables=variables, boolean=boolean)
+            self._compiled[key] = found
+        return found
+
+    # -- webhooks -------------------------------------------------------------------------
+
+    async def create_webhook_trigger(
+        self,
+        tenant_id: str,
+        path: str,
+        workflow_name: str,
+        workflow_version: int,
+        *,
+        hmac_secret: str = "",
+        bearer_token: str = "",
+        signature_tolerance: timedelta | None = None,
+        idempotency_expr: str = "",
+        input_expr: str = "",
+    ) -> WebhookTrigger:
+        path = path.strip("/")
+        if not _PATH.match(path) or len(path) > _MAX_PATH:
+            raise InvalidArgument(
+                f"webhook path {path!r} must be up to {_MAX_PATH} characters: letters, digits, "
+                "'.', '_', '~', '-' in segments separated by '/'"
+            )
+        if bool(hmac_secret) == bool(bearer_token):
+            raise InvalidArgument(
+                "give exactly one of hmac_secret and bearer_token: webhooks are authenticated"
+            )
+        secret = hmac_secret or bearer_token
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise InvalidArgument(
+                f"the webhook secret is {len(secret)} characters; use at least "
+                f"{MIN_SECRET_LENGTH} random ones (e.g. openssl rand -hex 32)"
+            )
+        tolerance = signature_tolerance or DEFAULT_SIGNATURE_TOLERANCE
+        if tolerance <= timedelta(0) or tolerance > _MAX_TOLERANCE:
+            raise InvalidArgument("signature_tolerance must be positive and at most 1 day")
+        _check_workflow(workflow_name, workflow_version)
+        if idempotency_expr:
+            self._expr(idempotency_expr, "idempotency_key", WEBHOOK_VARIABLES)
+        if input_expr:
+            self._expr(input_expr, "input", WEBHOOK_VARIABLES)
+        await self._c.get_workflow(tenant_id, workflow_name, workflow_version or None)
+        trigger = WebhookTrigger(
+            path=path,
+            workflow_name=workflow_name,
+            workflow_version=workflow_version,
+            auth=WebhookAuth.HMAC_SHA256 if hmac_secret else WebhookAuth.BEARER,
+            secret=hmac_secret or token_digest(bearer_token),
+            created_at=self._c.clock(),
+            signature_tolerance=tolerance,
+            idempotency_expr=idempotency_expr,
+            input_expr=input_expr,
+            tenant_id=tenant_id,
+        )
+        await self._store.create_webhook_trigger(trigger)
+        log.info("webhook trigger created", extra={"path": path, "workflow": workflow_name})
+        return trigger
+
+    async def list_webhook_triggers(self, tenant_id: str) -> list[WebhookTrigger]:
+        return await self._store.list_webhook_triggers(tenant_id)
+
+    async def delete_webhook_trigger(self, tenant_id: str, path: str) -> None:
+        await self._store.delete_webhook_trigger(tenant_id, path.strip("/"))
+
+    async def fire_webhook(
+        self, tenant_id: str, path: str, headers: Mapping[str, str], body: bytes
+    ) -> tuple[Execution, bool]:
+        """Authenticate the request, then start the trigger's workflow. Nothing starts on
+        any error."""
+        path = path.strip("/")
+        try:
+            trigger = await self._store.get_webhook_trigger(tenant_id, path)
+        except NotFound:
+            raise NotFound(f"no webhook trigger at path {path!r}") from None
+        lower = {k.lower(): v for k, v in headers.items()}
+        if trigger.auth is WebhookAuth.HMAC_SHA256:
+            verify_signature(
+                trigger.secret, lower, body, self._c.clock(), trigger.signature_tolerance
+            )
+        else:
+            verify_bearer(trigger.secret, lower)
+        parsed = _parse_json("the request body", body)
+        variables = {"body": parsed, "headers": lower}
+        key: str | None = None
+        if trigger.idempotency_expr:
+            expr = self._expr(trigger.idempotency_expr, "idempotency_key", WEBHOOK_VARIABLES)
+            key = _key_text(_evaluate(expr, variables))
+        payload = body or NULL_JSON
+        if trigger.input_expr:
+            expr = self._expr(trigger.input_expr, "input", WEBHOOK_VARIABLES)
+            payload = _evaluate_json(expr, variables)
+        execution, created = await self._c.start_execution(
+            tenant_id,
+            trigger.workflow_name,
+            trigger.workflow_version or None,
+            payload,
+            idempotency_key=None if key is None else f"webhook:{path}:{key}",
+        )
+        log.info(
+            "webhook fired",
+            extra={"path": path, "execution_id": execution.id, "new_execution": created},
+        )
+        return execution, created
+
+    # -- events ---------------------------------------------------------------------------
+
+    async def create_event_trigger(
+        self,
+        tenant_id: str,
+        event_name: str,
+        workflow_name: str,
+        workflow_version: int,
+        *,
+        filter_expr: str = "",
+        input_expr: str = "",
+    ) -> EventTrigger:
+        _check_event_name(event_name)
+        _check_workflow(workflow_name, workflow_version)
+        if filter_expr:
+            self._expr(filter_expr, "filter", EVENT_VARIABLES, boolean=True)
+        if input_expr:
+            self._expr(input_expr, "input", EVENT_VARIABLES)
+        await self._c.get_workflow(tenant_id, workflow_name, workflow_version or None)
+        trigger = EventTrigger(
+            id=str(uuid.uuid4()),
+            event_name=event_name,
+            workflow_name=workflow_name,
+            workflow_version=workflow_version,
+            created_at=self._c.clock(),
+            filter_expr=filter_expr,
+            input_expr=input_expr,
+            tenant_id=tenant_id,
+        )
+        await self._store.create_event_trigger(trigger)
+        return trigger
+
+    async def list_event_triggers(
+        self, tenant_id: str, event_name: str | None = None
+    ) -> list[EventTrigger]:
+        return await self._store.list_event_triggers(tenant_id, event_name or None)
+
+    async def delete_event_trigger(self, tenant_id: str, trigger_id: str) -> None:
+        await self._store.delete_event_trigger(tenant_id, trigger_id)
+
+    async def publish_event(
+        self, tenant_id: str, name: str, payload: bytes, idempotency_key: str = ""
+    ) -> PublishResult:
+        """Start every trigger of ``name`` whose filter matches. A trigger whose expressions
+        fail on this payload (or whose start is refused) is reported, the others go on."""
+        _check_event_name(name)
+        if len(idempotency_key) > MAX_KEY_LENGTH:
+            raise InvalidArgument(f"idempotency_key is longer than {MAX_KEY_LENGTH} characters")
+        payload = self._c.check_payload("payload", payload)
+        event = json.loads(payload)
+        result = PublishResult()
+        filtered = 0
+        for trigger in await self._store.list_event_triggers(tenant_id, name):
+            variables = {"event": event}
+            try:
+                if trigger.filter_expr:
+                    expr = self._expr(trigger.filter_expr, "filter", EVENT_VARIABLES, True)
+                    if not _evaluate(expr, variables):
+                        filtered += 1
+                        continue
+                data = payload
+                if trigger.input_expr:
+                    expr = self._expr(trigger.input_expr, "input", EVENT_VARIABLES)
+                    data = _evaluate_json(expr, variables)
+                execution, created = await self._c.start_execution(
+                    tenant_id,
+                    trigger.workflow_name,
+                    trigger.workflow_version or None,
+                    data,
+                    idempotency_key=(
+                        f"event:{trigger.id}:{idempotency_key}" if idempotency_key else None
+                    ),
+                )
+            except Unavailable:
+                raise
+            except (InvalidArgument, NotFound, TrellisError) as exc:
+                log.warning(
+                    "event trigger skipped: %s",
+                    exc,
+                    extra={"trigger_id": trigger.id, "event": name},
+                )
+                result.failures.append((trigger.id, str(exc)))
+                continue
+            result.started.append((trigger.id, execution, created))
+        return PublishResult(result.started, result.failures, filtered)
+
+
+def _check_workflow(workflow_name: str, workflow_version: int) -> None:
+    if not workflow_name:
+        raise InvalidArgument("workflow_name is required")
+    if workflow_version < 0:
+        raise InvalidArgument("workflow_version must be 0 (latest) or a version number")
+
+
+def _check_event_name(name: str) -> None:
+    if not _EVENT_NAME.match(name):
+        raise InvalidArgument(
+            f"event name {name!r} must be 1-200 letters, digits, '.', '_', ':' or '-' "
+            "(starting with a letter or digit)"
+        )
+
+
+def _parse_json(what: str, body: bytes) -> Any:
+    if not body:
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from exc
+
+
+def _evaluate(expr: Expression, variables: Mapping[str, Any]) -> Any:
+    try:
+        return expr.evaluate(variables)
+    except ExpressionError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+def _evaluate_json(expr: Expression, variables: Mapping[str, Any]) -> bytes:
+    try:
+        return expr.evaluate_json(variables)
+    except ExpressionError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+def _key_text(value: Any) -> str | None:
+    """An idempotency key from an expression's value: null or "" means none."""
+    if value is None or value == "":
+        return None
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if len(text) > MAX_KEY_LENGTH or "\x00" in text:
+        raise InvalidArgument(
+            f"the idempotency key expression gave a value longer than {MAX_KEY_LENGTH} "
+            "characters (or with a NUL character)"
+        )
+    return text
+
+
+__all__ = [
+    "SIGNATURE_HEADER",
+    "PublishResult",
+    "Triggers",
+    "sign",
+    "token_digest",
+    "verify_bearer",
+    "verify_signature",
+]

@@ -1,0 +1,129 @@
+"""Queries for control flow: delayed starts due, and sub-workflow reconciliation.
+
+Statuses are SQL literals (not bound parameters) so the planners match the partial indexes
+``ix_executions_start_at``, ``ix_executions_parent_execution_id`` and
+``ix_node_runs_waiting`` (see ``_tables``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from coordinator.model import Execution, ExecutionStatus
+from coordinator.store import _rows
+from coordinator.store._tables import LIVE_EXECUTION_STATUSES, executions, node_runs
+
+
+def _literal(value: str) -> sa.ColumnClause[str]:
+    return sa.literal_column(f"'{value}'", sa.Text)
+
+
+_PENDING = _literal(ExecutionStatus.PENDING.value)
+_WAITING = _literal("WAITING")
+_LIVE = [_literal(s) for s in LIVE_EXECUTION_STATUSES]
+_ENDED = [_literal(s.value) for s in ExecutionStatus if s.terminal]
+
+
+async def _executions(
+    conn: AsyncConnection, query: sa.Select[tuple[object, ...]]
+) -> list[Execution]:
+    rows = (await conn.execute(query)).mappings().all()
+    return [_rows.execution_from_row(r) for r in rows]
+
+
+async def find_due_executions(conn: AsyncConnection, now: datetime, limit: int) -> list[Execution]:
+    e = executions
+    query = (
+        sa.select(e)
+        .where(e.c.status == _PENDING, e.c.start_at.is_not(None), e.c.start_at <= _rows.to_ms(now))
+        .order_by(e.c.start_at, e.c.id)
+        .limit(limit)
+    )
+    return await _executions(conn, query)
+
+
+async def find_ended_children(conn: AsyncConnection, limit: int) -> list[Execution]:
+    """Driven by the (few) WAITING node runs: finished children they still wait on."""
+    c, n = executions, node_runs
+    query = (
+        sa.select(c)
+        .join(
+            n,
+            sa.and_(
+                n.c.tenant_id == c.c.tenant_id,
+                n.c.child_execution_id == c.c.id,
+                n.c.execution_id == c.c.parent_execution_id,
+            ),
+        )
+        .where(n.c.status == _WAITING, n.c.child_execution_id.is_not(None), c.c.status.in_(_ENDED))
+        .order_by(c.c.updated_at, c.c.id)
+        .limit(limit)
+    )
+    return await _executions(conn, query)
+
+
+async def find_orphaned_children(conn: AsyncConnection, limit: int) -> list[Execution]:
+    """Driven by the unfinished children: those whose parent node no longer waits on them."""
+    c, n = executions, node_runs
+    query = (
+        sa.select(c)
+        .outerjoin(
+            n,
+            sa.and_(
+                n.c.tenant_id == c.c.tenant_id,
+                n.c.execution_id == c.c.parent_execution_id,
+                n.c.node_id == c.c.parent_node_id,
+            ),
+        )
+        .where(
+            c.c.status.in_(_LIVE),
+            c.c.parent_execution_id.is_not(None),
+            sa.or_(
+                n.c.node_id.is_(None),
+                n.c.status != _WAITING,
+                n.c.child_execution_id.is_(None),
+                n.c.child_execution_id != c.c.id,
+            ),
+        )
+        .order_by(c.c.created_at, c.c.id)
+        .limit(limit)
+    )
+    return await _executions(conn, query)
+
+
+async def get_executions(
+    conn: AsyncConnection, tenant_id: str, ids: Sequence[str]
+) -> dict[str, Execution]:
+    if not ids:
+        return {}
+    e = executions
+    query = sa.select(e).where(e.c.tenant_id == tenant_id, e.c.id.in_(sorted(set(ids))))
+    return {x.id: x for x in await _executions(conn, query)}
+
+
+async def get_node_outputs(
+    conn: AsyncConnection, tenant_id: str, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], bytes | None]:
+    if not keys:
+        return {}
+    n = node_runs
+    query = sa.select(n.c.execution_id, n.c.node_id, n.c.output).where(
+        n.c.tenant_id == tenant_id,
+        sa.tuple_(n.c.execution_id, n.c.node_id).in_(sorted(set(keys))),
+    )
+    rows = (await conn.execute(query)).all()
+    return {(r[0], r[1]): None if r[2] is None else bytes(r[2]) for r in rows}
+
+
+def release_key(tenant_id: str, execution_id: str, key: str) -> sa.Update:
+    """Take an expired idempotency key off the execution holding it (see create)."""
+    e = executions
+    return (
+        sa.update(e)
+        .where(e.c.tenant_id == tenant_id, e.c.id == execution_id, e.c.idempotency_key == key)
+        .values(idempotency_key=None)
+    )
