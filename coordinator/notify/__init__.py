@@ -16,13 +16,13 @@ from coordinator.notify._channels import (
     validate_channel,
 )
 from coordinator.notify._senders import DELIVERY_HEADER, Deliverer, DeliveryError, webhook_body
-from coordinator.notify._signing import SIGNATURE_HEADER, sign, signature, verify
 from coordinator.notify._templates import (
     PLACEHOLDERS,
     check_template,
     render,
     template_values,
 )
+from coordinator.signing import SIGNATURE_HEADER, sign, signature, verify
 
 __all__ = [
     "DEFAULT_BODY",

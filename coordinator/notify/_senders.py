@@ -22,8 +22,8 @@ import httpx
 
 from coordinator.errors import Unavailable
 from coordinator.notify._channels import ChannelKind
-from coordinator.notify._signing import SIGNATURE_HEADER, sign
 from coordinator.notify._templates import render, template_values
+from coordinator.signing import SIGNATURE_HEADER, sign
 
 DELIVERY_HEADER = "X-Trellis-Delivery"
 USER_AGENT = "trellis-notifications/1"

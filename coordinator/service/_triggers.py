@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from coordinator import signing
 from coordinator.engine import Expression, ExpressionError, compile_expression
 from coordinator.errors import InvalidArgument, NotFound, TrellisError, Unauthenticated, Unavailable
 from coordinator.model import NULL_JSON, Execution
@@ -36,7 +37,7 @@ from coordinator.service._trigger_model import (
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "x-trellis-signature"
+SIGNATURE_HEADER = signing.SIGNATURE_HEADER.lower()  # headers arrive lower-cased
 MIN_SECRET_LENGTH = 16
 MAX_KEY_LENGTH = 512
 WEBHOOK_VARIABLES = ("body", "headers")
@@ -48,12 +49,6 @@ _MAX_TOLERANCE = timedelta(days=1)
 
 
 # -- signatures (pure) --------------------------------------------------------------------
-
-
-def sign(secret: str, body: bytes, timestamp: int) -> str:
-    """The ``X-Trellis-Signature`` value for ``body`` signed at ``timestamp`` (unix s)."""
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"t={timestamp},v1={digest.hexdigest()}"
 
 
 def token_digest(token: str) -> str:
@@ -77,32 +72,19 @@ def verify_signature(
             "missing X-Trellis-Signature header; sign the body as t=<unix seconds>,"
             'v1=<hex hmac_sha256(secret, "<t>." + body)> (see docs/triggers.md)'
         )
-    timestamp: int | None = None
-    signatures: list[str] = []
-    for part in raw.split(","):
-        name, _, value = part.strip().partition("=")
-        if name == "t":
-            try:
-                timestamp = int(value)
-            except ValueError:
-                timestamp = None
-        elif name == "v1":
-            signatures.append(value.strip().lower())
-    if timestamp is None or not signatures:
+    parsed = signing.parse(raw)
+    if parsed is None:
         raise Unauthenticated(
             "X-Trellis-Signature is malformed; expected t=<unix seconds>,v1=<hex signature>"
         )
+    timestamp, signatures = parsed
     skew = abs(now.timestamp() - timestamp)
     if skew > tolerance.total_seconds():
         raise Unauthenticated(
             f"X-Trellis-Signature timestamp is {skew:.0f}s away from the coordinator's clock "
             f"(tolerance {tolerance.total_seconds():.0f}s); sign with the current time"
         )
-    expected = sign(secret, body, timestamp).partition("v1=")[2]
-    # Compare against every candidate (no early exit) in constant time.
-    matched = False
-    for candidate in signatures:
-        matched |= hmac.compare_digest(candidate.encode(), expected.encode())
+    matched = signing.matches(secret, body, timestamp, signatures)
     if not matched:
         raise Unauthenticated(
             "X-Trellis-Signature does not match the body; check the secret and sign the raw "
@@ -392,7 +374,6 @@ __all__ = [
     "SIGNATURE_HEADER",
     "PublishResult",
     "Triggers",
-    "sign",
     "token_digest",
     "verify_bearer",
     "verify_signature",

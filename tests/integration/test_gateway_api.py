@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from coordinator.service._triggers import sign
+from coordinator.signing import sign
 from gateway import GatewayConfig, create_app
 from tests.integration.conftest import Api
 from tests.integration.test_grpc_api import DIAMOND, register

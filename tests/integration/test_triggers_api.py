@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from coordinator.service._triggers import sign
+from coordinator.signing import sign
 from tests.integration.conftest import Api
 from tests.integration.test_grpc_api import DIAMOND, expect_status, register
 from tests.support.wait import eventually

@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from coordinator.errors import Unauthenticated
-from coordinator.service._triggers import sign, token_digest, verify_bearer, verify_signature
+from coordinator.service._triggers import token_digest, verify_bearer, verify_signature
+from coordinator.signing import sign
 
 SECRET = "0123456789abcdef-secret"
 BODY = b'{"order": 1}'

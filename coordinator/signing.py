@@ -1,5 +1,8 @@
 """Webhook signatures: ``X-Trellis-Signature: t=<unix seconds>,v1=<hex>``.
 
+One scheme for both directions: webhook triggers verify it on requests coming in
+(docs/triggers.md), notification channels sign what they send (docs/notifications.md).
+
 ``v1`` is HMAC-SHA256 keyed with the channel's secret over ``"<t>." + body`` (the exact
 bytes POSTed). A receiver recomputes it, compares in constant time, and refuses a ``t``
 too far from its clock (replays). See docs/notifications.md.
@@ -35,18 +38,38 @@ def verify(
 ) -> bool:
     """True when ``header`` signs ``body`` with ``secret`` within ``tolerance`` seconds of
     ``now``. Several ``v1`` values (a secret being rotated) are accepted if any matches."""
+    parsed = parse(header)
+    if parsed is None:
+        return False
+    timestamp, candidates = parsed
+    if abs(now - timestamp) > tolerance:
+        return False
+    return matches(secret, body, timestamp, candidates)
+
+
+def parse(header: str) -> tuple[int, list[str]] | None:
+    """``(t, [v1, ...])`` from a header value, or None when it is malformed."""
     timestamp: int | None = None
-    candidates = []
+    candidates: list[str] = []
     for part in header.split(","):
         key, _, value = part.strip().partition("=")
         if key == "t":
             try:
                 timestamp = int(value)
             except ValueError:
-                return False
+                return None
         elif key == "v1":
-            candidates.append(value)
-    if timestamp is None or not candidates or abs(now - timestamp) > tolerance:
-        return False
-    expected = signature(secret, body, timestamp)
-    return any(hmac.compare_digest(expected, c) for c in candidates)
+            candidates.append(value.strip().lower())
+    if timestamp is None or not candidates:
+        return None
+    return timestamp, candidates
+
+
+def matches(secret: str, body: bytes, timestamp: int, candidates: list[str]) -> bool:
+    """Whether any candidate signs ``body`` at ``timestamp``; every one is compared in
+    constant time (no early exit)."""
+    expected = signature(secret, body, timestamp).encode()
+    matched = False
+    for candidate in candidates:
+        matched |= hmac.compare_digest(candidate.encode(), expected)
+    return matched
