@@ -313,7 +313,12 @@ def _start(defn: WorkflowDef, schedule: Schedule, fire_at: datetime, now: dateti
         updated_at=now,
         idempotency_key=fire_key(schedule.id, fire_at),
     )
-    return engine.start_execution(defn, shell, now)
+    transition = engine.start_execution(defn, shell, now)
+    if transition.start_children:
+        # An entry node runs a sub-workflow: the coordinator's start path creates children,
+        # so store the execution as a start due now and let the delayed-start sweeper run it.
+        return Transition(execution=replace(shell, start_at=now))
+    return transition
 
 
 def _decide(

@@ -178,3 +178,42 @@ async def test_two_schedulers_on_one_store_fire_each_time_once(
     assert await keys(coordinator) == sorted(
         fire_key("dup", T0 + timedelta(seconds=s)) for s in range(1, 6)
     )
+
+
+async def test_a_schedule_whose_entry_node_is_a_sub_workflow_starts_the_child(
+    env: tuple[Coordinator, Schedules, Clock],
+) -> None:
+    from coordinator.service import Sweeper
+
+    coordinator, schedules, clock = env
+    await coordinator.register_workflow(
+        WorkflowDef(
+            name="parent",
+            nodes=(NodeSpec(id="sub", task_type="", kind="workflow", workflow_name="job"),),
+        )
+    )
+    await schedules.create_schedule(
+        TENANT,
+        "nested",
+        "0 * * * *",
+        "UTC",
+        "parent",
+        0,
+        b"{}",
+        overlap=OverlapPolicy.ALLOW,
+        catchup=CatchupPolicy.RUN_ONCE,
+        max_catchup=0,
+    )
+    clock.now = T0 + timedelta(hours=1, seconds=1)
+    assert await schedules.tick() == 1
+    # The fire is handed to the coordinator's start path, which creates the child.
+    await Sweeper(coordinator).start_due(clock.now)
+    [parent] = await coordinator.store.list_executions(
+        TENANT, workflow_name="parent", status=None, limit=10, before=None
+    )
+    assert parent.idempotency_key == fire_key("nested", T0 + timedelta(hours=1))
+    assert parent.status is ExecutionStatus.RUNNING
+    children = await coordinator.store.list_executions(
+        TENANT, workflow_name="job", status=None, limit=10, before=None
+    )
+    assert [c.parent_execution_id for c in children] == [parent.id]
