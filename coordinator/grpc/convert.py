@@ -31,7 +31,7 @@ from trellis.v1 import common_pb2, worker_service_pb2, workflow_service_pb2
 _DEFAULT_RETRY = RetryPolicy()
 
 
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+def timestamp_to_proto(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
     ts = timestamp_pb2.Timestamp()
@@ -205,7 +205,7 @@ def definition_to_proto(defn: WorkflowDef) -> common_pb2.WorkflowDefinition:
         edges=[common_pb2.Edge(source=s, target=t) for s, t in defn.edges],
         default_retry_policy=retry_to_proto(defn.default_retry_policy),
         default_start_to_close_timeout=_dur(defn.default_start_to_close_timeout),
-        create_time=_ts(defn.created_at),
+        create_time=timestamp_to_proto(defn.created_at),
         execution_timeout=_dur(defn.execution_timeout),
         default_schedule_to_start_timeout=_dur(defn.default_schedule_to_start_timeout),
         default_heartbeat_timeout=_dur(defn.default_heartbeat_timeout),
@@ -246,7 +246,7 @@ def node_to_proto(node: NodeRun) -> common_pb2.NodeRun:
         output=node.output or b"",
         error=error_to_proto(node.error),
         worker_id=node.worker_id or "",
-        update_time=_ts(node.updated_at),
+        update_time=timestamp_to_proto(node.updated_at),
         held=node.held,
         child_execution_id=node.child_execution_id or "",
     )
@@ -267,11 +267,11 @@ def execution_to_proto(
         idempotency_key=execution.idempotency_key or "",
         parent_execution_id=execution.parent_execution_id or "",
         depth=execution.depth,
-        create_time=_ts(execution.created_at),
-        end_time=_ts(execution.ended_at),
+        create_time=timestamp_to_proto(execution.created_at),
+        end_time=timestamp_to_proto(execution.ended_at),
         nodes=[node_to_proto(n) for n in nodes],
         parent_node_id=execution.parent_node_id or "",
-        start_time=_ts(execution.start_at),
+        start_time=timestamp_to_proto(execution.start_at),
     )
 
 
@@ -299,7 +299,7 @@ def event_to_proto(event: Event) -> common_pb2.Event:
         node_id=event.node_id or "",
         attempt=event.attempt,
         worker_id=event.worker_id or "",
-        time=_ts(event.time),
+        time=timestamp_to_proto(event.time),
         details=event.details or b"",
     )
 
@@ -318,12 +318,12 @@ def dead_letter_to_proto(letter: DeadLetter) -> common_pb2.DeadLetter:
                 attempt=a.attempt,
                 error=error_to_proto(a.error),
                 worker_id=a.worker_id or "",
-                time=_ts(a.time),
+                time=timestamp_to_proto(a.time),
             )
             for a in letter.attempts
         ],
-        create_time=_ts(letter.created_at),
-        redrive_time=_ts(letter.redriven_at),
+        create_time=timestamp_to_proto(letter.created_at),
+        redrive_time=timestamp_to_proto(letter.redriven_at),
     )
 
 
@@ -343,9 +343,9 @@ def task_to_proto(task: LeasedTask) -> worker_service_pb2.Task:
         idempotency_key=f"{node.execution_id}:{node.node_id}",
         workflow_name=node.workflow_name,
         workflow_version=node.workflow_version,
-        lease_deadline=_ts(node.lease_deadline),
+        lease_deadline=timestamp_to_proto(node.lease_deadline),
         heartbeat_timeout=_dur(node.heartbeat_timeout),
-        execution_start_time=_ts(task.execution_start_time),
+        execution_start_time=timestamp_to_proto(task.execution_start_time),
         execution_input=task.execution_input,
         parent_outputs=task.parent_outputs,
         map_index=map_index(node.node_id),

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf import timestamp_pb2
-
 from coordinator.errors import InvalidArgument
+from coordinator.grpc.convert import timestamp_to_proto as _ts
 from coordinator.service._trigger_model import (
     CatchupPolicy,
     EventTrigger,
@@ -44,14 +41,6 @@ _OUTCOME = {
     FireOutcome.SKIPPED: tpb.SCHEDULE_FIRE_OUTCOME_SKIPPED,
     FireOutcome.BUFFERED: tpb.SCHEDULE_FIRE_OUTCOME_BUFFERED,
 }
-
-
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def overlap_from_proto(value: int) -> OverlapPolicy:

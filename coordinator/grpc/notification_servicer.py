@@ -11,15 +11,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, timestamp_pb2
+from google.protobuf import json_format
 
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import InvalidArgument
 from coordinator.grpc import convert
+from coordinator.grpc.convert import timestamp_to_proto as _ts
 from coordinator.grpc.status import unary
 from coordinator.model import DEFAULT_TENANT
 from coordinator.notify import Backoff, ChannelKind, Deliverer, redacted
@@ -44,14 +44,6 @@ TENANT = DEFAULT_TENANT
 SERVICE_NAME = npb.DESCRIPTOR.services_by_name["NotificationService"].full_name
 
 # -- conversion ----------------------------------------------------------------------------
-
-
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def channel_settings_from_proto(channel: npb.Channel) -> tuple[ChannelKind, dict[str, Any]]:
