@@ -93,6 +93,25 @@ class CoordinatorConfig:
     notify_breaker_threshold: int = 5
     notify_breaker_reset: timedelta = timedelta(seconds=30)
     notify_send_timeout: timedelta = timedelta(seconds=10)
+    # Dispatch control (docs/dispatch.md). Redis shares rate-limit buckets and breaker state
+    # between replicas; without it (or while it is unreachable) each replica enforces them
+    # on its own and readiness says so.
+    redis_url: str = ""
+    # How long a degraded replica waits between attempts to reach Redis again.
+    redis_retry_interval: timedelta = timedelta(seconds=2)
+    # How often a replica re-reads the task-type limits (changes on another replica show
+    # up within this; changes made through this replica at once).
+    limits_refresh: timedelta = timedelta(seconds=1)
+    # Ageing: one priority step is worth this much waiting (dispatch order is
+    # available_at - priority * aging), so low-priority work is never starved for ever.
+    priority_aging: timedelta = timedelta(seconds=60)
+    # Most candidates one claim examines when limits hold some back.
+    claim_scan: int = 256
+    # Backpressure, per replica: long polls waiting at once, and starts per second (0 =
+    # unlimited) with their burst. Beyond them RPCs answer RESOURCE_EXHAUSTED with a hint.
+    max_poll_waiters: int = 1000
+    max_start_rate: float = 0.0
+    start_burst: int = 100
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> CoordinatorConfig:

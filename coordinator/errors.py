@@ -13,6 +13,8 @@
     └─ Unauthenticated     → UNAUTHENTICATED    (bad webhook signature or token)
 
 Messages say what was wrong and what to do; they reach users verbatim.
+ResourceExhausted and Unavailable may carry ``retry_after`` (seconds), sent to clients as
+the ``retry-after-ms`` trailer.
 """
 
 from __future__ import annotations
@@ -38,11 +40,22 @@ class Conflict(TrellisError):
     """A concurrent update won; the operation may be retried."""
 
 
-class ResourceExhausted(TrellisError):
-    """Over a limit; retry later."""
+class _RetryLater(TrellisError):
+    """An error that may carry a hint: ``retry_after`` seconds before retrying is worthwhile.
+
+    grpc/status.py sends the hint to clients as the ``retry-after-ms`` trailer.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
-class Unavailable(TrellisError):
+class ResourceExhausted(_RetryLater):
+    """Over a limit; retry later (after ``retry_after`` seconds when given)."""
+
+
+class Unavailable(_RetryLater):
     """A dependency (the database) is unreachable, or the coordinator is shutting down."""
 
 

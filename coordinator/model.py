@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -196,6 +197,15 @@ class SwitchCase:
     targets: tuple[str, ...]
 
 
+class OverflowPolicy(enum.StrEnum):
+    """What a start does when its workflow already has max_running_executions running."""
+
+    # Created PENDING (``Execution.queued``); started oldest first when a running one ends.
+    QUEUE = "QUEUE"
+    # Refused (ResourceExhausted); nothing is created.
+    REJECT = "REJECT"
+
+
 @dataclass(frozen=True)
 class WorkflowDef:
     """An immutable, versioned DAG. ``edges`` are ``(source, target)`` pairs."""
@@ -212,6 +222,12 @@ class WorkflowDef:
     execution_timeout: timedelta | None = None
     default_schedule_to_start_timeout: timedelta | None = None
     default_heartbeat_timeout: timedelta | None = None
+    # Most nodes of one execution leased at once (0 = no limit); a start may set its own.
+    max_concurrency: int = 0
+    # Most RUNNING executions of this workflow (all versions together; 0 = no limit) and
+    # what a start beyond it does.
+    max_running_executions: int = 0
+    overflow_policy: OverflowPolicy = OverflowPolicy.QUEUE
 
     @cached_property
     def handlers(self) -> frozenset[str]:
@@ -304,6 +320,11 @@ class Execution:
     # Nodes and edges added at run time by tasks (dynamic expansion): a JSON document
     # ``{"nodes": [...], "edges": [[s, t], ...]}`` in definition_to_document's node form.
     expansion: bytes | None = None
+    # Most nodes of this execution leased at once (0 = no limit).
+    max_concurrency: int = 0
+    # PENDING because its workflow had max_running_executions running (overflow QUEUE);
+    # started, oldest first, when a running execution of the workflow ends.
+    queued: bool = False
     # Optimistic concurrency: every transition writes version + 1 where version matches.
     version: int = 0
 
@@ -583,6 +604,16 @@ def definition_to_document(defn: WorkflowDef) -> dict[str, Any]:
         "default_heartbeat_timeout": _td(defn.default_heartbeat_timeout),
         "nodes": [node_to_document(n) for n in defn.nodes],
         "edges": [[s, t] for s, t in defn.edges],
+        # Only when set, so that definitions registered before these existed keep their hash.
+        **({"max_concurrency": defn.max_concurrency} if defn.max_concurrency else {}),
+        **(
+            {
+                "max_running_executions": defn.max_running_executions,
+                "overflow_policy": str(defn.overflow_policy),
+            }
+            if defn.max_running_executions
+            else {}
+        ),
     }
 
 
@@ -604,4 +635,67 @@ def definition_from_document(
         execution_timeout=_from_td(doc.get("execution_timeout")),
         default_schedule_to_start_timeout=_from_td(doc.get("default_schedule_to_start_timeout")),
         default_heartbeat_timeout=_from_td(doc.get("default_heartbeat_timeout")),
+        max_concurrency=doc.get("max_concurrency", 0),
+        max_running_executions=doc.get("max_running_executions", 0),
+        overflow_policy=OverflowPolicy(doc.get("overflow_policy", OverflowPolicy.QUEUE)),
     )
+
+
+# -- dispatch control (docs/dispatch.md) -------------------------------------------------
+
+
+DEFAULT_BREAKER_RESET = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class TaskTypeLimits:
+    """The dispatch limits of one task type, enforced in the claim (0 / "" = none)."""
+
+    task_type: str
+    tenant_id: str = DEFAULT_TENANT
+    # Token bucket: tasks handed out per second, and the bucket size (0 = see ``bucket_size``).
+    rate_per_second: float = 0.0
+    burst: int = 0
+    # CEL over the node input (``input``): one bucket per value.
+    rate_key: str = ""
+    # Most tasks of the type leased at once across all replicas.
+    max_concurrency: int = 0
+    # CEL over the node input: at most ``concurrency_key_limit`` leased tasks per value.
+    concurrency_key: str = ""
+    concurrency_key_limit: int = 1
+    # Consecutive failed attempts that open the type's breaker (0 = no breaker).
+    breaker_failure_threshold: int = 0
+    breaker_reset_timeout: timedelta = DEFAULT_BREAKER_RESET
+    updated_at: datetime | None = None
+
+    @property
+    def bucket_size(self) -> int:
+        """The burst, defaulting to one second's worth of tokens (at least 1)."""
+        if self.burst > 0:
+            return self.burst
+        return max(1, math.ceil(self.rate_per_second))
+
+    @property
+    def limits_concurrency(self) -> bool:
+        """True when the claim must count this type's leased tasks."""
+        return self.max_concurrency > 0 or bool(self.concurrency_key)
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+@dataclass(frozen=True)
+class BreakerInfo:
+    """The circuit breaker of one task type, as an operator sees it."""
+
+    task_type: str
+    state: BreakerState
+    failure_count: int
+    failure_threshold: int
+    reset_timeout: timedelta
+    opened_at: datetime | None = None
+    # True when the state lives in Redis (shared by all replicas).
+    shared: bool = False

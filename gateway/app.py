@@ -2,7 +2,9 @@
 
 - ``GET /healthz``: the process is alive.
 - ``GET /readyz``: asks the coordinator's standard gRPC health service; 503 while it is
-  unreachable or not serving. The JSON lists each dependency and which are degraded.
+  unreachable or not serving. The JSON lists each dependency and which are degraded, and
+  ``dispatch`` (``GetDispatchStatus``: whether limits and breakers are shared through
+  Redis); Redis configured but unreachable degrades ``coordinator.dispatch`` (still 200).
 - ``POST /api/webhooks/{path}``: hands the path, headers and raw body to the coordinator's
   ``FireWebhook`` (signatures and tokens are checked there: secrets never reach the
   gateway); 202 ``{"execution_id", "created"}``.
@@ -32,7 +34,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from gateway.config import GatewayConfig
-from trellis.v1 import trigger_service_pb2, trigger_service_pb2_grpc
+from trellis.v1 import (
+    dispatch_service_pb2,
+    dispatch_service_pb2_grpc,
+    trigger_service_pb2,
+    trigger_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +128,33 @@ def create_app(config: GatewayConfig) -> Starlette:
                     break
             else:
                 dependencies[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        degraded = sorted(n for n, status in dependencies.items() if status != "SERVING")
+        degraded = [n for n, status in dependencies.items() if status != "SERVING"]
         ready = dependencies.get("coordinator") == "SERVING"
-        return JSONResponse(
-            {
-                "status": "ready" if ready else "unready",
-                "dependencies": dependencies,
-                "degraded": degraded,
-                "events_endpoint": "enabled" if config.events_token else "disabled",
-            },
-            status_code=200 if ready else 503,
-        )
+        body: dict[str, object] = {
+            "status": "ready" if ready else "unready",
+            "dependencies": dependencies,
+        }
+        dispatch = await dispatch_status() if ready else None
+        if dispatch is not None:
+            body["dispatch"] = {"shared": dispatch.shared, "detail": dispatch.detail}
+            if dispatch.redis_configured and not dispatch.shared:
+                # Limits hold per replica until Redis is back: degraded, still ready.
+                degraded.append("coordinator.dispatch")
+        body["degraded"] = sorted(degraded)
+        body["events_endpoint"] = "enabled" if config.events_token else "disabled"
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def dispatch_status() -> dispatch_service_pb2.GetDispatchStatusResponse | None:
+        """None when the coordinator does not answer it (an older version, or gone)."""
+        stub = dispatch_service_pb2_grpc.DispatchServiceStub(state["channel"])
+        try:
+            reply: dispatch_service_pb2.GetDispatchStatusResponse = await stub.GetDispatchStatus(
+                dispatch_service_pb2.GetDispatchStatusRequest(), timeout=config.ready_timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.debug("readiness: no dispatch status (%s)", exc.code().name)
+            return None
+        return reply
 
     async def webhook(request: Request) -> JSONResponse:
         path = request.path_params["path"]

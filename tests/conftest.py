@@ -17,12 +17,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from coordinator.dispatch._redis import display_url
 from coordinator.store import SqlStore, open_store
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
 def _libpq_url(url: str, *, database: str | None = None) -> str:
@@ -86,3 +89,25 @@ async def store(db_url: str) -> AsyncIterator[SqlStore]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the test Redis (TRELLIS_TEST_REDIS_URL); shared with others: tests use their
+    own key prefixes and never flush it. Skips when unreachable, fails instead when CI=true."""
+    url = os.environ.get("TRELLIS_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        message = (
+            f"Redis not reachable at {display_url(url)} ({exc}): start it "
+            "(redis-server --daemonize yes) or set TRELLIS_TEST_REDIS_URL; "
+            "CI=true makes these tests mandatory"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    finally:
+        client.close()
+    return url

@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from google.protobuf import json_format
 
+from trellis._cli_rpc import Usage, runner
 from trellis.v1 import common_pb2
 from trellis.v1 import notification_service_pb2 as npb
 from trellis.v1 import notification_service_pb2_grpc as ngrpc
-from worker_sdk import RpcError
 
 FINAL_STATUSES = ("SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED")
 DELIVERY_STATUSES = ("PENDING", "DELIVERED", "FAILED")
@@ -27,26 +25,9 @@ TIMEOUT = 30.0
 if TYPE_CHECKING:
     Stub = ngrpc.NotificationServiceAsyncStub
 
-Command = Callable[["Stub", argparse.Namespace], Awaitable[int]]
 
-
-class _Usage(RpcError):
-    """A bad command line, reported like a refused call (INVALID_ARGUMENT)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def _run(command: Command) -> Callable[[argparse.Namespace], Awaitable[int]]:
-    async def run(args: argparse.Namespace) -> int:
-        async with grpc.aio.insecure_channel(args.address) as channel:
-            try:
-                stub: Stub = ngrpc.NotificationServiceStub(channel)
-                return await command(stub, args)
-            except grpc.aio.AioRpcError as exc:
-                raise RpcError(exc.code(), exc.details() or "") from exc
-
-    return run
+_Usage = Usage
+_run = runner(ngrpc.NotificationServiceStub)
 
 
 def _print_json(value: Any) -> None:

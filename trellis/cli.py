@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trellis import _cli_notifications, _cli_triggers
+from trellis import _cli_limits, _cli_notifications, _cli_triggers
 from worker_sdk import (
     DEFAULT_ADDRESS,
     Client,
@@ -151,6 +151,7 @@ async def _run(args: argparse.Namespace) -> int:
                 priority=args.priority,
                 delay=args.delay,
                 start_at=start_at,
+                max_concurrency=args.max_concurrency,
             )
         except ValueError as exc:  # a malformed --delay
             raise CliError(str(exc)) from exc
@@ -431,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--idempotency-key")
     run.add_argument("--priority", type=int, default=0)
     run.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="most nodes of this execution running at once (default: the workflow's)",
+    )
+    run.add_argument(
         "--delay", help="start later, e.g. 30s, 5m, 1h30m (the execution is PENDING until then)"
     )
     run.add_argument(
@@ -481,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_redrive.set_defaults(func=_dlq_redrive)
     _cli_triggers.add_commands(sub)
     _cli_notifications.add_parser(sub)
+    _cli_limits.add_parser(sub)
     return parser
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -38,8 +40,29 @@ TRANSIENT_CODES = frozenset(
 )
 
 
+# The coordinator's retry hint (backpressure): trailing metadata, in milliseconds.
+RETRY_AFTER_KEY = "retry-after-ms"
+# A hint is followed with up to this much extra delay (a fraction of it), so the clients
+# refused together do not all come back at the same instant; and never beyond the cap.
+_HINT_JITTER = 0.2
+_MAX_HINT = 300.0
+
+
+def retry_after(exc: grpc.aio.AioRpcError) -> float | None:
+    """The server's retry hint in seconds (the ``retry-after-ms`` trailer), if it sent one."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                millis = float(value)
+            except (TypeError, ValueError):
+                return None
+            return min(max(millis, 0.0) / 1000.0, _MAX_HINT)
+    return None
+
+
 class Backoff:
-    """Delays of ``uniform(0, min(maximum, initial * 2**n))`` for the n-th consecutive failure."""
+    """Delays of ``uniform(0, min(maximum, initial * 2**n))`` for the n-th consecutive failure,
+    or the server's retry hint (plus a little jitter) when the failure carries one."""
 
     def __init__(self, initial: float = 0.1, maximum: float = 10.0) -> None:
         self.initial = initial
@@ -51,5 +74,61 @@ class Backoff:
         self.failures += 1
         return random.uniform(0.0, ceiling)
 
+    def delay_after(self, exc: grpc.aio.AioRpcError) -> float:
+        """The delay before retrying after ``exc``: its retry hint if any, else ``next_delay``."""
+        hint = retry_after(exc)
+        if hint is None:
+            return self.next_delay()
+        self.failures += 1
+        return hint * (1.0 + random.uniform(0.0, _HINT_JITTER))
+
     def reset(self) -> None:
         self.failures = 0
+
+
+class Episode:
+    """Logs a run of failures of one activity once, not once per retry.
+
+    The first failure (and one with a different status code) is logged as a warning,
+    the following ones at debug level; the first success after failures is logged once.
+    """
+
+    def __init__(self, logger: logging.Logger, activity: str) -> None:
+        self._logger = logger
+        self._activity = activity
+        self._code: grpc.StatusCode | None = None
+        self.failures = 0
+
+    def failed(
+        self,
+        exc: grpc.aio.AioRpcError,
+        delay: float,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        level: int = logging.WARNING,
+    ) -> None:
+        code = exc.code()
+        news = self.failures == 0 or code != self._code
+        self._code = code
+        self.failures += 1
+        self._logger.log(
+            level if news else logging.DEBUG,
+            "%s failed (%s: %s); retrying in %.1fs%s",
+            self._activity,
+            code.name,
+            exc.details(),
+            delay,
+            "" if news else f" ({self.failures} failures so far)",
+            extra=extra,
+        )
+
+    def succeeded(self, *, extra: Mapping[str, Any] | None = None) -> None:
+        if self.failures:
+            self._logger.info(
+                "%s works again after %d failures",
+                self._activity,
+                self.failures,
+                extra=extra,
+            )
+        self.failures = 0
+        self._code = None

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator, Awaitable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -14,7 +14,13 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from trellis.v1 import common_pb2, workflow_service_pb2, workflow_service_pb2_grpc
-from worker_sdk._channel import DEFAULT_ADDRESS, TRANSIENT_CODES, Backoff, open_channel
+from worker_sdk._channel import (
+    DEFAULT_ADDRESS,
+    TRANSIENT_CODES,
+    Backoff,
+    open_channel,
+    retry_after,
+)
 from worker_sdk._convert import (
     dead_letter_from_proto,
     event_from_proto,
@@ -46,11 +52,23 @@ class Client:
 
     ``timeout`` is the deadline of each unary call in seconds (None: none).
     Failed calls raise ``RpcError`` (or a subclass such as ``NotFoundError``).
+    A start refused by the coordinator's backpressure (RESOURCE_EXHAUSTED with a
+    retry hint) is retried after the hinted delay for up to ``backpressure_wait``
+    seconds in all (0: raise ``ResourceExhaustedError`` at once).
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 30.0,
+        backpressure_wait: float = 30.0,
+    ) -> None:
+        if not backpressure_wait >= 0:
+            raise ValueError(f"backpressure_wait must not be negative, got {backpressure_wait!r}")
         self._address = address
         self._timeout = timeout
+        self._backpressure_wait = backpressure_wait
         self._channel: grpc.aio.Channel | None = None
         self._stub_: workflow_service_pb2_grpc.WorkflowServiceAsyncStub | None = None
 
@@ -87,6 +105,25 @@ class Client:
             return await call
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, method) from exc
+
+    async def _throttled_rpc(self, method: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()``, retried while the coordinator refuses it with a retry hint
+        (RESOURCE_EXHAUSTED from backpressure: nothing was done), within ``backpressure_wait``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._backpressure_wait
+        backoff = Backoff()
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or retry_after(exc) is None:
+                    raise rpc_error(exc, method) from exc
+                delay = backoff.delay_after(exc)
+                if loop.time() + delay > deadline:
+                    raise rpc_error(exc, method) from exc
+                if backoff.failures == 1:
+                    logger.info("%s: %s; retrying", method, exc.details())
+                await asyncio.sleep(delay)
 
     # Definitions -------------------------------------------------------------------
 
@@ -180,6 +217,7 @@ class Client:
         priority: int = 0,
         delay: Duration | None = None,
         start_at: datetime | None = None,
+        max_concurrency: int = 0,
     ) -> Execution:
         """Starts a run of ``workflow_name`` (its latest version unless ``version`` is given).
 
@@ -188,6 +226,10 @@ class Client:
         returns the execution it first started. ``delay`` ("30s", seconds, a
         timedelta) or ``start_at`` (a timezone-aware datetime) start it later: it
         is PENDING until then, durably (a coordinator restart does not lose it).
+        ``max_concurrency`` caps the nodes of this execution running at once (0: the
+        workflow's own cap). When the workflow has ``max_running_executions`` running,
+        the execution is PENDING (queued) until one ends, or the start fails with
+        RESOURCE_EXHAUSTED, as the workflow's ``overflow_policy`` says.
         """
         request = start_request(
             workflow_name,
@@ -197,9 +239,10 @@ class Client:
             priority=priority,
             delay=delay,
             start_at=start_at,
+            max_concurrency=max_concurrency,
         )
-        response = await self._rpc(
-            "StartExecution", self._stub().StartExecution(request, timeout=self._timeout)
+        response = await self._throttled_rpc(
+            "StartExecution", lambda: self._stub().StartExecution(request, timeout=self._timeout)
         )
         return execution_from_proto(response.execution)
 
@@ -213,6 +256,7 @@ class Client:
         priority: int = 0,
         delay: Duration | None = None,
         start_at: datetime | None = None,
+        max_concurrency: int = 0,
     ) -> list[Execution]:
         """Starts one run of ``workflow_name`` per input in one call (BatchStartExecutions).
 
@@ -240,13 +284,14 @@ class Client:
                     priority=priority,
                     delay=delay,
                     start_at=start_at,
+                    max_concurrency=max_concurrency,
                 )
                 for value, key in zip(inputs, keys, strict=True)
             ]
         )
-        response = await self._rpc(
+        response = await self._throttled_rpc(
             "BatchStartExecutions",
-            self._stub().BatchStartExecutions(request, timeout=self._timeout),
+            lambda: self._stub().BatchStartExecutions(request, timeout=self._timeout),
         )
         return [execution_from_proto(r.execution) for r in response.results]
 

@@ -123,14 +123,23 @@ def start_request(
     priority: int,
     delay: Duration | None,
     start_at: datetime | None,
+    max_concurrency: int = 0,
 ) -> workflow_service_pb2.StartExecutionRequest:
-    """A StartExecutionRequest; raises ValueError on a bad delay or start time."""
+    """A StartExecutionRequest; raises ValueError on a bad delay, start time or
+    max_concurrency."""
+    if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int):
+        raise ValueError(f"max_concurrency must be an int, got {max_concurrency!r}")
+    if max_concurrency < 0:
+        raise ValueError(
+            f"max_concurrency must be 0 (the workflow's) or more, got {max_concurrency}"
+        )
     request = workflow_service_pb2.StartExecutionRequest(
         workflow_name=workflow_name,
         workflow_version=version or 0,
         input=encode_input(input),
         idempotency_key=idempotency_key or "",
         priority=priority,
+        max_concurrency=max_concurrency,
     )
     if delay is not None and start_at is not None:
         raise ValueError("give either delay or start_at, not both")
@@ -218,6 +227,8 @@ def execution_from_proto(msg: common_pb2.Execution) -> Execution:
         parent_node_id=msg.parent_node_id,
         depth=msg.depth,
         start_time=timestamp_from_proto(msg, "start_time"),
+        max_concurrency=msg.max_concurrency,
+        queued=msg.queued,
     )
 
 

@@ -50,6 +50,11 @@ class Workflow:
     (switch targets may name nodes added later). A node that runs a ``Task`` object
     takes the task's timeout and retries unless it sets its own. Semantic validation
     (references, cycles, CEL types, limits) happens on the coordinator at registration.
+
+    ``max_concurrency`` caps the nodes of one execution running at once (a start may set
+    its own); ``max_running_executions`` caps the running executions of the workflow,
+    and ``overflow_policy`` ("queue", the default, or "reject") says what a start beyond
+    it does (0: no limit).
     """
 
     def __init__(
@@ -62,10 +67,22 @@ class Workflow:
         execution_timeout: Duration | None = None,
         default_heartbeat_timeout: Duration | None = None,
         default_schedule_to_start_timeout: Duration | None = None,
+        max_concurrency: int = 0,
+        max_running_executions: int = 0,
+        overflow_policy: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise DefinitionError(f"workflow name must be a non-empty string, got {name!r}")
         self.name = name
+        self.max_concurrency = _count(max_concurrency, f"workflow {name!r}: max_concurrency")
+        self.max_running_executions = _count(
+            max_running_executions, f"workflow {name!r}: max_running_executions"
+        )
+        self._overflow_policy = (
+            common_pb2.OVERFLOW_POLICY_UNSPECIFIED  # the coordinator's default: queue
+            if overflow_policy is None
+            else overflow_policy_value(overflow_policy, f"workflow {name!r}: overflow_policy")
+        )
         self.description = description
         self._default_retries = (
             None
@@ -298,7 +315,31 @@ class Workflow:
             msg.default_start_to_close_timeout.CopyFrom(self._default_timeout)
         for key, value in self._timeouts.items():
             getattr(msg, key).CopyFrom(value)
+        msg.max_concurrency = self.max_concurrency
+        msg.max_running_executions = self.max_running_executions
+        msg.overflow_policy = self._overflow_policy
         return msg
+
+
+_OVERFLOW_POLICIES = {
+    "queue": common_pb2.OVERFLOW_POLICY_QUEUE,
+    "reject": common_pb2.OVERFLOW_POLICY_REJECT,
+}
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DefinitionError(f"{what} must be an int of 0 (no limit) or more, got {value!r}")
+    return value
+
+
+def overflow_policy_value(value: Any, what: str) -> common_pb2.OverflowPolicy.ValueType:
+    """'queue' or 'reject' (any case, or the proto name OVERFLOW_POLICY_...) as the enum."""
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("overflow_policy_")
+        if key in _OVERFLOW_POLICIES:
+            return _OVERFLOW_POLICIES[key]
+    raise DefinitionError(f"{what} must be 'queue' or 'reject', got {value!r}")
 
 
 def _load_yaml(file: Path, text: str) -> Any:
@@ -348,6 +389,13 @@ def load_workflow(path: str | os.PathLike[str]) -> common_pb2.WorkflowDefinition
             f"{file}: the document must be a mapping (a workflow definition), "
             f"not {type(data).__name__}"
         )
+    for key in ("overflow_policy", "overflowPolicy"):
+        if key in data:
+            try:
+                policy = overflow_policy_value(data[key], key)
+            except DefinitionError as exc:
+                raise DefinitionError(f"{file}: {exc}") from None
+            data[key] = common_pb2.OverflowPolicy.Name(policy)
     try:
         msg = json_format.ParseDict(data, common_pb2.WorkflowDefinition())
     except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:

@@ -14,12 +14,16 @@
     └─ NonRetryableError           raised by a handler: fail the node without retrying
 
 Other status codes arrive as a plain ``RpcError``; every ``RpcError`` carries
-the ``grpc.StatusCode`` in ``.code`` and the server's message in ``.message``.
+the ``grpc.StatusCode`` in ``.code`` and the server's message in ``.message``,
+and ``.retry_after``: the seconds the coordinator asked to wait before retrying
+(backpressure), or None.
 """
 
 from __future__ import annotations
 
 import grpc
+
+from worker_sdk._channel import retry_after
 
 
 class TrellisError(Exception):
@@ -33,10 +37,18 @@ class RpcError(TrellisError):
     verbatim. Test ``err.code`` or catch one of the subclasses.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, *, method: str = "") -> None:
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        method: str = "",
+        retry_after: float | None = None,
+    ) -> None:
         self.code = code
         self.message = message
         self.method = method
+        self.retry_after = retry_after
         where = f"{method}: " if method else ""
         super().__init__(f"{where}{code.name}: {message}")
 
@@ -93,4 +105,4 @@ def rpc_error(exc: grpc.aio.AioRpcError, method: str = "") -> RpcError:
     """Converts a gRPC failure into the matching ``RpcError`` (raise it ``from exc``)."""
     code = exc.code()
     cls = _BY_CODE.get(code, RpcError)
-    return cls(code, exc.details() or "", method=method)
+    return cls(code, exc.details() or "", method=method, retry_after=retry_after(exc))

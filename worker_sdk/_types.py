@@ -85,7 +85,9 @@ class Execution:
     ``Client.get_execution`` and ``wait_for_execution`` (empty in lists).
     A child execution (started by a workflow node) has ``parent_execution_id``,
     ``parent_node_id`` and ``depth`` (0 for a top-level execution); ``start_time`` is
-    when a delayed execution starts (it is PENDING until then).
+    when a delayed execution starts (it is PENDING until then). ``max_concurrency``
+    caps its leased nodes (0 = none); ``queued`` is true while it waits PENDING behind its
+    workflow's max_running_executions.
     """
 
     id: str
@@ -104,6 +106,8 @@ class Execution:
     parent_node_id: str = ""
     depth: int = 0
     start_time: datetime | None = None
+    max_concurrency: int = 0
+    queued: bool = False
 
     @property
     def terminal(self) -> bool:

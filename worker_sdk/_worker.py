@@ -21,7 +21,7 @@ import grpc
 
 from trellis.v1 import worker_service_pb2 as pb
 from trellis.v1 import worker_service_pb2_grpc as pb_grpc
-from worker_sdk._channel import DEFAULT_ADDRESS, TRANSIENT_CODES, Backoff, open_channel
+from worker_sdk._channel import DEFAULT_ADDRESS, TRANSIENT_CODES, Backoff, Episode, open_channel
 from worker_sdk._convert import context_from_proto, decode_json, duration_to_proto, encode_json
 from worker_sdk._errors import NonRetryableError, rpc_error
 from worker_sdk._result import fill_completion
@@ -147,6 +147,11 @@ class Worker:
         self._executor: ThreadPoolExecutor | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.WorkerServiceAsyncStub | None = None
+        # Failures are logged once per episode (an outage, a spell of backpressure).
+        self._register_episode = Episode(logger, f"registering with {address}")
+        self._poll_episode = Episode(logger, f"polling {address}")
+        self._deliver_episode = Episode(logger, f"delivering results to {address}")
+        self._heartbeat_episode = Episode(logger, f"heartbeating to {address}")
 
     # Public surface -----------------------------------------------------------
 
@@ -301,19 +306,13 @@ class Worker:
                     return False
                 if initial and exc.code() in _FATAL_REGISTRATION_CODES:
                     raise rpc_error(exc, "RegisterWorker") from exc
-                delay = backoff.next_delay()
-                logger.warning(
-                    "cannot register with the coordinator at %s (%s: %s); retrying in %.1fs",
-                    self._address,
-                    exc.code().name,
-                    exc.details(),
-                    delay,
-                    extra=self._log,
-                )
+                delay = backoff.delay_after(exc)
+                self._register_episode.failed(exc, delay, extra=self._log)
                 await self._sleep_unless_stopping(delay)
                 continue
             finally:
                 self._current_call = None
+            self._register_episode.succeeded(extra=self._log)
             self._worker_id = response.worker_id or self._worker_id
             interval = _DEFAULT_HEARTBEAT_INTERVAL
             if response.HasField("heartbeat_interval"):
@@ -363,21 +362,16 @@ class Worker:
                 if code in (grpc.StatusCode.UNAVAILABLE, *_LEASE_GONE_CODES):
                     # Reconnected (or the coordinator forgot us): register again first.
                     self._registered = False
-                delay = backoff.next_delay()
-                log = logger.warning if code in TRANSIENT_CODES else logger.error
-                log(
-                    "polling %s failed (%s: %s); retrying in %.1fs",
-                    self._address,
-                    code.name,
-                    exc.details(),
-                    delay,
-                    extra=self._log,
-                )
+                # RESOURCE_EXHAUSTED (too many waiting polls) says when to come back.
+                delay = backoff.delay_after(exc)
+                level = logging.WARNING if code in TRANSIENT_CODES else logging.ERROR
+                self._poll_episode.failed(exc, delay, extra=self._log, level=level)
                 await self._sleep_unless_stopping(delay)
                 continue
             finally:
                 self._current_call = None
             backoff.reset()
+            self._poll_episode.succeeded(extra=self._log)
             for msg in response.tasks:
                 self._start(msg)
 
@@ -599,6 +593,7 @@ class Worker:
                     await self._stub.CompleteTask(current, timeout=_RPC_TIMEOUT)
                 else:
                     await self._stub.FailTask(current, timeout=_RPC_TIMEOUT)
+                self._deliver_episode.succeeded(extra=self._log)
                 return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -617,15 +612,11 @@ class Worker:
                 if code == grpc.StatusCode.INVALID_ARGUMENT or _too_large(exc):
                     current = self._replacement(lease, current, exc)
                     continue
-                delay = backoff.next_delay()
-                logger.warning(
-                    "%s failed (%s: %s); result kept, retrying in %.1fs",
-                    method,
-                    code.name,
-                    exc.details(),
-                    delay,
-                    extra=lease.extra,
-                )
+                # Anything else (UNAVAILABLE while the database is down, RESOURCE_EXHAUSTED
+                # with its retry hint, ...) keeps the result: it is sent until delivered,
+                # for as long as the lease is not known to be gone.
+                delay = backoff.delay_after(exc)
+                self._deliver_episode.failed(exc, delay, extra=lease.extra)
                 await asyncio.sleep(delay)
 
     def _replacement(
@@ -709,14 +700,9 @@ class Worker:
         try:
             response = await self._stub.Heartbeat(request, timeout=rpc_timeout)
         except grpc.aio.AioRpcError as exc:
-            logger.warning(
-                "heartbeat for %d leases failed (%s: %s)",
-                len(leases),
-                exc.code().name,
-                exc.details(),
-                extra=self._log,
-            )
+            self._heartbeat_episode.failed(exc, self._interval(), extra=self._log)
             return
+        self._heartbeat_episode.succeeded(extra=self._log)
         for token in response.cancelled_lease_tokens:
             self._drop(token, "cancelled")
         for token in response.lost_lease_tokens:

@@ -8,6 +8,7 @@ dynamic expansion merged in) to every transition.
 
 from coordinator.engine._backoff import backoff_delay, jitter_fraction, retry_delay, should_retry
 from coordinator.engine._cel import (
+    LIMIT_VARIABLES,
     NODE_VARIABLES,
     OUTPUT_VARIABLES,
     Expression,
@@ -28,7 +29,12 @@ from coordinator.engine._control import (
 )
 from coordinator.engine._expand import Expansion, effective_definition
 from coordinator.engine._transitions import complete_node, fail_node, start_execution
-from coordinator.engine._validate import ALLOWED_KINDS, Limits, validate_definition
+from coordinator.engine._validate import (
+    ALLOWED_KINDS,
+    Limits,
+    check_task_type,
+    validate_definition,
+)
 
 # Plainly sorted (a test pins it), not in ruff's constants-first order.
 __all__ = [  # noqa: RUF022
@@ -36,12 +42,14 @@ __all__ = [  # noqa: RUF022
     "Expansion",
     "Expression",
     "ExpressionError",
+    "LIMIT_VARIABLES",
     "Limits",
     "NODE_VARIABLES",
     "OUTPUT_VARIABLES",
     "backoff_delay",
     "cancel_execution",
     "cancel_node",
+    "check_task_type",
     "child_ended",
     "compile_expression",
     "complete_node",

@@ -27,6 +27,8 @@ from coordinator.errors import InvalidArgument, TrellisError
 NODE_VARIABLES: tuple[str, ...] = ("input", "parents", "execution")
 # output_expr also sees the node's result.
 OUTPUT_VARIABLES: tuple[str, ...] = (*NODE_VARIABLES, "output")
+# Dispatch-limit keys (rate_key, concurrency_key) see the node input only.
+LIMIT_VARIABLES: tuple[str, ...] = ("input",)
 MAX_EXPRESSION_LENGTH = 4096
 
 

@@ -128,17 +128,22 @@ def _check_node(node: NodeSpec, limits: Limits) -> None:
 
 
 def _check_task_type(node: NodeSpec, limits: Limits) -> None:
-    where = f"node '{node.id}'"
-    if not node.task_type:
+    check_task_type(node.task_type, f"node '{node.id}'", limits)
+
+
+def check_task_type(task_type: str, where: str, limits: Limits | None = None) -> None:
+    """A task type name: not empty, not too long, of the allowed characters."""
+    limits = limits or Limits()
+    if not task_type:
         raise InvalidArgument(f"{where} has an empty task_type; name the task its workers run")
-    if len(node.task_type) > limits.max_id_length:
+    if len(task_type) > limits.max_id_length:
         raise InvalidArgument(
-            f"{where} task_type is {len(node.task_type)} characters long; "
+            f"{where} task_type is {len(task_type)} characters long; "
             f"use at most {limits.max_id_length}"
         )
-    if not _TASK_TYPE_RE.fullmatch(node.task_type):
+    if not _TASK_TYPE_RE.fullmatch(task_type):
         raise InvalidArgument(
-            f"{where} task_type {node.task_type!r} is invalid; use only {_TASK_TYPE_CHARSET}"
+            f"{where} task_type {task_type!r} is invalid; use only {_TASK_TYPE_CHARSET}"
         )
 
 

@@ -19,6 +19,7 @@ from coordinator.model import (
     ExecutionStatus,
     NodeRun,
     NodeSpec,
+    OverflowPolicy,
     RetryPolicy,
     SwitchCase,
     TriggerRule,
@@ -39,7 +40,7 @@ def timestamp_to_proto(value: datetime | None) -> timestamp_pb2.Timestamp | None
     return ts
 
 
-def _dur(value: timedelta | None) -> duration_pb2.Duration | None:
+def duration_to_proto(value: timedelta | None) -> duration_pb2.Duration | None:
     if value is None:
         return None
     d = duration_pb2.Duration()
@@ -83,9 +84,9 @@ def retry_from_proto(msg: common_pb2.RetryPolicy) -> RetryPolicy:
 def retry_to_proto(policy: RetryPolicy) -> common_pb2.RetryPolicy:
     return common_pb2.RetryPolicy(
         max_attempts=policy.max_attempts,
-        initial_interval=_dur(policy.initial_interval),
+        initial_interval=duration_to_proto(policy.initial_interval),
         backoff_coefficient=policy.backoff_coefficient,
-        max_interval=_dur(policy.max_interval),
+        max_interval=duration_to_proto(policy.max_interval),
         non_retryable_error_types=list(policy.non_retryable_error_types),
         jitter=policy.jitter,
     )
@@ -135,6 +136,33 @@ def node_from_proto(n: common_pb2.NodeDefinition) -> NodeSpec:
     )
 
 
+_OVERFLOW_FROM_PROTO = {
+    common_pb2.OVERFLOW_POLICY_UNSPECIFIED: OverflowPolicy.QUEUE,
+    common_pb2.OVERFLOW_POLICY_QUEUE: OverflowPolicy.QUEUE,
+    common_pb2.OVERFLOW_POLICY_REJECT: OverflowPolicy.REJECT,
+}
+_OVERFLOW_TO_PROTO = {
+    OverflowPolicy.QUEUE: common_pb2.OVERFLOW_POLICY_QUEUE,
+    OverflowPolicy.REJECT: common_pb2.OVERFLOW_POLICY_REJECT,
+}
+
+
+def overflow_policy_from_proto(value: common_pb2.OverflowPolicy.ValueType) -> OverflowPolicy:
+    try:
+        return _OVERFLOW_FROM_PROTO[value]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown overflow_policy {value}; use OVERFLOW_POLICY_QUEUE or OVERFLOW_POLICY_REJECT"
+        ) from None
+
+
+def _not_negative(msg: common_pb2.WorkflowDefinition, field: str) -> int:
+    value: int = getattr(msg, field)
+    if value < 0:
+        raise InvalidArgument(f"workflow '{msg.name}': {field} {value} is negative; use 0 or more")
+    return value
+
+
 def definition_from_proto(msg: common_pb2.WorkflowDefinition, tenant_id: str) -> WorkflowDef:
     nodes = [node_from_proto(n) for n in msg.nodes]
     defaults = WorkflowDef(name="", nodes=())
@@ -154,6 +182,9 @@ def definition_from_proto(msg: common_pb2.WorkflowDefinition, tenant_id: str) ->
             msg, "default_schedule_to_start_timeout"
         ),
         default_heartbeat_timeout=duration_or_none(msg, "default_heartbeat_timeout"),
+        max_concurrency=_not_negative(msg, "max_concurrency"),
+        max_running_executions=_not_negative(msg, "max_running_executions"),
+        overflow_policy=overflow_policy_from_proto(msg.overflow_policy),
     )
 
 
@@ -170,10 +201,10 @@ def node_to_proto_definition(n: NodeSpec) -> common_pb2.NodeDefinition:
         kind=n.kind,
         task_type=n.task_type,
         retry_policy=retry_to_proto(n.retry_policy) if n.retry_policy else None,
-        start_to_close_timeout=_dur(n.start_to_close_timeout),
-        heartbeat_timeout=_dur(n.heartbeat_timeout),
+        start_to_close_timeout=duration_to_proto(n.start_to_close_timeout),
+        heartbeat_timeout=duration_to_proto(n.heartbeat_timeout),
         priority=n.priority,
-        schedule_to_start_timeout=_dur(n.schedule_to_start_timeout),
+        schedule_to_start_timeout=duration_to_proto(n.schedule_to_start_timeout),
         on_failure=n.on_failure or "",
         compensation_task_type=n.compensation_task_type or "",
         pause_before=n.pause_before,
@@ -204,11 +235,17 @@ def definition_to_proto(defn: WorkflowDef) -> common_pb2.WorkflowDefinition:
         description=defn.description,
         edges=[common_pb2.Edge(source=s, target=t) for s, t in defn.edges],
         default_retry_policy=retry_to_proto(defn.default_retry_policy),
-        default_start_to_close_timeout=_dur(defn.default_start_to_close_timeout),
+        default_start_to_close_timeout=duration_to_proto(defn.default_start_to_close_timeout),
         create_time=timestamp_to_proto(defn.created_at),
-        execution_timeout=_dur(defn.execution_timeout),
-        default_schedule_to_start_timeout=_dur(defn.default_schedule_to_start_timeout),
-        default_heartbeat_timeout=_dur(defn.default_heartbeat_timeout),
+        execution_timeout=duration_to_proto(defn.execution_timeout),
+        default_schedule_to_start_timeout=duration_to_proto(defn.default_schedule_to_start_timeout),
+        default_heartbeat_timeout=duration_to_proto(defn.default_heartbeat_timeout),
+        max_concurrency=defn.max_concurrency,
+        max_running_executions=defn.max_running_executions,
+        # As the stored document: the policy only means something with a cap.
+        overflow_policy=_OVERFLOW_TO_PROTO[defn.overflow_policy]
+        if defn.max_running_executions
+        else common_pb2.OVERFLOW_POLICY_UNSPECIFIED,
     )
     msg.nodes.extend(node_to_proto_definition(n) for n in defn.nodes)
     return msg
@@ -272,6 +309,8 @@ def execution_to_proto(
         nodes=[node_to_proto(n) for n in nodes],
         parent_node_id=execution.parent_node_id or "",
         start_time=timestamp_to_proto(execution.start_at),
+        max_concurrency=execution.max_concurrency,
+        queued=execution.queued,
     )
 
 
@@ -344,7 +383,7 @@ def task_to_proto(task: LeasedTask) -> worker_service_pb2.Task:
         workflow_name=node.workflow_name,
         workflow_version=node.workflow_version,
         lease_deadline=timestamp_to_proto(node.lease_deadline),
-        heartbeat_timeout=_dur(node.heartbeat_timeout),
+        heartbeat_timeout=duration_to_proto(node.heartbeat_timeout),
         execution_start_time=timestamp_to_proto(task.execution_start_time),
         execution_input=task.execution_input,
         parent_outputs=task.parent_outputs,
@@ -370,6 +409,7 @@ def start_request_from_proto(msg: workflow_service_pb2.StartExecutionRequest) ->
         priority=msg.priority,
         start_time=msg.start_time.ToDatetime(tzinfo=UTC) if msg.HasField("start_time") else None,
         delay=duration_or_none(msg, "delay"),
+        max_concurrency=msg.max_concurrency,
     )
 
 
@@ -405,6 +445,7 @@ __all__ = [
     "node_from_proto",
     "node_to_proto",
     "node_to_proto_definition",
+    "overflow_policy_from_proto",
     "start_request_from_proto",
     "summary_to_proto",
     "task_error_from_proto",

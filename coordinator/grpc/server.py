@@ -14,11 +14,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from coordinator.config import CoordinatorConfig
+from coordinator.dispatch import DispatchControl, RedisLink
 from coordinator.errors import TrellisError
-from coordinator.grpc import notification_servicer
+from coordinator.grpc import dispatch_servicer, notification_servicer
 from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
 from coordinator.grpc.trigger_servicer import TriggerServicer
 from coordinator.service import Coordinator, ServiceSettings, Store, Sweeper
+from coordinator.service._backpressure import PollWaiters, StartRate
+from coordinator.service._core import utcnow
+from coordinator.service._limits import LimitsAdmin
 from coordinator.service._schedules import Scheduler, Schedules
 from coordinator.service._trigger_model import TriggerStore
 from coordinator.service._triggers import Triggers
@@ -42,6 +46,7 @@ SERVICE_NAMES = (
     workflow_service_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
     trigger_service_pb2.DESCRIPTOR.services_by_name["TriggerService"].full_name,
     notification_servicer.SERVICE_NAME,
+    dispatch_servicer.SERVICE_NAME,
 )
 
 
@@ -75,12 +80,27 @@ class RunningServer:
                 await self.scheduler
         if self.notifications is not None:
             await self.notifications.stop()
+        await self.coordinator.dispatch.link.close()
         await self.coordinator.store.close()
         log.info("stopped")
 
 
+# Health-service name that is SERVING while dispatch limits are shared through Redis and
+# NOT_SERVING while this replica enforces them on its own (docs/dispatch.md).
+DISPATCH_SHARED = "trellis.dispatch.shared"
+
+
 async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     """Start serving on ``config.listen`` with an already opened store."""
+    link = RedisLink(config.redis_url, retry_interval=config.redis_retry_interval)
+    await link.start()
+    dispatch = DispatchControl(
+        store,
+        link=link,
+        clock=utcnow,
+        refresh=config.limits_refresh,
+        claim_scan=config.claim_scan,
+    )
     coordinator = Coordinator(
         store,
         ServiceSettings(
@@ -92,6 +112,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
             max_workflow_depth=config.max_workflow_depth,
             idempotency_window=config.idempotency_window,
         ),
+        dispatch=dispatch,
     )
     max_message = max(MAX_REPLY_BYTES, config.max_payload_bytes * 4 + 1024 * 1024)
     server = grpc.aio.server(
@@ -100,9 +121,14 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
             ("grpc.max_send_message_length", max_message),
         ]
     )
-    worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(coordinator), server)
+    worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
+        WorkerServicer(coordinator, poll_waiters=PollWaiters(config.max_poll_waiters)), server
+    )
     workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
-        WorkflowServicer(coordinator), server
+        WorkflowServicer(
+            coordinator, start_rate=StartRate(config.max_start_rate, config.start_burst)
+        ),
+        server,
     )
     if not isinstance(store, TriggerStore):
         raise TypeError("the store does not implement TriggerStore")
@@ -111,6 +137,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
         TriggerServicer(Triggers(coordinator, store), schedules), server
     )
     notifications = notification_servicer.add_notifications(server, coordinator, config)
+    dispatch_servicer.add_dispatch(server, LimitsAdmin(store, dispatch, coordinator.clock))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -128,6 +155,14 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def dispatch_health(shared: bool) -> None:
+        serving = health_pb2.HealthCheckResponse
+        status = serving.SERVING if shared else serving.NOT_SERVING
+        asyncio.get_running_loop().create_task(health_servicer.set(DISPATCH_SHARED, status))
+
+    dispatch_health(link.shared)
+    link.on_change(dispatch_health)
     await store.listen_wakeups(coordinator.notifier.notify)
     sweeper = asyncio.create_task(
         _sweep(Sweeper(coordinator), config.sweep_interval.total_seconds())
@@ -166,7 +201,9 @@ async def serve(
     """Run until SIGTERM or SIGINT, then drain gracefully."""
     from coordinator.store import open_store
 
-    store = await open_store(config.database_url, migrate=config.auto_migrate)
+    store = await open_store(
+        config.database_url, migrate=config.auto_migrate, priority_aging=config.priority_aging
+    )
     try:
         running = await start(config, store)
     except BaseException:

@@ -11,7 +11,8 @@ import grpc
 from coordinator.grpc import convert
 from coordinator.grpc.status import stream, unary
 from coordinator.model import DEFAULT_TENANT, Execution
-from coordinator.service import Coordinator, ExecutionView
+from coordinator.service import Coordinator, ExecutionView, LeasedTask
+from coordinator.service._backpressure import PollWaiters, StartRate
 from trellis.v1 import common_pb2
 from trellis.v1 import (
     worker_service_pb2 as wpb,
@@ -36,8 +37,13 @@ _DEADLINE_MARGIN = 0.5
 
 
 class WorkerServicer(wgrpc.WorkerServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    """``poll_waiters`` bounds the polls waiting at once (None: no bound)."""
+
+    def __init__(
+        self, coordinator: Coordinator, *, poll_waiters: PollWaiters | None = None
+    ) -> None:
         self._c = coordinator
+        self._waiters = poll_waiters
 
     @unary
     async def RegisterWorker(
@@ -67,10 +73,17 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, timedelta(seconds=max(remaining - _DEADLINE_MARGIN, 0.0)))
-        tasks = await self._c.poll_tasks(
+        tasks = await self._poll(request, wait if self._waiters is None else timedelta(0))
+        if not tasks and self._waiters is not None and wait > timedelta(0):
+            # Nothing to claim now: only a poll that is going to wait takes a waiting slot.
+            with self._waiters.admit():
+                tasks = await self._poll(request, wait)
+        return wpb.PollTasksResponse(tasks=[convert.task_to_proto(t) for t in tasks])
+
+    async def _poll(self, request: wpb.PollTasksRequest, wait: timedelta) -> list[LeasedTask]:
+        return await self._c.poll_tasks(
             TENANT, request.worker_id, list(request.task_types), request.max_tasks or 1, wait
         )
-        return wpb.PollTasksResponse(tasks=[convert.task_to_proto(t) for t in tasks])
 
     @unary
     async def Heartbeat(self, request: wpb.HeartbeatRequest, context: Ctx) -> wpb.HeartbeatResponse:
@@ -108,8 +121,11 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
 
 
 class WorkflowServicer(fgrpc.WorkflowServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    """``start_rate`` limits StartExecution and BatchStartExecutions (None: no limit)."""
+
+    def __init__(self, coordinator: Coordinator, *, start_rate: StartRate | None = None) -> None:
         self._c = coordinator
+        self._starts = start_rate
 
     @unary
     async def RegisterWorkflow(
@@ -151,6 +167,8 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.StartExecutionRequest, context: Ctx
     ) -> fpb.StartExecutionResponse:
         start = convert.start_request_from_proto(request)
+        if self._starts is not None:
+            self._starts.take(1)
         execution, created = await self._c.start_execution(
             TENANT,
             start.workflow_name,
@@ -160,6 +178,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
             priority=start.priority,
             start_time=start.start_time,
             delay=start.delay,
+            max_concurrency=start.max_concurrency,
         )
         return fpb.StartExecutionResponse(
             execution=convert.execution_to_proto(execution), created=created
@@ -169,9 +188,10 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def BatchStartExecutions(
         self, request: fpb.BatchStartExecutionsRequest, context: Ctx
     ) -> fpb.BatchStartExecutionsResponse:
-        results = await self._c.batch_start_executions(
-            TENANT, [convert.start_request_from_proto(r) for r in request.requests]
-        )
+        starts = [convert.start_request_from_proto(r) for r in request.requests]
+        if self._starts is not None:
+            self._starts.take(len(starts))
+        results = await self._c.batch_start_executions(TENANT, starts)
         return fpb.BatchStartExecutionsResponse(
             results=[
                 fpb.StartExecutionResponse(

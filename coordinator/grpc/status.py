@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -35,11 +36,23 @@ STATUS_TABLE: tuple[tuple[type[TrellisError], grpc.StatusCode], ...] = (
 )
 
 
+# Trailer carrying an error's retry hint, in whole milliseconds (rounded up).
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
 def status_for(exc: TrellisError) -> grpc.StatusCode:
     for cls, code in STATUS_TABLE:
         if isinstance(exc, cls):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def trailers_for(exc: TrellisError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata sent with ``exc``'s status: its retry hint, when it has one."""
+    retry_after = exc.retry_after if isinstance(exc, ResourceExhausted | Unavailable) else None
+    if retry_after is None:
+        return ()
+    return ((RETRY_AFTER_KEY, str(max(math.ceil(retry_after * 1000), 1))),)
 
 
 S = TypeVar("S")
@@ -50,7 +63,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 async def _abort(context: Ctx, exc: Exception, method: str) -> NoReturn:
     if isinstance(exc, TrellisError):
-        await context.abort(status_for(exc), str(exc))
+        await context.abort(status_for(exc), str(exc), trailers_for(exc))
     log.exception("unexpected error in %s", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the coordinator's log")
 
@@ -90,4 +103,4 @@ def stream(
     return wrapper
 
 
-__all__ = ["STATUS_TABLE", "status_for", "stream", "unary"]
+__all__ = ["RETRY_AFTER_KEY", "STATUS_TABLE", "status_for", "stream", "trailers_for", "unary"]

@@ -90,12 +90,18 @@ def settle_children(
             parent_execution_id=parent.id,
             parent_node_id=start.node_id,
             depth=parent.depth + 1,
+            max_concurrency=child_defn.max_concurrency,
         )
-        started = engine.start_execution(engine.effective_definition(child_defn, shell), shell, now)
-        sub = settle_children(child_defn, started, {}, now, known, max_depth, new_id)
-        if not isinstance(sub, Settled):
-            return sub
-        created.extend((sub.transition, *sub.created))
+        if child_defn.max_running_executions > 0:
+            # Capped: a start due now; the sweeper starts it within the cap (start_pending).
+            created.append(Transition(execution=replace(shell, start_at=now)))
+        else:
+            effective = engine.effective_definition(child_defn, shell)
+            started = engine.start_execution(effective, shell, now)
+            sub = settle_children(child_defn, started, {}, now, known, max_depth, new_id)
+            if not isinstance(sub, Settled):
+                return sub
+            created.extend((sub.transition, *sub.created))
         t = _link(t, nodes, start.node_id, shell.id)
     return Settled(t, tuple(created))
 

@@ -222,15 +222,19 @@ class Coordinator(ExecutionStarts):
         with self.notifier.listen(task_key(t) for t in task_types) as wake:
             while True:
                 wake.clear()
+                plan = await self.dispatch.plan(tenant_id, task_types)
                 now = self._clock()
                 claimed = await self.store.claim_tasks(
-                    tenant_id, worker_id, task_types, max_tasks, now
+                    tenant_id, worker_id, task_types, max_tasks, now, plan
                 )
                 if claimed:
                     return await self._leased(tenant_id, claimed)
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self._draining:
                     return []
+                if plan.wait_hint is not None:
+                    # A rate limit's next token, or an open breaker's probe time.
+                    remaining = min(remaining, max(plan.wait_hint, 0.001))
                 next_at = await self.store.next_available_at(tenant_id, task_types, now)
                 if next_at is not None:
                     remaining = min(remaining, max((next_at - now).total_seconds(), 0.001))
@@ -364,19 +368,24 @@ class Coordinator(ExecutionStarts):
         defn = await self.get_workflow(tenant_id, token.workflow_name, token.workflow_version)
         taken = None if next is None else tuple(next)
         duplicate = False
+        task_type = ""
 
         def step(
             d: WorkflowDef, execution: Execution, nodes: Mapping[str, NodeRun], now: datetime
         ) -> Transition | None:
-            nonlocal duplicate
-            duplicate = _held_node(nodes, token, accept_done=_SUCCESS_RECORDED) is None
-            if duplicate:
+            nonlocal duplicate, task_type
+            held = _held_node(nodes, token, accept_done=_SUCCESS_RECORDED)
+            duplicate = held is None
+            if held is None:
                 return None
+            task_type = held.task_type
             return engine.complete_node(
                 d, execution, nodes, token.node_id, payload, now, next=taken, expansion=expansion
             )
 
         await self._transact(tenant_id, token.execution_id, step, defn=defn)
+        if not duplicate:
+            await self.dispatch.record_outcome(tenant_id, task_type, ok=True)
         return duplicate
 
     async def fail_task(
@@ -404,11 +413,12 @@ class Coordinator(ExecutionStarts):
         retryable: bool,
     ) -> tuple[bool, bool]:
         will_retry = duplicate = False
+        task_type = ""
 
         def step(
             d: WorkflowDef, execution: Execution, nodes: Mapping[str, NodeRun], now: datetime
         ) -> Transition | None:
-            nonlocal will_retry, duplicate
+            nonlocal will_retry, duplicate, task_type
             node = _held_node(nodes, token, accept_done=_FAILURE_RECORDED)
             duplicate, will_retry = node is None, False
             if node is None:
@@ -419,9 +429,12 @@ class Coordinator(ExecutionStarts):
             t = engine.fail_node(d, execution, nodes, token.node_id, full, retryable, now)
             changed = next(n for n in t.nodes if n.node_id == token.node_id)
             will_retry = changed.status is NodeStatus.READY
+            task_type = node.task_type
             return t
 
         await self._transact(tenant_id, token.execution_id, step, defn=defn)
+        if not duplicate and error.type not in _NOT_THE_TYPES_FAULT:
+            await self.dispatch.record_outcome(tenant_id, task_type, ok=False)
         return will_retry, duplicate
 
     async def fail_lease(self, node: NodeRun, error: ErrorInfo, retryable: bool) -> bool:
@@ -538,6 +551,10 @@ def _spec_id(node_id: str) -> str:
         return node_id[: node_id.rindex("[")]
     return node_id
 
+
+# Failed attempts a task type's breaker does not count: the worker went away, or its poll
+# reply was lost; the handler itself did not fail.
+_NOT_THE_TYPES_FAULT = frozenset({"WorkerLost", "LeaseNotHeld", "LeaseRevoked"})
 
 # After a recorded failure the row is READY (retry scheduled) or FAILED, with the same
 # lease_seq until the next claim and the error of that attempt.

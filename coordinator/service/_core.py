@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from coordinator import engine
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, TrellisError
@@ -30,6 +31,9 @@ from coordinator.service._children import DefKey, Settled, settle_children
 from coordinator.service._notifier import Notifier, execution_key, task_key
 from coordinator.service._references import check_references
 from coordinator.service.ports import Decision, Store
+
+if TYPE_CHECKING:
+    from coordinator.dispatch import DispatchControl
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +83,19 @@ class CoordinatorCore:
         *,
         notifier: Notifier | None = None,
         clock: Clock = utcnow,
+        dispatch: DispatchControl | None = None,
     ) -> None:
         self.store = store
         self.settings = settings or ServiceSettings()
         self.notifier = notifier or Notifier()
         self._clock = clock
+        if dispatch is None:
+            # Imported here: coordinator.dispatch builds on this package's ports.
+            from coordinator.dispatch import DispatchControl, RedisLink
+
+            dispatch = DispatchControl(store, link=RedisLink(""), clock=clock)
+        # Limits and breakers per task type; without Redis they are per process.
+        self.dispatch = dispatch
         self._definitions: dict[tuple[str, str, int], WorkflowDef] = {}
         self._draining = False
 
@@ -257,6 +269,17 @@ class CoordinatorCore:
 
     # -- helpers --------------------------------------------------------------------------
 
+    def _task_types(self, execution: Execution) -> set[str]:
+        """The task types of an execution's definition, when it is cached (it is after any
+        transition of the execution on this replica)."""
+        defn = self._definitions.get(
+            (execution.tenant_id, execution.workflow_name, execution.workflow_version)
+        )
+        if defn is None:
+            return set()
+        types = {n.task_type for n in defn.nodes if n.task_type}
+        return types | {n.compensation_task_type for n in defn.nodes if n.compensation_task_type}
+
     def check_payload(self, name: str, payload: bytes) -> bytes:
         """A JSON document within the size limit; empty means null."""
         if not payload:
@@ -280,7 +303,21 @@ class CoordinatorCore:
         follow-up is logged (the sweepers reconcile sub-workflows after a crash too)."""
         done = (transition, *created)
         keys = [execution_key(t.execution.id) for t in done]
-        keys.extend(task_key(t) for t in sorted({n.task_type for x in done for n in x.ready}))
+        woken = {n.task_type for x in done for n in x.ready}
+        # A lease that ended frees a slot of a concurrency-limited type (or a breaker's
+        # probe): wake the polls waiting for it.
+        for x in done:
+            ended = [n for n in x.nodes if n.status is not NodeStatus.LEASED]
+            woken.update(
+                n.task_type
+                for n in ended
+                if self.dispatch.wakes_on_lease_end(x.execution.tenant_id, n.task_type)
+            )
+            if ended and x.execution.max_concurrency:
+                # A slot of a capped execution may be free: its other READY nodes, of any
+                # of its task types, may go now.
+                woken.update(self._task_types(x.execution))
+        keys.extend(task_key(t) for t in sorted(woken))
         self.notifier.notify(keys)
         try:
             await self.store.publish_wakeups(keys)

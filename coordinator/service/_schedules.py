@@ -312,11 +312,13 @@ def _start(defn: WorkflowDef, schedule: Schedule, fire_at: datetime, now: dateti
         created_at=now,
         updated_at=now,
         idempotency_key=fire_key(schedule.id, fire_at),
+        max_concurrency=defn.max_concurrency,
     )
     transition = engine.start_execution(defn, shell, now)
-    if transition.start_children:
-        # An entry node runs a sub-workflow: the coordinator's start path creates children,
-        # so store the execution as a start due now and let the delayed-start sweeper run it.
+    if transition.start_children or defn.max_running_executions:
+        # An entry node runs a sub-workflow (the coordinator's start path creates children),
+        # or the workflow caps its running executions: store the execution as a start due
+        # now and let the delayed-start sweeper run it (within the cap).
         return Transition(execution=replace(shell, start_at=now))
     return transition
 

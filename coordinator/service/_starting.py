@@ -1,24 +1,62 @@
-"""Starting executions: now, delayed (a PENDING row a sweeper starts), or many at once."""
+"""Starting executions: now, delayed (a PENDING row a sweeper starts), or many at once;
+within the workflow's max_running_executions (the overflow queue, docs/dispatch.md)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from coordinator import engine
-from coordinator.errors import InvalidArgument, NotFound
-from coordinator.model import Execution, ExecutionStatus, NodeRun, Transition, WorkflowDef
+from coordinator.errors import InvalidArgument, NotFound, ResourceExhausted, TrellisError
+from coordinator.model import (
+    ErrorInfo,
+    Event,
+    EventType,
+    Execution,
+    ExecutionStatus,
+    OverflowPolicy,
+    Transition,
+)
 from coordinator.service._core import CoordinatorCore, check_names
-from coordinator.service._starts import MAX_BATCH_START, StartRequest, start_at
+from coordinator.service._starts import (
+    MAX_BATCH_START,
+    CappedStart,
+    OverflowStore,
+    PendingStart,
+    RunningCap,
+    StartRequest,
+    execution_concurrency,
+    running_cap,
+    start_at,
+)
 from coordinator.service.ports import NewExecution
 
 log = logging.getLogger(__name__)
 
+_ENDED = frozenset(
+    {
+        EventType.EXECUTION_SUCCEEDED,
+        EventType.EXECUTION_FAILED,
+        EventType.EXECUTION_CANCELLED,
+        EventType.EXECUTION_TIMED_OUT,
+    }
+)
+# Queued executions one pass looks at per workflow.
+QUEUED_BATCH = 100
+
 
 class ExecutionStarts(CoordinatorCore):
     """The start use cases (see ``Coordinator``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (tenant, workflow) whose queue this replica is starting right now (see ``_after``).
+        self._kicking: set[tuple[str, str]] = set()
 
     async def start_execution(
         self,
@@ -31,27 +69,36 @@ class ExecutionStarts(CoordinatorCore):
         priority: int = 0,
         start_time: datetime | None = None,
         delay: timedelta | None = None,
+        max_concurrency: int = 0,
     ) -> tuple[Execution, bool]:
         """Start an execution now, or store it PENDING until ``start_time`` / ``delay``
         (a sweeper starts it then). A repeated ``idempotency_key`` within the idempotency
-        window returns the execution it first started (``created`` False)."""
+        window returns the execution it first started (``created`` False). When the
+        workflow has max_running_executions running, the execution is queued (PENDING,
+        ``queued``) or refused (``ResourceExhausted``), as its overflow policy says."""
         request = StartRequest(
-            workflow_name, version, input, idempotency_key, priority, start_time, delay
+            workflow_name,
+            version,
+            input,
+            idempotency_key,
+            priority,
+            start_time,
+            delay,
+            max_concurrency,
         )
         now = self._clock()
-        item = await self._prepare(tenant_id, request, now)
-        [(execution, created)] = await self.store.create_executions(
-            [item], idempotency_cutoff=now - self.settings.idempotency_window
-        )
+        start = await self._prepare(tenant_id, request, now)
+        [(execution, created)] = await self._create([start], now)
         if created:
-            await self._started(item, execution)
+            await self._started(start, execution)
         return execution, created
 
     async def batch_start_executions(
         self, tenant_id: str, requests: Sequence[StartRequest]
     ) -> list[tuple[Execution, bool]]:
         """Start every request, or none: all are validated (definition, input, options)
-        before anything is stored, then all are stored in one transaction. Results are in
+        before anything is stored, then all are stored in one transaction (a start its
+        workflow's max_running_executions refuses refuses the batch). Results are in
         request order; idempotency keys behave as in ``start_execution``."""
         if len(requests) > MAX_BATCH_START:
             raise InvalidArgument(
@@ -59,23 +106,26 @@ class ExecutionStarts(CoordinatorCore):
                 "split the batch"
             )
         now = self._clock()
-        items: list[NewExecution] = []
+        starts: list[CappedStart] = []
         for i, request in enumerate(requests):
             try:
-                items.append(await self._prepare(tenant_id, request, now))
+                starts.append(await self._prepare(tenant_id, request, now))
             except (InvalidArgument, NotFound) as exc:
                 raise InvalidArgument(f"requests[{i}]: {exc}; nothing was started") from exc
-        if not items:
+        if not starts:
             return []
-        results = await self.store.create_executions(
-            items, idempotency_cutoff=now - self.settings.idempotency_window
-        )
-        for item, (execution, created) in zip(items, results, strict=True):
+        try:
+            results = await self._create(starts, now)
+        except ResourceExhausted as exc:
+            raise ResourceExhausted(
+                f"{exc}; nothing was started", retry_after=exc.retry_after
+            ) from exc
+        for start, (execution, created) in zip(starts, results, strict=True):
             if created:
-                await self._started(item, execution)
+                await self._started(start, execution)
         return results
 
-    async def _prepare(self, tenant_id: str, request: StartRequest, now: datetime) -> NewExecution:
+    async def _prepare(self, tenant_id: str, request: StartRequest, now: datetime) -> CappedStart:
         """Validate a start and decide it (with the children it starts), storing nothing."""
         payload = self.check_payload("input", request.input)
         if not request.workflow_name:
@@ -95,37 +145,186 @@ class ExecutionStarts(CoordinatorCore):
             priority=request.priority,
             idempotency_key=request.idempotency_key or None,
             start_at=at,
+            max_concurrency=execution_concurrency(request, defn),
         )
         if at is not None:
-            # Delayed: a PENDING row with no node runs until the sweeper starts it.
-            return NewExecution(Transition(execution=shell))
+            # Delayed: a PENDING row with no node runs until the sweeper starts it (within
+            # the cap then, see ``start_pending``).
+            return CappedStart(NewExecution(Transition(execution=shell)))
         transition = engine.start_execution(engine.effective_definition(defn, shell), shell, now)
         settled = await self._settle(defn, transition, {}, now)
-        return NewExecution(settled.transition, settled.created)
+        item = NewExecution(settled.transition, settled.created)
+        cap = running_cap(defn)
+        if cap is None:
+            return CappedStart(item)
+        return CappedStart(item, cap, Transition(execution=replace(shell, queued=True)))
 
-    async def _started(self, item: NewExecution, execution: Execution) -> None:
-        await self._after(item.transition, item.children)
+    async def _create(
+        self, starts: Sequence[CappedStart], now: datetime
+    ) -> list[tuple[Execution, bool]]:
+        cutoff = now - self.settings.idempotency_window
+        if any(s.cap is not None for s in starts):
+            return await self.overflow_store.create_capped_executions(
+                starts, idempotency_cutoff=cutoff
+            )
+        # No cap: no counting, no lock.
+        return await self.store.create_executions(
+            [s.item for s in starts], idempotency_cutoff=cutoff
+        )
+
+    async def _started(self, start: CappedStart, execution: Execution) -> None:
+        if execution.queued and start.queued is not None:
+            await self._after(start.queued)
+            log.info(
+                "execution queued: its workflow has max_running_executions running",
+                extra={"execution_id": execution.id, "workflow": execution.workflow_name},
+            )
+            return
+        await self._after(start.item.transition, start.item.children)
         log.info(
             "execution started" if execution.start_at is None else "execution scheduled",
             extra={"execution_id": execution.id, "workflow": execution.workflow_name},
         )
 
+    # -- PENDING executions: delayed starts due, and the overflow queue -------------------
+
+    @property
+    def overflow_store(self) -> OverflowStore:
+        store = self.store
+        if not isinstance(store, OverflowStore):
+            raise TypeError("the store does not implement OverflowStore")
+        return store
+
     async def start_delayed(self, execution: Execution) -> bool:
         """Start a delayed execution that is due (a sweeper's claim: on PostgreSQL a row
-        another replica is starting is skipped). False when there was nothing to start."""
+        another replica is starting is skipped); when its workflow is full, queue or
+        refuse it as the overflow policy says. False when nothing was done."""
+        outcome = await self.start_pending(execution)
+        return outcome in (PendingStart.STARTED, PendingStart.DEFERRED)
+
+    async def start_pending(self, execution: Execution) -> PendingStart:
+        """Start a PENDING execution (a delayed start that is due, or a queued one) as read
+        in ``execution``: skipped when the row has changed since, or another transaction
+        holds it. Under max_running_executions the workflow's running executions are
+        counted in the transaction that starts it; when there is no room, a queued one
+        stays queued (FULL), a delayed one is queued or, with REJECT, fails (DEFERRED)."""
         defn = await self.get_workflow(
             execution.tenant_id, execution.workflow_name, execution.workflow_version
         )
-
-        def step(
-            d: WorkflowDef, e: Execution, nodes: Mapping[str, NodeRun], now: datetime
-        ) -> Transition | None:
-            # Due by the sweeper's reading (its clock may be given); not yet started.
-            if e.status is not ExecutionStatus.PENDING or e.start_at is None:
-                return None
-            return engine.start_execution(d, e, now)
-
-        started = await self._transact(
-            execution.tenant_id, execution.id, step, defn=defn, claim=True
+        now = self._clock()
+        shell = replace(execution, queued=False)
+        transition = engine.start_execution(engine.effective_definition(defn, shell), shell, now)
+        settled = await self._settle(defn, transition, {}, now)
+        cap = running_cap(defn)
+        when_full = None if cap is None or execution.queued else _when_full(execution, cap, now)
+        outcome = await self.overflow_store.start_pending(
+            execution, NewExecution(settled.transition, settled.created), cap, when_full
         )
-        return started is not None
+        if outcome is PendingStart.STARTED:
+            await self._after(settled.transition, settled.created)
+        elif outcome is PendingStart.DEFERRED and when_full is not None:
+            await self._after(when_full)
+        return outcome
+
+    async def start_queued(
+        self, tenant_id: str, workflow_name: str, limit: int = QUEUED_BATCH
+    ) -> int:
+        """Start the workflow's queued executions, oldest first, while it has room; returns
+        how many started. Safe on every replica at once (see ``start_pending``)."""
+        queued = await self.overflow_store.find_queued_executions(tenant_id, workflow_name, limit)
+        if not queued:
+            return 0
+        defn = await self.get_workflow(tenant_id, workflow_name, queued[0].workflow_version)
+        cap = running_cap(defn)
+        if cap is not None:
+            # A cheap look first: a full workflow costs no write transaction.
+            running = await self.overflow_store.count_running(tenant_id, workflow_name)
+            if running >= cap.max_running:
+                return 0
+        started = 0
+        self._kicking.add((tenant_id, workflow_name))
+        try:
+            for execution in queued:
+                outcome = await self.start_pending(execution)
+                if outcome is PendingStart.FULL:
+                    break
+                if outcome is PendingStart.STARTED:
+                    started += 1
+                    log.info(
+                        "queued execution started",
+                        extra={"execution_id": execution.id, "workflow": workflow_name},
+                    )
+        finally:
+            self._kicking.discard((tenant_id, workflow_name))
+        return started
+
+    async def find_queued_workflows(
+        self, limit: int, after: tuple[str, str] | None = None
+    ) -> list[tuple[str, str]]:
+        """(tenant, workflow) pairs with queued executions, in order, after ``after``
+        (the sweeper's step pages through them)."""
+        return await self.overflow_store.find_queued_workflows(limit, after)
+
+    async def _after(self, transition: Transition, created: Sequence[Transition] = ()) -> None:
+        """After a commit (see ``CoordinatorCore._after``); when the transition ended an
+        execution of a workflow with max_running_executions, its oldest queued execution
+        starts at once here (the sweeper does it within a sweep interval otherwise: after
+        a crash, or when the ended execution's version has no cap but the queued one's has).
+        """
+        await super()._after(transition, created)
+        for tenant_id, workflow_name in self._freed((transition, *created)):
+            try:
+                await self.start_queued(tenant_id, workflow_name)
+            except TrellisError as exc:
+                log.warning(
+                    "could not start queued executions; the sweeper will: %s",
+                    exc,
+                    extra={"workflow": workflow_name},
+                )
+
+    def _freed(self, done: Sequence[Transition]) -> list[tuple[str, str]]:
+        """Capped workflows (by their cached definition) that ``done`` ended an execution of."""
+        freed: list[tuple[str, str]] = []
+        for t in done:
+            e = t.execution
+            if not e.status.terminal or not any(
+                ev.type in _ENDED and ev.execution_id == e.id for ev in t.events
+            ):
+                continue
+            defn = self._definitions.get((e.tenant_id, e.workflow_name, e.workflow_version))
+            key = (e.tenant_id, e.workflow_name)
+            if (
+                defn is not None
+                and defn.max_running_executions > 0
+                and key not in freed
+                and key not in self._kicking
+            ):
+                freed.append(key)
+        return freed
+
+
+def _when_full(execution: Execution, cap: RunningCap, now: datetime) -> Transition:
+    """What a delayed start that is due finds its workflow full does: wait in the queue
+    (QUEUE), or fail (REJECT)."""
+    if cap.policy is OverflowPolicy.QUEUE:
+        return Transition(execution=replace(execution, queued=True, updated_at=now))
+    error = ErrorInfo(
+        "MaxRunningExecutions",
+        f"workflow '{execution.workflow_name}' had max_running_executions "
+        f"({cap.max_running}) running when this execution was due to start; it was refused "
+        "(overflow_policy REJECT)",
+    )
+    failed = replace(
+        execution, status=ExecutionStatus.FAILED, error=error, ended_at=now, updated_at=now
+    )
+    event = Event(
+        execution_id=execution.id,
+        type=EventType.EXECUTION_FAILED,
+        time=now,
+        tenant_id=execution.tenant_id,
+        details=json.dumps(
+            {"error_type": error.type, "message": error.message, "node_id": None},
+            separators=(",", ":"),
+        ).encode(),
+    )
+    return Transition(execution=failed, events=(event,))

@@ -1,5 +1,5 @@
 """Sweepers: lease expiry, lost workers, schedule-to-start and execution timeouts, delayed
-starts, and sub-workflow reconciliation.
+starts, the overflow queue (max_running_executions), and sub-workflow reconciliation.
 
 Every replica runs them at once; each verdict is a fenced transition (a lease's
 ``lease_seq``, an execution's ``version``), so two replicas cannot both apply it. A row
@@ -38,6 +38,7 @@ class Sweeper:
     def __init__(self, coordinator: Coordinator, batch: int = 100) -> None:
         self._c = coordinator
         self._batch = batch
+        self._queued_after: tuple[str, str] | None = None
         # Workers cannot heartbeat to a coordinator that was down: give them one liveness
         # window to reconnect before calling any of them lost or silent.
         self._started = coordinator.clock()
@@ -51,6 +52,7 @@ class Sweeper:
             self.time_out_unstarted,
             self.time_out_executions,
             self.start_due,
+            self.start_queued,
             self.report_ended_children,
             self.cancel_orphaned_children,
         ):
@@ -78,6 +80,28 @@ class Sweeper:
             return True
 
         return await self._each(due, verdict)
+
+    async def start_queued(self) -> tuple[int, int]:
+        """Workflows with queued executions (overflow QUEUE) and room start them, oldest
+        first, through the path delayed starts take. A running execution's end starts the
+        next queued one at once on the replica that ended it; this step covers the rest
+        (a crash in between, another version's cap) within a sweep interval."""
+        # Page through every workflow with a queue, a batch per sweep, so that workflows
+        # that stay full do not hide the others.
+        workflows = await self._c.find_queued_workflows(self._batch, self._queued_after)
+        self._queued_after = workflows[-1] if len(workflows) == self._batch else None
+        done = 0
+        for tenant_id, workflow_name in workflows:
+            try:
+                done += await self._c.start_queued(tenant_id, workflow_name, self._batch)
+            except (FailedPrecondition, NotFound):
+                continue  # settled meanwhile
+            except Exception:
+                log.exception(
+                    "starting queued executions failed; skipping this workflow",
+                    extra={"tenant_id": tenant_id, "workflow": workflow_name},
+                )
+        return len(workflows), done
 
     async def report_ended_children(self) -> tuple[int, int]:
         """A finished child whose parent node still waits on it (the report after its end

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
@@ -16,6 +16,7 @@ from coordinator.model import (
     Execution,
     ExecutionStatus,
     NodeRun,
+    TaskTypeLimits,
     Transition,
     WorkerInfo,
     WorkflowDef,
@@ -52,7 +53,94 @@ class LeaseKey:
     lease_seq: int
 
 
-class Store(Protocol):
+@dataclass(frozen=True)
+class Candidate:
+    """A READY row a claim may lease, with what the limits need to know about it."""
+
+    execution_id: str
+    node_id: str
+    task_type: str
+    # The node input (only loaded when ``ClaimPolicy.needs_input``).
+    input: bytes | None
+    # The execution's max_concurrency (0 = none).
+    execution_max_concurrency: int
+
+
+@dataclass
+class LeasedCounts:
+    """Rows LEASED right now, counted inside the claim's transaction (after its locks)."""
+
+    # (task_type, concurrency_key or None) -> count, for ``ClaimPolicy.counted_types``.
+    by_type_key: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    # execution_id -> count, for candidates' executions with a max_concurrency.
+    by_execution: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    candidate: Candidate
+    # Written on the leased row; counted against the type's concurrency_key_limit.
+    concurrency_key: str | None = None
+
+
+class ClaimPolicy(Protocol):
+    """The dispatch limits one claim applies (built per poll by DispatchControl.plan).
+
+    The store's claim, in one transaction: select up to ``scan(limit)`` candidates of
+    ``task_types - excluded_types`` (SKIP LOCKED); when ``counted_types`` or an execution
+    cap is involved, take a lock per counted type and per capped execution (PostgreSQL
+    advisory transaction locks, in sorted order; SQLite's writer lock serializes anyway)
+    and count LEASED rows; ``admit``; ``take_tokens``; lease what is left. If the
+    transaction then fails, ``refund`` is awaited with what ``take_tokens`` returned."""
+
+    excluded_types: frozenset[str]
+    counted_types: frozenset[str]
+    needs_input: bool
+
+    def scan(self, limit: int) -> int:
+        """How many candidates to look at for a claim of ``limit``."""
+        ...
+
+    def admit(
+        self, candidates: Sequence[Candidate], counts: LeasedCounts, limit: int
+    ) -> list[Admitted]:
+        """The candidates (in order) that concurrency limits let through, at most limit."""
+        ...
+
+    async def take_tokens(self, admitted: Sequence[Admitted]) -> list[Admitted]:
+        """Those of ``admitted`` the rate limits let through now (tokens taken)."""
+        ...
+
+    async def refund(self, taken: Sequence[Admitted]) -> None: ...
+
+    @property
+    def wait_hint(self) -> float | None:
+        """After a claim that limits held back: seconds until trying again may succeed
+        (a token, a breaker's probe), or None when only a lease ending can help."""
+        ...
+
+
+class LimitsStore(Protocol):
+    """Task-type limits (coordinator/store/_limits.py)."""
+
+    async def set_task_type_limits(self, limits: TaskTypeLimits, now: datetime) -> TaskTypeLimits:
+        """Create or replace; returns the stored row (updated_at = now)."""
+        ...
+
+    async def get_task_type_limits(self, tenant_id: str, task_type: str) -> TaskTypeLimits:
+        """Raises ``NotFound``."""
+        ...
+
+    async def list_task_type_limits(self, tenant_id: str | None) -> list[TaskTypeLimits]:
+        """Ordered by (tenant, task type); every tenant's when ``tenant_id`` is None."""
+        ...
+
+    async def delete_task_type_limits(self, tenant_id: str, task_type: str) -> None:
+        """Raises ``NotFound``."""
+        ...
+
+
+class Store(LimitsStore, Protocol):
     """Persistent state. Every method is tenant-scoped except the cross-tenant sweeps."""
 
     async def close(self) -> None: ...
@@ -185,9 +273,11 @@ class Store(Protocol):
         task_types: Sequence[str],
         limit: int,
         now: datetime,
+        policy: ClaimPolicy | None = None,
     ) -> list[NodeRun]:
         """Atomically lease up to ``limit`` READY, not held node runs of ``task_types`` whose
-        ``available_at <= now``, highest priority first, then oldest ``available_at``.
+        ``available_at <= now``, in dispatch_rank order (priority with ageing), within the
+        limits of ``policy`` and of each execution's max_concurrency (see ClaimPolicy).
         Claiming clears schedule_deadline and sets the worker's last_seen = now.
         Each becomes LEASED with attempt + 1, lease_seq + 1, worker_id, lease_deadline
         = now + start_to_close_timeout, heartbeat_deadline = now + heartbeat_timeout;

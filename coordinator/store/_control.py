@@ -39,7 +39,13 @@ async def find_due_executions(conn: AsyncConnection, now: datetime, limit: int) 
     e = executions
     query = (
         sa.select(e)
-        .where(e.c.status == _PENDING, e.c.start_at.is_not(None), e.c.start_at <= _rows.to_ms(now))
+        .where(
+            e.c.status == _PENDING,
+            e.c.start_at.is_not(None),
+            e.c.start_at <= _rows.to_ms(now),
+            # A delayed start that found its workflow full waits in the overflow queue.
+            e.c.queued == sa.literal_column("false", sa.Boolean),
+        )
         .order_by(e.c.start_at, e.c.id)
         .limit(limit)
     )

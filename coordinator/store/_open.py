@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,9 @@ POSTGRES_CONNECT_TIMEOUT_S = 10
 _MIGRATION_LOCK = 7310294841716090196  # pg_advisory_xact_lock key: "trellis migrate"
 
 
-async def open_store(url: str, *, migrate: bool = True) -> SqlStore:
+async def open_store(
+    url: str, *, migrate: bool = True, priority_aging: timedelta | None = None
+) -> SqlStore:
     """Open the database at ``url`` (see ``normalize_database_url`` for the accepted forms),
     upgrading its schema to the newest revision when ``migrate``.
 
@@ -64,6 +67,8 @@ async def open_store(url: str, *, migrate: bool = True) -> SqlStore:
             process_lock.release()
         raise
     store = SqlStore(engine, process_lock=process_lock)
+    if priority_aging is not None:
+        store.priority_aging_ms = int(priority_aging.total_seconds() * 1000)
     try:
         if migrate:
             await store.run_sync(upgrade_to_head, write=True)

@@ -159,6 +159,7 @@ def execution_values(execution: Execution) -> dict[str, Any]:
         "parent_node_id": execution.parent_node_id,
         "depth": execution.depth,
         "start_at": opt_to_ms(execution.start_at),
+        "max_concurrency": execution.max_concurrency,
         "version": execution.version,
         **execution_mutable_values(execution),
     }
@@ -175,6 +176,7 @@ def execution_mutable_values(execution: Execution) -> dict[str, Any]:
         "ended_at": opt_to_ms(execution.ended_at),
         "deadline": opt_to_ms(execution.deadline),
         "expansion": execution.expansion,
+        "queued": execution.queued,
     }
 
 
@@ -200,13 +202,19 @@ def execution_from_row(row: Row) -> Execution:
         parent_node_id=row["parent_node_id"],
         start_at=opt_from_ms(row["start_at"]),
         expansion=_bytes(row["expansion"]),
+        max_concurrency=row["max_concurrency"],
+        queued=bool(row["queued"]),
     )
 
 
 # -- node runs ----------------------------------------------------------------------------
 
 
-def node_run_values(run: NodeRun) -> dict[str, Any]:
+# One priority step is worth this much waiting in the dispatch order (TRELLIS_PRIORITY_AGING).
+DEFAULT_PRIORITY_AGING_MS = 60_000
+
+
+def node_run_values(run: NodeRun, aging_ms: int = DEFAULT_PRIORITY_AGING_MS) -> dict[str, Any]:
     """Every column of ``node_runs``."""
     return {
         "execution_id": run.execution_id,
@@ -215,12 +223,15 @@ def node_run_values(run: NodeRun) -> dict[str, Any]:
         "workflow_name": run.workflow_name,
         "workflow_version": run.workflow_version,
         "task_type": run.task_type,
-        **node_run_mutable_values(run),
+        **node_run_mutable_values(run, aging_ms),
     }
 
 
-def node_run_mutable_values(run: NodeRun) -> dict[str, Any]:
-    """The columns a transition replaces (all but the key and the workflow identity)."""
+def node_run_mutable_values(
+    run: NodeRun, aging_ms: int = DEFAULT_PRIORITY_AGING_MS
+) -> dict[str, Any]:
+    """The columns a transition replaces (all but the key and the workflow identity).
+    ``dispatch_rank`` orders the claim: a priority step is worth ``aging_ms`` of waiting."""
     available_at = run.available_at
     if available_at is None and run.status is NodeStatus.READY:
         # A READY row without a date is claimable from the moment it became ready: the
@@ -234,6 +245,9 @@ def node_run_mutable_values(run: NodeRun) -> dict[str, Any]:
         **_error_values(run.error),
         "priority": run.priority,
         "available_at": opt_to_ms(available_at),
+        "dispatch_rank": None
+        if available_at is None
+        else to_ms(available_at) - run.priority * aging_ms,
         "start_to_close_ms": duration_ms(run.start_to_close_timeout),
         "heartbeat_timeout_ms": opt_duration_ms(run.heartbeat_timeout),
         "lease_seq": run.lease_seq,

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
 from coordinator import errors
+from coordinator.dispatch._admit import UNLIMITED
 from coordinator.model import (
     DeadLetter,
     Event,
@@ -40,10 +42,20 @@ from coordinator.model import (
     WorkflowDef,
     WorkflowSummary,
 )
-from coordinator.service.ports import Decision, LeaseKey, NewExecution
+from coordinator.service.ports import (
+    Admitted,
+    Candidate,
+    ClaimPolicy,
+    Decision,
+    LeasedCounts,
+    LeaseKey,
+    NewExecution,
+)
 from coordinator.store import _control, _dead_letters, _rows
+from coordinator.store._limits import LimitsStoreMixin
 from coordinator.store._lock import ProcessLock
 from coordinator.store._notifications import NotificationStoreMixin, enqueue_deliveries
+from coordinator.store._queue import OverflowStoreMixin
 from coordinator.store._tables import (
     LIVE_EXECUTION_STATUSES,
     dead_letters,
@@ -106,18 +118,26 @@ def _convert(exc: BaseException) -> errors.TrellisError:
     if isinstance(sqlstate, str) and sqlstate.startswith("40"):
         # Serialization failure or deadlock: the transaction lost a race, retrying is right.
         return _LostRace(f"concurrent update, retry: {_describe(exc)}")
-    return errors.Unavailable(f"database unavailable: {_describe(exc)}")
+    return errors.Unavailable(f"database unavailable: {_describe(exc)}; retry")
 
 
 def _sorted_runs(runs: list[NodeRun]) -> list[NodeRun]:
     return sorted(runs, key=lambda r: (-r.priority, r.available_at or r.updated_at, r.node_id))
 
 
-class SqlStore(NotificationStoreMixin, TriggerStoreMixin):
+class SqlStore(OverflowStoreMixin, LimitsStoreMixin, NotificationStoreMixin, TriggerStoreMixin):
     """The ``Store`` port on a SQLAlchemy async engine. Build it with ``open_store``."""
 
-    def __init__(self, engine: AsyncEngine, *, process_lock: ProcessLock | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        process_lock: ProcessLock | None = None,
+        priority_aging_ms: int = _rows.DEFAULT_PRIORITY_AGING_MS,
+    ) -> None:
         self._engine = engine
+        # Dispatch order with ageing (see node_runs.dispatch_rank).
+        self.priority_aging_ms = priority_aging_ms
         self._process_lock = process_lock
         self.dialect = engine.dialect.name
         self._postgres = self.dialect == "postgresql"
@@ -566,7 +586,7 @@ class SqlStore(NotificationStoreMixin, TriggerStoreMixin):
         if changed:
             params = [
                 {
-                    **_rows.node_run_mutable_values(r),
+                    **_rows.node_run_mutable_values(r, self.priority_aging_ms),
                     "b_tenant_id": tenant_id,
                     "b_execution_id": loaded.id,
                     "b_node_id": r.node_id,
@@ -603,7 +623,11 @@ class SqlStore(NotificationStoreMixin, TriggerStoreMixin):
     ) -> None:
         if runs:
             rows = [
-                {**_rows.node_run_values(r), "tenant_id": tenant_id, "execution_id": execution_id}
+                {
+                    **_rows.node_run_values(r, self.priority_aging_ms),
+                    "tenant_id": tenant_id,
+                    "execution_id": execution_id,
+                }
                 for r in runs
             ]
             await conn.execute(sa.insert(node_runs), rows)
@@ -631,40 +655,142 @@ class SqlStore(NotificationStoreMixin, TriggerStoreMixin):
         task_types: Sequence[str],
         limit: int,
         now: datetime,
+        policy: ClaimPolicy | None = None,
     ) -> list[NodeRun]:
-        if limit <= 0 or not task_types:
+        policy = policy or UNLIMITED
+        types = sorted(set(task_types) - policy.excluded_types)
+        if limit <= 0 or not types:
             return []
-        n = node_runs
-        now_ms = _rows.to_ms(now)
-        now_param = sa.literal(now_ms, sa.BigInteger)
-        # PostgreSQL: SKIP LOCKED lets concurrent claimers pass over each other's rows. The
-        # pick is a MATERIALIZED CTE, run once: as a subquery joined to the UPDATE, the
-        # planner may rescan it per outer row, and each rescan locks and returns *further*
-        # rows (those already updated are skipped), leasing more than ``limit``.
-        # SQLite: no FOR UPDATE (the compiler omits it); the writer lock serializes claims.
-        picked = (
-            sa.select(n.c.execution_id, n.c.node_id)
+        counted = sorted(policy.counted_types & set(types))
+        taken: list[Admitted] = []
+        began = time.monotonic()
+        try:
+            async with self._tx(write=True) as conn:
+                # Locks in one global order (types, then executions): no deadlock.
+                await self._lock_limits(conn, [f"type:{tenant_id}:{t}" for t in counted])
+                candidates = await self._candidates(
+                    conn, tenant_id, types, policy.scan(limit), now, policy.needs_input
+                )
+                if not candidates:
+                    return []
+                capped = sorted({c.execution_id for c in candidates if c.execution_max_concurrency})
+                await self._lock_limits(conn, [f"execution:{x}" for x in capped])
+                counts = await self._leased_counts(conn, tenant_id, counted, capped)
+                taken = await policy.take_tokens(policy.admit(candidates, counts, limit))
+                if counted or capped:
+                    # The lease starts now, not when the claim began: waiting for the limit
+                    # locks may have taken a while, and a lease must not seem to begin
+                    # before the end of the one whose slot it takes.
+                    now += timedelta(seconds=time.monotonic() - began)
+                runs = await self._lease(conn, tenant_id, worker_id, taken, now)
+        except BaseException:
+            if taken:
+                await policy.refund(taken)
+            raise
+        return runs
+
+    async def _candidates(
+        self,
+        conn: AsyncConnection,
+        tenant_id: str,
+        types: Sequence[str],
+        scan: int,
+        now: datetime,
+        needs_input: bool,
+    ) -> list[Candidate]:
+        """Up to ``scan`` claimable rows in dispatch order, locked (SKIP LOCKED on
+        PostgreSQL: concurrent claimers pass over each other's rows; SQLite's writer lock
+        serializes claims). Rows of executions already at their max_concurrency are left
+        out here (the claim re-counts under a lock before leasing)."""
+        n, e = node_runs, executions
+        leased = sa.alias(node_runs, "l")
+        running = (
+            sa.select(sa.func.count())
+            .where(leased.c.execution_id == n.c.execution_id, leased.c.status == _LEASED)
+            .scalar_subquery()
+        )
+        columns = [n.c.execution_id, n.c.node_id, n.c.task_type, e.c.max_concurrency]
+        if needs_input:
+            columns.append(n.c.input)
+        query = (
+            sa.select(*columns)
+            .join(e, e.c.id == n.c.execution_id)
             .where(
                 n.c.status == _READY,
                 _NOT_HELD,
                 n.c.tenant_id == tenant_id,
-                self._task_type_filter(task_types),
-                n.c.available_at <= now_ms,
+                self._task_type_filter(types),
+                n.c.available_at <= _rows.to_ms(now),
+                sa.or_(e.c.max_concurrency == 0, e.c.max_concurrency > running),
             )
-            .order_by(n.c.priority.desc(), n.c.available_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .cte("c")
+            .order_by(n.c.dispatch_rank)
+            .limit(scan)
+            .with_for_update(of=n, skip_locked=True)
         )
-        if self._postgres:
-            picked = picked.prefix_with("MATERIALIZED")
-        claim = (
-            sa.update(n)
-            .where(
-                n.c.tenant_id == tenant_id,
-                n.c.execution_id == picked.c.execution_id,
-                n.c.node_id == picked.c.node_id,
+        rows = (await conn.execute(query)).all()
+        return [
+            Candidate(
+                execution_id=r.execution_id,
+                node_id=r.node_id,
+                task_type=r.task_type,
+                input=bytes(r.input) if needs_input and r.input is not None else None,
+                execution_max_concurrency=r.max_concurrency,
             )
+            for r in rows
+        ]
+
+    async def _lock_limits(self, conn: AsyncConnection, keys: Sequence[str]) -> None:
+        """Serialize the claims that count leased rows of one task type or execution across
+        replicas, so that two cannot both see room for the last slot (PostgreSQL
+        transaction-scoped advisory locks, in sorted order; SQLite's writer lock already
+        serializes claims)."""
+        if not self._postgres:
+            return
+        for key in sorted(keys):
+            lock_id = sa.func.hashtextextended(f"trellis:{key}", 0)
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_id)))
+
+    async def _leased_counts(
+        self, conn: AsyncConnection, tenant_id: str, types: Sequence[str], capped: Sequence[str]
+    ) -> LeasedCounts:
+        n = node_runs
+        counts = LeasedCounts()
+        if types:
+            by_key = (
+                sa.select(n.c.task_type, n.c.concurrency_key, sa.func.count())
+                .where(n.c.status == _LEASED, n.c.tenant_id == tenant_id)
+                .where(self._task_type_filter(types))
+                .group_by(n.c.task_type, n.c.concurrency_key)
+            )
+            for task_type, key, count in (await conn.execute(by_key)).all():
+                counts.by_type_key[(task_type, key)] = count
+        if capped:
+            by_execution = (
+                sa.select(n.c.execution_id, sa.func.count())
+                .where(n.c.status == _LEASED, n.c.execution_id.in_(capped))
+                .group_by(n.c.execution_id)
+            )
+            for execution_id, count in (await conn.execute(by_execution)).all():
+                counts.by_execution[execution_id] = count
+        return counts
+
+    async def _lease(
+        self,
+        conn: AsyncConnection,
+        tenant_id: str,
+        worker_id: str,
+        admitted: Sequence[Admitted],
+        now: datetime,
+    ) -> list[NodeRun]:
+        """Lease the admitted rows (locked by ``_candidates``), with their NODE_LEASED events."""
+        if not admitted:
+            return []
+        n = node_runs
+        now_ms = _rows.to_ms(now)
+        now_param = sa.literal(now_ms, sa.BigInteger)
+        lease = (
+            sa.update(n)
+            .where(n.c.tenant_id == tenant_id)
             .values(
                 status=_LEASED,
                 attempt=n.c.attempt + 1,
@@ -679,28 +805,38 @@ class SqlStore(NotificationStoreMixin, TriggerStoreMixin):
             )
             .returning(*n.c)
         )
-        async with self._tx(write=True) as conn:
-            rows = (await conn.execute(claim)).mappings().all()
-            runs = _sorted_runs([_rows.node_run_from_row(r) for r in rows])
-            await self._insert_events(
-                conn,
-                tenant_id,
-                [
-                    Event(
-                        execution_id=r.execution_id,
-                        type=EventType.NODE_LEASED,
-                        time=now,
-                        tenant_id=tenant_id,
-                        node_id=r.node_id,
-                        attempt=r.attempt,
-                        worker_id=worker_id,
-                    )
-                    for r in runs
-                ],
+        runs: list[NodeRun] = []
+        # One statement per distinct concurrency key (usually one in all).
+        by_key: dict[str | None, list[tuple[str, str]]] = {}
+        for a in admitted:
+            by_key.setdefault(a.concurrency_key, []).append(
+                (a.candidate.execution_id, a.candidate.node_id)
             )
-            if runs:
-                # A worker that is handed tasks is alive (as if it had heartbeated).
-                await conn.execute(_touch_worker(tenant_id, worker_id, now_ms))
+        for key, pks in by_key.items():
+            statement = lease.where(sa.tuple_(n.c.execution_id, n.c.node_id).in_(pks)).values(
+                concurrency_key=key
+            )
+            rows = (await conn.execute(statement)).mappings().all()
+            runs.extend(_rows.node_run_from_row(r) for r in rows)
+        runs = _sorted_runs(runs)
+        await self._insert_events(
+            conn,
+            tenant_id,
+            [
+                Event(
+                    execution_id=r.execution_id,
+                    type=EventType.NODE_LEASED,
+                    time=now,
+                    tenant_id=tenant_id,
+                    node_id=r.node_id,
+                    attempt=r.attempt,
+                    worker_id=worker_id,
+                )
+                for r in runs
+            ],
+        )
+        # A worker that is handed tasks is alive (as if it had heartbeated).
+        await conn.execute(_touch_worker(tenant_id, worker_id, now_ms))
         return runs
 
     async def next_available_at(

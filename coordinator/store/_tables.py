@@ -40,6 +40,10 @@ LIVE_CHILD = f"status IN ({_LIVE_SQL}) AND parent_execution_id IS NOT NULL"
 
 # The predicate of the claim index: a READY row that is not held.
 CLAIMABLE = "status = 'READY' AND held = false"
+# The predicate of the overflow-queue index: PENDING because of max_running_executions.
+QUEUED = "status = 'PENDING' AND queued = true"
+# The predicate of the running-executions index (max_running_executions counts these).
+RUNNING = "status IN ('RUNNING', 'PAUSED')"
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigIntId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -100,6 +104,10 @@ executions = sa.Table(
     sa.Column("start_at", sa.BigInteger, nullable=True),
     # Nodes and edges added at run time (dynamic expansion): a JSON document as bytes.
     sa.Column("expansion", sa.LargeBinary, nullable=True),
+    # Most nodes of this execution leased at once (0 = no limit).
+    sa.Column("max_concurrency", sa.Integer, nullable=False, server_default=sa.text("0")),
+    # PENDING behind the workflow's max_running_executions (overflow policy QUEUE).
+    sa.Column("queued", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.UniqueConstraint("tenant_id", "idempotency_key"),
     sa.Index(None, "tenant_id", "created_at", "id"),
     sa.Index(None, "tenant_id", "workflow_name", "created_at"),
@@ -125,6 +133,23 @@ executions = sa.Table(
         "parent_execution_id",
         postgresql_where=sa.text(LIVE_CHILD),
         sqlite_where=sa.text(LIVE_CHILD),
+    ),
+    # The overflow queue of a workflow, oldest first.
+    sa.Index(
+        "ix_executions_queued",
+        "tenant_id",
+        "workflow_name",
+        "created_at",
+        postgresql_where=sa.text(QUEUED),
+        sqlite_where=sa.text(QUEUED),
+    ),
+    # Counting a workflow's running executions (max_running_executions).
+    sa.Index(
+        "ix_executions_running",
+        "tenant_id",
+        "workflow_name",
+        postgresql_where=sa.text(RUNNING),
+        sqlite_where=sa.text(RUNNING),
     ),
 )
 
@@ -168,19 +193,32 @@ node_runs = sa.Table(
     sa.Column("role", sa.Text, nullable=False, server_default="task"),
     # A workflow node: the child execution it started.
     sa.Column("child_execution_id", sa.Text, nullable=True),
+    # Dispatch order with ageing: available_at - priority * TRELLIS_PRIORITY_AGING (ms), so
+    # a priority step is worth that much waiting and low priority is never starved.
+    sa.Column("dispatch_rank", sa.BigInteger, nullable=True),
+    # The value of the type's concurrency-key expression, written when the row is leased.
+    sa.Column("concurrency_key", sa.Text, nullable=True),
     sa.PrimaryKeyConstraint("execution_id", "node_id"),
     # The claim: WHERE status = 'READY' AND held = false AND tenant_id = ?
-    # AND task_type IN (...) AND available_at <= now ORDER BY priority DESC, available_at.
+    # AND task_type IN (...) AND available_at <= now ORDER BY dispatch_rank.
     # Queries must spell the status and the flag as the literals 'READY' and false (not
     # bound parameters) for the planner to use it.
     sa.Index(
-        "ix_node_runs_claim",
+        "ix_node_runs_dispatch",
         "tenant_id",
         "task_type",
-        sa.text("priority DESC"),
-        "available_at",
+        "dispatch_rank",
         postgresql_where=sa.text(CLAIMABLE),
         sqlite_where=sa.text(CLAIMABLE),
+    ),
+    # Concurrency limits count leased rows by type and key.
+    sa.Index(
+        "ix_node_runs_leased_type",
+        "tenant_id",
+        "task_type",
+        "concurrency_key",
+        postgresql_where=sa.text("status = 'LEASED'"),
+        sqlite_where=sa.text("status = 'LEASED'"),
     ),
     # The schedule-to-start sweeper: claimable rows with a deadline.
     sa.Index(
@@ -282,4 +320,22 @@ dead_letters = sa.Table(
     ),
     # An execution's dead letters (and the cascade when an execution is deleted).
     sa.Index(None, "execution_id"),
+)
+
+# Dispatch limits per task type (docs/dispatch.md), read by every replica's claim.
+task_type_limits = sa.Table(
+    "task_type_limits",
+    metadata,
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("task_type", sa.Text, nullable=False),
+    sa.Column("rate_per_second", sa.Float, nullable=False),
+    sa.Column("burst", sa.Integer, nullable=False),
+    sa.Column("rate_key", sa.Text, nullable=False),
+    sa.Column("max_concurrency", sa.Integer, nullable=False),
+    sa.Column("concurrency_key", sa.Text, nullable=False),
+    sa.Column("concurrency_key_limit", sa.Integer, nullable=False),
+    sa.Column("breaker_failure_threshold", sa.Integer, nullable=False),
+    sa.Column("breaker_reset_ms", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("tenant_id", "task_type"),
 )

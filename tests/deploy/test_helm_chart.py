@@ -494,15 +494,21 @@ def test_secrets_stay_out_of_config_maps(production: Rendered) -> None:
     decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     assert decoded == {
         "database-url": PRODUCTION["database"]["url"],
-        # Reserved: stored, handed to no process (the coordinator would refuse the name).
         "redis-url": PRODUCTION["redis"]["url"],
     }
     for config_map in production.all("ConfigMap"):
         for value in config_map["data"].values():
             assert value not in decoded.values(), config_map["metadata"]["name"]
-    for _, spec in production.pod_specs():
-        for c in spec["containers"]:
-            assert all(e["name"] != "TRELLIS_REDIS_URL" for e in c.get("env", []))
+    # The coordinators read the Redis URL from the Secret (shared limits and breakers).
+    coordinator = production.one("Deployment", COORDINATOR)
+    [container] = coordinator["spec"]["template"]["spec"]["containers"]
+    redis_env = [e for e in container["env"] if e["name"] == "TRELLIS_REDIS_URL"]
+    assert redis_env == [
+        {
+            "name": "TRELLIS_REDIS_URL",
+            "valueFrom": {"secretKeyRef": {"name": FULLNAME, "key": "redis-url"}},
+        }
+    ]
 
 
 # -- production shape ------------------------------------------------------------------------

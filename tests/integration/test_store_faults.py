@@ -236,18 +236,27 @@ def _schema_diff(conn: sa.Connection) -> list[object]:
         conn,
         opts={
             "compare_type": True,
-            "include_object": lambda obj, name, type_, *_: name != "ix_node_runs_claim",
         },
     )
     return list(compare_metadata(context, metadata))
 
 
-def _claim_index_sql(conn: sa.Connection) -> str:
+def _index_sql(conn: sa.Connection, name: str) -> str:
     if conn.dialect.name == "sqlite":
-        query = "SELECT sql FROM sqlite_master WHERE name = 'ix_node_runs_claim'"
+        query = sa.text("SELECT sql FROM sqlite_master WHERE name = :name")
     else:
-        query = "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_node_runs_claim'"
-    return str(conn.execute(sa.text(query)).scalar_one())
+        query = sa.text("SELECT indexdef FROM pg_indexes WHERE indexname = :name")
+    return str(conn.execute(query, {"name": name}).scalar_one())
+
+
+def _claim_index_sql(conn: sa.Connection) -> str:
+    """The claim index before revision 0006."""
+    return _index_sql(conn, "ix_node_runs_claim")
+
+
+def _dispatch_index_sql(conn: sa.Connection) -> str:
+    """The claim index from revision 0006 on."""
+    return _index_sql(conn, "ix_node_runs_dispatch")
 
 
 async def test_migration_0002_downgrades_and_upgrades_keeping_rows(db_url: str) -> None:
@@ -278,7 +287,7 @@ async def test_migration_0002_downgrades_and_upgrades_keeping_rows(db_url: str) 
     try:
         async with store.engine.connect() as conn:
             assert await conn.run_sync(_schema_diff) == []
-            assert "held = false" in await conn.run_sync(_claim_index_sql)
+            assert "held = false" in await conn.run_sync(_dispatch_index_sql)
         assert [r.node_id for r in await store.claim_tasks(T, "w", ["work"], 10, NOW)] == ["a"]
     finally:
         await store.close()

@@ -82,6 +82,30 @@ NODE_STATUS_TIMED_OUT: NodeStatus.ValueType  # 8
 NODE_STATUS_WAITING: NodeStatus.ValueType  # 9
 Global___NodeStatus: _TypeAlias = NodeStatus  # noqa: Y015
 
+class _OverflowPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OverflowPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OverflowPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OVERFLOW_POLICY_UNSPECIFIED: _OverflowPolicy.ValueType  # 0
+    """Same as OVERFLOW_POLICY_QUEUE."""
+    OVERFLOW_POLICY_QUEUE: _OverflowPolicy.ValueType  # 1
+    """The execution is created PENDING and starts, oldest first, when a running one ends."""
+    OVERFLOW_POLICY_REJECT: _OverflowPolicy.ValueType  # 2
+    """The start is refused with RESOURCE_EXHAUSTED; nothing is created."""
+
+class OverflowPolicy(_OverflowPolicy, metaclass=_OverflowPolicyEnumTypeWrapper):
+    """What a start does when its workflow already has max_running_executions running."""
+
+OVERFLOW_POLICY_UNSPECIFIED: OverflowPolicy.ValueType  # 0
+"""Same as OVERFLOW_POLICY_QUEUE."""
+OVERFLOW_POLICY_QUEUE: OverflowPolicy.ValueType  # 1
+"""The execution is created PENDING and starts, oldest first, when a running one ends."""
+OVERFLOW_POLICY_REJECT: OverflowPolicy.ValueType  # 2
+"""The start is refused with RESOURCE_EXHAUSTED; nothing is created."""
+Global___OverflowPolicy: _TypeAlias = OverflowPolicy  # noqa: Y015
+
 @_typing.final
 class RetryPolicy(_message.Message):
     """How a failed attempt of a node is retried."""
@@ -326,10 +350,19 @@ class WorkflowDefinition(_message.Message):
     EXECUTION_TIMEOUT_FIELD_NUMBER: _builtins.int
     DEFAULT_SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
     DEFAULT_HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_EXECUTIONS_FIELD_NUMBER: _builtins.int
+    OVERFLOW_POLICY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     """Assigned by the coordinator on registration; 0 in a request."""
     description: _builtins.str
+    max_concurrency: _builtins.int
+    """Most nodes of one execution leased at once (0 = no limit); StartExecution may set its own."""
+    max_running_executions: _builtins.int
+    """Most RUNNING executions of this workflow (all versions together) at once (0 = no limit)."""
+    overflow_policy: Global___OverflowPolicy.ValueType
+    """What a start beyond max_running_executions does (default: queue)."""
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeDefinition]: ...
     @_builtins.property
@@ -364,10 +397,13 @@ class WorkflowDefinition(_message.Message):
         execution_timeout: _duration_pb2.Duration | None = ...,
         default_schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
         default_heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        max_concurrency: _builtins.int = ...,
+        max_running_executions: _builtins.int = ...,
+        overflow_policy: Global___OverflowPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_heartbeat_timeout", b"default_heartbeat_timeout", "default_retry_policy", b"default_retry_policy", "default_schedule_to_start_timeout", b"default_schedule_to_start_timeout", "default_start_to_close_timeout", b"default_start_to_close_timeout", "execution_timeout", b"execution_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_heartbeat_timeout", b"default_heartbeat_timeout", "default_retry_policy", b"default_retry_policy", "default_schedule_to_start_timeout", b"default_schedule_to_start_timeout", "default_start_to_close_timeout", b"default_start_to_close_timeout", "description", b"description", "edges", b"edges", "execution_timeout", b"execution_timeout", "name", b"name", "nodes", b"nodes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_heartbeat_timeout", b"default_heartbeat_timeout", "default_retry_policy", b"default_retry_policy", "default_schedule_to_start_timeout", b"default_schedule_to_start_timeout", "default_start_to_close_timeout", b"default_start_to_close_timeout", "description", b"description", "edges", b"edges", "execution_timeout", b"execution_timeout", "max_concurrency", b"max_concurrency", "max_running_executions", b"max_running_executions", "name", b"name", "nodes", b"nodes", "overflow_policy", b"overflow_policy", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -489,6 +525,8 @@ class Execution(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     PARENT_NODE_ID_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     workflow_name: _builtins.str
     workflow_version: _builtins.int
@@ -501,6 +539,10 @@ class Execution(_message.Message):
     depth: _builtins.int
     parent_node_id: _builtins.str
     """A child execution: the workflow node of the parent execution it runs for."""
+    max_concurrency: _builtins.int
+    """Most nodes of this execution leased at once (0 = no limit)."""
+    queued: _builtins.bool
+    """PENDING because its workflow had max_running_executions running; starts when one ends."""
     @_builtins.property
     def error(self) -> Global___ErrorInfo: ...
     @_builtins.property
@@ -534,10 +576,12 @@ class Execution(_message.Message):
         nodes: _abc.Iterable[Global___NodeRun] | None = ...,
         parent_node_id: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
+        max_concurrency: _builtins.int = ...,
+        queued: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "depth", b"depth", "end_time", b"end_time", "error", b"error", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "nodes", b"nodes", "output", b"output", "parent_execution_id", b"parent_execution_id", "parent_node_id", b"parent_node_id", "priority", b"priority", "start_time", b"start_time", "status", b"status", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "depth", b"depth", "end_time", b"end_time", "error", b"error", "id", b"id", "idempotency_key", b"idempotency_key", "input", b"input", "max_concurrency", b"max_concurrency", "nodes", b"nodes", "output", b"output", "parent_execution_id", b"parent_execution_id", "parent_node_id", b"parent_node_id", "priority", b"priority", "queued", b"queued", "start_time", b"start_time", "status", b"status", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

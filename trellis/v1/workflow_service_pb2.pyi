@@ -232,6 +232,7 @@ class StartExecutionRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     DELAY_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     workflow_name: _builtins.str
     workflow_version: _builtins.int
     """0 means the latest version."""
@@ -242,6 +243,8 @@ class StartExecutionRequest(_message.Message):
     first started instead of a new one.
     """
     priority: _builtins.int
+    max_concurrency: _builtins.int
+    """Most nodes of this execution leased at once (0 = the definition's max_concurrency)."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Delayed start: the execution is created PENDING and starts at this time (durable)."""
@@ -260,10 +263,11 @@ class StartExecutionRequest(_message.Message):
         priority: _builtins.int = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         delay: _duration_pb2.Duration | None = ...,
+        max_concurrency: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "idempotency_key", b"idempotency_key", "input", b"input", "priority", b"priority", "start_time", b"start_time", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "idempotency_key", b"idempotency_key", "input", b"input", "max_concurrency", b"max_concurrency", "priority", b"priority", "start_time", b"start_time", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

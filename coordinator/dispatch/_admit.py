@@ -1,0 +1,82 @@
+"""Which claim candidates the concurrency limits let through (pure: no I/O).
+
+The claim counts LEASED rows inside its transaction, after taking its locks; ``admit``
+walks the candidates in dispatch order and keeps those for which every limit still has
+room, counting each one it keeps, so one claim never oversteps a limit either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from coordinator.service.ports import Admitted, Candidate, LeasedCounts
+
+KeyOf = Callable[[Candidate], str]
+
+
+def admit(
+    candidates: Sequence[Candidate],
+    counts: LeasedCounts,
+    limit: int,
+    *,
+    type_caps: Mapping[str, int] | None = None,
+    key_limits: Mapping[str, int] | None = None,
+    key_of: KeyOf | None = None,
+) -> list[Admitted]:
+    """The candidates (in order, at most ``limit``) within every execution's
+    max_concurrency, each type's cap (``type_caps``: leased tasks of the type) and each
+    keyed type's per-key limit (``key_limits``, keys from ``key_of``)."""
+    type_caps = type_caps or {}
+    key_limits = key_limits or {}
+    per_key = dict(counts.by_type_key)
+    per_type: dict[str, int] = {}
+    for (task_type, _key), count in per_key.items():
+        per_type[task_type] = per_type.get(task_type, 0) + count
+    per_execution = dict(counts.by_execution)
+    out: list[Admitted] = []
+    for c in candidates:
+        if len(out) >= limit:
+            break
+        cap = c.execution_max_concurrency
+        if cap and per_execution.get(c.execution_id, 0) >= cap:
+            continue
+        type_cap = type_caps.get(c.task_type, 0)
+        if type_cap and per_type.get(c.task_type, 0) >= type_cap:
+            continue
+        key: str | None = None
+        key_limit = key_limits.get(c.task_type, 0)
+        if key_limit and key_of is not None:
+            key = key_of(c)
+            if per_key.get((c.task_type, key), 0) >= key_limit:
+                continue
+        out.append(Admitted(c, key))
+        per_execution[c.execution_id] = per_execution.get(c.execution_id, 0) + 1
+        per_type[c.task_type] = per_type.get(c.task_type, 0) + 1
+        per_key[(c.task_type, key)] = per_key.get((c.task_type, key), 0) + 1
+    return out
+
+
+class Unlimited:
+    """The ClaimPolicy of a claim with no task-type limits: only executions' caps."""
+
+    excluded_types: frozenset[str] = frozenset()
+    counted_types: frozenset[str] = frozenset()
+    needs_input = False
+    wait_hint: float | None = None
+
+    def scan(self, limit: int) -> int:
+        return limit
+
+    def admit(
+        self, candidates: Sequence[Candidate], counts: LeasedCounts, limit: int
+    ) -> list[Admitted]:
+        return admit(candidates, counts, limit)
+
+    async def take_tokens(self, admitted: Sequence[Admitted]) -> list[Admitted]:
+        return list(admitted)
+
+    async def refund(self, taken: Sequence[Admitted]) -> None:
+        return None
+
+
+UNLIMITED = Unlimited()
