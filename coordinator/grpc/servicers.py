@@ -73,11 +73,18 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, timedelta(seconds=max(remaining - _DEADLINE_MARGIN, 0.0)))
-        tasks = await self._poll(request, wait if self._waiters is None else timedelta(0))
-        if not tasks and self._waiters is not None and wait > timedelta(0):
-            # Nothing to claim now: only a poll that is going to wait takes a waiting slot.
-            with self._waiters.admit():
+        waiters = self._waiters
+        if waiters is None or wait <= timedelta(0):
+            tasks = await self._poll(request, wait)
+        elif waiters.waiting < waiters.limit:
+            with waiters.admit():
                 tasks = await self._poll(request, wait)
+        else:
+            # Full: a poll that finds work at once still gets it; only waiting is refused.
+            tasks = await self._poll(request, timedelta(0))
+            if not tasks:
+                with waiters.admit():  # RESOURCE_EXHAUSTED with a retry hint
+                    tasks = await self._poll(request, wait)
         return wpb.PollTasksResponse(tasks=[convert.task_to_proto(t) for t in tasks])
 
     async def _poll(self, request: wpb.PollTasksRequest, wait: timedelta) -> list[LeasedTask]:
