@@ -108,7 +108,9 @@ def node_from_proto(n: common_pb2.NodeDefinition) -> NodeSpec:
     config = b""
     if n.HasField("config"):
         doc = _whole_numbers(json_format.MessageToDict(n.config))
-        config = json.dumps(doc, separators=(",", ":")).encode()
+        # Sorted: a Struct is a map whose iteration order differs between processes, and
+        # the config is part of the definition's content hash.
+        config = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
     return NodeSpec(
         id=n.id,
         kind=n.kind or "task",
