@@ -60,6 +60,13 @@ def _ok() -> None:
     return None
 
 
+def record_outcome(breaker: pybreaker.CircuitBreaker, ok: bool) -> None:
+    """Feed one attempt's outcome to a pybreaker breaker (which counts calls it wraps);
+    while it is open the outcome is dropped."""
+    with contextlib.suppress(_AttemptFailed, pybreaker.CircuitBreakerError):
+        breaker.call(_ok if ok else _fail)
+
+
 class _MemoryStorage(pybreaker.CircuitMemoryStorage):
     """Per-process state; ``opened_at`` comes from our clock (pybreaker passes its own
     ``datetime.now``), so that tests can move time."""
@@ -199,8 +206,7 @@ class TaskBreakers:
                 # Another replica moved the shared state: adopt it without pybreaker's
                 # notification, whose "entered closed" would reset the shared count.
                 b.breaker._state = b.breaker._create_new_state(state, notify=False)
-            with contextlib.suppress(_AttemptFailed, pybreaker.CircuitBreakerError):
-                b.breaker.call(_ok if ok else _fail)
+            record_outcome(b.breaker, ok)
 
         await self._run(tenant_id, limits, record)
 

@@ -9,24 +9,13 @@ own that an endpoint is down).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pybreaker
 
-
-class _AttemptFailed(Exception):
-    pass
-
-
-def _fail() -> None:
-    raise _AttemptFailed
-
-
-def _ok() -> None:
-    return None
+from coordinator.dispatch._breakers import record_outcome
 
 
 class _Opened(pybreaker.CircuitBreakerListener):
@@ -93,5 +82,4 @@ class ChannelBreakers:
         """The outcome of an admitted attempt."""
         breaker, _opened = self._get(channel_id)
         self._probing.discard(channel_id)
-        with contextlib.suppress(_AttemptFailed, pybreaker.CircuitBreakerError):
-            breaker.call(_ok if ok else _fail)
+        record_outcome(breaker, ok)
