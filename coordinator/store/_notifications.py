@@ -441,7 +441,8 @@ class NotificationStoreMixin:
             .cte("picked")
         )
         if self._postgres:
-            # Run once (see SqlStore.claim_tasks): a rescanned pick would lock more rows.
+            # Run once: as a subquery joined to the UPDATE the planner may rescan the pick
+            # per outer row, and each rescan locks (and claims) further rows past ``limit``.
             picked = picked.prefix_with("MATERIALIZED")
         claim = (
             sa.update(d)

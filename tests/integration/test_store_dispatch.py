@@ -1,4 +1,4 @@
-"""The claim under dispatch limits (coordinator/store/_sql.py claim_tasks with a ClaimPolicy):
+"""The claim under dispatch limits (coordinator/store/_leasing.py claim_tasks with a ClaimPolicy):
 priority ageing, execution caps, concurrency keys and type caps, on SQLite and PostgreSQL."""
 
 from __future__ import annotations

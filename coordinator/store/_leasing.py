@@ -1,0 +1,376 @@
+"""Leasing: the claim (with dispatch limits), lease heartbeats and the sweepers' queries
+over leases and deadlines — the part of ``SqlStore`` on the dispatch hot path."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from coordinator.dispatch._admit import UNLIMITED
+from coordinator.model import Event, EventType, Execution, NodeRun
+from coordinator.service.ports import Admitted, Candidate, ClaimPolicy, LeasedCounts, LeaseKey
+from coordinator.store import _rows
+from coordinator.store._tables import LIVE_EXECUTION_STATUSES, executions, node_runs, workers
+
+# Statuses and flags compared in claim and sweep queries are SQL literals, not bound
+# parameters, so the planners can match the partial indexes (WHERE status = 'READY' AND
+# held = false / status = 'LEASED' / status IN (<live>)).
+_READY: sa.ColumnClause[str] = sa.literal_column("'READY'", sa.Text)
+_LEASED: sa.ColumnClause[str] = sa.literal_column("'LEASED'", sa.Text)
+_NOT_HELD = node_runs.c.held == sa.literal_column("false", sa.Boolean)
+_LIVE_EXECUTION = executions.c.status.in_(
+    [sa.literal_column(f"'{s}'", sa.Text) for s in LIVE_EXECUTION_STATUSES]
+)
+
+
+def _sorted_runs(runs: list[NodeRun]) -> list[NodeRun]:
+    return sorted(runs, key=lambda r: (-r.priority, r.available_at or r.updated_at, r.node_id))
+
+
+def touch_worker_statement(tenant_id: str, worker_id: str, now_ms: int) -> sa.Update:
+    """last_seen = now for a registered worker; never moves it back (replicas' clocks)."""
+    w = workers
+    return (
+        sa.update(w)
+        .where(w.c.tenant_id == tenant_id, w.c.id == worker_id, w.c.last_seen < now_ms)
+        .values(last_seen=now_ms)
+    )
+
+
+class LeasingStoreMixin:
+    """Mixed into SqlStore, whose transaction helper and event writer it uses."""
+
+    if TYPE_CHECKING:
+        _postgres: bool
+
+        def _tx(
+            self, *, write: bool
+        ) -> contextlib.AbstractAsyncContextManager[AsyncConnection]: ...
+
+        async def _insert_events(
+            self, conn: AsyncConnection, tenant_id: str, items: Sequence[Event]
+        ) -> None: ...
+
+    def _task_type_filter(self, task_types: Sequence[str]) -> sa.ColumnElement[bool]:
+        if self._postgres:
+            # One statement text whatever the number of types (prepared-statement friendly).
+            types = sa.bindparam("task_types", list(task_types), type_=postgresql.ARRAY(sa.Text))
+            return node_runs.c.task_type == sa.any_(types)
+        return node_runs.c.task_type.in_(list(task_types))
+
+    async def claim_tasks(
+        self,
+        tenant_id: str,
+        worker_id: str,
+        task_types: Sequence[str],
+        limit: int,
+        now: datetime,
+        policy: ClaimPolicy | None = None,
+    ) -> list[NodeRun]:
+        policy = policy or UNLIMITED
+        types = sorted(set(task_types) - policy.excluded_types)
+        if limit <= 0 or not types:
+            return []
+        counted = sorted(policy.counted_types & set(types))
+        taken: list[Admitted] = []
+        began = time.monotonic()
+        try:
+            async with self._tx(write=True) as conn:
+                # Locks in one global order (types, then executions): no deadlock.
+                await self._lock_limits(conn, [f"type:{tenant_id}:{t}" for t in counted])
+                candidates = await self._candidates(
+                    conn, tenant_id, types, policy.scan(limit), now, policy.needs_input
+                )
+                if not candidates:
+                    return []
+                capped = sorted({c.execution_id for c in candidates if c.execution_max_concurrency})
+                await self._lock_limits(conn, [f"execution:{x}" for x in capped])
+                counts = await self._leased_counts(conn, tenant_id, counted, capped)
+                taken = await policy.take_tokens(policy.admit(candidates, counts, limit))
+                if counted or capped:
+                    # The lease starts now, not when the claim began: waiting for the limit
+                    # locks may have taken a while, and a lease must not seem to begin
+                    # before the end of the one whose slot it takes.
+                    now += timedelta(seconds=time.monotonic() - began)
+                runs = await self._lease(conn, tenant_id, worker_id, taken, now)
+        except BaseException:
+            if taken:
+                await policy.refund(taken)
+            raise
+        return runs
+
+    async def _candidates(
+        self,
+        conn: AsyncConnection,
+        tenant_id: str,
+        types: Sequence[str],
+        scan: int,
+        now: datetime,
+        needs_input: bool,
+    ) -> list[Candidate]:
+        """Up to ``scan`` claimable rows in dispatch order, locked (SKIP LOCKED on
+        PostgreSQL: concurrent claimers pass over each other's rows; SQLite's writer lock
+        serializes claims). Rows of executions already at their max_concurrency are left
+        out here (the claim re-counts under a lock before leasing)."""
+        n, e = node_runs, executions
+        leased = sa.alias(node_runs, "l")
+        running = (
+            sa.select(sa.func.count())
+            .where(leased.c.execution_id == n.c.execution_id, leased.c.status == _LEASED)
+            .scalar_subquery()
+        )
+        columns = [n.c.execution_id, n.c.node_id, n.c.task_type, e.c.max_concurrency]
+        if needs_input:
+            columns.append(n.c.input)
+        query = (
+            sa.select(*columns)
+            .join(e, e.c.id == n.c.execution_id)
+            .where(
+                n.c.status == _READY,
+                _NOT_HELD,
+                n.c.tenant_id == tenant_id,
+                self._task_type_filter(types),
+                n.c.available_at <= _rows.to_ms(now),
+                sa.or_(e.c.max_concurrency == 0, e.c.max_concurrency > running),
+            )
+            .order_by(n.c.dispatch_rank)
+            .limit(scan)
+            .with_for_update(of=n, skip_locked=True)
+        )
+        rows = (await conn.execute(query)).all()
+        return [
+            Candidate(
+                execution_id=r.execution_id,
+                node_id=r.node_id,
+                task_type=r.task_type,
+                input=bytes(r.input) if needs_input and r.input is not None else None,
+                execution_max_concurrency=r.max_concurrency,
+            )
+            for r in rows
+        ]
+
+    async def _lock_limits(self, conn: AsyncConnection, keys: Sequence[str]) -> None:
+        """Serialize the claims that count leased rows of one task type or execution across
+        replicas, so that two cannot both see room for the last slot (PostgreSQL
+        transaction-scoped advisory locks, in sorted order; SQLite's writer lock already
+        serializes claims)."""
+        if not self._postgres:
+            return
+        for key in sorted(keys):
+            lock_id = sa.func.hashtextextended(f"trellis:{key}", 0)
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock_id)))
+
+    async def _leased_counts(
+        self, conn: AsyncConnection, tenant_id: str, types: Sequence[str], capped: Sequence[str]
+    ) -> LeasedCounts:
+        n = node_runs
+        counts = LeasedCounts()
+        if types:
+            by_key = (
+                sa.select(n.c.task_type, n.c.concurrency_key, sa.func.count())
+                .where(n.c.status == _LEASED, n.c.tenant_id == tenant_id)
+                .where(self._task_type_filter(types))
+                .group_by(n.c.task_type, n.c.concurrency_key)
+            )
+            for task_type, key, count in (await conn.execute(by_key)).all():
+                counts.by_type_key[(task_type, key)] = count
+        if capped:
+            by_execution = (
+                sa.select(n.c.execution_id, sa.func.count())
+                .where(n.c.status == _LEASED, n.c.execution_id.in_(capped))
+                .group_by(n.c.execution_id)
+            )
+            for execution_id, count in (await conn.execute(by_execution)).all():
+                counts.by_execution[execution_id] = count
+        return counts
+
+    async def _lease(
+        self,
+        conn: AsyncConnection,
+        tenant_id: str,
+        worker_id: str,
+        admitted: Sequence[Admitted],
+        now: datetime,
+    ) -> list[NodeRun]:
+        """Lease the admitted rows (locked by ``_candidates``), with their NODE_LEASED events."""
+        if not admitted:
+            return []
+        n = node_runs
+        now_ms = _rows.to_ms(now)
+        now_param = sa.literal(now_ms, sa.BigInteger)
+        lease = (
+            sa.update(n)
+            .where(n.c.tenant_id == tenant_id)
+            .values(
+                status=_LEASED,
+                attempt=n.c.attempt + 1,
+                lease_seq=n.c.lease_seq + 1,
+                worker_id=worker_id,
+                lease_deadline=now_param + n.c.start_to_close_ms,
+                # NULL when the node has no heartbeat timeout.
+                heartbeat_deadline=now_param + n.c.heartbeat_timeout_ms,
+                # Started in time: the schedule-to-start deadline no longer applies.
+                schedule_deadline=None,
+                updated_at=now_ms,
+            )
+            .returning(*n.c)
+        )
+        runs: list[NodeRun] = []
+        # One statement per distinct concurrency key (usually one in all).
+        by_key: dict[str | None, list[tuple[str, str]]] = {}
+        for a in admitted:
+            by_key.setdefault(a.concurrency_key, []).append(
+                (a.candidate.execution_id, a.candidate.node_id)
+            )
+        for key, pks in by_key.items():
+            statement = lease.where(sa.tuple_(n.c.execution_id, n.c.node_id).in_(pks)).values(
+                concurrency_key=key
+            )
+            rows = (await conn.execute(statement)).mappings().all()
+            runs.extend(_rows.node_run_from_row(r) for r in rows)
+        runs = _sorted_runs(runs)
+        await self._insert_events(
+            conn,
+            tenant_id,
+            [
+                Event(
+                    execution_id=r.execution_id,
+                    type=EventType.NODE_LEASED,
+                    time=now,
+                    tenant_id=tenant_id,
+                    node_id=r.node_id,
+                    attempt=r.attempt,
+                    worker_id=worker_id,
+                )
+                for r in runs
+            ],
+        )
+        # A worker that is handed tasks is alive (as if it had heartbeated).
+        await conn.execute(touch_worker_statement(tenant_id, worker_id, now_ms))
+        return runs
+
+    async def next_available_at(
+        self, tenant_id: str, task_types: Sequence[str], now: datetime
+    ) -> datetime | None:
+        if not task_types:
+            return None
+        n = node_runs
+        query = sa.select(sa.func.min(n.c.available_at)).where(
+            n.c.status == _READY,
+            _NOT_HELD,
+            n.c.tenant_id == tenant_id,
+            self._task_type_filter(task_types),
+            n.c.available_at > _rows.to_ms(now),
+        )
+        async with self._tx(write=False) as conn:
+            value = await conn.scalar(query)
+        return _rows.opt_from_ms(value)
+
+    async def touch_leases(
+        self, tenant_id: str, keys: Sequence[LeaseKey], now: datetime
+    ) -> dict[LeaseKey, NodeRun | None]:
+        if not keys:
+            return {}
+        n = node_runs
+        # Lock order (execution_id, node_id), as transitions use, so two never deadlock.
+        ordered = sorted(set(keys), key=lambda k: (k.execution_id, k.node_id, k.lease_seq))
+        now_param = sa.literal(_rows.to_ms(now), sa.BigInteger)
+        params = [
+            {
+                "b_tenant_id": tenant_id,
+                "b_execution_id": k.execution_id,
+                "b_node_id": k.node_id,
+                "b_lease_seq": k.lease_seq,
+            }
+            for k in ordered
+        ]
+        touch = (
+            sa.update(n)
+            .where(
+                n.c.tenant_id == sa.bindparam("b_tenant_id"),
+                n.c.execution_id == sa.bindparam("b_execution_id"),
+                n.c.node_id == sa.bindparam("b_node_id"),
+                n.c.lease_seq == sa.bindparam("b_lease_seq"),
+                n.c.status == _LEASED,
+            )
+            .values(heartbeat_deadline=now_param + n.c.heartbeat_timeout_ms)
+        )
+        pairs = sorted({(k.execution_id, k.node_id) for k in ordered})
+        current = sa.select(n).where(
+            n.c.tenant_id == tenant_id,
+            sa.tuple_(n.c.execution_id, n.c.node_id).in_(pairs),
+        )
+        async with self._tx(write=True) as conn:
+            await conn.execute(touch, params)
+            rows = (await conn.execute(current)).mappings().all()
+        found = {(r["execution_id"], r["node_id"]): _rows.node_run_from_row(r) for r in rows}
+        return {k: found.get((k.execution_id, k.node_id)) for k in keys}
+
+    async def find_expired_leases(self, now: datetime, limit: int) -> list[NodeRun]:
+        n = node_runs
+        now_ms = _rows.to_ms(now)
+        query = (
+            sa.select(n)
+            .where(
+                n.c.status == _LEASED,
+                sa.or_(n.c.lease_deadline < now_ms, n.c.heartbeat_deadline < now_ms),
+            )
+            .order_by(n.c.lease_deadline, n.c.execution_id, n.c.node_id)
+            .limit(limit)
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.node_run_from_row(r) for r in rows]
+
+    async def find_unstarted_overdue(self, now: datetime, limit: int) -> list[NodeRun]:
+        n = node_runs
+        query = (
+            sa.select(n)
+            .where(n.c.status == _READY, _NOT_HELD, n.c.schedule_deadline < _rows.to_ms(now))
+            .order_by(n.c.schedule_deadline, n.c.execution_id, n.c.node_id)
+            .limit(limit)
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.node_run_from_row(r) for r in rows]
+
+    async def find_overdue_executions(self, now: datetime, limit: int) -> list[Execution]:
+        e = executions
+        query = (
+            sa.select(e)
+            .where(_LIVE_EXECUTION, e.c.deadline < _rows.to_ms(now))
+            .order_by(e.c.deadline, e.c.id)
+            .limit(limit)
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.execution_from_row(r) for r in rows]
+
+    async def find_leases_of_lost_workers(self, cutoff: datetime, limit: int) -> list[NodeRun]:
+        n, w = node_runs, workers
+        query = (
+            sa.select(n)
+            .join(w, sa.and_(w.c.tenant_id == n.c.tenant_id, w.c.id == n.c.worker_id))
+            .where(n.c.status == _LEASED, w.c.last_seen < _rows.to_ms(cutoff))
+            .order_by(w.c.last_seen, n.c.execution_id, n.c.node_id)
+            .limit(limit)
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.node_run_from_row(r) for r in rows]
+
+    async def list_worker_leases(self, tenant_id: str, worker_id: str) -> list[NodeRun]:
+        n = node_runs
+        query = sa.select(n).where(
+            n.c.tenant_id == tenant_id, n.c.status == _LEASED, n.c.worker_id == worker_id
+        )
+        async with self._tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.node_run_from_row(r) for r in rows]
