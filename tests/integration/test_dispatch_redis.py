@@ -162,6 +162,24 @@ async def test_replicas_share_a_breaker(links: tuple[RedisLink, RedisLink], pref
     assert (await two.gate("t", LIMITS)).state is BreakerState.CLOSED
 
 
+async def test_a_replica_catching_up_keeps_the_shared_failure_count(
+    links: tuple[RedisLink, RedisLink], prefix: str
+) -> None:
+    clock = Clock()
+    one = TaskBreakers(links[0], clock=clock, namespace=prefix)
+    two = TaskBreakers(links[1], clock=clock, namespace=prefix)
+    for _ in range(3):
+        await one.record("t", LIMITS, ok=False)  # one's breaker object is now OPEN
+    clock.at += LIMITS.breaker_reset_timeout
+    assert (await two.gate("t", LIMITS)).state is BreakerState.HALF_OPEN
+    await two.record("t", LIMITS, ok=True)  # closed by two; one has not seen it yet
+    await two.record("t", LIMITS, ok=False)
+    await two.record("t", LIMITS, ok=False)
+    # one adopts the closed state without resetting the count two has built up.
+    await one.record("t", LIMITS, ok=False)
+    assert (await two.gate("t", LIMITS)).blocked
+
+
 # -- Redis going away and coming back --------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from coordinator.service import Sweeper
 from tests.integration.conftest import Api
 from tests.support.wait import eventually
 from trellis.v1 import common_pb2
@@ -239,3 +240,24 @@ async def test_definition_limits_round_trip_and_are_validated(api: Api) -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
         )
         assert field in details
+
+
+async def test_the_sweeper_pages_through_every_workflow_with_a_queue(api: Api) -> None:
+    for name in ("page-a", "page-b"):
+        await register(api, capped(name, 1))
+        await start(api, name)
+        assert (await start(api, name)).queued
+    coordinator = api.running.coordinator
+    assert await coordinator.find_queued_workflows(1) == [("default", "page-a")]
+    assert await coordinator.find_queued_workflows(1, ("default", "page-a")) == [
+        ("default", "page-b")
+    ]
+    assert await coordinator.find_queued_workflows(1, ("default", "page-b")) == []
+    # A sweeper whose batch is one workflow reaches the second one on its next pass.
+    sweeper = Sweeper(coordinator, batch=1)
+    assert (await sweeper.start_queued())[0] == 1
+    assert sweeper._queued_after == ("default", "page-a")
+    assert (await sweeper.start_queued())[0] == 1
+    assert sweeper._queued_after == ("default", "page-b")
+    assert (await sweeper.start_queued())[0] == 0
+    assert sweeper._queued_after is None
