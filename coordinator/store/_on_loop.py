@@ -21,7 +21,7 @@ class OnLoopConnection(AsyncConnection):
     would insist on an async driver); the rest (``rollback``, ``begin_nested``, ``run_sync``)
     goes through a greenlet that pysqlite never suspends, so it completes on the spot."""
 
-    async def execute(  # type: ignore[override]
+    async def execute(
         self,
         statement: Any,
         parameters: Any = None,
@@ -30,7 +30,7 @@ class OnLoopConnection(AsyncConnection):
     ) -> CursorResult[Any]:
         return self._proxied.execute(statement, parameters, execution_options=execution_options)
 
-    async def scalar(  # type: ignore[override]
+    async def scalar(
         self,
         statement: Any,
         parameters: Any = None,
