@@ -91,6 +91,10 @@ class Worker:
     handlers are cancelled and handed back to the coordinator as retryable
     "WorkerShutdown" failures. The worker survives coordinator restarts: it
     retries with backoff, re-registers, and keeps results until delivered.
+
+    ``eager_dispatch``: each CompleteTask asks the coordinator to lease, in its reply, the
+    next ready task for the slot the result frees (typically the successor the result just
+    made ready), which saves a poll round trip per DAG step.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class Worker:
         labels: Mapping[str, str] | None = None,
         identity: str | None = None,
         drain_timeout: float | None = 60.0,
+        eager_dispatch: bool = True,
     ) -> None:
         by_name: dict[str, Task] = {}
         for t in tasks:
@@ -124,6 +129,7 @@ class Worker:
         self._task_types = sorted(by_name)
         self._address = address
         self._concurrency = concurrency
+        self._eager = eager_dispatch
         self._worker_id = worker_id or ""
         self._poll_wait = float(poll_wait)
         self._labels = dict(labels or {})
@@ -409,18 +415,22 @@ class Worker:
                 self._beat_now.set()
 
     async def _run(self, lease: _Lease) -> None:
+        eager: list[pb.Task] = []
         try:
             await self._slots.acquire()
             lease.slot_acquired = True
             result = await self._execute(lease)
             if result is not None and lease.drop_reason is None:
-                await self._deliver(lease, result)
+                eager = await self._deliver(lease, result)
         finally:
             # The slot is held until the result is delivered (so this worker never holds
             # more than `concurrency` leases), and while a sync handler's thread still runs.
             if not lease.thread_running:
                 self._release(lease)
             self._leases.pop(lease.token, None)
+        # Eager dispatch: the tasks the completion's reply carried take the freed slot.
+        for msg in eager:
+            self._start(msg)
 
     def _release(self, lease: _Lease) -> None:
         if not lease.reserved or lease.generation != self._generation:
@@ -582,19 +592,29 @@ class Worker:
 
     # Results -----------------------------------------------------------------------
 
-    async def _deliver(self, lease: _Lease, request: _Result) -> None:
-        """Sends the result until it is accepted, refused for good, or the lease is dropped."""
+    async def _deliver(self, lease: _Lease, request: _Result) -> list[pb.Task]:
+        """Sends the result until it is accepted, refused for good, or the lease is dropped.
+        Returns the tasks a completion's reply leased to this worker (eager dispatch)."""
         assert self._stub is not None
         backoff = Backoff()
         current: _Result | None = request
         while current is not None and lease.drop_reason is None:
             try:
                 if isinstance(current, pb.CompleteTaskRequest):
-                    await self._stub.CompleteTask(current, timeout=_RPC_TIMEOUT)
-                else:
-                    await self._stub.FailTask(current, timeout=_RPC_TIMEOUT)
+                    if self._eager and not self._stopping.is_set() and not lease.thread_running:
+                        # The slot this result frees may go straight to the next task; a
+                        # poll in flight asked only for the other free slots.
+                        current.max_next_tasks = 1
+                        current.task_types[:] = self._task_types
+                    else:
+                        current.max_next_tasks = 0
+                        del current.task_types[:]
+                    reply = await self._stub.CompleteTask(current, timeout=_RPC_TIMEOUT)
+                    self._deliver_episode.succeeded(extra=self._log)
+                    return list(reply.next_tasks)
+                await self._stub.FailTask(current, timeout=_RPC_TIMEOUT)
                 self._deliver_episode.succeeded(extra=self._log)
-                return
+                return []
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 method = (
@@ -608,7 +628,7 @@ class Worker:
                         exc.details(),
                         extra=lease.extra,
                     )
-                    return
+                    return []
                 if code == grpc.StatusCode.INVALID_ARGUMENT or _too_large(exc):
                     current = self._replacement(lease, current, exc)
                     continue
@@ -618,6 +638,7 @@ class Worker:
                 delay = backoff.delay_after(exc)
                 self._deliver_episode.failed(exc, delay, extra=lease.extra)
                 await asyncio.sleep(delay)
+        return []
 
     def _replacement(
         self, lease: _Lease, refused: _Result, exc: grpc.aio.AioRpcError

@@ -41,6 +41,7 @@ from coordinator.service._core import (
 from coordinator.service._notifier import execution_key, task_key
 from coordinator.service._starting import ExecutionStarts
 from coordinator.service._tokens import LeaseToken
+from coordinator.service.ports import ClaimPolicy
 
 __all__ = [
     "Clock",
@@ -207,26 +208,16 @@ class Coordinator(ExecutionStarts):
         wait: timedelta,
     ) -> list[LeasedTask]:
         """Long-poll: claim up to ``max_tasks``; if none, sleep until woken or ``wait`` ends."""
-        if not task_types:
-            raise InvalidArgument("task_types is empty; name at least one task type to poll")
-        if not worker_id:
-            raise InvalidArgument("worker_id is required; call RegisterWorker first")
-        check_names(worker_id=worker_id, task_types=task_types)
+        max_tasks = self._check_claim(worker_id, task_types, max_tasks, "poll")
         if self._draining:
             raise Unavailable("coordinator is shutting down; reconnect to another replica")
-        fit = self.settings.max_reply_bytes // (2 * self.settings.max_payload_bytes)
-        max_tasks = max(1, min(max_tasks, 1000, fit))
         wait = min(wait, self.settings.poll_max_wait)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(wait.total_seconds(), 0.0)
         with self.notifier.listen(task_key(t) for t in task_types) as wake:
             while True:
                 wake.clear()
-                plan = await self.dispatch.plan(tenant_id, task_types)
-                now = self._clock()
-                claimed = await self.store.claim_tasks(
-                    tenant_id, worker_id, task_types, max_tasks, now, plan
-                )
+                claimed, plan, now = await self._claim(tenant_id, worker_id, task_types, max_tasks)
                 if claimed:
                     return await self._leased(tenant_id, claimed)
                 remaining = deadline - loop.time()
@@ -240,6 +231,45 @@ class Coordinator(ExecutionStarts):
                     remaining = min(remaining, max((next_at - now).total_seconds(), 0.001))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), remaining)
+
+    async def lease_now(
+        self, tenant_id: str, worker_id: str, task_types: Sequence[str], max_tasks: int
+    ) -> list[LeasedTask]:
+        """Eager dispatch: lease up to ``max_tasks`` ready tasks to a worker that has just
+        delivered a result, without waiting (the reply of that delivery carries them). Never
+        raises for want of work or while draining: it returns nothing then."""
+        if max_tasks <= 0 or self._draining:
+            return []
+        max_tasks = self._check_claim(worker_id, task_types, max_tasks, "eager dispatch")
+        claimed, _, _ = await self._claim(tenant_id, worker_id, task_types, max_tasks)
+        return await self._leased(tenant_id, claimed) if claimed else []
+
+    def check_eager(self, worker_id: str, task_types: Sequence[str]) -> None:
+        """Raise InvalidArgument when an eager-dispatch request could not be served."""
+        self._check_claim(worker_id, task_types, 1, "eager dispatch")
+
+    def _check_claim(
+        self, worker_id: str, task_types: Sequence[str], max_tasks: int, what: str
+    ) -> int:
+        """Validate a claim's arguments; the number of tasks one reply may carry."""
+        if not task_types:
+            raise InvalidArgument(f"task_types is empty; name at least one task type to {what}")
+        if not worker_id:
+            raise InvalidArgument(f"worker_id is required for {what}; call RegisterWorker first")
+        check_names(worker_id=worker_id, task_types=task_types)
+        fit = self.settings.max_reply_bytes // (2 * self.settings.max_payload_bytes)
+        return max(1, min(max_tasks, 1000, fit))
+
+    async def _claim(
+        self, tenant_id: str, worker_id: str, task_types: Sequence[str], max_tasks: int
+    ) -> tuple[list[NodeRun], ClaimPolicy, datetime]:
+        """One claim within the dispatch limits: the rows leased, the plan, the time."""
+        plan = await self.dispatch.plan(tenant_id, task_types)
+        now = self._clock()
+        claimed = await self.store.claim_tasks(
+            tenant_id, worker_id, task_types, max_tasks, now, plan
+        )
+        return claimed, plan, now
 
     async def _leased(self, tenant_id: str, claimed: Sequence[NodeRun]) -> list[LeasedTask]:
         """The claimed rows with their configuration and execution context (two reads for

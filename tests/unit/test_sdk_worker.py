@@ -54,6 +54,8 @@ class FakeWorkerService(pb_grpc.WorkerServiceServicer):
         self.lost_tokens: set[str] = set()
         self.poll_cancelled = asyncio.Event()
         self.overdeliver = False  # hand out every queued task, ignoring max_tasks
+        self.eager = True  # serve CompleteTask's max_next_tasks from the queue
+        self.eager_leased: list[str] = []
         self.polling = 0
         self.leased: set[str] = set()
         self.max_outstanding = 0
@@ -141,7 +143,17 @@ class FakeWorkerService(pb_grpc.WorkerServiceServicer):
             await context.abort(code, message)
         self.leased.discard(request.lease_token)
         self.completions[request.lease_token] = json.loads(request.output)
-        return pb.CompleteTaskResponse()
+        reply = pb.CompleteTaskResponse()
+        if self.eager and request.max_next_tasks > 0:
+            async with self._cond:
+                batch = [t for t in self._queue if t.task_type in request.task_types]
+                batch = batch[: request.max_next_tasks]
+                self._queue = [t for t in self._queue if t not in batch]
+            reply.next_tasks.extend(batch)
+            self.eager_leased.extend(t.lease_token for t in batch)
+            self.leased.update(t.lease_token for t in batch)
+            self.max_outstanding = max(self.max_outstanding, len(self.leased))
+        return reply
 
     async def FailTask(self, request: pb.FailTaskRequest, context: Any) -> pb.FailTaskResponse:
         self.fail_calls.append(request)
@@ -342,6 +354,44 @@ async def test_never_runs_more_than_concurrency(fake: FakeWorkerService) -> None
     assert fake.max_outstanding <= 3
     assert all(1 <= p.max_tasks <= 3 for p in fake.polls)
     assert sorted(fake.completions.values()) == list(range(10))
+
+
+async def test_eager_dispatch_runs_the_tasks_a_completion_reply_carries(
+    fake: FakeWorkerService,
+) -> None:
+    """Each completion asks for one more task of the worker's types (the slot it frees); the
+    tasks in the reply run without a poll, and the worker still never exceeds concurrency."""
+    running = peak = 0
+
+    @task("busy")
+    async def busy(ctx: TaskContext, data: Any) -> Any:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return data
+
+    tokens = [await fake.add_task("busy", i) for i in range(12)]
+    async with serving(Worker([busy, echo], address=fake.address, concurrency=2)):
+        await wait_until(lambda: all(fake.done(t) for t in tokens))
+    assert sorted(fake.completions.values()) == list(range(12))
+    assert fake.eager_leased, "no task came through a completion's reply"
+    assert set(fake.eager_leased) <= set(fake.completions)
+    assert all(
+        c.max_next_tasks == 1 and list(c.task_types) == ["busy", "echo"]
+        for c in fake.complete_calls
+    )
+    assert peak <= 2
+    assert fake.max_outstanding <= 2
+
+
+async def test_eager_dispatch_can_be_turned_off(fake: FakeWorkerService) -> None:
+    tokens = [await fake.add_task("echo", i) for i in range(3)]
+    async with serving(Worker([echo], address=fake.address, concurrency=1, eager_dispatch=False)):
+        await wait_until(lambda: all(fake.done(t) for t in tokens))
+    assert fake.eager_leased == []
+    assert all(c.max_next_tasks == 0 and not c.task_types for c in fake.complete_calls)
 
 
 async def test_extra_tasks_from_the_coordinator_wait_for_a_slot(fake: FakeWorkerService) -> None:

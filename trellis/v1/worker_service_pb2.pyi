@@ -357,10 +357,18 @@ class CompleteTaskRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     NEXT_FIELD_NUMBER: _builtins.int
     EXPANSION_FIELD_NUMBER: _builtins.int
+    MAX_NEXT_TASKS_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
     lease_token: _builtins.str
     output: _builtins.bytes
     """JSON document."""
     worker_id: _builtins.str
+    max_next_tasks: _builtins.int
+    """Eager dispatch: the reply may lease this worker up to this many more tasks of
+    `task_types` (typically the successor this completion just made ready), saving a poll
+    round trip per DAG step. Ask for no more than the slots this result frees (usually 1):
+    a PollTasks already in flight asked for the others. 0: none.
+    """
     @_builtins.property
     def next(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Branching: the children of this node that run; the others are SKIPPED. Empty: all."""
@@ -371,6 +379,10 @@ class CompleteTaskRequest(_message.Message):
         registered definition (ids unique, acyclic, within limits).
         """
 
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The task types this worker serves; required when max_next_tasks > 0."""
+
     def __init__(
         self,
         *,
@@ -379,10 +391,12 @@ class CompleteTaskRequest(_message.Message):
         worker_id: _builtins.str = ...,
         next: _abc.Iterable[_builtins.str] | None = ...,
         expansion: Global___DagExpansion | None = ...,
+        max_next_tasks: _builtins.int = ...,
+        task_types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expansion", b"expansion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expansion", b"expansion", "lease_token", b"lease_token", "next", b"next", "output", b"output", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expansion", b"expansion", "lease_token", b"lease_token", "max_next_tasks", b"max_next_tasks", "next", b"next", "output", b"output", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,16 +435,25 @@ class CompleteTaskResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DUPLICATE_FIELD_NUMBER: _builtins.int
+    NEXT_TASKS_FIELD_NUMBER: _builtins.int
     duplicate: _builtins.bool
     """True when this completion had already been accepted (a resend); nothing changed."""
+    @_builtins.property
+    def next_tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """Eager dispatch (CompleteTaskRequest.max_next_tasks): tasks leased to this worker, to
+        run as if a PollTasks had returned them. Empty when none was ready (or the replica is
+        draining); a failure to lease never fails the completion itself.
+        """
+
     def __init__(
         self,
         *,
         duplicate: _builtins.bool = ...,
+        next_tasks: _abc.Iterable[Global___Task] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "next_tasks", b"next_tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
