@@ -34,6 +34,8 @@ from worker_sdk import Client, Workflow
 
 PG_ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 WORKER_SCRIPT = ROOT / "bench" / "noop_worker.py"
+# Executions per BatchStartExecutions call of the load generator.
+START_BATCH = 100
 
 
 # ---------------------------------------------------------------------------- sizes
@@ -146,21 +148,27 @@ def fan_wf(width: int = 100) -> Workflow:
 
 
 async def start_many(
-    addresses: list[str], workflow: str, n: int, deadline: float, parallel: int = 32
+    addresses: list[str],
+    workflow: str,
+    n: int,
+    deadline: float,
+    parallel: int = 4,
+    batch: int = START_BATCH,
 ) -> list[str]:
-    """Start ``n`` executions with up to ``parallel`` concurrent StartExecution calls,
+    """Start ``n`` executions in BatchStartExecutions calls of ``batch`` (the way a producer
+    with many runs to submit uses ``Client.start_many``), up to ``parallel`` calls at once,
     round-robin over ``addresses``; stops early at ``deadline`` (monotonic)."""
     clients = [Client(a, timeout=60) for a in addresses]
     ids: list[str] = []
-    counter = iter(range(n))
+    counter = iter(range(0, n, batch))
 
     async def lane(k: int) -> None:
         client = clients[k % len(clients)]
-        for _ in counter:
+        for first in counter:
             if time.monotonic() > deadline:
                 return
-            run = await client.start_execution(workflow, {})
-            ids.append(run.id)
+            runs = await client.start_many(workflow, [{}] * min(batch, n - first))
+            ids.extend(run.id for run in runs)
 
     try:
         await asyncio.gather(*(lane(k) for k in range(parallel)))
@@ -372,7 +380,7 @@ def rss(env: Env, sizes: Sizes) -> dict[str, Any]:
     before = vm_status(proc.popen.pid)
     deadline = time.monotonic() + sizes.rss_timeout
     t0 = time.monotonic()
-    ids = asyncio.run(start_many([address], "single", sizes.rss_n, deadline, parallel=64))
+    ids = asyncio.run(start_many([address], "single", sizes.rss_n, deadline))
     elapsed = time.monotonic() - t0
     after = vm_status(proc.popen.pid)
     engine = sa.create_engine(env.sync_url())

@@ -297,11 +297,17 @@ class CoordinatorCore:
         return payload
 
     async def _after(self, transition: Transition, created: Sequence[Transition] = ()) -> None:
-        """After a commit: wake pollers for newly ready task types and watchers of the
-        executions, here and on every other replica; then cancel the children the transition
-        let go and tell the parent of an execution that ended. A failed publish or
-        follow-up is logged (the sweepers reconcile sub-workflows after a crash too)."""
-        done = (transition, *created)
+        """After a commit: see ``_after_all``."""
+        await self._after_all([(transition, tuple(created))])
+
+    async def _after_all(self, items: Sequence[tuple[Transition, Sequence[Transition]]]) -> None:
+        """After commits (a transition with the child executions it created, each): wake
+        pollers for newly ready task types and watchers of the executions, here and, in
+        one publish for all of ``items``, on every other replica; then cancel the children
+        the transitions let go and tell the parent of an execution that ended. A failed
+        publish or follow-up is logged (the sweepers reconcile sub-workflows after a crash
+        too)."""
+        done = [t for transition, created in items for t in (transition, *created)]
         keys = [execution_key(t.execution.id) for t in done]
         woken = {n.task_type for x in done for n in x.ready}
         # A lease that ended frees a slot of a concurrency-limited type (or a breaker's

@@ -21,6 +21,7 @@ from coordinator.model import (
     ExecutionStatus,
     OverflowPolicy,
     Transition,
+    WorkflowDef,
 )
 from coordinator.service._core import CoordinatorCore, check_names
 from coordinator.service._starts import (
@@ -107,9 +108,11 @@ class ExecutionStarts(CoordinatorCore):
             )
         now = self._clock()
         starts: list[CappedStart] = []
+        # One lookup per workflow for the whole batch (the latest version is a database read).
+        defs: dict[tuple[str, int | None], WorkflowDef] = {}
         for i, request in enumerate(requests):
             try:
-                starts.append(await self._prepare(tenant_id, request, now))
+                starts.append(await self._prepare(tenant_id, request, now, defs))
             except (InvalidArgument, NotFound) as exc:
                 raise InvalidArgument(f"requests[{i}]: {exc}; nothing was started") from exc
         if not starts:
@@ -120,19 +123,35 @@ class ExecutionStarts(CoordinatorCore):
             raise ResourceExhausted(
                 f"{exc}; nothing was started", retry_after=exc.retry_after
             ) from exc
-        for start, (execution, created) in zip(starts, results, strict=True):
-            if created:
-                await self._started(start, execution)
+        await self._started_all(
+            [
+                (start, execution)
+                for start, (execution, created) in zip(starts, results, strict=True)
+                if created
+            ]
+        )
         return results
 
-    async def _prepare(self, tenant_id: str, request: StartRequest, now: datetime) -> CappedStart:
-        """Validate a start and decide it (with the children it starts), storing nothing."""
+    async def _prepare(
+        self,
+        tenant_id: str,
+        request: StartRequest,
+        now: datetime,
+        defs: dict[tuple[str, int | None], WorkflowDef] | None = None,
+    ) -> CappedStart:
+        """Validate a start and decide it (with the children it starts), storing nothing.
+        ``defs``: definitions already looked up for this batch, by (name, version asked)."""
         payload = self.check_payload("input", request.input)
         if not request.workflow_name:
             raise InvalidArgument("workflow_name is required")
         check_names(workflow_name=request.workflow_name, idempotency_key=request.idempotency_key)
         at = start_at(request, now)
-        defn = await self.get_workflow(tenant_id, request.workflow_name, request.workflow_version)
+        asked = (request.workflow_name, request.workflow_version)
+        defn = None if defs is None else defs.get(asked)
+        if defn is None:
+            defn = await self.get_workflow(tenant_id, *asked)
+            if defs is not None:
+                defs[asked] = defn
         shell = Execution(
             id=str(uuid.uuid4()),
             tenant_id=tenant_id,
@@ -173,18 +192,26 @@ class ExecutionStarts(CoordinatorCore):
         )
 
     async def _started(self, start: CappedStart, execution: Execution) -> None:
-        if execution.queued and start.queued is not None:
-            await self._after(start.queued)
+        await self._started_all([(start, execution)])
+
+    async def _started_all(self, started: Sequence[tuple[CappedStart, Execution]]) -> None:
+        """After the commit of new executions: one round of wake-ups for all of them."""
+        done: list[tuple[Transition, Sequence[Transition]]] = []
+        for start, execution in started:
+            if execution.queued and start.queued is not None:
+                done.append((start.queued, ()))
+                log.info(
+                    "execution queued: its workflow has max_running_executions running",
+                    extra={"execution_id": execution.id, "workflow": execution.workflow_name},
+                )
+                continue
+            done.append((start.item.transition, start.item.children))
             log.info(
-                "execution queued: its workflow has max_running_executions running",
+                "execution started" if execution.start_at is None else "execution scheduled",
                 extra={"execution_id": execution.id, "workflow": execution.workflow_name},
             )
-            return
-        await self._after(start.item.transition, start.item.children)
-        log.info(
-            "execution started" if execution.start_at is None else "execution scheduled",
-            extra={"execution_id": execution.id, "workflow": execution.workflow_name},
-        )
+        if done:
+            await self._after_all(done)
 
     # -- PENDING executions: delayed starts due, and the overflow queue -------------------
 
@@ -265,14 +292,15 @@ class ExecutionStarts(CoordinatorCore):
         (the sweeper's step pages through them)."""
         return await self.overflow_store.find_queued_workflows(limit, after)
 
-    async def _after(self, transition: Transition, created: Sequence[Transition] = ()) -> None:
-        """After a commit (see ``CoordinatorCore._after``); when the transition ended an
+    async def _after_all(self, items: Sequence[tuple[Transition, Sequence[Transition]]]) -> None:
+        """After commits (see ``CoordinatorCore._after_all``); when a transition ended an
         execution of a workflow with max_running_executions, its oldest queued execution
         starts at once here (the sweeper does it within a sweep interval otherwise: after
         a crash, or when the ended execution's version has no cap but the queued one's has).
         """
-        await super()._after(transition, created)
-        for tenant_id, workflow_name in self._freed((transition, *created)):
+        await super()._after_all(items)
+        done = [t for transition, created in items for t in (transition, *created)]
+        for tenant_id, workflow_name in self._freed(done):
             try:
                 await self.start_queued(tenant_id, workflow_name)
             except TrellisError as exc:
