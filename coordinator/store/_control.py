@@ -1,16 +1,23 @@
-"""Queries for control flow: delayed starts due, and sub-workflow reconciliation.
+"""Queries for control flow: delayed starts due, and sub-workflow reconciliation; and the
+lookups by key that answer a poll (``get_executions``, ``get_node_outputs``).
 
 Statuses are SQL literals (not bound parameters) so the planners match the partial indexes
 ``ix_executions_start_at``, ``ix_executions_parent_execution_id`` and
 ``ix_node_runs_waiting`` (see ``_tables``).
+
+The lookups by key are built once with bound parameters (``node_keys_in`` also serves the
+claim's lease): lists bind as arrays on PostgreSQL, one statement text whatever their
+length, and as an expanding IN list on SQLite.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator.model import Execution, ExecutionStatus
@@ -101,14 +108,65 @@ async def find_orphaned_children(conn: AsyncConnection, limit: int) -> list[Exec
     return await _executions(conn, query)
 
 
+def node_keys_in(postgres: bool) -> sa.ColumnElement[bool]:
+    """(execution_id, node_id) of node_runs among the keys bound by ``node_keys_params``:
+    two arrays zipped by ``unnest`` on PostgreSQL (one statement text whatever their
+    length), an expanding IN list on SQLite."""
+    n = node_runs
+    pair = sa.tuple_(n.c.execution_id, n.c.node_id)
+    if postgres:
+        keys = (
+            sa.func.unnest(
+                sa.bindparam("b_execution_ids", type_=postgresql.ARRAY(sa.Text)),
+                sa.bindparam("b_node_ids", type_=postgresql.ARRAY(sa.Text)),
+            )
+            .table_valued("execution_id", "node_id")
+            .render_derived(name="k")
+        )
+        return pair.in_(sa.select(keys.c.execution_id, keys.c.node_id))
+    return pair.in_(sa.bindparam("b_node_keys", expanding=True))
+
+
+def node_keys_params(postgres: bool, keys: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The parameters of ``node_keys_in`` for ``keys`` (execution_id, node_id)."""
+    if postgres:
+        return {"b_execution_ids": [k[0] for k in keys], "b_node_ids": [k[1] for k in keys]}
+    return {"b_node_keys": list(keys)}
+
+
+def _ids_in(postgres: bool) -> sa.ColumnElement[bool]:
+    if postgres:
+        return executions.c.id == sa.any_(sa.bindparam("b_ids", type_=postgresql.ARRAY(sa.Text)))
+    return executions.c.id.in_(sa.bindparam("b_ids", expanding=True))
+
+
+# Built once (no per-call construction or cache-key generation), by dialect.
+_GET_EXECUTIONS = {
+    postgres: sa.select(executions).where(
+        executions.c.tenant_id == sa.bindparam("b_tenant_id"), _ids_in(postgres)
+    )
+    for postgres in (False, True)
+}
+_GET_NODE_OUTPUTS = {
+    postgres: sa.select(node_runs.c.execution_id, node_runs.c.node_id, node_runs.c.output).where(
+        node_runs.c.tenant_id == sa.bindparam("b_tenant_id"), node_keys_in(postgres)
+    )
+    for postgres in (False, True)
+}
+
+
+def _postgres(conn: AsyncConnection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
 async def get_executions(
     conn: AsyncConnection, tenant_id: str, ids: Sequence[str]
 ) -> dict[str, Execution]:
     if not ids:
         return {}
-    e = executions
-    query = sa.select(e).where(e.c.tenant_id == tenant_id, e.c.id.in_(sorted(set(ids))))
-    return {x.id: x for x in await _executions(conn, query)}
+    params = {"b_tenant_id": tenant_id, "b_ids": sorted(set(ids))}
+    rows = (await conn.execute(_GET_EXECUTIONS[_postgres(conn)], params)).mappings().all()
+    return {r["id"]: _rows.execution_from_row(r) for r in rows}
 
 
 async def get_node_outputs(
@@ -116,12 +174,9 @@ async def get_node_outputs(
 ) -> dict[tuple[str, str], bytes | None]:
     if not keys:
         return {}
-    n = node_runs
-    query = sa.select(n.c.execution_id, n.c.node_id, n.c.output).where(
-        n.c.tenant_id == tenant_id,
-        sa.tuple_(n.c.execution_id, n.c.node_id).in_(sorted(set(keys))),
-    )
-    rows = (await conn.execute(query)).all()
+    postgres = _postgres(conn)
+    params = {"b_tenant_id": tenant_id, **node_keys_params(postgres, sorted(set(keys)))}
+    rows = (await conn.execute(_GET_NODE_OUTPUTS[postgres], params)).all()
     return {(r[0], r[1]): None if r[2] is None else bytes(r[2]) for r in rows}
 
 

@@ -24,6 +24,26 @@ from coordinator.store._tables import dead_letters, events
 _FAILURES = (EventType.NODE_ATTEMPT_FAILED.value, EventType.NODE_TIMED_OUT.value)
 _BOUNDARY = EventType.NODE_REDRIVEN.value
 
+# The failure and redrive events of some nodes of an execution, in order (built once).
+_FAILURE_EVENTS = (
+    sa.select(
+        events.c.node_id,
+        events.c.type,
+        events.c.attempt,
+        events.c.worker_id,
+        events.c.time,
+        events.c.details,
+    )
+    .where(
+        events.c.tenant_id == sa.bindparam("b_tenant_id"),
+        events.c.execution_id == sa.bindparam("b_execution_id"),
+        events.c.node_id.in_(sa.bindparam("b_node_ids", expanding=True)),
+        events.c.type.in_([*_FAILURES, _BOUNDARY]),
+    )
+    .order_by(events.c.sequence)
+)
+_INSERT_DEAD_LETTERS = sa.insert(dead_letters)
+
 
 def _since_last_redrive(rows: list[Any], retry_base: int) -> tuple[AttemptFailure, ...]:
     """The failures (``rows`` in sequence order) after the node's last NODE_REDRIVEN event.
@@ -56,19 +76,13 @@ async def write_dead_letters(
         return []
     execution = transition.execution
     written = {r.node_id: r for r in transition.nodes}
-    ev = events
-    query = (
-        sa.select(ev.c.node_id, ev.c.type, ev.c.attempt, ev.c.worker_id, ev.c.time, ev.c.details)
-        .where(
-            ev.c.tenant_id == tenant_id,
-            ev.c.execution_id == execution.id,
-            ev.c.node_id.in_(sorted(set(transition.dead_lettered))),
-            ev.c.type.in_([*_FAILURES, _BOUNDARY]),
-        )
-        .order_by(ev.c.sequence)
-    )
+    params = {
+        "b_tenant_id": tenant_id,
+        "b_execution_id": execution.id,
+        "b_node_ids": sorted(set(transition.dead_lettered)),
+    }
     by_node: dict[str, list[Any]] = {}
-    for row in (await conn.execute(query)).mappings():
+    for row in (await conn.execute(_FAILURE_EVENTS, params)).mappings():
         by_node.setdefault(row["node_id"], []).append(row)
     letters = []
     for node_id in transition.dead_lettered:
@@ -92,7 +106,7 @@ async def write_dead_letters(
             )
         )
     values = [_rows.dead_letter_values(d) for d in letters]
-    await conn.execute(sa.insert(dead_letters), values)
+    await conn.execute(_INSERT_DEAD_LETTERS, values)
     return [_rows.dead_letter_from_row(v) for v in values]
 
 

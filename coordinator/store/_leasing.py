@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coordinator.dispatch._admit import UNLIMITED
 from coordinator.model import Event, EventType, Execution, NodeRun
 from coordinator.service.ports import Admitted, Candidate, ClaimPolicy, LeasedCounts, LeaseKey
-from coordinator.store import _rows
+from coordinator.store import _control, _rows
 from coordinator.store._tables import LIVE_EXECUTION_STATUSES, executions, node_runs, workers
 
 # Statuses and flags compared in claim and sweep queries are SQL literals, not bound
@@ -34,13 +34,161 @@ def _sorted_runs(runs: list[NodeRun]) -> list[NodeRun]:
     return sorted(runs, key=lambda r: (-r.priority, r.available_at or r.updated_at, r.node_id))
 
 
-def touch_worker_statement(tenant_id: str, worker_id: str, now_ms: int) -> sa.Update:
-    """last_seen = now for a registered worker; never moves it back (replicas' clocks)."""
-    w = workers
+# The hot-path statements are built once, here, with bound parameters: SQLAlchemy then
+# neither rebuilds them nor regenerates their cache keys per call (both memoized on the
+# statement), which cost more than SQLite's own work. Variants differ by dialect where
+# PostgreSQL binds arrays (one statement text whatever the number of values, so psycopg's
+# prepared statements apply) and SQLite expands an IN list.
+
+
+def _task_types_in(postgres: bool) -> sa.ColumnElement[bool]:
+    """task_type among the ``task_types`` parameter (a list)."""
+    if postgres:
+        types = sa.bindparam("task_types", type_=postgresql.ARRAY(sa.Text))
+        return node_runs.c.task_type == sa.any_(types)
+    return node_runs.c.task_type.in_(sa.bindparam("task_types", expanding=True))
+
+
+def _candidates_statement(postgres: bool, needs_input: bool) -> sa.Select[tuple[object, ...]]:
+    n, e = node_runs, executions
+    leased = sa.alias(node_runs, "l")
+    running = (
+        sa.select(sa.func.count())
+        .where(leased.c.execution_id == n.c.execution_id, leased.c.status == _LEASED)
+        .scalar_subquery()
+    )
+    columns = [n.c.execution_id, n.c.node_id, n.c.task_type, e.c.max_concurrency]
+    if needs_input:
+        columns.append(n.c.input)
     return (
-        sa.update(w)
-        .where(w.c.tenant_id == tenant_id, w.c.id == worker_id, w.c.last_seen < now_ms)
-        .values(last_seen=now_ms)
+        sa.select(*columns)
+        .join(e, e.c.id == n.c.execution_id)
+        .where(
+            n.c.status == _READY,
+            _NOT_HELD,
+            n.c.tenant_id == sa.bindparam("b_tenant_id"),
+            _task_types_in(postgres),
+            n.c.available_at <= sa.bindparam("b_now_ms", type_=sa.BigInteger),
+            sa.or_(e.c.max_concurrency == 0, e.c.max_concurrency > running),
+        )
+        .order_by(n.c.dispatch_rank)
+        .limit(sa.bindparam("b_scan", type_=sa.Integer))
+        .with_for_update(of=n, skip_locked=True)
+    )
+
+
+# (postgres, needs_input) -> the claim's candidate scan.
+_CANDIDATES = {
+    (postgres, needs_input): _candidates_statement(postgres, needs_input)
+    for postgres in (False, True)
+    for needs_input in (False, True)
+}
+
+
+def _lease_statement(postgres: bool) -> sa.Update:
+    """Lease the rows keyed by the parameters (see ``node_keys_in``) for one concurrency key."""
+    n = node_runs
+    now = sa.bindparam("b_now_ms", type_=sa.BigInteger)
+    return (
+        sa.update(n)
+        .where(n.c.tenant_id == sa.bindparam("b_tenant_id"), _control.node_keys_in(postgres))
+        .values(
+            status=_LEASED,
+            attempt=n.c.attempt + 1,
+            lease_seq=n.c.lease_seq + 1,
+            worker_id=sa.bindparam("b_worker_id"),
+            lease_deadline=now + n.c.start_to_close_ms,
+            # NULL when the node has no heartbeat timeout.
+            heartbeat_deadline=now + n.c.heartbeat_timeout_ms,
+            # Started in time: the schedule-to-start deadline no longer applies.
+            schedule_deadline=None,
+            updated_at=now,
+            concurrency_key=sa.bindparam("b_concurrency_key"),
+        )
+        .returning(*n.c)
+    )
+
+
+_LEASE = {postgres: _lease_statement(postgres) for postgres in (False, True)}
+
+
+def _execution_ids_in(postgres: bool) -> sa.ColumnElement[bool]:
+    if postgres:
+        ids = sa.bindparam("b_execution_ids", type_=postgresql.ARRAY(sa.Text))
+        return node_runs.c.execution_id == sa.any_(ids)
+    return node_runs.c.execution_id.in_(sa.bindparam("b_execution_ids", expanding=True))
+
+
+# Leased rows of some task types by concurrency key, and of some executions.
+_LEASED_BY_TYPE_KEY = {
+    postgres: sa.select(node_runs.c.task_type, node_runs.c.concurrency_key, sa.func.count())
+    .where(
+        node_runs.c.status == _LEASED,
+        node_runs.c.tenant_id == sa.bindparam("b_tenant_id"),
+        _task_types_in(postgres),
+    )
+    .group_by(node_runs.c.task_type, node_runs.c.concurrency_key)
+    for postgres in (False, True)
+}
+_LEASED_BY_EXECUTION = {
+    postgres: sa.select(node_runs.c.execution_id, sa.func.count())
+    .where(node_runs.c.status == _LEASED, _execution_ids_in(postgres))
+    .group_by(node_runs.c.execution_id)
+    for postgres in (False, True)
+}
+
+# When the next row of these types (not yet available) becomes claimable.
+_NEXT_AVAILABLE = {
+    postgres: sa.select(sa.func.min(node_runs.c.available_at)).where(
+        node_runs.c.status == _READY,
+        _NOT_HELD,
+        node_runs.c.tenant_id == sa.bindparam("b_tenant_id"),
+        _task_types_in(postgres),
+        node_runs.c.available_at > sa.bindparam("b_now_ms", type_=sa.BigInteger),
+    )
+    for postgres in (False, True)
+}
+
+# A heartbeat, executed once for many leases: pushes the heartbeat deadline of a lease
+# still held (same lease_seq); then the rows are read back by key.
+_TOUCH_LEASE = (
+    sa.update(node_runs)
+    .where(
+        node_runs.c.tenant_id == sa.bindparam("b_tenant_id"),
+        node_runs.c.execution_id == sa.bindparam("b_execution_id"),
+        node_runs.c.node_id == sa.bindparam("b_node_id"),
+        node_runs.c.lease_seq == sa.bindparam("b_lease_seq"),
+        node_runs.c.status == _LEASED,
+    )
+    .values(
+        heartbeat_deadline=sa.bindparam("b_now_ms", type_=sa.BigInteger)
+        + node_runs.c.heartbeat_timeout_ms
+    )
+)
+_NODE_RUNS_BY_KEY = {
+    postgres: sa.select(node_runs).where(
+        node_runs.c.tenant_id == sa.bindparam("b_tenant_id"), _control.node_keys_in(postgres)
+    )
+    for postgres in (False, True)
+}
+
+_TOUCH_NOW = sa.bindparam("b_now_ms", type_=sa.BigInteger)
+# last_seen = now for a registered worker; never moves it back (replicas' clocks).
+_TOUCH_WORKER = (
+    sa.update(workers)
+    .where(
+        workers.c.tenant_id == sa.bindparam("b_tenant_id"),
+        workers.c.id == sa.bindparam("b_worker_id"),
+        workers.c.last_seen < _TOUCH_NOW,
+    )
+    .values(last_seen=_TOUCH_NOW)
+)
+
+
+async def touch_worker(conn: AsyncConnection, tenant_id: str, worker_id: str, now_ms: int) -> None:
+    """last_seen = now for a registered worker; never moves it back (replicas' clocks)."""
+    await conn.execute(
+        _TOUCH_WORKER, {"b_tenant_id": tenant_id, "b_worker_id": worker_id, "b_now_ms": now_ms}
     )
 
 
@@ -57,13 +205,6 @@ class LeasingStoreMixin:
         async def _insert_events(
             self, conn: AsyncConnection, tenant_id: str, items: Sequence[Event]
         ) -> None: ...
-
-    def _task_type_filter(self, task_types: Sequence[str]) -> sa.ColumnElement[bool]:
-        if self._postgres:
-            # One statement text whatever the number of types (prepared-statement friendly).
-            types = sa.bindparam("task_types", list(task_types), type_=postgresql.ARRAY(sa.Text))
-            return node_runs.c.task_type == sa.any_(types)
-        return node_runs.c.task_type.in_(list(task_types))
 
     async def claim_tasks(
         self,
@@ -119,32 +260,14 @@ class LeasingStoreMixin:
         PostgreSQL: concurrent claimers pass over each other's rows; SQLite's writer lock
         serializes claims). Rows of executions already at their max_concurrency are left
         out here (the claim re-counts under a lock before leasing)."""
-        n, e = node_runs, executions
-        leased = sa.alias(node_runs, "l")
-        running = (
-            sa.select(sa.func.count())
-            .where(leased.c.execution_id == n.c.execution_id, leased.c.status == _LEASED)
-            .scalar_subquery()
-        )
-        columns = [n.c.execution_id, n.c.node_id, n.c.task_type, e.c.max_concurrency]
-        if needs_input:
-            columns.append(n.c.input)
-        query = (
-            sa.select(*columns)
-            .join(e, e.c.id == n.c.execution_id)
-            .where(
-                n.c.status == _READY,
-                _NOT_HELD,
-                n.c.tenant_id == tenant_id,
-                self._task_type_filter(types),
-                n.c.available_at <= _rows.to_ms(now),
-                sa.or_(e.c.max_concurrency == 0, e.c.max_concurrency > running),
-            )
-            .order_by(n.c.dispatch_rank)
-            .limit(scan)
-            .with_for_update(of=n, skip_locked=True)
-        )
-        rows = (await conn.execute(query)).all()
+        query = _CANDIDATES[(self._postgres, needs_input)]
+        params = {
+            "b_tenant_id": tenant_id,
+            "task_types": list(types),
+            "b_now_ms": _rows.to_ms(now),
+            "b_scan": scan,
+        }
+        rows = (await conn.execute(query, params)).all()
         return [
             Candidate(
                 execution_id=r.execution_id,
@@ -170,24 +293,16 @@ class LeasingStoreMixin:
     async def _leased_counts(
         self, conn: AsyncConnection, tenant_id: str, types: Sequence[str], capped: Sequence[str]
     ) -> LeasedCounts:
-        n = node_runs
         counts = LeasedCounts()
         if types:
-            by_key = (
-                sa.select(n.c.task_type, n.c.concurrency_key, sa.func.count())
-                .where(n.c.status == _LEASED, n.c.tenant_id == tenant_id)
-                .where(self._task_type_filter(types))
-                .group_by(n.c.task_type, n.c.concurrency_key)
-            )
-            for task_type, key, count in (await conn.execute(by_key)).all():
+            by_key = _LEASED_BY_TYPE_KEY[self._postgres]
+            params = {"b_tenant_id": tenant_id, "task_types": list(types)}
+            for task_type, key, count in (await conn.execute(by_key, params)).all():
                 counts.by_type_key[(task_type, key)] = count
         if capped:
-            by_execution = (
-                sa.select(n.c.execution_id, sa.func.count())
-                .where(n.c.status == _LEASED, n.c.execution_id.in_(capped))
-                .group_by(n.c.execution_id)
-            )
-            for execution_id, count in (await conn.execute(by_execution)).all():
+            by_execution = _LEASED_BY_EXECUTION[self._postgres]
+            params = {"b_execution_ids": list(capped)}
+            for execution_id, count in (await conn.execute(by_execution, params)).all():
                 counts.by_execution[execution_id] = count
         return counts
 
@@ -202,26 +317,8 @@ class LeasingStoreMixin:
         """Lease the admitted rows (locked by ``_candidates``), with their NODE_LEASED events."""
         if not admitted:
             return []
-        n = node_runs
         now_ms = _rows.to_ms(now)
-        now_param = sa.literal(now_ms, sa.BigInteger)
-        lease = (
-            sa.update(n)
-            .where(n.c.tenant_id == tenant_id)
-            .values(
-                status=_LEASED,
-                attempt=n.c.attempt + 1,
-                lease_seq=n.c.lease_seq + 1,
-                worker_id=worker_id,
-                lease_deadline=now_param + n.c.start_to_close_ms,
-                # NULL when the node has no heartbeat timeout.
-                heartbeat_deadline=now_param + n.c.heartbeat_timeout_ms,
-                # Started in time: the schedule-to-start deadline no longer applies.
-                schedule_deadline=None,
-                updated_at=now_ms,
-            )
-            .returning(*n.c)
-        )
+        statement = _LEASE[self._postgres]
         runs: list[NodeRun] = []
         # One statement per distinct concurrency key (usually one in all).
         by_key: dict[str | None, list[tuple[str, str]]] = {}
@@ -230,10 +327,14 @@ class LeasingStoreMixin:
                 (a.candidate.execution_id, a.candidate.node_id)
             )
         for key, pks in by_key.items():
-            statement = lease.where(sa.tuple_(n.c.execution_id, n.c.node_id).in_(pks)).values(
-                concurrency_key=key
-            )
-            rows = (await conn.execute(statement)).mappings().all()
+            params = {
+                **_control.node_keys_params(self._postgres, pks),
+                "b_tenant_id": tenant_id,
+                "b_worker_id": worker_id,
+                "b_now_ms": now_ms,
+                "b_concurrency_key": key,
+            }
+            rows = (await conn.execute(statement, params)).mappings().all()
             runs.extend(_rows.node_run_from_row(r) for r in rows)
         runs = _sorted_runs(runs)
         await self._insert_events(
@@ -253,7 +354,7 @@ class LeasingStoreMixin:
             ],
         )
         # A worker that is handed tasks is alive (as if it had heartbeated).
-        await conn.execute(touch_worker_statement(tenant_id, worker_id, now_ms))
+        await touch_worker(conn, tenant_id, worker_id, now_ms)
         return runs
 
     async def next_available_at(
@@ -261,16 +362,14 @@ class LeasingStoreMixin:
     ) -> datetime | None:
         if not task_types:
             return None
-        n = node_runs
-        query = sa.select(sa.func.min(n.c.available_at)).where(
-            n.c.status == _READY,
-            _NOT_HELD,
-            n.c.tenant_id == tenant_id,
-            self._task_type_filter(task_types),
-            n.c.available_at > _rows.to_ms(now),
-        )
+        query = _NEXT_AVAILABLE[self._postgres]
+        params = {
+            "b_tenant_id": tenant_id,
+            "task_types": list(task_types),
+            "b_now_ms": _rows.to_ms(now),
+        }
         async with self._tx(write=False) as conn:
-            value = await conn.scalar(query)
+            value = await conn.scalar(query, params)
         return _rows.opt_from_ms(value)
 
     async def touch_leases(
@@ -278,38 +377,28 @@ class LeasingStoreMixin:
     ) -> dict[LeaseKey, NodeRun | None]:
         if not keys:
             return {}
-        n = node_runs
         # Lock order (execution_id, node_id), as transitions use, so two never deadlock.
         ordered = sorted(set(keys), key=lambda k: (k.execution_id, k.node_id, k.lease_seq))
-        now_param = sa.literal(_rows.to_ms(now), sa.BigInteger)
+        now_ms = _rows.to_ms(now)
         params = [
             {
                 "b_tenant_id": tenant_id,
                 "b_execution_id": k.execution_id,
                 "b_node_id": k.node_id,
                 "b_lease_seq": k.lease_seq,
+                "b_now_ms": now_ms,
             }
             for k in ordered
         ]
-        touch = (
-            sa.update(n)
-            .where(
-                n.c.tenant_id == sa.bindparam("b_tenant_id"),
-                n.c.execution_id == sa.bindparam("b_execution_id"),
-                n.c.node_id == sa.bindparam("b_node_id"),
-                n.c.lease_seq == sa.bindparam("b_lease_seq"),
-                n.c.status == _LEASED,
-            )
-            .values(heartbeat_deadline=now_param + n.c.heartbeat_timeout_ms)
-        )
         pairs = sorted({(k.execution_id, k.node_id) for k in ordered})
-        current = sa.select(n).where(
-            n.c.tenant_id == tenant_id,
-            sa.tuple_(n.c.execution_id, n.c.node_id).in_(pairs),
-        )
+        current = _NODE_RUNS_BY_KEY[self._postgres]
+        current_params = {
+            "b_tenant_id": tenant_id,
+            **_control.node_keys_params(self._postgres, pairs),
+        }
         async with self._tx(write=True) as conn:
-            await conn.execute(touch, params)
-            rows = (await conn.execute(current)).mappings().all()
+            await conn.execute(_TOUCH_LEASE, params)
+            rows = (await conn.execute(current, current_params)).mappings().all()
         found = {(r["execution_id"], r["node_id"]): _rows.node_run_from_row(r) for r in rows}
         return {k: found.get((k.execution_id, k.node_id)) for k in keys}
 

@@ -221,6 +221,16 @@ def _attempt_from_row(row: Any) -> DeliveryAttempt:
 # -- inside a transition ---------------------------------------------------------------------
 
 
+# The rules of an execution that ends: on its workflow or on it (built once).
+_RULES_FOR = sa.select(notification_rules).where(
+    notification_rules.c.tenant_id == sa.bindparam("b_tenant_id"),
+    sa.or_(
+        notification_rules.c.workflow_name == sa.bindparam("b_workflow_name"),
+        notification_rules.c.execution_id == sa.bindparam("b_execution_id"),
+    ),
+)
+
+
 async def enqueue_deliveries(
     conn: AsyncConnection, before: ExecutionStatus | None, transition: Transition
 ) -> None:
@@ -230,12 +240,12 @@ async def enqueue_deliveries(
     execution = transition.execution
     if not execution.status.terminal or (before is not None and before.terminal):
         return
-    r = notification_rules
-    query = sa.select(r).where(
-        r.c.tenant_id == execution.tenant_id,
-        sa.or_(r.c.workflow_name == execution.workflow_name, r.c.execution_id == execution.id),
-    )
-    rules = [_rule_from_row(row) for row in (await conn.execute(query)).mappings()]
+    params = {
+        "b_tenant_id": execution.tenant_id,
+        "b_workflow_name": execution.workflow_name,
+        "b_execution_id": execution.id,
+    }
+    rules = [_rule_from_row(row) for row in (await conn.execute(_RULES_FOR, params)).mappings()]
     if not rules:
         return
     try:

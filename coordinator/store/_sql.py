@@ -49,7 +49,7 @@ from coordinator.service.ports import (
     NewExecution,
 )
 from coordinator.store import _control, _dead_letters, _rows
-from coordinator.store._leasing import LeasingStoreMixin, touch_worker_statement
+from coordinator.store._leasing import LeasingStoreMixin, touch_worker
 from coordinator.store._limits import LimitsStoreMixin
 from coordinator.store._lock import ProcessLock
 from coordinator.store._notifications import NotificationStoreMixin, enqueue_deliveries
@@ -257,14 +257,14 @@ class SqlStore(
         raise errors.Conflict(f"workflow {defn.name!r}: too many concurrent registrations; retry")
 
     async def get_workflow(self, tenant_id: str, name: str, version: int | None) -> WorkflowDef:
-        t = workflow_definitions
-        query = sa.select(t).where(t.c.tenant_id == tenant_id, t.c.name == name)
+        params: dict[str, Any] = {"b_tenant_id": tenant_id, "b_name": name}
         if version is None:
-            query = query.order_by(t.c.version.desc()).limit(1)
+            query = _LATEST_WORKFLOW
         else:
-            query = query.where(t.c.version == version)
+            query = _WORKFLOW_VERSION
+            params["b_version"] = version
         async with self._tx(write=False) as conn:
-            row = (await conn.execute(query)).mappings().first()
+            row = (await conn.execute(query, params)).mappings().first()
         if row is None:
             which = f"workflow {name!r}" + ("" if version is None else f" version {version}")
             raise errors.NotFound(f"{which} not found")
@@ -351,14 +351,20 @@ class SqlStore(
                     return existing, False
                 await conn.execute(_control.release_key(tenant, existing.id, key))
         values = _rows.execution_values(execution)
-        await self._insert_execution(conn, item.transition)
+        await self._write_execution(conn, item.transition, values)
         for child in item.children:
             await self._insert_execution(conn, child)
         return _rows.execution_from_row(values), True
 
     async def _insert_execution(self, conn: AsyncConnection, transition: Transition) -> None:
+        await self._write_execution(conn, transition, _rows.execution_values(transition.execution))
+
+    async def _write_execution(
+        self, conn: AsyncConnection, transition: Transition, values: dict[str, Any]
+    ) -> None:
+        """Insert the execution (its row: ``values``), its node runs and events."""
         execution = transition.execution
-        await conn.execute(sa.insert(executions).values(_rows.execution_values(execution)))
+        await conn.execute(_INSERT_EXECUTION, values)
         await self._insert_nodes(conn, execution.tenant_id, execution.id, transition.nodes)
         await self._insert_events(conn, execution.tenant_id, transition.events)
         # Notifications for an execution created already ended (a no-op otherwise).
@@ -389,10 +395,8 @@ class SqlStore(
     async def _by_idempotency_key(
         self, conn: AsyncConnection, tenant_id: str, key: str
     ) -> Execution | None:
-        query = sa.select(executions).where(
-            executions.c.tenant_id == tenant_id, executions.c.idempotency_key == key
-        )
-        row = (await conn.execute(query)).mappings().first()
+        params = {"b_tenant_id": tenant_id, "b_key": key}
+        row = (await conn.execute(_BY_IDEMPOTENCY_KEY, params)).mappings().first()
         return None if row is None else _rows.execution_from_row(row)
 
     async def get_execution(self, tenant_id: str, execution_id: str) -> Execution:
@@ -408,12 +412,9 @@ class SqlStore(
         lock: bool = False,
         skip_locked: bool = False,
     ) -> Execution:
-        query = sa.select(executions).where(
-            executions.c.tenant_id == tenant_id, executions.c.id == execution_id
-        )
-        if lock:
-            query = query.with_for_update(skip_locked=skip_locked)
-        row = (await conn.execute(query)).mappings().first()
+        query = _LOAD_EXECUTION[(lock, lock and skip_locked)]
+        params = {"b_tenant_id": tenant_id, "b_id": execution_id}
+        row = (await conn.execute(query, params)).mappings().first()
         if row is None:
             raise errors.NotFound(f"execution {execution_id!r} not found")
         return _rows.execution_from_row(row)
@@ -425,13 +426,8 @@ class SqlStore(
     async def _load_nodes(
         self, conn: AsyncConnection, tenant_id: str, execution_id: str
     ) -> list[NodeRun]:
-        n = node_runs
-        query = (
-            sa.select(n)
-            .where(n.c.tenant_id == tenant_id, n.c.execution_id == execution_id)
-            .order_by(n.c.node_id)
-        )
-        rows = (await conn.execute(query)).mappings().all()
+        params = {"b_tenant_id": tenant_id, "b_execution_id": execution_id}
+        rows = (await conn.execute(_LOAD_NODES, params)).mappings().all()
         return [_rows.node_run_from_row(r) for r in rows]
 
     async def list_executions(
@@ -565,18 +561,15 @@ class SqlStore(
         transition: Transition,
     ) -> bool:
         """Write ``transition`` unless another writer changed what it was decided on."""
-        e = executions
         result = await conn.execute(
-            sa.update(e)
-            .where(
-                e.c.tenant_id == tenant_id,
-                e.c.id == loaded.id,
-                e.c.version == loaded.version,
-            )
-            .values(
+            _EXECUTION_UPDATE,
+            {
                 **_rows.execution_mutable_values(transition.execution),
-                version=loaded.version + 1,
-            )
+                "version": loaded.version + 1,
+                "b_tenant_id": tenant_id,
+                "b_id": loaded.id,
+                "b_version": loaded.version,
+            },
         )
         if result.rowcount != 1:
             return False
@@ -630,14 +623,14 @@ class SqlStore(
                 }
                 for r in runs
             ]
-            await conn.execute(sa.insert(node_runs), rows)
+            await conn.execute(_INSERT_NODE_RUNS, rows)
 
     async def _insert_events(
         self, conn: AsyncConnection, tenant_id: str, items: Sequence[Event]
     ) -> None:
         if items:
             rows = [_rows.event_values(ev, tenant_id=tenant_id) for ev in items]
-            await conn.execute(sa.insert(events), rows)
+            await conn.execute(_INSERT_EVENTS, rows)
 
     # -- dead letters ---------------------------------------------------------------------
 
@@ -694,7 +687,7 @@ class SqlStore(
 
     async def touch_worker(self, tenant_id: str, worker_id: str, now: datetime) -> None:
         async with self._tx(write=True) as conn:
-            await conn.execute(touch_worker_statement(tenant_id, worker_id, _rows.to_ms(now)))
+            await touch_worker(conn, tenant_id, worker_id, _rows.to_ms(now))
 
     async def get_worker(self, tenant_id: str, worker_id: str) -> WorkerInfo:
         """The registered worker. Raises ``NotFound``."""
@@ -707,6 +700,59 @@ class SqlStore(
             raise errors.NotFound(f"worker {worker_id!r} not found")
         return _rows.worker_from_row(row)
 
+
+# The statements of the hot paths, built once with bound parameters: SQLAlchemy neither
+# rebuilds them nor regenerates their cache keys per call (both memoized on the statement).
+# Executed with a dict of column values, an INSERT or UPDATE takes its columns (its SET
+# clause) from the dict's keys; the b_* keys bind the WHERE clause.
+
+_LATEST_WORKFLOW = (
+    sa.select(workflow_definitions)
+    .where(
+        workflow_definitions.c.tenant_id == sa.bindparam("b_tenant_id"),
+        workflow_definitions.c.name == sa.bindparam("b_name"),
+    )
+    .order_by(workflow_definitions.c.version.desc())
+    .limit(1)
+)
+_WORKFLOW_VERSION = sa.select(workflow_definitions).where(
+    workflow_definitions.c.tenant_id == sa.bindparam("b_tenant_id"),
+    workflow_definitions.c.name == sa.bindparam("b_name"),
+    workflow_definitions.c.version == sa.bindparam("b_version"),
+)
+
+_EXECUTION_BY_ID = sa.select(executions).where(
+    executions.c.tenant_id == sa.bindparam("b_tenant_id"),
+    executions.c.id == sa.bindparam("b_id"),
+)
+# (lock, skip_locked) -> the execution's row, FOR UPDATE [SKIP LOCKED] when locked.
+_LOAD_EXECUTION = {
+    (False, False): _EXECUTION_BY_ID,
+    (True, False): _EXECUTION_BY_ID.with_for_update(),
+    (True, True): _EXECUTION_BY_ID.with_for_update(skip_locked=True),
+}
+_BY_IDEMPOTENCY_KEY = sa.select(executions).where(
+    executions.c.tenant_id == sa.bindparam("b_tenant_id"),
+    executions.c.idempotency_key == sa.bindparam("b_key"),
+)
+_LOAD_NODES = (
+    sa.select(node_runs)
+    .where(
+        node_runs.c.tenant_id == sa.bindparam("b_tenant_id"),
+        node_runs.c.execution_id == sa.bindparam("b_execution_id"),
+    )
+    .order_by(node_runs.c.node_id)
+)
+
+# A transition's execution write: only if the version is still the one it was decided on.
+_EXECUTION_UPDATE = sa.update(executions).where(
+    executions.c.tenant_id == sa.bindparam("b_tenant_id"),
+    executions.c.id == sa.bindparam("b_id"),
+    executions.c.version == sa.bindparam("b_version"),
+)
+_INSERT_EXECUTION = sa.insert(executions)
+_INSERT_NODE_RUNS = sa.insert(node_runs)
+_INSERT_EVENTS = sa.insert(events)
 
 # A transition's node-run write, executed once for many rows: replaces the row only if its
 # (status, lease_seq) is still what the transition was decided on.
