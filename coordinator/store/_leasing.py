@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -49,7 +49,11 @@ def _task_types_in(postgres: bool) -> sa.ColumnElement[bool]:
     return node_runs.c.task_type.in_(sa.bindparam("task_types", expanding=True))
 
 
-def _candidates_statement(postgres: bool, needs_input: bool) -> sa.Select[tuple[object, ...]]:
+def _candidates_statement(needs_input: bool) -> sa.Select[tuple[object, ...]]:
+    """The claimable rows of one task type in dispatch order. One type per statement, bound
+    by equality: the planners then walk ix_node_runs_dispatch (tenant, type, rank) in order
+    and stop at the LIMIT, whatever the backlog. (With ``task_type = ANY(:types)``
+    PostgreSQL fetched and sorted every READY row of the types: 74 ms per claim at 20,000.)"""
     n, e = node_runs, executions
     leased = sa.alias(node_runs, "l")
     running = (
@@ -57,7 +61,13 @@ def _candidates_statement(postgres: bool, needs_input: bool) -> sa.Select[tuple[
         .where(leased.c.execution_id == n.c.execution_id, leased.c.status == _LEASED)
         .scalar_subquery()
     )
-    columns = [n.c.execution_id, n.c.node_id, n.c.task_type, e.c.max_concurrency]
+    columns = [
+        n.c.execution_id,
+        n.c.node_id,
+        n.c.task_type,
+        n.c.dispatch_rank,
+        e.c.max_concurrency,
+    ]
     if needs_input:
         columns.append(n.c.input)
     return (
@@ -67,7 +77,7 @@ def _candidates_statement(postgres: bool, needs_input: bool) -> sa.Select[tuple[
             n.c.status == _READY,
             _NOT_HELD,
             n.c.tenant_id == sa.bindparam("b_tenant_id"),
-            _task_types_in(postgres),
+            n.c.task_type == sa.bindparam("b_task_type"),
             n.c.available_at <= sa.bindparam("b_now_ms", type_=sa.BigInteger),
             sa.or_(e.c.max_concurrency == 0, e.c.max_concurrency > running),
         )
@@ -77,12 +87,8 @@ def _candidates_statement(postgres: bool, needs_input: bool) -> sa.Select[tuple[
     )
 
 
-# (postgres, needs_input) -> the claim's candidate scan.
-_CANDIDATES = {
-    (postgres, needs_input): _candidates_statement(postgres, needs_input)
-    for postgres in (False, True)
-    for needs_input in (False, True)
-}
+# needs_input -> the claim's candidate scan (of one task type).
+_CANDIDATES = {needs_input: _candidates_statement(needs_input) for needs_input in (False, True)}
 
 
 def _lease_statement(postgres: bool) -> sa.Update:
@@ -256,18 +262,20 @@ class LeasingStoreMixin:
         now: datetime,
         needs_input: bool,
     ) -> list[Candidate]:
-        """Up to ``scan`` claimable rows in dispatch order, locked (SKIP LOCKED on
+        """Up to ``scan`` claimable rows in dispatch order (one indexed scan per task type),
+        locked (SKIP LOCKED on
         PostgreSQL: concurrent claimers pass over each other's rows; SQLite's writer lock
         serializes claims). Rows of executions already at their max_concurrency are left
         out here (the claim re-counts under a lock before leasing)."""
-        query = _CANDIDATES[(self._postgres, needs_input)]
-        params = {
-            "b_tenant_id": tenant_id,
-            "task_types": list(types),
-            "b_now_ms": _rows.to_ms(now),
-            "b_scan": scan,
-        }
-        rows = (await conn.execute(query, params)).all()
+        query = _CANDIDATES[needs_input]
+        params = {"b_tenant_id": tenant_id, "b_now_ms": _rows.to_ms(now), "b_scan": scan}
+        rows: list[sa.Row[Any]] = []
+        for task_type in types:
+            rows.extend((await conn.execute(query, {**params, "b_task_type": task_type})).all())
+        if len(types) > 1:
+            # Merged in dispatch order. Rows past the first ``scan`` stay locked until the
+            # claim commits; other claimers skip them meanwhile (SKIP LOCKED), no more.
+            rows = sorted(rows, key=lambda r: r.dispatch_rank)[:scan]
         return [
             Candidate(
                 execution_id=r.execution_id,
