@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import grpc
 
-from coordinator.errors import TrellisError
 from coordinator.grpc import convert
 from coordinator.grpc.status import stream, unary
 from coordinator.model import DEFAULT_TENANT, Execution
@@ -36,8 +34,6 @@ TENANT = DEFAULT_TENANT
 
 # Reply this much before the caller's deadline so an empty poll is an answer, not an error.
 _DEADLINE_MARGIN = 0.5
-
-log = logging.getLogger(__name__)
 
 
 class WorkerServicer(wgrpc.WorkerServiceServicer):
@@ -112,33 +108,29 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
         self, request: wpb.CompleteTaskRequest, context: Ctx
     ) -> wpb.CompleteTaskResponse:
         taken, expansion = convert.complete_options_from_proto(request)
-        eager = request.max_next_tasks > 0
-        if eager:
-            # Checked before the result is recorded: a bad request changes nothing.
-            self._c.check_eager(request.worker_id, request.task_types)
-        duplicate = await self._c.complete_task(
+        if request.max_next_tasks <= 0:
+            duplicate = await self._c.complete_task(
+                TENANT,
+                request.lease_token,
+                request.output,
+                request.worker_id,
+                next=taken,
+                expansion=expansion,
+            )
+            return wpb.CompleteTaskResponse(duplicate=duplicate)
+        duplicate, tasks = await self._c.complete_and_lease(
             TENANT,
             request.lease_token,
             request.output,
             request.worker_id,
+            list(request.task_types),
+            request.max_next_tasks,
             next=taken,
             expansion=expansion,
         )
-        reply = wpb.CompleteTaskResponse(duplicate=duplicate)
-        if eager:
-            reply.next_tasks.extend(convert.task_to_proto(t) for t in await self._eager(request))
-        return reply
-
-    async def _eager(self, request: wpb.CompleteTaskRequest) -> list[LeasedTask]:
-        """The next tasks for the completing worker. The result is committed by now, so a
-        failure here must not fail the call: the worker polls as usual instead."""
-        try:
-            return await self._c.lease_now(
-                TENANT, request.worker_id, list(request.task_types), request.max_next_tasks
-            )
-        except TrellisError as exc:
-            log.debug("eager dispatch skipped: %s", exc)
-            return []
+        return wpb.CompleteTaskResponse(
+            duplicate=duplicate, next_tasks=[convert.task_to_proto(t) for t in tasks]
+        )
 
     @unary
     async def FailTask(self, request: wpb.FailTaskRequest, context: Ctx) -> wpb.FailTaskResponse:

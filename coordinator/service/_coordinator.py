@@ -14,7 +14,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from coordinator import engine
-from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from coordinator.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TrellisError,
+    Unavailable,
+)
 from coordinator.model import (
     COMPENSATION_SUFFIX,
     NULL_JSON,
@@ -232,22 +238,6 @@ class Coordinator(ExecutionStarts):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), remaining)
 
-    async def lease_now(
-        self, tenant_id: str, worker_id: str, task_types: Sequence[str], max_tasks: int
-    ) -> list[LeasedTask]:
-        """Eager dispatch: lease up to ``max_tasks`` ready tasks to a worker that has just
-        delivered a result, without waiting (the reply of that delivery carries them). Never
-        raises for want of work or while draining: it returns nothing then."""
-        if max_tasks <= 0 or self._draining:
-            return []
-        max_tasks = self._check_claim(worker_id, task_types, max_tasks, "eager dispatch")
-        claimed, _, _ = await self._claim(tenant_id, worker_id, task_types, max_tasks)
-        return await self._leased(tenant_id, claimed) if claimed else []
-
-    def check_eager(self, worker_id: str, task_types: Sequence[str]) -> None:
-        """Raise InvalidArgument when an eager-dispatch request could not be served."""
-        self._check_claim(worker_id, task_types, 1, "eager dispatch")
-
     def _check_claim(
         self, worker_id: str, task_types: Sequence[str], max_tasks: int, what: str
     ) -> int:
@@ -393,6 +383,55 @@ class Coordinator(ExecutionStarts):
         (``expansion``). Returns True when it was a duplicate of an accepted result. A bad
         ``next`` or ``expansion`` raises InvalidArgument and changes nothing (the lease is
         still held)."""
+        duplicate, _ = await self._complete(
+            tenant_id, token_text, output, next=next, expansion=expansion
+        )
+        return duplicate
+
+    async def complete_and_lease(
+        self,
+        tenant_id: str,
+        token_text: str,
+        output: bytes,
+        worker_id: str,
+        task_types: Sequence[str],
+        max_next: int,
+        *,
+        next: Sequence[str] | None = None,
+        expansion: engine.Expansion | None = None,
+    ) -> tuple[bool, list[LeasedTask]]:
+        """``complete_task``, then eager dispatch: when the result made tasks of
+        ``task_types`` ready (the successors in a chain or a fan-out), lease up to
+        ``max_next`` ready tasks to the same worker at once, for the reply. The result is
+        committed first: a failure to lease is logged and leases nothing."""
+        self._check_claim(worker_id, task_types, 1, "eager dispatch")
+        duplicate, transition = await self._complete(
+            tenant_id, token_text, output, next=next, expansion=expansion
+        )
+        made_ready = transition is not None and any(
+            n.task_type in task_types for n in transition.ready
+        )
+        if not made_ready or max_next <= 0 or self._draining:
+            # Independent tasks are better served by the worker's polls, which lease many
+            # per claim; an eager claim per completion would cost one claim per task.
+            return duplicate, []
+        try:
+            max_next = self._check_claim(worker_id, task_types, max_next, "eager dispatch")
+            claimed, _, _ = await self._claim(tenant_id, worker_id, task_types, max_next)
+            return duplicate, (await self._leased(tenant_id, claimed) if claimed else [])
+        except TrellisError as exc:
+            log.debug("eager dispatch skipped: %s", exc)
+            return duplicate, []
+
+    async def _complete(
+        self,
+        tenant_id: str,
+        token_text: str,
+        output: bytes,
+        *,
+        next: Sequence[str] | None,
+        expansion: engine.Expansion | None,
+    ) -> tuple[bool, Transition | None]:
         token = LeaseToken.decode(token_text)
         payload = self.check_payload("output", output)
         defn = await self.get_workflow(tenant_id, token.workflow_name, token.workflow_version)
@@ -413,10 +452,10 @@ class Coordinator(ExecutionStarts):
                 d, execution, nodes, token.node_id, payload, now, next=taken, expansion=expansion
             )
 
-        await self._transact(tenant_id, token.execution_id, step, defn=defn)
+        transition = await self._transact(tenant_id, token.execution_id, step, defn=defn)
         if not duplicate:
             await self.dispatch.record_outcome(tenant_id, task_type, ok=True)
-        return duplicate
+        return duplicate, transition
 
     async def fail_task(
         self, tenant_id: str, token_text: str, error: ErrorInfo, retryable: bool

@@ -119,3 +119,15 @@ async def test_a_draining_replica_records_the_result_but_leases_nothing(api: Api
         ).execution.nodes
     }
     assert nodes == {"a": common_pb2.NODE_STATUS_SUCCEEDED, "b": common_pb2.NODE_STATUS_READY}
+
+
+async def test_a_result_that_makes_nothing_ready_leases_nothing(api: Api) -> None:
+    """Independent tasks are left to polls (which lease many per claim): a completion that
+    made no task of the worker's types ready carries none, though others are READY."""
+    await register(api, definition("solo", ["a"], []))
+    for _ in range(3):
+        await start(api, "solo", 1)
+    (task, *_) = await poll(api, max_tasks=1)
+    reply = await api.workers.CompleteTask(complete(task, 1, max_next_tasks=1, task_types=["t"]))
+    assert list(reply.next_tasks) == []
+    assert len(await poll(api)) == 2

@@ -364,9 +364,9 @@ class CompleteTaskRequest(_message.Message):
     """JSON document."""
     worker_id: _builtins.str
     max_next_tasks: _builtins.int
-    """Eager dispatch: the reply may lease this worker up to this many more tasks of
-    `task_types` (typically the successor this completion just made ready), saving a poll
-    round trip per DAG step. Ask for no more than the slots this result frees (usually 1):
+    """Eager dispatch: when this result makes a task of `task_types` ready (the successor in
+    a chain, say), the reply may lease this worker up to this many tasks of those types,
+    saving a poll round trip per DAG step. Ask for no more than the slots this result frees (usually 1):
     a PollTasks already in flight asked for the others. 0: none.
     """
     @_builtins.property
