@@ -191,6 +191,8 @@ class CoordinatorCore:
                     settled.transition,
                     _Outcome(settled.transition, settled.created),
                     created=settled.created,
+                    # Published with the commit: no transaction of its own afterwards.
+                    wake=tuple(self._wake_keys((settled.transition, *settled.created))),
                 )
 
             if claim:
@@ -203,7 +205,7 @@ class CoordinatorCore:
                 await self._resolve(tenant_id, out.missing, known)
                 continue
             if out.transition is not None:
-                await self._after(out.transition, out.created)
+                await self._after_all([(out.transition, out.created)], published=True)
             return out.transition
 
     async def _settle(
@@ -280,6 +282,27 @@ class CoordinatorCore:
         types = {n.task_type for n in defn.nodes if n.task_type}
         return types | {n.compensation_task_type for n in defn.nodes if n.compensation_task_type}
 
+    def _wake_keys(self, done: Sequence[Transition]) -> list[str]:
+        """Who the transitions in ``done`` concern: watchers of their executions, and polls
+        for the task types they made ready or whose limited slots they freed."""
+        keys = [execution_key(t.execution.id) for t in done]
+        woken = {n.task_type for x in done for n in x.ready}
+        # A lease that ended frees a slot of a concurrency-limited type (or a breaker's
+        # probe): wake the polls waiting for it.
+        for x in done:
+            ended = [n for n in x.nodes if n.status is not NodeStatus.LEASED]
+            woken.update(
+                n.task_type
+                for n in ended
+                if self.dispatch.wakes_on_lease_end(x.execution.tenant_id, n.task_type)
+            )
+            if ended and x.execution.max_concurrency:
+                # A slot of a capped execution may be free: its other READY nodes, of any
+                # of its task types, may go now.
+                woken.update(self._task_types(x.execution))
+        keys.extend(task_key(t) for t in sorted(woken))
+        return keys
+
     def check_payload(self, name: str, payload: bytes) -> bytes:
         """A JSON document within the size limit; empty means null."""
         if not payload:
@@ -300,35 +323,26 @@ class CoordinatorCore:
         """After a commit: see ``_after_all``."""
         await self._after_all([(transition, tuple(created))])
 
-    async def _after_all(self, items: Sequence[tuple[Transition, Sequence[Transition]]]) -> None:
+    async def _after_all(
+        self,
+        items: Sequence[tuple[Transition, Sequence[Transition]]],
+        *,
+        published: bool = False,
+    ) -> None:
         """After commits (a transition with the child executions it created, each): wake
-        pollers for newly ready task types and watchers of the executions, here and, in
-        one publish for all of ``items``, on every other replica; then cancel the children
-        the transitions let go and tell the parent of an execution that ended. A failed
-        publish or follow-up is logged (the sweepers reconcile sub-workflows after a crash
-        too)."""
+        pollers for newly ready task types and watchers of the executions, here and (unless
+        the transaction ``published`` them already) in one publish for all of ``items``, on
+        every other replica; then cancel the children the transitions let go and tell the
+        parent of an execution that ended. A failed publish or follow-up is logged (the
+        sweepers reconcile sub-workflows after a crash too)."""
         done = [t for transition, created in items for t in (transition, *created)]
-        keys = [execution_key(t.execution.id) for t in done]
-        woken = {n.task_type for x in done for n in x.ready}
-        # A lease that ended frees a slot of a concurrency-limited type (or a breaker's
-        # probe): wake the polls waiting for it.
-        for x in done:
-            ended = [n for n in x.nodes if n.status is not NodeStatus.LEASED]
-            woken.update(
-                n.task_type
-                for n in ended
-                if self.dispatch.wakes_on_lease_end(x.execution.tenant_id, n.task_type)
-            )
-            if ended and x.execution.max_concurrency:
-                # A slot of a capped execution may be free: its other READY nodes, of any
-                # of its task types, may go now.
-                woken.update(self._task_types(x.execution))
-        keys.extend(task_key(t) for t in sorted(woken))
+        keys = self._wake_keys(done)
         self.notifier.notify(keys)
-        try:
-            await self.store.publish_wakeups(keys)
-        except TrellisError as exc:
-            log.warning("could not publish wake-ups to other replicas: %s", exc)
+        if not published:
+            try:
+                await self.store.publish_wakeups(keys)
+            except TrellisError as exc:
+                log.warning("could not publish wake-ups to other replicas: %s", exc)
         for t in done:
             execution = t.execution
             try:

@@ -292,13 +292,18 @@ class ExecutionStarts(CoordinatorCore):
         (the sweeper's step pages through them)."""
         return await self.overflow_store.find_queued_workflows(limit, after)
 
-    async def _after_all(self, items: Sequence[tuple[Transition, Sequence[Transition]]]) -> None:
+    async def _after_all(
+        self,
+        items: Sequence[tuple[Transition, Sequence[Transition]]],
+        *,
+        published: bool = False,
+    ) -> None:
         """After commits (see ``CoordinatorCore._after_all``); when a transition ended an
         execution of a workflow with max_running_executions, its oldest queued execution
         starts at once here (the sweeper does it within a sweep interval otherwise: after
         a crash, or when the ended execution's version has no cap but the queued one's has).
         """
-        await super()._after_all(items)
+        await super()._after_all(items, published=published)
         done = [t for transition, created in items for t in (transition, *created)]
         for tenant_id, workflow_name in self._freed(done):
             try:

@@ -35,6 +35,9 @@ class Decision(Generic[T]):
     # Executions to insert in the same database transaction as ``transition`` (the child
     # executions its workflow nodes start, each with its start transition).
     created: tuple[Transition, ...] = ()
+    # Wake-up keys for the other replicas, published in the same database transaction
+    # (a PostgreSQL NOTIFY is delivered at commit, and never for a rolled-back one).
+    wake: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

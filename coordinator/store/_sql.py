@@ -85,6 +85,9 @@ _UNAVAILABLE_ERRORS = (
 )
 
 
+_NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
+
+
 class _LostRace(errors.Conflict):
     """PostgreSQL aborted the transaction (deadlock, serialization failure): retryable."""
 
@@ -164,10 +167,12 @@ class SqlStore(
         if not self._postgres or not keys:
             return  # SQLite serves one process: the in-process notifier is enough
         async with self._tx(write=True) as conn:
-            await conn.execute(
-                sa.text("SELECT pg_notify(:channel, :payload)"),
-                {"channel": CHANNEL, "payload": payload_for(keys)},
-            )
+            await self._notify(conn, keys)
+
+    async def _notify(self, conn: AsyncConnection, keys: Sequence[str]) -> None:
+        """Wake-ups for the other replicas, sent when ``conn``'s transaction commits."""
+        if self._postgres and keys:
+            await conn.execute(_NOTIFY, {"channel": CHANNEL, "payload": payload_for(keys)})
 
     @property
     def listening(self) -> bool:
@@ -536,6 +541,7 @@ class SqlStore(
                             raise errors.Conflict(
                                 f"execution {execution_id!r}: a child execution id is taken; retry"
                             ) from exc
+                        await self._notify(conn, decision.wake)
                         return (decision.result,)
                     await conn.rollback()
             except _LostRace:
