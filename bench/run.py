@@ -424,18 +424,14 @@ def scenarios(args: argparse.Namespace, sizes: Sizes) -> list[tuple[str, str, Ca
         if db == "postgres":
             out += [
                 (
-                    "a' throughput, 1 replica, 3 workers, poll_max_wait=1s (tasks/s)",
+                    "a' throughput, 1 replica, 3 workers (tasks/s)",
                     db,
-                    lambda e, s: throughput(
-                        e, s, workers=3, replicas=1, concurrency=c, poll_max_wait="1s"
-                    ),
+                    lambda e, s: throughput(e, s, workers=3, replicas=1, concurrency=c),
                 ),
                 (
-                    "a' throughput, 3 replicas, 3 workers, poll_max_wait=1s (tasks/s)",
+                    "a' throughput, 3 replicas, 3 workers (tasks/s)",
                     db,
-                    lambda e, s: throughput(
-                        e, s, workers=3, replicas=3, concurrency=c, poll_max_wait="1s"
-                    ),
+                    lambda e, s: throughput(e, s, workers=3, replicas=3, concurrency=c),
                 ),
             ]
         out += [

@@ -333,7 +333,7 @@ class SqlStore(
         for attempt in range(1, CREATE_MAX_TRIES + 1):
             try:
                 async with self._tx(write=True) as conn:
-                    return [await self._create(conn, i, idempotency_cutoff) for i in items]
+                    return await self._create_all(conn, items, idempotency_cutoff)
             except sa_exc.IntegrityError as exc:
                 # Lost a race for an idempotency key (retry: the winner is found), or the
                 # id is taken.
@@ -342,6 +342,39 @@ class SqlStore(
                 ids = ", ".join(repr(i.transition.execution.id) for i in items[:3])
                 raise errors.Conflict(f"execution {ids} already exists") from exc
         raise AssertionError("unreachable")
+
+    async def _create_all(
+        self, conn: AsyncConnection, items: Sequence[NewExecution], cutoff: datetime | None
+    ) -> list[tuple[Execution, bool]]:
+        """``_create`` for many, set-based: the idempotency keys are looked up one by one
+        (a key repeated within ``items`` gets the first one's execution), then all the new
+        executions, node runs and events go in with one statement per table."""
+        results: list[tuple[Execution, bool]] = []
+        new: list[tuple[Transition, dict[str, Any]]] = []
+        in_batch: dict[tuple[str, str], Execution] = {}
+        for item in items:
+            execution = item.transition.execution
+            key = execution.idempotency_key
+            if key is not None:
+                first = in_batch.get((execution.tenant_id, key))
+                if first is not None:
+                    results.append((first, False))
+                    continue
+                existing = await self._by_idempotency_key(conn, execution.tenant_id, key)
+                if existing is not None:
+                    if cutoff is None or existing.created_at >= cutoff:
+                        results.append((existing, False))
+                        continue
+                    await conn.execute(_control.release_key(execution.tenant_id, existing.id, key))
+            values = _rows.execution_values(execution)
+            new.append((item.transition, values))
+            new.extend((c, _rows.execution_values(c.execution)) for c in item.children)
+            created = _rows.execution_from_row(values)
+            if key is not None:
+                in_batch[(execution.tenant_id, key)] = created
+            results.append((created, True))
+        await self._write_executions(conn, new)
+        return results
 
     async def _create(
         self, conn: AsyncConnection, item: NewExecution, cutoff: datetime | None
@@ -368,12 +401,37 @@ class SqlStore(
         self, conn: AsyncConnection, transition: Transition, values: dict[str, Any]
     ) -> None:
         """Insert the execution (its row: ``values``), its node runs and events."""
-        execution = transition.execution
-        await conn.execute(_INSERT_EXECUTION, values)
-        await self._insert_nodes(conn, execution.tenant_id, execution.id, transition.nodes)
-        await self._insert_events(conn, execution.tenant_id, transition.events)
-        # Notifications for an execution created already ended (a no-op otherwise).
-        await enqueue_deliveries(conn, None, transition)
+        await self._write_executions(conn, [(transition, values)])
+
+    async def _write_executions(
+        self, conn: AsyncConnection, new: Sequence[tuple[Transition, dict[str, Any]]]
+    ) -> None:
+        """Insert executions (each a start transition and its row), their node runs and
+        their events: one statement per table, parents before children."""
+        if not new:
+            return
+        await conn.execute(_INSERT_EXECUTION, [values for _, values in new])
+        nodes = [
+            {
+                **_rows.node_run_values(r, self.priority_aging_ms),
+                "tenant_id": t.execution.tenant_id,
+                "execution_id": t.execution.id,
+            }
+            for t, _ in new
+            for r in t.nodes
+        ]
+        if nodes:
+            await conn.execute(_INSERT_NODE_RUNS, nodes)
+        events = [
+            _rows.event_values(ev, tenant_id=t.execution.tenant_id)
+            for t, _ in new
+            for ev in t.events
+        ]
+        if events:
+            await conn.execute(_INSERT_EVENTS, events)
+        for t, _ in new:
+            # Notifications for an execution created already ended (a no-op otherwise).
+            await enqueue_deliveries(conn, None, t)
 
     async def get_executions(self, tenant_id: str, ids: Sequence[str]) -> dict[str, Execution]:
         async with self._tx(write=False) as conn:
