@@ -452,7 +452,9 @@ class Coordinator(ExecutionStarts):
                 d, execution, nodes, token.node_id, payload, now, next=taken, expansion=expansion
             )
 
-        transition = await self._transact(tenant_id, token.execution_id, step, defn=defn)
+        transition = await self._transact(
+            tenant_id, token.execution_id, step, defn=defn, group=True
+        )
         if not duplicate:
             await self.dispatch.record_outcome(tenant_id, task_type, ok=True)
         return duplicate, transition
@@ -501,7 +503,7 @@ class Coordinator(ExecutionStarts):
             task_type = node.task_type
             return t
 
-        await self._transact(tenant_id, token.execution_id, step, defn=defn)
+        await self._transact(tenant_id, token.execution_id, step, defn=defn, group=True)
         if not duplicate and error.type not in _NOT_THE_TYPES_FAULT:
             await self.dispatch.record_outcome(tenant_id, task_type, ok=False)
         return will_retry, duplicate

@@ -28,6 +28,7 @@ from coordinator.model import (
     WorkflowSummary,
 )
 from coordinator.service._children import DefKey, Settled, settle_children
+from coordinator.service._group import GroupCommit
 from coordinator.service._notifier import Notifier, execution_key, task_key
 from coordinator.service._references import check_references
 from coordinator.service.ports import Decision, Store
@@ -96,6 +97,9 @@ class CoordinatorCore:
             dispatch = DispatchControl(store, link=RedisLink(""), clock=clock)
         # Limits and breakers per task type; without Redis they are per process.
         self.dispatch = dispatch
+        # Workers' results share transactions where a transaction's round trips cost more
+        # than its statements (PostgreSQL); SQLite commits in microseconds, on the loop.
+        self._group = GroupCommit(store) if getattr(store, "group_commit", False) else None
         self._definitions: dict[tuple[str, str, int], WorkflowDef] = {}
         self._draining = False
 
@@ -162,6 +166,7 @@ class CoordinatorCore:
         *,
         defn: WorkflowDef | None = None,
         claim: bool = False,
+        group: bool = False,
     ) -> Transition | None:
         """Load → ``step`` (with the effective definition) → start the children it asks for
         → persist the transition and the children in one store transaction → after commit,
@@ -169,7 +174,8 @@ class CoordinatorCore:
         the transaction: when ``step`` asks for one not yet known, the transaction ends
         without writing, the definition is read, and the step is decided again.
 
-        ``claim``: a sweeper's claim (``Store.claim_transact``); None when skipped."""
+        ``claim``: a sweeper's claim (``Store.claim_transact``); None when skipped.
+        ``group``: may share its database transaction with concurrent ones (``GroupCommit``)."""
         if defn is None:
             loaded = await self.store.get_execution(tenant_id, execution_id)
             defn = await self.get_workflow(tenant_id, loaded.workflow_name, loaded.workflow_version)
@@ -199,6 +205,8 @@ class CoordinatorCore:
                 out = await self.store.claim_transact(tenant_id, execution_id, decide)
                 if out is None:
                     return None
+            elif group and self._group is not None:
+                out = await self._group.transact(tenant_id, execution_id, decide)
             else:
                 out = await self.store.transact(tenant_id, execution_id, decide)
             if out.missing:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
+from coordinator.errors import TrellisError
 from coordinator.model import (
     DeadLetter,
     Event,
@@ -241,6 +242,17 @@ class Store(LimitsStore, Protocol):
         NODE_TIMED_OUT events) and its ``redriven_dead_letter`` (stamped redriven_at; one
         already redriven raises ``FailedPrecondition``). On a version conflict, reload and
         call ``decide`` again (bounded). Raises ``NotFound`` for an unknown execution."""
+        ...
+
+    async def transact_many(
+        self,
+        items: Sequence[tuple[str, str, Callable[[Execution, Mapping[str, NodeRun]], Decision[T]]]],
+    ) -> list[T | TrellisError] | None:
+        """Group commit: ``transact`` for several (tenant, execution id, decide) in one
+        database transaction, one commit for all. Per item, the result of its ``decide``, or
+        the ``TrellisError`` it (or the execution lookup) raised, in which case that item
+        wrote nothing. None when the group could not commit as one (a conflict, a lost
+        race, the database): nothing was written, and the caller runs each on its own."""
         ...
 
     async def claim_transact(

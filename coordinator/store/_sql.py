@@ -88,6 +88,10 @@ _UNAVAILABLE_ERRORS = (
 _NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
 
 
+class _GroupAborted(Exception):
+    """A group commit that must be rolled back and run one by one."""
+
+
 class _LostRace(errors.Conflict):
     """PostgreSQL aborted the transaction (deadlock, serialization failure): retryable."""
 
@@ -142,6 +146,12 @@ class SqlStore(
         self._reader = self._writer if memory else None
         self._closed = False
         self._listener: PgListener | None = None
+
+    @property
+    def group_commit(self) -> bool:
+        """Whether workers' results should share transactions (``transact_many``): on
+        PostgreSQL, where a transaction's round trips cost more than its statements."""
+        return self._postgres
 
     @property
     def engine(self) -> AsyncEngine:
@@ -547,6 +557,48 @@ class SqlStore(
         out = await self._transact(tenant_id, execution_id, decide, claim=False)
         assert out is not None  # only a claim skips
         return out[0]
+
+    async def transact_many(
+        self,
+        items: Sequence[tuple[str, str, Callable[[Execution, Mapping[str, NodeRun]], Decision[T]]]],
+    ) -> list[T | errors.TrellisError] | None:
+        # Rows are locked in execution id order (several of one execution keep their order),
+        # so two groups never wait on each other in a cycle.
+        order = sorted(range(len(items)), key=lambda i: items[i][1])
+        # Every index is set below (``order`` is a permutation).
+        results: list[Any] = [None] * len(items)
+        wake: list[str] = []
+        try:
+            async with self._tx(write=True) as conn:
+                for i in order:
+                    tenant_id, execution_id, decide = items[i]
+                    try:
+                        execution = await self._load_execution(
+                            conn, tenant_id, execution_id, lock=self._postgres
+                        )
+                        loaded = {
+                            r.node_id: r
+                            for r in await self._load_nodes(conn, tenant_id, execution_id)
+                        }
+                        decision = decide(execution, loaded)
+                    except errors.TrellisError as exc:
+                        results[i] = exc  # decided nothing, wrote nothing
+                        continue
+                    results[i] = decision.result
+                    if decision.transition is None:
+                        continue
+                    if not await self._apply(
+                        conn, tenant_id, execution, loaded, decision.transition
+                    ):
+                        raise _GroupAborted  # a claim moved a row: each goes on its own
+                    for child in decision.created:
+                        await self._insert_execution(conn, child)
+                    wake.extend(decision.wake)
+                await self._notify(conn, wake)
+        except (_GroupAborted, errors.TrellisError, sa_exc.IntegrityError) as exc:
+            logger.debug("group commit of %d fell back to one by one: %r", len(items), exc)
+            return None
+        return results
 
     async def claim_transact(
         self,
