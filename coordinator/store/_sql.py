@@ -444,12 +444,16 @@ class SqlStore(
             await enqueue_deliveries(conn, None, t)
 
     async def get_executions(self, tenant_id: str, ids: Sequence[str]) -> dict[str, Execution]:
+        if not ids:
+            return {}  # no transaction for nothing
         async with self._tx(write=False) as conn:
             return await _control.get_executions(conn, tenant_id, ids)
 
     async def get_node_outputs(
         self, tenant_id: str, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], bytes | None]:
+        if not keys:
+            return {}  # roots: no parents, no transaction
         async with self._tx(write=False) as conn:
             return await _control.get_node_outputs(conn, tenant_id, keys)
 
