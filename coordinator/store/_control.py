@@ -111,7 +111,9 @@ async def find_orphaned_children(conn: AsyncConnection, limit: int) -> list[Exec
 def node_keys_in(postgres: bool) -> sa.ColumnElement[bool]:
     """(execution_id, node_id) of node_runs among the keys bound by ``node_keys_params``:
     two arrays zipped by ``unnest`` on PostgreSQL (one statement text whatever their
-    length), an expanding IN list on SQLite."""
+    length); on SQLite an expanding IN list of pairs, behind an IN list of execution ids:
+    SQLite scans the whole table for a row-value IN, but searches the primary key for the
+    execution ids (2.4 ms per lease at 20,000 rows before, growing with the table)."""
     n = node_runs
     pair = sa.tuple_(n.c.execution_id, n.c.node_id)
     if postgres:
@@ -124,14 +126,17 @@ def node_keys_in(postgres: bool) -> sa.ColumnElement[bool]:
             .render_derived(name="k")
         )
         return pair.in_(sa.select(keys.c.execution_id, keys.c.node_id))
-    return pair.in_(sa.bindparam("b_node_keys", expanding=True))
+    return sa.and_(
+        n.c.execution_id.in_(sa.bindparam("b_execution_ids", expanding=True)),
+        pair.in_(sa.bindparam("b_node_keys", expanding=True)),
+    )
 
 
 def node_keys_params(postgres: bool, keys: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """The parameters of ``node_keys_in`` for ``keys`` (execution_id, node_id)."""
     if postgres:
         return {"b_execution_ids": [k[0] for k in keys], "b_node_ids": [k[1] for k in keys]}
-    return {"b_node_keys": list(keys)}
+    return {"b_execution_ids": sorted({k[0] for k in keys}), "b_node_keys": list(keys)}
 
 
 def _ids_in(postgres: bool) -> sa.ColumnElement[bool]:
