@@ -26,7 +26,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator import errors
-from coordinator.model import ExecutionStatus, Transition
+from coordinator.model import Execution, ExecutionStatus, Transition
 from coordinator.notify import ChannelKind
 from coordinator.service._notifications import (
     Channel,
@@ -237,17 +237,59 @@ async def enqueue_deliveries(
     """Insert the deliveries of an execution that this transition ends (``before`` is its
     status as loaded; None for a new execution). Never fails the transition: a problem
     here is logged and the transition commits without its notifications."""
-    execution = transition.execution
-    if not execution.status.terminal or (before is not None and before.terminal):
-        return
-    params = {
-        "b_tenant_id": execution.tenant_id,
-        "b_workflow_name": execution.workflow_name,
-        "b_execution_id": execution.id,
-    }
-    rules = [_rule_from_row(row) for row in (await conn.execute(_RULES_FOR, params)).mappings()]
-    if not rules:
-        return
+    await enqueue_deliveries_many(conn, [(before, transition)])
+
+
+# The rules of several workflows and executions at once (a group commit's transitions).
+_RULES_FOR_MANY = sa.select(notification_rules).where(
+    notification_rules.c.tenant_id == sa.bindparam("b_tenant_id"),
+    sa.or_(
+        notification_rules.c.workflow_name.in_(sa.bindparam("b_workflow_names", expanding=True)),
+        notification_rules.c.execution_id.in_(sa.bindparam("b_execution_ids", expanding=True)),
+    ),
+)
+
+
+async def enqueue_deliveries_many(
+    conn: AsyncConnection, done: Sequence[tuple[ExecutionStatus | None, Transition]]
+) -> None:
+    """``enqueue_deliveries`` for several transitions: one rule lookup per tenant (one indexed
+    lookup for a single transition; nothing more without rules)."""
+    ending = [
+        t.execution
+        for before, t in done
+        if t.execution.status.terminal and not (before is not None and before.terminal)
+    ]
+    for tenant_id in sorted({e.tenant_id for e in ending}):
+        executions = [e for e in ending if e.tenant_id == tenant_id]
+        params: dict[str, Any] = {"b_tenant_id": tenant_id}
+        if len(executions) == 1:
+            query = _RULES_FOR
+            params.update(
+                b_workflow_name=executions[0].workflow_name, b_execution_id=executions[0].id
+            )
+        else:
+            query = _RULES_FOR_MANY
+            params.update(
+                b_workflow_names=sorted({e.workflow_name for e in executions}),
+                b_execution_ids=sorted({e.id for e in executions}),
+            )
+        rules = [_rule_from_row(row) for row in (await conn.execute(query, params)).mappings()]
+        if not rules:
+            continue
+        for execution in executions:
+            mine = [
+                r
+                for r in rules
+                if r.workflow_name == execution.workflow_name or r.execution_id == execution.id
+            ]
+            if mine:
+                await _insert_deliveries(conn, execution, mine)
+
+
+async def _insert_deliveries(
+    conn: AsyncConnection, execution: Execution, rules: Sequence[NotificationRule]
+) -> None:
     try:
         rows = [_delivery_values(d) for d in deliveries_for(execution, rules, execution.updated_at)]
         if not rows:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
@@ -52,7 +53,11 @@ from coordinator.store import _control, _dead_letters, _rows
 from coordinator.store._leasing import LeasingStoreMixin, touch_worker
 from coordinator.store._limits import LimitsStoreMixin
 from coordinator.store._lock import ProcessLock
-from coordinator.store._notifications import NotificationStoreMixin, enqueue_deliveries
+from coordinator.store._notifications import (
+    NotificationStoreMixin,
+    enqueue_deliveries,
+    enqueue_deliveries_many,
+)
 from coordinator.store._on_loop import OnLoopConnection
 from coordinator.store._queue import OverflowStoreMixin
 from coordinator.store._tables import (
@@ -89,7 +94,7 @@ _NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
 
 
 class _GroupAborted(Exception):
-    """A group commit that must be rolled back and run one by one."""
+    """A group commit that must be rolled back and run one by one (the reason)."""
 
 
 class _LostRace(errors.Conflict):
@@ -566,43 +571,69 @@ class SqlStore(
         self,
         items: Sequence[tuple[str, str, Callable[[Execution, Mapping[str, NodeRun]], Decision[T]]]],
     ) -> list[T | errors.TrellisError] | None:
-        # Rows are locked in execution id order (several of one execution keep their order),
-        # so two groups never wait on each other in a cycle.
+        """Set-based: the group's executions are loaded (and on PostgreSQL locked, in id
+        order) with one statement, their node runs with another; each item is decided in
+        id order (a later item of the same execution sees the earlier one's result, as a
+        reload would); then the writes go out with one statement per table: inserted node
+        runs, execution updates and node-run updates (each still fenced by version and by
+        (status, lease_seq): any miss rolls the group back), events, then notifications."""
         order = sorted(range(len(items)), key=lambda i: items[i][1])
         # Every index is set below (``order`` is a permutation).
         results: list[Any] = [None] * len(items)
-        wake: list[str] = []
+        writes = _GroupWrites()
         try:
             async with self._tx(write=True) as conn:
+                state = await self._load_group(conn, [(t, x) for t, x, _ in items])
                 for i in order:
                     tenant_id, execution_id, decide = items[i]
+                    loaded = state.get((tenant_id, execution_id))
+                    if loaded is None:
+                        results[i] = errors.NotFound(f"execution {execution_id!r} not found")
+                        continue
+                    execution, nodes = loaded
                     try:
-                        execution = await self._load_execution(
-                            conn, tenant_id, execution_id, lock=self._postgres
-                        )
-                        loaded = {
-                            r.node_id: r
-                            for r in await self._load_nodes(conn, tenant_id, execution_id)
-                        }
-                        decision = decide(execution, loaded)
+                        decision = decide(execution, nodes)
                     except errors.TrellisError as exc:
                         results[i] = exc  # decided nothing, wrote nothing
                         continue
                     results[i] = decision.result
-                    if decision.transition is None:
+                    t = decision.transition
+                    if t is None:
                         continue
-                    if not await self._apply(
-                        conn, tenant_id, execution, loaded, decision.transition
-                    ):
-                        raise _GroupAborted  # a claim moved a row: each goes on its own
-                    for child in decision.created:
-                        await self._insert_execution(conn, child)
-                    wake.extend(decision.wake)
-                await self._notify(conn, wake)
+                    if t.dead_lettered or t.redriven_dead_letter is not None or decision.created:
+                        # Rare, and they read or write more than these tables: one by one.
+                        raise _GroupAborted("dead letters or child executions")
+                    writes.add(self, execution, nodes, t, decision.wake)
+                    state[(tenant_id, execution_id)] = (
+                        dataclasses.replace(t.execution, version=execution.version + 1),
+                        {**nodes, **{r.node_id: r for r in t.nodes}},
+                    )
+                await writes.flush(self, conn)
         except (_GroupAborted, errors.TrellisError, sa_exc.IntegrityError) as exc:
             logger.debug("group commit of %d fell back to one by one: %r", len(items), exc)
             return None
         return results
+
+    async def _load_group(
+        self, conn: AsyncConnection, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[Execution, dict[str, NodeRun]]]:
+        """The executions ``keys`` (tenant, id) name, with their node runs; locked in id
+        order on PostgreSQL. Unknown ones are left out."""
+        state: dict[tuple[str, str], tuple[Execution, dict[str, NodeRun]]] = {}
+        for tenant_id in sorted({t for t, _ in keys}):
+            ids = sorted({x for t, x in keys if t == tenant_id})
+            params = {"b_tenant_id": tenant_id, "b_ids": ids}
+            rows = (await conn.execute(_GROUP_EXECUTIONS[self._postgres], params)).mappings()
+            for row in rows.all():
+                execution = _rows.execution_from_row(row)
+                state[(tenant_id, execution.id)] = (execution, {})
+            nodes = (await conn.execute(_GROUP_NODES[self._postgres], params)).mappings()
+            for row in nodes.all():
+                run = _rows.node_run_from_row(row)
+                loaded = state.get((tenant_id, run.execution_id))
+                if loaded is not None:
+                    loaded[1][run.node_id] = run
+        return state
 
     async def claim_transact(
         self,
@@ -883,3 +914,103 @@ _NODE_UPDATE = sa.update(node_runs).where(
     node_runs.c.status == sa.bindparam("b_status"),
     node_runs.c.lease_seq == sa.bindparam("b_lease_seq"),
 )
+
+
+def _group_ids_in(column: sa.ColumnElement[str], postgres: bool) -> sa.ColumnElement[bool]:
+    if postgres:
+        return column == sa.any_(sa.bindparam("b_ids", type_=postgresql.ARRAY(sa.Text)))
+    return column.in_(sa.bindparam("b_ids", expanding=True))
+
+
+# A group commit's loads: its executions (locked in id order on PostgreSQL) and their nodes.
+_GROUP_EXECUTIONS = {
+    postgres: sa.select(executions)
+    .where(
+        executions.c.tenant_id == sa.bindparam("b_tenant_id"),
+        _group_ids_in(executions.c.id, postgres),
+    )
+    .order_by(executions.c.id)
+    .with_for_update()
+    for postgres in (False, True)
+}
+_GROUP_NODES = {
+    postgres: sa.select(node_runs)
+    .where(
+        node_runs.c.tenant_id == sa.bindparam("b_tenant_id"),
+        _group_ids_in(node_runs.c.execution_id, postgres),
+    )
+    .order_by(node_runs.c.execution_id, node_runs.c.node_id)
+    for postgres in (False, True)
+}
+
+
+@dataclasses.dataclass
+class _GroupWrites:
+    """A group commit's writes, gathered per table (see ``SqlStore.transact_many``)."""
+
+    execution_updates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    node_updates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    node_inserts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    ended: list[tuple[ExecutionStatus, Transition]] = dataclasses.field(default_factory=list)
+    wake: list[str] = dataclasses.field(default_factory=list)
+
+    def add(
+        self,
+        store: SqlStore,
+        loaded: Execution,
+        nodes: Mapping[str, NodeRun],
+        t: Transition,
+        wake: Sequence[str],
+    ) -> None:
+        tenant_id = loaded.tenant_id
+        self.execution_updates.append(
+            {
+                **_rows.execution_mutable_values(t.execution),
+                "version": loaded.version + 1,
+                "b_tenant_id": tenant_id,
+                "b_id": loaded.id,
+                "b_version": loaded.version,
+            }
+        )
+        for r in sorted(t.nodes, key=lambda r: r.node_id):
+            before = nodes.get(r.node_id)
+            if before is None:
+                self.node_inserts.append(
+                    {
+                        **_rows.node_run_values(r, store.priority_aging_ms),
+                        "tenant_id": tenant_id,
+                        "execution_id": loaded.id,
+                    }
+                )
+                continue
+            self.node_updates.append(
+                {
+                    **_rows.node_run_mutable_values(r, store.priority_aging_ms),
+                    "b_tenant_id": tenant_id,
+                    "b_execution_id": loaded.id,
+                    "b_node_id": r.node_id,
+                    "b_status": before.status.value,
+                    "b_lease_seq": before.lease_seq,
+                }
+            )
+        self.events.extend(_rows.event_values(ev, tenant_id=tenant_id) for ev in t.events)
+        self.ended.append((loaded.status, t))
+        self.wake.extend(wake)
+
+    async def flush(self, store: SqlStore, conn: AsyncConnection) -> None:
+        # Inserted rows first: a later item of the group may update a node an earlier one
+        # added (an expansion, a map element).
+        if self.node_inserts:
+            await conn.execute(_INSERT_NODE_RUNS, self.node_inserts)
+        for statement, params in (
+            (_EXECUTION_UPDATE, self.execution_updates),
+            (_NODE_UPDATE, self.node_updates),
+        ):
+            if params and (await conn.execute(statement, params)).rowcount != len(params):
+                # A claim or another transition moved a row since the group loaded it.
+                raise _GroupAborted("a row changed since it was loaded")
+        if self.events:
+            await conn.execute(_INSERT_EVENTS, self.events)
+        await enqueue_deliveries_many(conn, self.ended)
+        await store._notify(conn, self.wake)

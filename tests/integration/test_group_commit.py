@@ -128,3 +128,63 @@ async def test_group_of_one_or_more_matches_transact(store: SqlStore, size: int)
     runs = [(await c.start_execution(TENANT, "fan", None, b"{}"))[0] for _ in range(size)]
     results = await store.transact_many([(TENANT, r.id, _cancel(defn)) for r in runs])
     assert results == [r.id for r in runs]
+
+
+async def test_a_row_moved_since_the_load_rolls_the_group_back(store: SqlStore) -> None:
+    """The writes stay fenced by (status, lease_seq): when a claim leased a node between the
+    group's load and its write (simulated: the group is handed the rows as they were before
+    the claim), the whole group rolls back (None), to be decided again one by one."""
+    c = Coordinator(store)
+    defn, _ = await c.register_workflow(fan(1))
+    a, _ = await c.start_execution(TENANT, "fan", None, b"{}")
+    b, _ = await c.start_execution(TENANT, "fan", None, b"{}")
+    async with store._tx(write=False) as conn:
+        before_claim = await store._load_group(conn, [(TENANT, a.id), (TENANT, b.id)])
+    await c.register_worker(TENANT, "w", ["t"], 10)
+    assert len(await c.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0))) == 2  # both heads
+    load_group = store._load_group
+
+    async def stale(conn: Any, keys: Any) -> Any:
+        fresh = await load_group(conn, keys)  # takes the locks, as the real one does
+        return {k: before_claim[k] for k in fresh}
+
+    store._load_group = stale  # type: ignore[method-assign]
+    results = await store.transact_many(
+        [(TENANT, a.id, _cancel(defn)), (TENANT, b.id, _cancel(defn))]
+    )
+    assert results is None
+    del store._load_group
+    for execution in (a, b):
+        assert (await store.get_execution(TENANT, execution.id)).status is ExecutionStatus.RUNNING
+    assert await store.transact_many([(TENANT, a.id, _cancel(defn))]) == [a.id]
+
+
+async def test_items_of_one_execution_see_each_other_in_a_group(store: SqlStore) -> None:
+    """Two results of one fan-out in one group: the second is decided on the first's
+    outcome (as a reload would show it), so the fan-in is not missed."""
+    c = Coordinator(store)
+    await c.register_workflow(fan(2))
+    await c.register_worker(TENANT, "w", ["t"], 10)
+    execution, _ = await c.start_execution(TENANT, "fan", None, b"{}")
+    (head,) = await c.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0))
+    await c.complete_task(TENANT, head.token, b"1", "w")
+    m0, m1 = sorted(
+        await c.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0)), key=lambda t: t.node.node_id
+    )
+
+    def complete(node_id: str) -> Any:
+        def decide(ex: Execution, nodes: Mapping[str, NodeRun]) -> Decision[str]:
+            t = engine.complete_node(fan_def, ex, nodes, node_id, b'"x"', datetime.now(UTC))
+            return Decision(t, node_id)
+
+        return decide
+
+    fan_def = await c.get_workflow(TENANT, "fan", None)
+    results = await store.transact_many(
+        [(TENANT, execution.id, complete("m0")), (TENANT, execution.id, complete("m1"))]
+    )
+    assert results == ["m0", "m1"]
+    nodes = {n.node_id: n.status.value for n in await store.list_node_runs(TENANT, execution.id)}
+    assert nodes == {"head": "SUCCEEDED", "m0": "SUCCEEDED", "m1": "SUCCEEDED", "tail": "READY"}
+    assert (await store.get_execution(TENANT, execution.id)).version == execution.version + 3
+    del m0, m1
