@@ -24,6 +24,7 @@ from trellis.v1 import worker_service_pb2_grpc as pb_grpc
 from worker_sdk._channel import DEFAULT_ADDRESS, TRANSIENT_CODES, Backoff, Episode, open_channel
 from worker_sdk._convert import context_from_proto, decode_json, duration_to_proto, encode_json
 from worker_sdk._errors import NonRetryableError, rpc_error
+from worker_sdk._reporter import Reporter, Result, too_large
 from worker_sdk._result import fill_completion
 from worker_sdk._task import Task, TaskContext, _LeaseSignals
 
@@ -50,7 +51,7 @@ _FATAL_REGISTRATION_CODES = frozenset(
 # On delivery these mean the lease is gone (stale, expired, unknown): drop the result.
 _LEASE_GONE_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
 
-_Result = pb.CompleteTaskRequest | pb.FailTaskRequest
+_Result = Result
 
 
 @dataclass(eq=False)
@@ -92,9 +93,10 @@ class Worker:
     "WorkerShutdown" failures. The worker survives coordinator restarts: it
     retries with backoff, re-registers, and keeps results until delivered.
 
-    ``eager_dispatch``: each CompleteTask asks the coordinator to lease, in its reply, the
-    next ready task for the slot the result frees (typically the successor the result just
-    made ready), which saves a poll round trip per DAG step.
+    Results are delivered in batches (ReportResults): those that finish while a delivery is
+    on the wire go together in the next one. ``eager_dispatch``: each result asks the
+    coordinator to lease, in the reply, the next ready task for the slot it frees (typically
+    the successor it just made ready), which saves a poll round trip per DAG step.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class Worker:
         self._executor: ThreadPoolExecutor | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.WorkerServiceAsyncStub | None = None
+        self._reporter: Reporter | None = None
         # Failures are logged once per episode (an outage, a spell of backpressure).
         self._register_episode = Episode(logger, f"registering with {address}")
         self._poll_episode = Episode(logger, f"polling {address}")
@@ -199,6 +202,9 @@ class Worker:
         )
         self._channel = open_channel(self._address)
         self._stub = pb_grpc.WorkerServiceStub(self._channel)
+        self._reporter = Reporter(
+            self._stub, lambda: self._worker_id, self._task_types, orphans=self._start
+        )
         heartbeat: asyncio.Task[None] | None = None
         try:
             if await self._register(initial=True):
@@ -213,6 +219,7 @@ class Worker:
             for runner in leftovers:
                 runner.cancel()
             await asyncio.gather(*leftovers, return_exceptions=True)
+            await self._reporter.close()
             self._leases.clear()
             self._reserved = 0
             self._generation += 1  # threads still running no longer count
@@ -595,26 +602,17 @@ class Worker:
     async def _deliver(self, lease: _Lease, request: _Result) -> list[pb.Task]:
         """Sends the result until it is accepted, refused for good, or the lease is dropped.
         Returns the tasks a completion's reply leased to this worker (eager dispatch)."""
-        assert self._stub is not None
+        assert self._reporter is not None
         backoff = Backoff()
         current: _Result | None = request
         while current is not None and lease.drop_reason is None:
+            # Eager dispatch: the slot this result frees may go straight to the next task;
+            # a poll in flight asked only for the other free slots.
+            want_next = self._eager and not self._stopping.is_set() and not lease.thread_running
             try:
-                if isinstance(current, pb.CompleteTaskRequest):
-                    if self._eager and not self._stopping.is_set() and not lease.thread_running:
-                        # The slot this result frees may go straight to the next task; a
-                        # poll in flight asked only for the other free slots.
-                        current.max_next_tasks = 1
-                        current.task_types[:] = self._task_types
-                    else:
-                        current.max_next_tasks = 0
-                        del current.task_types[:]
-                    reply = await self._stub.CompleteTask(current, timeout=_RPC_TIMEOUT)
-                    self._deliver_episode.succeeded(extra=self._log)
-                    return list(reply.next_tasks)
-                await self._stub.FailTask(current, timeout=_RPC_TIMEOUT)
+                tasks = await self._reporter.report(current, want_next=want_next)
                 self._deliver_episode.succeeded(extra=self._log)
-                return []
+                return tasks
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 method = (
@@ -629,7 +627,7 @@ class Worker:
                         extra=lease.extra,
                     )
                     return []
-                if code == grpc.StatusCode.INVALID_ARGUMENT or _too_large(exc):
+                if code == grpc.StatusCode.INVALID_ARGUMENT or too_large(exc):
                     current = self._replacement(lease, current, exc)
                     continue
                 # Anything else (UNAVAILABLE while the database is down, RESOURCE_EXHAUSTED
@@ -800,12 +798,3 @@ class Worker:
 def _being_cancelled() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
-
-
-def _too_large(exc: grpc.aio.AioRpcError) -> bool:
-    # gRPC itself refuses a message over the server's receive limit with RESOURCE_EXHAUSTED;
-    # retrying it would never succeed, so it is handled like INVALID_ARGUMENT.
-    return (
-        exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        and "larger than max" in (exc.details() or "").lower()
-    )

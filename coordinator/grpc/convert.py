@@ -26,7 +26,7 @@ from coordinator.model import (
     WorkflowDef,
     WorkflowSummary,
 )
-from coordinator.service import LeasedTask, StartRequest
+from coordinator.service import Completion, Failure, LeasedTask, StartRequest
 from trellis.v1 import common_pb2, worker_service_pb2, workflow_service_pb2
 
 _DEFAULT_RETRY = RetryPolicy()
@@ -424,6 +424,18 @@ def complete_options_from_proto(
     return taken, expansion
 
 
+def result_from_proto(msg: worker_service_pb2.TaskResult, index: int) -> Completion | Failure:
+    """One result of a ReportResults batch (``index`` names it in errors)."""
+    kind = msg.WhichOneof("result")
+    if kind == "completed":
+        taken, expansion = complete_options_from_proto(msg.completed)
+        return Completion(msg.completed.lease_token, msg.completed.output, taken, expansion)
+    if kind == "failed":
+        error, retryable = task_error_from_proto(msg.failed.error)
+        return Failure(msg.failed.lease_token, error, retryable)
+    raise InvalidArgument(f"results[{index}] is empty; set 'completed' or 'failed'")
+
+
 def task_error_from_proto(msg: worker_service_pb2.TaskError) -> tuple[ErrorInfo, bool]:
     """The reported error and whether it may be retried."""
     error = ErrorInfo(
@@ -448,6 +460,7 @@ __all__ = [
     "node_to_proto",
     "node_to_proto_definition",
     "overflow_policy_from_proto",
+    "result_from_proto",
     "start_request_from_proto",
     "summary_to_proto",
     "task_error_from_proto",

@@ -8,10 +8,18 @@ from typing import Any
 
 import grpc
 
+from coordinator.errors import TrellisError
 from coordinator.grpc import convert
-from coordinator.grpc.status import stream, unary
+from coordinator.grpc.status import retry_hint, status_for, stream, unary
 from coordinator.model import DEFAULT_TENANT, Execution
-from coordinator.service import Coordinator, ExecutionView, LeasedTask
+from coordinator.service import (
+    Completion,
+    Coordinator,
+    ExecutionView,
+    Failure,
+    LeasedTask,
+    ResultOutcome,
+)
 from coordinator.service._backpressure import PollWaiters, StartRate
 from trellis.v1 import common_pb2
 from trellis.v1 import (
@@ -139,6 +147,44 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
             TENANT, request.lease_token, error, retryable
         )
         return wpb.FailTaskResponse(will_retry=will_retry, duplicate=duplicate)
+
+    @unary
+    async def ReportResults(
+        self, request: wpb.ReportResultsRequest, context: Ctx
+    ) -> wpb.ReportResultsResponse:
+        # A result that does not decode is refused on its own; the others go ahead.
+        results: list[Completion | Failure | TrellisError] = []
+        for index, msg in enumerate(request.results):
+            try:
+                results.append(convert.result_from_proto(msg, index))
+            except TrellisError as exc:
+                results.append(exc)
+        outcomes, tasks = await self._c.report_results(
+            TENANT,
+            request.worker_id,
+            results,
+            list(request.task_types),
+            request.max_next_tasks,
+        )
+        return wpb.ReportResultsResponse(
+            results=[_result_status(o) for o in outcomes],
+            next_tasks=[convert.task_to_proto(t) for t in tasks],
+        )
+
+
+def _result_status(outcome: ResultOutcome) -> wpb.ResultStatus:
+    status = wpb.ResultStatus(duplicate=outcome.duplicate, will_retry=outcome.will_retry)
+    exc = outcome.error
+    if isinstance(exc, TrellisError):
+        status.code = status_for(exc).value[0]
+        status.message = str(exc)
+        hint = retry_hint(exc)
+        if hint is not None:
+            status.retry_after.FromTimedelta(timedelta(seconds=hint))
+    elif exc is not None:
+        status.code = grpc.StatusCode.INTERNAL.value[0]
+        status.message = "internal error; see the coordinator's log"
+    return status
 
 
 class WorkflowServicer(fgrpc.WorkflowServiceServicer):

@@ -47,9 +47,14 @@ def status_for(exc: TrellisError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def retry_hint(exc: TrellisError) -> float | None:
+    """Seconds after which the refused call may be sent again, when ``exc`` says."""
+    return exc.retry_after if isinstance(exc, ResourceExhausted | Unavailable) else None
+
+
 def trailers_for(exc: TrellisError) -> tuple[tuple[str, str], ...]:
     """The trailing metadata sent with ``exc``'s status: its retry hint, when it has one."""
-    retry_after = exc.retry_after if isinstance(exc, ResourceExhausted | Unavailable) else None
+    retry_after = retry_hint(exc)
     if retry_after is None:
         return ()
     return ((RETRY_AFTER_KEY, str(max(math.ceil(retry_after * 1000), 1))),)
@@ -103,4 +108,12 @@ def stream(
     return wrapper
 
 
-__all__ = ["RETRY_AFTER_KEY", "STATUS_TABLE", "status_for", "stream", "trailers_for", "unary"]
+__all__ = [
+    "RETRY_AFTER_KEY",
+    "STATUS_TABLE",
+    "retry_hint",
+    "status_for",
+    "stream",
+    "trailers_for",
+    "unary",
+]

@@ -1,10 +1,14 @@
 """Use cases of the coordinator, over the ``Store`` protocol (no grpc, no SQLAlchemy)."""
 
 from coordinator.service._coordinator import (
+    MAX_REPORT_BATCH,
+    Completion,
     Coordinator,
     ExecutionView,
+    Failure,
     HeartbeatResult,
     LeasedTask,
+    ResultOutcome,
     ServiceSettings,
     utcnow,
 )
@@ -16,16 +20,20 @@ from coordinator.service.ports import Decision, LeaseKey, NewExecution, Store
 
 __all__ = [
     "MAX_BATCH_START",
+    "MAX_REPORT_BATCH",
     "MAX_START_DELAY",
+    "Completion",
     "Coordinator",
     "Decision",
     "ExecutionView",
+    "Failure",
     "HeartbeatResult",
     "LeaseKey",
     "LeaseToken",
     "LeasedTask",
     "NewExecution",
     "Notifier",
+    "ResultOutcome",
     "ServiceSettings",
     "StartRequest",
     "Store",

@@ -50,11 +50,15 @@ from coordinator.service._tokens import LeaseToken
 from coordinator.service.ports import ClaimPolicy
 
 __all__ = [
+    "MAX_REPORT_BATCH",
     "Clock",
+    "Completion",
     "Coordinator",
     "ExecutionView",
+    "Failure",
     "HeartbeatResult",
     "LeasedTask",
+    "ResultOutcome",
     "ServiceSettings",
     "Step",
     "utcnow",
@@ -81,6 +85,38 @@ class LeasedTask:
 class HeartbeatResult:
     cancelled: tuple[str, ...]
     lost: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A worker's result: the attempt succeeded (see ``Coordinator.complete_task``)."""
+
+    token: str
+    output: bytes
+    next: Sequence[str] | None = None
+    expansion: engine.Expansion | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A worker's result: the attempt failed (see ``Coordinator.fail_task``)."""
+
+    token: str
+    error: ErrorInfo
+    retryable: bool
+
+
+@dataclass(frozen=True)
+class ResultOutcome:
+    """What became of one result of a batch: accepted (``error`` None) or refused."""
+
+    duplicate: bool = False
+    will_retry: bool = False
+    error: Exception | None = None
+
+
+# Most results one ReportResults call may carry.
+MAX_REPORT_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -400,28 +436,100 @@ class Coordinator(ExecutionStarts):
         next: Sequence[str] | None = None,
         expansion: engine.Expansion | None = None,
     ) -> tuple[bool, list[LeasedTask]]:
-        """``complete_task``, then eager dispatch: when the result made tasks of
-        ``task_types`` ready (the successors in a chain or a fan-out), lease up to
-        ``max_next`` ready tasks to the same worker at once, for the reply. The result is
-        committed first: a failure to lease is logged and leases nothing."""
+        """``complete_task``, then eager dispatch (``_eager``) for the same worker. The result
+        is committed first: a failure to lease is logged and leases nothing."""
         self._check_claim(worker_id, task_types, 1, "eager dispatch")
         duplicate, transition = await self._complete(
             tenant_id, token_text, output, next=next, expansion=expansion
         )
-        made_ready = transition is not None and any(
-            n.task_type in task_types for n in transition.ready
+        return duplicate, await self._eager(
+            tenant_id, worker_id, task_types, max_next, [transition]
+        )
+
+    async def report_results(
+        self,
+        tenant_id: str,
+        worker_id: str,
+        results: Sequence[Completion | Failure | TrellisError],
+        task_types: Sequence[str] = (),
+        max_next: int = 0,
+    ) -> tuple[list[ResultOutcome], list[LeasedTask]]:
+        """Several results at once, each handled as ``complete_task`` or ``fail_task`` handles
+        it. They run concurrently, so on PostgreSQL they share group commits. A refused result
+        does not refuse the others: each outcome carries its own error (an error in
+        ``results`` stands for a result that could not be decoded: it is its outcome). Then
+        eager dispatch (``_eager``) for the batch, after every result is committed."""
+        if len(results) > MAX_REPORT_BATCH:
+            raise InvalidArgument(
+                f"{len(results)} results in one batch; send at most {MAX_REPORT_BATCH} per call"
+            )
+        if max_next > 0:
+            self._check_claim(worker_id, task_types, 1, "eager dispatch")
+        transitions: list[Transition | None] = []
+        first: dict[str, int] = {}
+        for index, result in enumerate(results):
+            if not isinstance(result, TrellisError):
+                first.setdefault(result.token, index)
+
+        async def one(index: int, result: Completion | Failure | TrellisError) -> ResultOutcome:
+            try:
+                if isinstance(result, TrellisError):
+                    raise result
+                if first[result.token] != index:
+                    raise InvalidArgument(
+                        f"results[{index}] reports the lease of results[{first[result.token]}] "
+                        "again; report each lease once per batch"
+                    )
+                if isinstance(result, Completion):
+                    duplicate, transition = await self._complete(
+                        tenant_id,
+                        result.token,
+                        result.output,
+                        next=result.next,
+                        expansion=result.expansion,
+                    )
+                    transitions.append(transition)
+                    return ResultOutcome(duplicate=duplicate)
+                will_retry, duplicate = await self.fail_task(
+                    tenant_id, result.token, result.error, result.retryable
+                )
+                return ResultOutcome(duplicate=duplicate, will_retry=will_retry)
+            except TrellisError as exc:
+                return ResultOutcome(error=exc)
+            except Exception as exc:  # one result's fault must not lose the others' replies
+                log.exception("reporting a result failed", extra={"worker_id": worker_id})
+                return ResultOutcome(error=exc)
+
+        outcomes = await asyncio.gather(*(one(i, r) for i, r in enumerate(results)))
+        return list(outcomes), await self._eager(
+            tenant_id, worker_id, task_types, max_next, transitions
+        )
+
+    async def _eager(
+        self,
+        tenant_id: str,
+        worker_id: str,
+        task_types: Sequence[str],
+        max_next: int,
+        transitions: Iterable[Transition | None],
+    ) -> list[LeasedTask]:
+        """Eager dispatch: when the ``transitions`` (just committed results) made tasks of
+        ``task_types`` ready (the successors in a chain or a fan-out), lease up to
+        ``max_next`` ready tasks to the worker at once. A failure to lease leases nothing."""
+        made_ready = any(
+            t is not None and any(n.task_type in task_types for n in t.ready) for t in transitions
         )
         if not made_ready or max_next <= 0 or self._draining:
             # Independent tasks are better served by the worker's polls, which lease many
             # per claim; an eager claim per completion would cost one claim per task.
-            return duplicate, []
+            return []
         try:
             max_next = self._check_claim(worker_id, task_types, max_next, "eager dispatch")
             claimed, _, _ = await self._claim(tenant_id, worker_id, task_types, max_next)
-            return duplicate, (await self._leased(tenant_id, claimed) if claimed else [])
+            return await self._leased(tenant_id, claimed) if claimed else []
         except TrellisError as exc:
             log.debug("eager dispatch skipped: %s", exc)
-            return duplicate, []
+            return []
 
     async def _complete(
         self,

@@ -177,6 +177,7 @@ class HintingService(FakeWorkerService):
         self.hint_ms = 300
         self.poll_times: list[float] = []
         self.complete_times: list[float] = []
+        self.refuse_whole_batch = True  # False: refuse each result in the reply instead
 
     def _refuse(self, context: Any) -> Any:
         return context.abort(
@@ -202,6 +203,25 @@ class HintingService(FakeWorkerService):
             self.complete_calls.append(request)
             await self._refuse(context)
         return await super().CompleteTask(request, context)
+
+    async def ReportResults(
+        self, request: pb.ReportResultsRequest, context: Any
+    ) -> pb.ReportResultsResponse:
+        if self.batches:
+            self.complete_times.append(time.monotonic())
+        if not self.refuse_completes or not self.batches:
+            return await super().ReportResults(request, context)
+        self.refuse_completes -= 1
+        self.complete_calls.extend(r.completed for r in request.results)
+        if self.refuse_whole_batch:
+            await self._refuse(context)
+        reply = pb.ReportResultsResponse()
+        for _ in request.results:
+            status = reply.results.add(
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="over the start rate"
+            )
+            status.retry_after.FromMilliseconds(self.hint_ms)
+        return reply
 
 
 @pytest.fixture
@@ -230,9 +250,18 @@ async def test_worker_poll_honours_the_hint_and_logs_once(
     assert any("works again after 3 failures" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize(
+    ("batches", "whole"),
+    [(True, True), (True, False), (False, True)],
+    ids=["batch-refused", "result-refused", "one-by-one"],
+)
 async def test_worker_keeps_a_refused_result_and_resends_it_after_the_hint(
-    hinting: HintingService, caplog: pytest.LogCaptureFixture
+    hinting: HintingService, caplog: pytest.LogCaptureFixture, batches: bool, whole: bool
 ) -> None:
+    """The retry hint is followed whether the whole ReportResults call was refused, or one
+    result in its reply, or the CompleteTask of a coordinator without batches."""
+    hinting.batches = batches
+    hinting.refuse_whole_batch = whole
     hinting.refuse_completes = 2
     caplog.set_level(logging.DEBUG, logger="worker_sdk")
     async with serving(Worker([echo], address=hinting.address)):

@@ -54,7 +54,9 @@ class FakeWorkerService(pb_grpc.WorkerServiceServicer):
         self.lost_tokens: set[str] = set()
         self.poll_cancelled = asyncio.Event()
         self.overdeliver = False  # hand out every queued task, ignoring max_tasks
-        self.eager = True  # serve CompleteTask's max_next_tasks from the queue
+        self.eager = True  # serve max_next_tasks (eager dispatch) from the queue
+        self.batches = True  # False: a coordinator without ReportResults (UNIMPLEMENTED)
+        self.report_calls: list[pb.ReportResultsRequest] = []
         self.eager_leased: list[str] = []
         self.polling = 0
         self.leased: set[str] = set()
@@ -137,29 +139,57 @@ class FakeWorkerService(pb_grpc.WorkerServiceServicer):
     async def CompleteTask(
         self, request: pb.CompleteTaskRequest, context: Any
     ) -> pb.CompleteTaskResponse:
-        self.complete_calls.append(request)
-        if self.complete_errors:
-            code, message = self.complete_errors.pop(0)
-            await context.abort(code, message)
-        self.leased.discard(request.lease_token)
-        self.completions[request.lease_token] = json.loads(request.output)
-        reply = pb.CompleteTaskResponse()
-        if self.eager and request.max_next_tasks > 0:
-            async with self._cond:
-                batch = [t for t in self._queue if t.task_type in request.task_types]
-                batch = batch[: request.max_next_tasks]
-                self._queue = [t for t in self._queue if t not in batch]
-            reply.next_tasks.extend(batch)
-            self.eager_leased.extend(t.lease_token for t in batch)
-            self.leased.update(t.lease_token for t in batch)
-            self.max_outstanding = max(self.max_outstanding, len(self.leased))
-        return reply
+        refused = self._complete(request)
+        if refused is not None:
+            await context.abort(*refused)
+        tasks = await self._lease_eager(request.task_types, request.max_next_tasks)
+        return pb.CompleteTaskResponse(next_tasks=tasks)
 
     async def FailTask(self, request: pb.FailTaskRequest, context: Any) -> pb.FailTaskResponse:
+        self._fail(request)
+        return pb.FailTaskResponse(will_retry=not request.error.non_retryable)
+
+    async def ReportResults(
+        self, request: pb.ReportResultsRequest, context: Any
+    ) -> pb.ReportResultsResponse:
+        if not self.batches:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        self.report_calls.append(request)
+        reply = pb.ReportResultsResponse()
+        for entry in request.results:
+            refused = None
+            if entry.HasField("completed"):
+                refused = self._complete(entry.completed)
+            else:
+                self._fail(entry.failed)
+            code, message = refused or (grpc.StatusCode.OK, "")
+            reply.results.add(code=code.value[0], message=message)
+        reply.next_tasks.extend(await self._lease_eager(request.task_types, request.max_next_tasks))
+        return reply
+
+    def _complete(self, request: pb.CompleteTaskRequest) -> tuple[grpc.StatusCode, str] | None:
+        self.complete_calls.append(request)
+        if self.complete_errors:
+            return self.complete_errors.pop(0)
+        self.leased.discard(request.lease_token)
+        self.completions[request.lease_token] = json.loads(request.output)
+        return None
+
+    def _fail(self, request: pb.FailTaskRequest) -> None:
         self.fail_calls.append(request)
         self.leased.discard(request.lease_token)
         self.failures[request.lease_token] = request.error
-        return pb.FailTaskResponse(will_retry=not request.error.non_retryable)
+
+    async def _lease_eager(self, task_types: Any, count: int) -> list[pb.Task]:
+        if not self.eager or count <= 0:
+            return []
+        async with self._cond:
+            batch = [t for t in self._queue if t.task_type in task_types][:count]
+            self._queue = [t for t in self._queue if t not in batch]
+        self.eager_leased.extend(t.lease_token for t in batch)
+        self.leased.update(t.lease_token for t in batch)
+        self.max_outstanding = max(self.max_outstanding, len(self.leased))
+        return batch
 
 
 async def start_server(service: FakeWorkerService, port: int = 0) -> grpc.aio.Server:
@@ -173,8 +203,9 @@ async def start_server(service: FakeWorkerService, port: int = 0) -> grpc.aio.Se
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeWorkerService]:
+async def fake(request: pytest.FixtureRequest) -> AsyncIterator[FakeWorkerService]:
     service = FakeWorkerService()
+    service.batches = getattr(request, "param", True)
     await start_server(service)
     yield service
     assert service.server is not None
@@ -356,6 +387,12 @@ async def test_never_runs_more_than_concurrency(fake: FakeWorkerService) -> None
     assert sorted(fake.completions.values()) == list(range(10))
 
 
+BOTH_DELIVERIES = pytest.mark.parametrize(
+    "fake", [True, False], indirect=True, ids=["batched", "one-by-one"]
+)
+
+
+@BOTH_DELIVERIES
 async def test_eager_dispatch_runs_the_tasks_a_completion_reply_carries(
     fake: FakeWorkerService,
 ) -> None:
@@ -378,20 +415,88 @@ async def test_eager_dispatch_runs_the_tasks_a_completion_reply_carries(
     assert sorted(fake.completions.values()) == list(range(12))
     assert fake.eager_leased, "no task came through a completion's reply"
     assert set(fake.eager_leased) <= set(fake.completions)
-    assert all(
-        c.max_next_tasks == 1 and list(c.task_types) == ["busy", "echo"]
-        for c in fake.complete_calls
-    )
+    if fake.batches:  # one ask per completion in the batch, for the slot it frees
+        assert fake.report_calls and all(
+            r.max_next_tasks == len(r.results) and list(r.task_types) == ["busy", "echo"]
+            for r in fake.report_calls
+        )
+    else:
+        assert all(
+            c.max_next_tasks == 1 and list(c.task_types) == ["busy", "echo"]
+            for c in fake.complete_calls
+        )
     assert peak <= 2
     assert fake.max_outstanding <= 2
 
 
+@BOTH_DELIVERIES
 async def test_eager_dispatch_can_be_turned_off(fake: FakeWorkerService) -> None:
     tokens = [await fake.add_task("echo", i) for i in range(3)]
     async with serving(Worker([echo], address=fake.address, concurrency=1, eager_dispatch=False)):
         await wait_until(lambda: all(fake.done(t) for t in tokens))
     assert fake.eager_leased == []
     assert all(c.max_next_tasks == 0 and not c.task_types for c in fake.complete_calls)
+    assert all(r.max_next_tasks == 0 and not r.task_types for r in fake.report_calls)
+
+
+async def test_results_finishing_together_share_a_call(fake: FakeWorkerService) -> None:
+    """Results that finish while a delivery is on the wire go together in the next call."""
+    gate = asyncio.Event()
+
+    @task("gated")
+    async def gated(ctx: TaskContext, data: Any) -> Any:
+        await gate.wait()
+        return data
+
+    tokens = [await fake.add_task("gated", i) for i in range(20)]
+    async with serving(Worker([gated], address=fake.address, concurrency=20)):
+        await wait_until(lambda: len(fake.leased) == 20)
+        gate.set()
+        await wait_until(lambda: all(fake.done(t) for t in tokens))
+    assert sorted(fake.completions.values()) == list(range(20))
+    sizes = [len(r.results) for r in fake.report_calls]
+    assert sum(sizes) == 20
+    assert max(sizes) > 1, sizes
+    assert not fake.fail_calls
+
+
+async def test_a_refused_result_does_not_hold_up_its_batch(fake: FakeWorkerService) -> None:
+    """Each result of a batch has its own status: the stale one is dropped, once; the
+    others are accepted, once."""
+    fake.complete_errors = [(grpc.StatusCode.FAILED_PRECONDITION, "stale lease")]
+    gate = asyncio.Event()
+
+    @task("gated")
+    async def gated(ctx: TaskContext, data: Any) -> Any:
+        await gate.wait()
+        return data
+
+    tokens = [await fake.add_task("gated", i) for i in range(6)]
+    async with serving(Worker([gated], address=fake.address, concurrency=6)):
+        await wait_until(lambda: len(fake.leased) == 6)
+        gate.set()
+        await wait_until(lambda: len(fake.complete_calls) == 6 and len(fake.completions) == 5)
+    assert len(fake.complete_calls) == 6  # nothing sent twice
+    assert len({c.lease_token for c in fake.complete_calls}) == 6
+    assert set(fake.completions) < set(tokens)
+    assert not fake.fail_calls
+
+
+async def test_results_go_one_by_one_to_a_coordinator_without_batches() -> None:
+    service = FakeWorkerService()
+    service.batches = False
+    await start_server(service)
+    try:
+        tokens = [await service.add_task("echo", i) for i in range(5)]
+        async with serving(Worker([echo], address=service.address, concurrency=5)):
+            await wait_until(lambda: all(service.done(t) for t in tokens))
+            later = await service.add_task("echo", 5)  # after the fallback was learnt
+            await wait_until(lambda: service.done(later))
+        assert len(service.complete_calls) == 6
+        assert not service.report_calls
+    finally:
+        assert service.server is not None
+        await service.server.stop(None)
 
 
 async def test_extra_tasks_from_the_coordinator_wait_for_a_slot(fake: FakeWorkerService) -> None:
@@ -503,6 +608,7 @@ async def test_lost_lease_is_seen_by_sync_handler(fake: FakeWorkerService) -> No
     assert not fake.complete_calls
 
 
+@BOTH_DELIVERIES
 async def test_result_is_redelivered_until_accepted(fake: FakeWorkerService) -> None:
     fake.complete_errors = [(grpc.StatusCode.UNAVAILABLE, "restarting")] * 3
     async with serving(Worker([echo], address=fake.address)):
@@ -512,6 +618,7 @@ async def test_result_is_redelivered_until_accepted(fake: FakeWorkerService) -> 
     assert fake.completions[token] == {"got": "x", "attempt": 1}
 
 
+@BOTH_DELIVERIES
 async def test_stale_lease_result_is_dropped(fake: FakeWorkerService) -> None:
     fake.complete_errors = [(grpc.StatusCode.FAILED_PRECONDITION, "stale lease")]
     async with serving(Worker([echo], address=fake.address)):
@@ -522,6 +629,7 @@ async def test_stale_lease_result_is_dropped(fake: FakeWorkerService) -> None:
     assert len(fake.complete_calls) == 1
 
 
+@BOTH_DELIVERIES
 async def test_refused_output_becomes_non_retryable_failure(fake: FakeWorkerService) -> None:
     fake.complete_errors = [(grpc.StatusCode.INVALID_ARGUMENT, "output is 9 MiB; limit 1 MiB")]
     async with serving(Worker([echo], address=fake.address)):

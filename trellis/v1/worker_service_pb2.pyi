@@ -537,3 +537,143 @@ class FailTaskResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FailTaskResponse: _TypeAlias = FailTaskResponse  # noqa: Y015
+
+@_typing.final
+class TaskResult(_message.Message):
+    """One result in a ReportResults batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def completed(self) -> Global___CompleteTaskRequest:
+        """Its worker_id, max_next_tasks and task_types are ignored: the batch's apply."""
+
+    @_builtins.property
+    def failed(self) -> Global___FailTaskRequest:
+        """Its worker_id is ignored: the batch's applies."""
+
+    def __init__(
+        self,
+        *,
+        completed: Global___CompleteTaskRequest | None = ...,
+        failed: Global___FailTaskRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failed", b"failed", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "failed", b"failed", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["completed", "failed"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___TaskResult: _TypeAlias = TaskResult  # noqa: Y015
+
+@_typing.final
+class ReportResultsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    MAX_NEXT_TASKS_FIELD_NUMBER: _builtins.int
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    max_next_tasks: _builtins.int
+    """Eager dispatch for the whole batch, as CompleteTaskRequest.max_next_tasks: when a
+    completion in it makes a task of `task_types` ready, the reply may lease this worker up
+    to this many tasks. Ask for no more than the slots the results free. 0: none.
+    """
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskResult]:
+        """At most 1,000; each lease at most once."""
+
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The task types this worker serves; required when max_next_tasks > 0."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        results: _abc.Iterable[Global___TaskResult] | None = ...,
+        max_next_tasks: _builtins.int = ...,
+        task_types: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_next_tasks", b"max_next_tasks", "results", b"results", "task_types", b"task_types", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportResultsRequest: _TypeAlias = ReportResultsRequest  # noqa: Y015
+
+@_typing.final
+class ResultStatus(_message.Message):
+    """What happened to one result of a ReportResults batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    WILL_RETRY_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A gRPC status code number: 0 (OK) when accepted; otherwise the code CompleteTask or
+    FailTask would have failed with (FAILED_PRECONDITION for a lease no longer held, ...).
+    """
+    message: _builtins.str
+    """Why, when code is not 0."""
+    duplicate: _builtins.bool
+    """As CompleteTaskResponse.duplicate and FailTaskResponse.duplicate."""
+    will_retry: _builtins.bool
+    """A failure: as FailTaskResponse.will_retry."""
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """RESOURCE_EXHAUSTED or UNAVAILABLE: when to send this result again."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        duplicate: _builtins.bool = ...,
+        will_retry: _builtins.bool = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "duplicate", b"duplicate", "message", b"message", "retry_after", b"retry_after", "will_retry", b"will_retry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResultStatus: _TypeAlias = ResultStatus  # noqa: Y015
+
+@_typing.final
+class ReportResultsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    NEXT_TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResultStatus]:
+        """One per result, in order."""
+
+    @_builtins.property
+    def next_tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """Eager dispatch (ReportResultsRequest.max_next_tasks): tasks leased to this worker."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ResultStatus] | None = ...,
+        next_tasks: _abc.Iterable[Global___Task] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_tasks", b"next_tasks", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportResultsResponse: _TypeAlias = ReportResultsResponse  # noqa: Y015

@@ -61,6 +61,11 @@ class WorkerServiceStub:
                 request_serializer=trellis_dot_v1_dot_worker__service__pb2.FailTaskRequest.SerializeToString,
                 response_deserializer=trellis_dot_v1_dot_worker__service__pb2.FailTaskResponse.FromString,
                 _registered_method=True)
+        self.ReportResults = channel.unary_unary(
+                '/trellis.v1.WorkerService/ReportResults',
+                request_serializer=trellis_dot_v1_dot_worker__service__pb2.ReportResultsRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_worker__service__pb2.ReportResultsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -103,6 +108,15 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportResults(self, request, context):
+        """Reports several results (completions and failures) in one call: each is handled as
+        CompleteTask or FailTask would handle it, and gets its own status in the reply, so a
+        refused result (a stale lease, say) does not refuse the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +144,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.FailTask,
                     request_deserializer=trellis_dot_v1_dot_worker__service__pb2.FailTaskRequest.FromString,
                     response_serializer=trellis_dot_v1_dot_worker__service__pb2.FailTaskResponse.SerializeToString,
+            ),
+            'ReportResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportResults,
+                    request_deserializer=trellis_dot_v1_dot_worker__service__pb2.ReportResultsRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_worker__service__pb2.ReportResultsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +288,33 @@ class WorkerService:
             '/trellis.v1.WorkerService/FailTask',
             trellis_dot_v1_dot_worker__service__pb2.FailTaskRequest.SerializeToString,
             trellis_dot_v1_dot_worker__service__pb2.FailTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkerService/ReportResults',
+            trellis_dot_v1_dot_worker__service__pb2.ReportResultsRequest.SerializeToString,
+            trellis_dot_v1_dot_worker__service__pb2.ReportResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,

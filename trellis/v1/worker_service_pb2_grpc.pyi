@@ -45,6 +45,11 @@ class WorkerServiceStub:
     """Reports the output of a leased attempt."""
     FailTask: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.FailTaskRequest, _worker_service_pb2.FailTaskResponse]
     """Reports the failure of a leased attempt."""
+    ReportResults: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.ReportResultsRequest, _worker_service_pb2.ReportResultsResponse]
+    """Reports several results (completions and failures) in one call: each is handled as
+    CompleteTask or FailTask would handle it, and gets its own status in the reply, so a
+    refused result (a stale lease, say) does not refuse the others.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -63,6 +68,11 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """Reports the output of a leased attempt."""
     FailTask: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.FailTaskRequest, _worker_service_pb2.FailTaskResponse]  # type: ignore[assignment]
     """Reports the failure of a leased attempt."""
+    ReportResults: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.ReportResultsRequest, _worker_service_pb2.ReportResultsResponse]  # type: ignore[assignment]
+    """Reports several results (completions and failures) in one call: each is handled as
+    CompleteTask or FailTask would handle it, and gets its own status in the reply, so a
+    refused result (a stale lease, say) does not refuse the others.
+    """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The protocol between the coordinator and workers in any language.
@@ -108,5 +118,16 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_worker_service_pb2.FailTaskResponse, _abc.Awaitable[_worker_service_pb2.FailTaskResponse]]:
         """Reports the failure of a leased attempt."""
+
+    @_abc_1.abstractmethod
+    def ReportResults(
+        self,
+        request: _worker_service_pb2.ReportResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_service_pb2.ReportResultsResponse, _abc.Awaitable[_worker_service_pb2.ReportResultsResponse]]:
+        """Reports several results (completions and failures) in one call: each is handled as
+        CompleteTask or FailTask would handle it, and gets its own status in the reply, so a
+        refused result (a stale lease, say) does not refuse the others.
+        """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
