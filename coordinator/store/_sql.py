@@ -154,9 +154,11 @@ class SqlStore(
 
     @property
     def group_commit(self) -> bool:
-        """Whether workers' results should share transactions (``transact_many``): on
-        PostgreSQL, where a transaction's round trips cost more than its statements."""
-        return self._postgres
+        """Whether workers' results should share transactions (``transact_many``). Yes on
+        both: on PostgreSQL a transaction's round trips cost more than its statements; on
+        SQLite one writer commits in turn, so results that wait for it go together (bench
+        (a) 681 -> 1,268 tasks/s, (c) 361 -> 115 ms with workers' batched results)."""
+        return True
 
     @property
     def engine(self) -> AsyncEngine:
@@ -608,7 +610,8 @@ class SqlStore(
                         dataclasses.replace(t.execution, version=execution.version + 1),
                         {**nodes, **{r.node_id: r for r in t.nodes}},
                     )
-                await writes.flush(self, conn)
+                if not await writes.flush(self, conn):
+                    raise _GroupAborted("a row changed since it was loaded")
         except (_GroupAborted, errors.TrellisError, sa_exc.IntegrityError) as exc:
             logger.debug("group commit of %d fell back to one by one: %r", len(items), exc)
             return None
@@ -711,44 +714,12 @@ class SqlStore(
         loaded_nodes: Mapping[str, NodeRun],
         transition: Transition,
     ) -> bool:
-        """Write ``transition`` unless another writer changed what it was decided on."""
-        result = await conn.execute(
-            _EXECUTION_UPDATE,
-            {
-                **_rows.execution_mutable_values(transition.execution),
-                "version": loaded.version + 1,
-                "b_tenant_id": tenant_id,
-                "b_id": loaded.id,
-                "b_version": loaded.version,
-            },
-        )
-        if result.rowcount != 1:
+        """Write ``transition`` unless another writer changed what it was decided on: the
+        same statements as a group commit's (``_GroupWrites``), plus dead letters."""
+        writes = _GroupWrites()
+        writes.add(self, loaded, loaded_nodes, transition, ())
+        if not await writes.flush(self, conn):
             return False
-        changed = sorted(
-            (r for r in transition.nodes if r.node_id in loaded_nodes), key=lambda r: r.node_id
-        )
-        if changed:
-            params = [
-                {
-                    **_rows.node_run_mutable_values(r, self.priority_aging_ms),
-                    "b_tenant_id": tenant_id,
-                    "b_execution_id": loaded.id,
-                    "b_node_id": r.node_id,
-                    "b_status": loaded_nodes[r.node_id].status.value,
-                    "b_lease_seq": loaded_nodes[r.node_id].lease_seq,
-                }
-                for r in changed
-            ]
-            result = await conn.execute(_NODE_UPDATE, params)
-            if result.rowcount != len(changed):
-                # A claim or another transition moved one of these rows since we loaded it.
-                return False
-        added = [r for r in transition.nodes if r.node_id not in loaded_nodes]
-        await self._insert_nodes(conn, tenant_id, loaded.id, added)
-        await self._insert_events(conn, tenant_id, transition.events)
-        # Notifications: an execution this transition ends gets its outbox rows here, in
-        # the same transaction (one indexed rule lookup; nothing more without rules).
-        await enqueue_deliveries(conn, loaded.status, transition)
         await _dead_letters.write_dead_letters(conn, tenant_id, loaded_nodes, transition)
         if transition.redriven_dead_letter is not None:
             # Raises FailedPrecondition (not a conflict: no retry) when already redriven,
@@ -998,19 +969,25 @@ class _GroupWrites:
         self.ended.append((loaded.status, t))
         self.wake.extend(wake)
 
-    async def flush(self, store: SqlStore, conn: AsyncConnection) -> None:
-        # Inserted rows first: a later item of the group may update a node an earlier one
-        # added (an expansion, a map element).
+    async def flush(self, store: SqlStore, conn: AsyncConnection) -> bool:
+        """Write it all, with the notifications to send at commit. False when a claim or
+        another transition moved a row since it was loaded: then roll back (part of it
+        may be written)."""
+        if not await _fenced(conn, _EXECUTION_UPDATE, self.execution_updates):
+            return False
+        # Inserted rows before updated ones: a later item of a group may update a node an
+        # earlier one added (an expansion, a map element).
         if self.node_inserts:
             await conn.execute(_INSERT_NODE_RUNS, self.node_inserts)
-        for statement, params in (
-            (_EXECUTION_UPDATE, self.execution_updates),
-            (_NODE_UPDATE, self.node_updates),
-        ):
-            if params and (await conn.execute(statement, params)).rowcount != len(params):
-                # A claim or another transition moved a row since the group loaded it.
-                raise _GroupAborted("a row changed since it was loaded")
+        if not await _fenced(conn, _NODE_UPDATE, self.node_updates):
+            return False
         if self.events:
             await conn.execute(_INSERT_EVENTS, self.events)
         await enqueue_deliveries_many(conn, self.ended)
         await store._notify(conn, self.wake)
+        return True
+
+
+async def _fenced(conn: AsyncConnection, statement: Any, params: list[dict[str, Any]]) -> bool:
+    """Run a fenced UPDATE for each of ``params``; False unless every one matched a row."""
+    return not params or (await conn.execute(statement, params)).rowcount == len(params)

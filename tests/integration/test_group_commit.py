@@ -33,7 +33,7 @@ def fan(width: int) -> WorkflowDef:
 
 async def test_concurrent_results_all_land_and_share_commits(store: SqlStore) -> None:
     """Twenty results of one fan-out sent at once: each is recorded once, the fan-in runs,
-    and on PostgreSQL they were committed in groups rather than one transaction each."""
+    and they were committed in groups rather than one transaction each."""
     groups: list[int] = []
     transact_many = store.transact_many
 
@@ -62,11 +62,8 @@ async def test_concurrent_results_all_land_and_share_commits(store: SqlStore) ->
     events = await store.list_events(TENANT, execution.id, 0, 1000)
     succeeded = [e.node_id for e in events if e.type.value == "NODE_SUCCEEDED"]
     assert sorted(succeeded) == sorted(["head", "tail", *(f"m{i}" for i in range(20))])
-    if store.group_commit:
-        assert groups and max(groups) > 1, groups
-        assert sum(groups) <= 22
-    else:
-        assert groups == []  # SQLite commits each on the loop, in microseconds
+    assert groups and max(groups) > 1, groups
+    assert sum(groups) <= 22
 
 
 async def _two_runs(store: SqlStore) -> tuple[WorkflowDef, Execution, Execution]:
