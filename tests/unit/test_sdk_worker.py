@@ -439,8 +439,8 @@ async def test_eager_dispatch_can_be_turned_off(fake: FakeWorkerService) -> None
     assert all(r.max_next_tasks == 0 and not r.task_types for r in fake.report_calls)
 
 
-async def test_results_finishing_together_share_a_call(fake: FakeWorkerService) -> None:
-    """Results that finish while a delivery is on the wire go together in the next call."""
+def gated_task() -> tuple[asyncio.Event, worker_sdk.Task]:
+    """A task type "gated" whose handlers all return their input once the event is set."""
     gate = asyncio.Event()
 
     @task("gated")
@@ -448,6 +448,12 @@ async def test_results_finishing_together_share_a_call(fake: FakeWorkerService) 
         await gate.wait()
         return data
 
+    return gate, gated
+
+
+async def test_results_finishing_together_share_a_call(fake: FakeWorkerService) -> None:
+    """Results that finish while a delivery is on the wire go together in the next call."""
+    gate, gated = gated_task()
     tokens = [await fake.add_task("gated", i) for i in range(20)]
     async with serving(Worker([gated], address=fake.address, concurrency=20)):
         await wait_until(lambda: len(fake.leased) == 20)
@@ -464,13 +470,7 @@ async def test_a_refused_result_does_not_hold_up_its_batch(fake: FakeWorkerServi
     """Each result of a batch has its own status: the stale one is dropped, once; the
     others are accepted, once."""
     fake.complete_errors = [(grpc.StatusCode.FAILED_PRECONDITION, "stale lease")]
-    gate = asyncio.Event()
-
-    @task("gated")
-    async def gated(ctx: TaskContext, data: Any) -> Any:
-        await gate.wait()
-        return data
-
+    gate, gated = gated_task()
     tokens = [await fake.add_task("gated", i) for i in range(6)]
     async with serving(Worker([gated], address=fake.address, concurrency=6)):
         await wait_until(lambda: len(fake.leased) == 6)
