@@ -3,9 +3,10 @@
 On PostgreSQL a transition is a handful of statements, but each transaction also pays its
 own BEGIN, COMMIT (a WAL flush) and pool checkout: round trips that cost more than the
 statements. On SQLite the per-transaction work (begin, commit, SQLAlchemy's bookkeeping)
-and the per-statement work are both paid once per group instead of once per result. Results that arrive while a group is committing wait for it and go together
-in the next one (``Store.transact_many``), so under load a commit serves many results and
-an idle coordinator still commits each at once. A group that cannot commit as one (a
+and the per-statement work are both paid once per group instead of once per result.
+Results that arrive while a group is committing wait for it and go together in the next
+one (``Store.transact_many``), so under load a commit serves many results and an idle
+coordinator still commits each at once. A group that cannot commit as one (a
 conflict, the database) is run again one by one, so nobody sees a difference but speed.
 """
 
