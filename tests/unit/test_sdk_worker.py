@@ -365,23 +365,30 @@ async def test_sync_handler_timeout_sets_cancelled(fake: FakeWorkerService) -> N
     assert token not in fake.completions
 
 
+class Busy:
+    """Task type "busy": each handler sleeps ``delay`` s and returns its input; ``peak`` is
+    the most handlers that ran at once."""
+
+    def __init__(self, delay: float) -> None:
+        self.running = self.peak = 0
+
+        @task("busy")
+        async def busy(ctx: TaskContext, data: Any) -> Any:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            await asyncio.sleep(delay)
+            self.running -= 1
+            return data
+
+        self.task = busy
+
+
 async def test_never_runs_more_than_concurrency(fake: FakeWorkerService) -> None:
-    running = 0
-    peak = 0
-
-    @task("busy")
-    async def busy(ctx: TaskContext, data: Any) -> Any:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.05)
-        running -= 1
-        return data
-
+    busy = Busy(0.05)
     tokens = [await fake.add_task("busy", i) for i in range(10)]
-    async with serving(Worker([busy], address=fake.address, concurrency=3)):
+    async with serving(Worker([busy.task], address=fake.address, concurrency=3)):
         await wait_until(lambda: all(fake.done(t) for t in tokens))
-    assert peak == 3
+    assert busy.peak == 3
     assert fake.max_outstanding <= 3
     assert all(1 <= p.max_tasks <= 3 for p in fake.polls)
     assert sorted(fake.completions.values()) == list(range(10))
@@ -398,19 +405,9 @@ async def test_eager_dispatch_runs_the_tasks_a_completion_reply_carries(
 ) -> None:
     """Each completion asks for one more task of the worker's types (the slot it frees); the
     tasks in the reply run without a poll, and the worker still never exceeds concurrency."""
-    running = peak = 0
-
-    @task("busy")
-    async def busy(ctx: TaskContext, data: Any) -> Any:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.02)
-        running -= 1
-        return data
-
+    busy = Busy(0.02)
     tokens = [await fake.add_task("busy", i) for i in range(12)]
-    async with serving(Worker([busy, echo], address=fake.address, concurrency=2)):
+    async with serving(Worker([busy.task, echo], address=fake.address, concurrency=2)):
         await wait_until(lambda: all(fake.done(t) for t in tokens))
     assert sorted(fake.completions.values()) == list(range(12))
     assert fake.eager_leased, "no task came through a completion's reply"
@@ -425,7 +422,7 @@ async def test_eager_dispatch_runs_the_tasks_a_completion_reply_carries(
             c.max_next_tasks == 1 and list(c.task_types) == ["busy", "echo"]
             for c in fake.complete_calls
         )
-    assert peak <= 2
+    assert busy.peak <= 2
     assert fake.max_outstanding <= 2
 
 
@@ -501,22 +498,11 @@ async def test_results_go_one_by_one_to_a_coordinator_without_batches() -> None:
 
 async def test_extra_tasks_from_the_coordinator_wait_for_a_slot(fake: FakeWorkerService) -> None:
     fake.overdeliver = True
-    running = 0
-    peak = 0
-
-    @task("busy")
-    async def busy(ctx: TaskContext, data: Any) -> Any:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await asyncio.sleep(0.02)
-        running -= 1
-        return data
-
+    busy = Busy(0.02)
     tokens = [await fake.add_task("busy", i) for i in range(6)]
-    async with serving(Worker([busy], address=fake.address, concurrency=2)):
+    async with serving(Worker([busy.task], address=fake.address, concurrency=2)):
         await wait_until(lambda: all(fake.done(t) for t in tokens))
-    assert peak == 2
+    assert busy.peak == 2
 
 
 async def test_heartbeat_carries_details_and_is_sent_early(fake: FakeWorkerService) -> None:
