@@ -125,7 +125,19 @@ class Cluster:
         self.workers[index] = self._spawn_worker(index)
 
     def stop(self) -> tuple[list[int], list[int]]:
-        """SIGTERM everything still running: (worker exit codes, replica exit codes)."""
+        """SIGTERM everything still running: (worker exit codes, replica exit codes).
+
+        A worker restarted by the last kill may still be importing: a SIGTERM before its
+        handler is installed kills it outright (-15), which says nothing about draining.
+        So each worker is first given up to 30 s to register (its log says so)."""
+        deadline = time.monotonic() + 30
+        for w in self.workers:
+            while (
+                "registered with" not in w.output()
+                and w.popen.poll() is None
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.1)
         return [w.stop() for w in self.workers], [r.stop() for r in self.replicas]
 
 

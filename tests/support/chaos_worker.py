@@ -33,6 +33,8 @@ async def sleep(ctx: TaskContext, data: Any) -> Any:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    # "registered with ...": the test waits for it before its final SIGTERM.
+    logging.getLogger("worker_sdk._worker").setLevel(logging.INFO)
     Worker(
         tasks=[noop, sleep],
         address=os.environ["TRELLIS_ADDRESS"],
