@@ -458,17 +458,23 @@ class NotificationStoreMixin:
         if before is not None:
             at, last_id = to_ms(before[0]), before[1]
             query = query.where(sa.tuple_(d.c.created_at, d.c.id) < sa.tuple_(at, last_id))
+        # The page and its attempts in one statement, so in one snapshot: two reads in a READ
+        # COMMITTED transaction (PostgreSQL) could see an attempt committed between them
+        # without the delivery state it set (its count, last_error, status).
+        page = query.subquery("page")
+        query = (
+            sa.select(page, a.c.attempt, a.c.time, a.c.ok, a.c.error)
+            .select_from(page.outerjoin(a, a.c.delivery_id == page.c.id))
+            .order_by(page.c.created_at.desc(), page.c.id.desc(), a.c.attempt)
+        )
         async with self._tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
-            ids = [row["id"] for row in rows]
-            history: dict[str, list[DeliveryAttempt]] = {}
-            if ids:
-                attempts = await conn.execute(
-                    sa.select(a).where(a.c.delivery_id.in_(ids)).order_by(a.c.attempt)
-                )
-                for row in attempts.mappings():
-                    history.setdefault(row["delivery_id"], []).append(_attempt_from_row(row))
-        return [_delivery_from_row(row, history.get(row["id"], ())) for row in rows]
+        listed: dict[str, tuple[Any, list[DeliveryAttempt]]] = {}
+        for row in rows:
+            _, history = listed.setdefault(row["id"], (row, []))
+            if row["attempt"] is not None:
+                history.append(_attempt_from_row(row))
+        return [_delivery_from_row(row, history) for row, history in listed.values()]
 
     async def claim_deliveries(
         self, now: datetime, limit: int, lease: timedelta

@@ -13,6 +13,9 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.util import await_only
 
 from coordinator import errors
 from coordinator.model import ErrorInfo, Execution, ExecutionStatus, NodeRun, Transition
@@ -20,12 +23,13 @@ from coordinator.notify import Backoff, ChannelBreakers, ChannelKind
 from coordinator.service import Decision
 from coordinator.service._notifications import (
     Channel,
+    DeliveryAttempt,
     DeliverySettings,
     DeliveryStatus,
     NotificationDispatcher,
     NotificationRule,
 )
-from coordinator.store import SqlStore
+from coordinator.store import SqlStore, open_store
 from tests.integration.conftest import Api
 from tests.integration.test_grpc_api import definition, expect_status, poll, register, start
 from tests.support.wait import eventually
@@ -371,6 +375,49 @@ async def _deliveries(store: SqlStore) -> list[Any]:
     return await store.list_deliveries(
         "default", execution_id=None, channel_id=None, status=None, limit=100, before=None
     )
+
+
+@pytest.mark.postgres
+async def test_a_listing_never_shows_an_attempt_without_the_state_it_produced(
+    fresh_postgres_url: str,
+) -> None:
+    # A failed attempt committed while a listing runs, right after its first statement has
+    # read the deliveries: the listing shows the delivery before that attempt or after it,
+    # never the attempt without the last_error it set. (On PostgreSQL each statement of a
+    # READ COMMITTED transaction takes its own snapshot; a SQLite transaction reads one.)
+    store = await open_store(fresh_postgres_url)
+    try:
+        clock = Clock()
+        _channel, execution = await _setup(store, clock)
+        await _end(store, execution, ExecutionStatus.FAILED)
+        (claimed,) = await store.claim_deliveries(clock(), 10, timedelta(seconds=30))
+        written: list[str] = []
+
+        def write_between(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            if written or "FROM notification_deliveries" not in statement:
+                return
+            written.append(statement)
+            await_only(
+                store.record_attempt(
+                    claimed.delivery.id,
+                    claimed.delivery.claim_seq,
+                    DeliveryAttempt(1, clock(), False, "connection refused"),
+                    retry_at=clock() + timedelta(seconds=1),
+                )
+            )
+
+        event.listen(Engine, "after_cursor_execute", write_between)
+        try:
+            (during,) = await _deliveries(store)
+        finally:
+            event.remove(Engine, "after_cursor_execute", write_between)
+        assert written
+        assert (during.attempts, len(during.history), during.last_error) == (0, 0, None)
+        (after,) = await _deliveries(store)
+        assert after.attempts == len(after.history) == 1
+        assert after.last_error == after.history[0].error == "connection refused"
+    finally:
+        await store.close()
 
 
 def _dispatcher(
