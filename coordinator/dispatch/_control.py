@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from coordinator.dispatch._admit import admit
 from coordinator.dispatch._breakers import TaskBreakers
 from coordinator.dispatch._buckets import TokenBuckets
 from coordinator.dispatch._redis import RedisLink
 from coordinator.engine import LIMIT_VARIABLES, Expression, ExpressionError, compile_expression
-from coordinator.model import BreakerState, TaskTypeLimits
-from coordinator.service.ports import Admitted, Candidate, LeasedCounts, LimitsStore
+from coordinator.model import Admitted, BreakerState, Candidate, LeasedCounts, TaskTypeLimits, admit
+from coordinator.service.ports import LimitsRepository
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ def _key(expr: Expression, c: Candidate) -> str:
 class DispatchControl:
     def __init__(
         self,
-        store: LimitsStore,
+        store: LimitsRepository,
         *,
         link: RedisLink,
         clock: Callable[[], datetime],

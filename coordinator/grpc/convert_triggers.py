@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from coordinator.errors import InvalidArgument
 from coordinator.grpc.convert import timestamp_to_proto as _ts
-from coordinator.service._trigger_model import (
+from coordinator.model import (
     CatchupPolicy,
     EventTrigger,
     FireOutcome,

@@ -21,18 +21,20 @@ from coordinator.errors import InvalidArgument
 from coordinator.grpc import convert
 from coordinator.grpc.convert import timestamp_to_proto as _ts
 from coordinator.grpc.status import unary
-from coordinator.model import DEFAULT_TENANT
-from coordinator.notify import Backoff, ChannelKind, Deliverer, redacted
+from coordinator.model import (
+    DEFAULT_TENANT,
+    Channel,
+    ChannelKind,
+    Delivery,
+    DeliveryStatus,
+    NotificationRule,
+)
+from coordinator.notify import Backoff, Deliverer, redacted
 from coordinator.service import Coordinator
 from coordinator.service._notifications import (
-    Channel,
-    Delivery,
     DeliverySettings,
-    DeliveryStatus,
     NotificationDispatcher,
-    NotificationRule,
     NotificationService,
-    NotificationStore,
 )
 from trellis.v1 import notification_service_pb2 as npb
 from trellis.v1 import notification_service_pb2_grpc as ngrpc
@@ -253,11 +255,9 @@ def add_notifications(
     server: grpc.aio.Server, coordinator: Coordinator, config: CoordinatorConfig
 ) -> NotificationRuntime:
     """Serve NotificationService on ``server``; the returned runtime runs the delivery loop."""
-    store = coordinator.store
-    if not isinstance(store, NotificationStore):
-        raise TypeError(f"{type(store).__name__} does not implement NotificationStore")
+    store = coordinator.store.notifications
     service = NotificationService(
-        store, coordinator.store, coordinator.store, clock=coordinator.clock
+        store, coordinator.store.executions, coordinator.store.workflows, clock=coordinator.clock
     )
     ngrpc.add_NotificationServiceServicer_to_server(NotificationServicer(service), server)
     settings = delivery_settings(config)

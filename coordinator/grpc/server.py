@@ -24,7 +24,6 @@ from coordinator.service._backpressure import PollWaiters, StartRate
 from coordinator.service._core import utcnow
 from coordinator.service._limits import LimitsAdmin
 from coordinator.service._schedules import Scheduler, Schedules
-from coordinator.service._trigger_model import TriggerStore
 from coordinator.service._triggers import Triggers
 from trellis.v1 import (
     trigger_service_pb2,
@@ -95,7 +94,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     link = RedisLink(config.redis_url, retry_interval=config.redis_retry_interval)
     await link.start()
     dispatch = DispatchControl(
-        store,
+        store.limits,
         link=link,
         clock=utcnow,
         refresh=config.limits_refresh,
@@ -130,14 +129,12 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
         ),
         server,
     )
-    if not isinstance(store, TriggerStore):
-        raise TypeError("the store does not implement TriggerStore")
-    schedules = Schedules(coordinator, store)
+    schedules = Schedules(coordinator, store.triggers)
     trigger_service_pb2_grpc.add_TriggerServiceServicer_to_server(
-        TriggerServicer(Triggers(coordinator, store), schedules), server
+        TriggerServicer(Triggers(coordinator, store.triggers), schedules), server
     )
     notifications = notification_servicer.add_notifications(server, coordinator, config)
-    dispatch_servicer.add_dispatch(server, LimitsAdmin(store, dispatch, coordinator.clock))
+    dispatch_servicer.add_dispatch(server, LimitsAdmin(store.limits, dispatch, coordinator.clock))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -163,7 +160,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
 
     dispatch_health(link.shared)
     link.on_change(dispatch_health)
-    await store.listen_wakeups(coordinator.notifier.notify)
+    await store.wakeups.listen_wakeups(coordinator.notifier.notify)
     sweeper = asyncio.create_task(
         _sweep(Sweeper(coordinator), config.sweep_interval.total_seconds())
     )

@@ -6,12 +6,12 @@ This package does I/O but holds no state of its own beyond the breakers: the out
 ``coordinator.service`` (``NotificationDispatcher``). It imports neither SQLAlchemy nor grpc.
 """
 
+from coordinator.model import ChannelKind
 from coordinator.notify._backoff import Backoff
 from coordinator.notify._breaker import ChannelBreakers
 from coordinator.notify._channels import (
     DEFAULT_BODY,
     DEFAULT_SUBJECT,
-    ChannelKind,
     redacted,
     validate_channel,
 )

@@ -14,7 +14,6 @@ A channel's settings are a JSON object whose keys depend on its kind:
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Mapping
 from email.utils import parseaddr
@@ -23,14 +22,8 @@ from typing import Any
 import httpx
 
 from coordinator.errors import InvalidArgument
+from coordinator.model import ChannelKind
 from coordinator.notify._templates import ALL_FIELDS, WITHOUT_RECIPIENT, check_template
-
-
-class ChannelKind(enum.StrEnum):
-    WEBHOOK = "webhook"
-    SMTP = "smtp"
-    SMS = "sms"
-
 
 DEFAULT_SUBJECT = "[trellis] {workflow_name} {status}: {execution_id}"
 DEFAULT_BODY = (

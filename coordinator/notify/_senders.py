@@ -21,7 +21,7 @@ import aiosmtplib
 import httpx
 
 from coordinator.errors import Unavailable
-from coordinator.notify._channels import ChannelKind
+from coordinator.model import ChannelKind
 from coordinator.notify._templates import render, template_values
 from coordinator.signing import SIGNATURE_HEADER, sign
 

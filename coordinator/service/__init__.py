@@ -1,5 +1,6 @@
 """Use cases of the coordinator, over the ``Store`` protocol (no grpc, no SQLAlchemy)."""
 
+from coordinator.model import LeaseKey, NewExecution
 from coordinator.service._coordinator import (
     MAX_REPORT_BATCH,
     Completion,
@@ -16,7 +17,7 @@ from coordinator.service._notifier import Notifier
 from coordinator.service._starts import MAX_BATCH_START, MAX_START_DELAY, StartRequest
 from coordinator.service._sweeps import Sweeper
 from coordinator.service._tokens import LeaseToken
-from coordinator.service.ports import Decision, LeaseKey, NewExecution, Store
+from coordinator.service.ports import Decision, Store
 
 __all__ = [
     "MAX_BATCH_START",

@@ -129,8 +129,8 @@ class Coordinator(ExecutionStarts):
     """The coordinator's use cases, shared by every gRPC servicer and the sweepers."""
 
     async def get_execution(self, tenant_id: str, execution_id: str) -> ExecutionView:
-        execution = await self.store.get_execution(tenant_id, execution_id)
-        nodes = await self.store.list_node_runs(tenant_id, execution_id)
+        execution = await self.store.executions.get_execution(tenant_id, execution_id)
+        nodes = await self.store.executions.list_node_runs(tenant_id, execution_id)
         defn = await self.get_workflow(
             tenant_id, execution.workflow_name, execution.workflow_version
         )
@@ -149,7 +149,7 @@ class Coordinator(ExecutionStarts):
     ) -> tuple[list[Execution], str]:
         limit = clamp_page_size(page_size)
         before = _decode_cursor(page_token) if page_token else None
-        rows = await self.store.list_executions(
+        rows = await self.store.executions.list_executions(
             tenant_id, workflow_name=workflow_name, status=status, limit=limit + 1, before=before
         )
         more = len(rows) > limit
@@ -165,25 +165,27 @@ class Coordinator(ExecutionStarts):
         Woken by in-process notifications; ``fallback`` bounds the wait so events written
         by another replica are seen too.
         """
-        await self.store.get_execution(tenant_id, execution_id)  # NotFound early
+        await self.store.executions.get_execution(tenant_id, execution_id)  # NotFound early
         after = after_sequence
         seen: set[int] = set()
         with self.notifier.listen([execution_key(execution_id)]) as wake:
             while True:
                 wake.clear()
-                events = await self.store.list_events(tenant_id, execution_id, after, 500)
+                events = await self.store.executions.list_events(
+                    tenant_id, execution_id, after, 500
+                )
                 for event in events:
                     after = max(after, event.sequence)
                     seen.add(event.sequence)
                     yield event
                 if len(events) == 500:
                     continue
-                execution = await self.store.get_execution(tenant_id, execution_id)
+                execution = await self.store.executions.get_execution(tenant_id, execution_id)
                 if execution.status.terminal:
                     # Sequences are assigned at insert and become visible at commit, so an
                     # event of a concurrent claim may appear below one already sent: once the
                     # execution has ended (nothing more can commit), send any such stragglers.
-                    for event in await self.store.list_events(
+                    for event in await self.store.executions.list_events(
                         tenant_id, execution_id, after_sequence, 1_000_000
                     ):
                         if event.sequence not in seen:
@@ -215,7 +217,7 @@ class Coordinator(ExecutionStarts):
         worker_id = worker_id or str(uuid.uuid4())
         now = self._clock()
         try:
-            known = await self.store.get_worker(tenant_id, worker_id)
+            known = await self.store.workers.get_worker(tenant_id, worker_id)
         except NotFound:
             pass
         else:
@@ -226,7 +228,7 @@ class Coordinator(ExecutionStarts):
                     f"{(now - known.last_seen).total_seconds():.0f}s ago); give each worker "
                     "process its own worker_id"
                 )
-        await self.store.upsert_worker(
+        await self.store.workers.upsert_worker(
             WorkerInfo(
                 id=worker_id,
                 tenant_id=tenant_id,
@@ -268,7 +270,7 @@ class Coordinator(ExecutionStarts):
                 if plan.wait_hint is not None:
                     # A rate limit's next token, or an open breaker's probe time.
                     remaining = min(remaining, max(plan.wait_hint, 0.001))
-                next_at = await self.store.next_available_at(tenant_id, task_types, now)
+                next_at = await self.store.leases.next_available_at(tenant_id, task_types, now)
                 if next_at is not None:
                     remaining = min(remaining, max((next_at - now).total_seconds(), 0.001))
                 with contextlib.suppress(TimeoutError):
@@ -292,7 +294,7 @@ class Coordinator(ExecutionStarts):
         """One claim within the dispatch limits: the rows leased, the plan, the time."""
         plan = await self.dispatch.plan(tenant_id, task_types)
         now = self._clock()
-        claimed = await self.store.claim_tasks(
+        claimed = await self.store.leases.claim_tasks(
             tenant_id, worker_id, task_types, max_tasks, now, plan
         )
         return claimed, plan, now
@@ -300,7 +302,7 @@ class Coordinator(ExecutionStarts):
     async def _leased(self, tenant_id: str, claimed: Sequence[NodeRun]) -> list[LeasedTask]:
         """The claimed rows with their configuration and execution context (two reads for
         the whole poll: the executions, and the outputs of the nodes' parents)."""
-        executions = await self.store.get_executions(
+        executions = await self.store.executions.get_executions(
             tenant_id, sorted({n.execution_id for n in claimed})
         )
         parents: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -318,7 +320,7 @@ class Coordinator(ExecutionStarts):
             spec = defn.node_map.get(spec_id)
             specs[(node.execution_id, node.node_id)] = spec.config if spec else b""
             parents[(node.execution_id, node.node_id)] = defn.parents.get(spec_id, ())
-        outputs = await self.store.get_node_outputs(
+        outputs = await self.store.executions.get_node_outputs(
             tenant_id,
             sorted({(k[0], p) for k, ps in parents.items() for p in ps}),
         )
@@ -357,11 +359,13 @@ class Coordinator(ExecutionStarts):
         decoded = {t: LeaseToken.decode(t) for t in tokens}
         now = self._clock()
         if worker_id:
-            await self.store.touch_worker(tenant_id, worker_id, now)
+            await self.store.workers.touch_worker(tenant_id, worker_id, now)
             await self._release_unreported(tenant_id, worker_id, decoded.values(), now)
         if not decoded:
             return HeartbeatResult((), ())
-        rows = await self.store.touch_leases(tenant_id, [d.key for d in decoded.values()], now)
+        rows = await self.store.leases.touch_leases(
+            tenant_id, [d.key for d in decoded.values()], now
+        )
         cancelled: list[str] = []
         lost: list[str] = []
         for raw, token in decoded.items():
@@ -381,7 +385,7 @@ class Coordinator(ExecutionStarts):
         held = {(t.execution_id, t.node_id, t.lease_seq) for t in reported}
         # A lease claimed just now may not be in a heartbeat that was already on its way.
         grace = 2 * self.settings.heartbeat_interval + timedelta(seconds=2)
-        for node in await self.store.list_worker_leases(tenant_id, worker_id):
+        for node in await self.store.leases.list_worker_leases(tenant_id, worker_id):
             if (node.execution_id, node.node_id, node.lease_seq) in held:
                 continue
             if node.lease_deadline is None:
@@ -686,7 +690,7 @@ class Coordinator(ExecutionStarts):
         page_token: str,
     ) -> tuple[list[DeadLetter], str]:
         limit = clamp_page_size(page_size)
-        rows = await self.store.list_dead_letters(
+        rows = await self.store.dead_letters.list_dead_letters(
             tenant_id,
             workflow_name=workflow_name,
             task_type=task_type,
@@ -699,12 +703,12 @@ class Coordinator(ExecutionStarts):
         return rows, (_cursor(rows[-1].created_at, rows[-1].id) if more else "")
 
     async def get_dead_letter(self, tenant_id: str, dead_letter_id: str) -> DeadLetter:
-        return await self.store.get_dead_letter(tenant_id, dead_letter_id)
+        return await self.store.dead_letters.get_dead_letter(tenant_id, dead_letter_id)
 
     async def redrive_dead_letter(self, tenant_id: str, dead_letter_id: str) -> ExecutionView:
         """Run the dead-lettered node again with a fresh attempt budget; the execution rolls
         forward from there (finished nodes are not run again)."""
-        letter = await self.store.get_dead_letter(tenant_id, dead_letter_id)
+        letter = await self.store.dead_letters.get_dead_letter(tenant_id, dead_letter_id)
         if letter.redriven_at is not None:
             raise FailedPrecondition(
                 f"dead letter '{dead_letter_id}' was already redriven at "

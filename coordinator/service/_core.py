@@ -94,7 +94,7 @@ class CoordinatorCore:
             # Imported here: coordinator.dispatch builds on this package's ports.
             from coordinator.dispatch import DispatchControl, RedisLink
 
-            dispatch = DispatchControl(store, link=RedisLink(""), clock=clock)
+            dispatch = DispatchControl(store.limits, link=RedisLink(""), clock=clock)
         # Limits and breakers per task type; without Redis they are per process.
         self.dispatch = dispatch
         # Workers' results share transactions where a transaction's round trips cost more
@@ -126,7 +126,7 @@ class CoordinatorCore:
             lambda name, version: self.get_workflow(defn.tenant_id, name, version),
             self.settings.max_workflow_depth,
         )
-        stored, created = await self.store.register_workflow(defn, self._clock())
+        stored, created = await self.store.workflows.register_workflow(defn, self._clock())
         self._definitions[(stored.tenant_id, stored.name, stored.version)] = stored
         return stored, created
 
@@ -135,7 +135,7 @@ class CoordinatorCore:
             cached = self._definitions.get((tenant_id, name, version))
             if cached is not None:
                 return cached
-        defn = await self.store.get_workflow(tenant_id, name, version)
+        defn = await self.store.workflows.get_workflow(tenant_id, name, version)
         self._definitions[(tenant_id, defn.name, defn.version)] = defn
         return defn
 
@@ -143,13 +143,13 @@ class CoordinatorCore:
         self, tenant_id: str, page_size: int, page_token: str
     ) -> tuple[list[WorkflowSummary], str]:
         limit = clamp_page_size(page_size)
-        rows = await self.store.list_workflows(tenant_id, limit + 1, page_token or None)
+        rows = await self.store.workflows.list_workflows(tenant_id, limit + 1, page_token or None)
         more = len(rows) > limit
         rows = rows[:limit]
         return rows, (rows[-1].name if more else "")
 
     async def list_workflow_versions(self, tenant_id: str, name: str) -> list[WorkflowDef]:
-        versions = await self.store.list_workflow_versions(tenant_id, name)
+        versions = await self.store.workflows.list_workflow_versions(tenant_id, name)
         if not versions:
             raise NotFound(f"workflow '{name}' not found; register it first")
         return versions
@@ -177,7 +177,7 @@ class CoordinatorCore:
         ``claim``: a sweeper's claim (``Store.claim_transact``); None when skipped.
         ``group``: may share its database transaction with concurrent ones (``GroupCommit``)."""
         if defn is None:
-            loaded = await self.store.get_execution(tenant_id, execution_id)
+            loaded = await self.store.executions.get_execution(tenant_id, execution_id)
             defn = await self.get_workflow(tenant_id, loaded.workflow_name, loaded.workflow_version)
         base = defn
         known: dict[DefKey, WorkflowDef | None] = {}
@@ -202,13 +202,13 @@ class CoordinatorCore:
                 )
 
             if claim:
-                out = await self.store.claim_transact(tenant_id, execution_id, decide)
+                out = await self.store.executions.claim_transact(tenant_id, execution_id, decide)
                 if out is None:
                     return None
             elif group and self._group is not None:
                 out = await self._group.transact(tenant_id, execution_id, decide)
             else:
-                out = await self.store.transact(tenant_id, execution_id, decide)
+                out = await self.store.executions.transact(tenant_id, execution_id, decide)
             if out.missing:
                 await self._resolve(tenant_id, out.missing, known)
                 continue
@@ -348,7 +348,7 @@ class CoordinatorCore:
         self.notifier.notify(keys)
         if not published:
             try:
-                await self.store.publish_wakeups(keys)
+                await self.store.wakeups.publish_wakeups(keys)
             except TrellisError as exc:
                 log.warning("could not publish wake-ups to other replicas: %s", exc)
         for t in done:

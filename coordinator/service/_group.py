@@ -76,7 +76,7 @@ class GroupCommit:
         results: list[Any] | None = None
         if len(group) > 1:
             try:
-                results = await self._store.transact_many(
+                results = await self._store.executions.transact_many(
                     [(i.tenant_id, i.execution_id, i.decide) for i in group]
                 )
             except Exception:
@@ -95,7 +95,9 @@ class GroupCommit:
 
     async def _one(self, item: _Item[Any]) -> None:
         try:
-            result = await self._store.transact(item.tenant_id, item.execution_id, item.decide)
+            result = await self._store.executions.transact(
+                item.tenant_id, item.execution_id, item.decide
+            )
         except Exception as exc:
             if not item.done.done():
                 item.done.set_exception(exc)

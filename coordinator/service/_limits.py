@@ -1,6 +1,6 @@
 """Operator use cases of dispatch control (docs/dispatch.md): task-type limits and breakers.
 
-``LimitsAdmin`` validates and stores limits (``LimitsStore``), tells the dispatch control
+``LimitsAdmin`` validates and stores limits (``LimitsRepository``), tells the dispatch control
 to drop its limits cache after a change, and shows or resets the circuit breakers. The
 enforcement itself is ``coordinator.dispatch.DispatchControl``; this module only needs
 the few members of it named by ``DispatchAdminPort``.
@@ -19,7 +19,7 @@ from coordinator.engine import LIMIT_VARIABLES, check_task_type, compile_express
 from coordinator.errors import InvalidArgument, NotFound, TrellisError
 from coordinator.model import BreakerInfo, TaskTypeLimits
 from coordinator.service._core import check_names
-from coordinator.service.ports import LimitsStore
+from coordinator.service.ports import LimitsRepository
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class LimitsAdmin:
 
     def __init__(
         self,
-        store: LimitsStore,
+        store: LimitsRepository,
         dispatch: DispatchAdminPort,
         clock: Callable[[], datetime],
     ) -> None:

@@ -10,14 +10,12 @@
   failing is paused by its circuit breaker.
 
 This module imports neither grpc nor SQLAlchemy; the store implements
-``NotificationStore``.
+``NotificationRepository``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
 import json
 import logging
 import re
@@ -25,228 +23,27 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
-from coordinator.model import Execution, ExecutionStatus
-from coordinator.notify import Backoff, ChannelBreakers, ChannelKind, validate_channel
+from coordinator.model import (
+    TERMINAL_STATUSES,
+    Channel,
+    ChannelKind,
+    ClaimedDelivery,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
+    Execution,
+    ExecutionStatus,
+    NotificationRule,
+)
+from coordinator.notify import Backoff, ChannelBreakers, validate_channel
+from coordinator.service.ports import NotificationRepository
 
 log = logging.getLogger(__name__)
 
-# An execution's output is carried in the notification up to this size (else only its size).
-MAX_INLINE_OUTPUT = 4096
-# Error messages are cut to this length in the notification.
-MAX_ERROR_MESSAGE = 2000
-TERMINAL_STATUSES = (
-    ExecutionStatus.SUCCEEDED,
-    ExecutionStatus.FAILED,
-    ExecutionStatus.TIMED_OUT,
-    ExecutionStatus.CANCELLED,
-)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-class DeliveryStatus(enum.StrEnum):
-    PENDING = "PENDING"  # due at next_attempt_at
-    DELIVERED = "DELIVERED"  # an attempt succeeded (set once)
-    FAILED = "FAILED"  # given up: out of attempts, too old, or its channel was deleted
-
-
-@dataclass(frozen=True)
-class Channel:
-    id: str
-    name: str
-    kind: ChannelKind
-    config: Mapping[str, Any]
-    created_at: datetime
-    tenant_id: str
-
-
-@dataclass(frozen=True)
-class NotificationRule:
-    """Exactly one of ``workflow_name`` and ``execution_id`` is set."""
-
-    id: str
-    channel_id: str
-    statuses: tuple[ExecutionStatus, ...]
-    created_at: datetime
-    tenant_id: str
-    workflow_name: str | None = None
-    execution_id: str | None = None
-
-    def matches(self, status: ExecutionStatus) -> bool:
-        return status in self.statuses
-
-
-@dataclass(frozen=True)
-class DeliveryAttempt:
-    attempt: int
-    time: datetime
-    ok: bool
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Delivery:
-    id: str
-    tenant_id: str
-    execution_id: str
-    workflow_name: str
-    execution_status: ExecutionStatus
-    channel_id: str
-    rule_id: str
-    status: DeliveryStatus
-    payload: bytes  # the notification document (JSON)
-    attempts: int
-    created_at: datetime
-    next_attempt_at: datetime
-    delivered_at: datetime | None = None
-    last_error: str | None = None
-    # Fencing number of the current claim: a replica whose lease passed cannot reschedule.
-    claim_seq: int = 0
-    history: tuple[DeliveryAttempt, ...] = ()
-
-
-@dataclass(frozen=True)
-class ClaimedDelivery:
-    delivery: Delivery
-    channel: Channel | None  # None: the channel was deleted meanwhile
-
-
-@runtime_checkable
-class NotificationStore(Protocol):
-    """What notifications need from the store (``SqlStore`` implements it)."""
-
-    async def create_channel(self, channel: Channel) -> Channel:
-        """Raises ``Conflict`` when the tenant has a channel of that name."""
-        ...
-
-    async def get_channel(self, tenant_id: str, ref: str) -> Channel:
-        """By id or name. Raises ``NotFound``."""
-        ...
-
-    async def list_channels(self, tenant_id: str) -> list[Channel]: ...
-
-    async def delete_channel(self, tenant_id: str, channel_id: str, now: datetime) -> None:
-        """Delete the channel and its rules; its pending deliveries become FAILED."""
-        ...
-
-    async def create_rule(self, rule: NotificationRule) -> NotificationRule: ...
-
-    async def list_rules(
-        self,
-        tenant_id: str,
-        *,
-        channel_id: str | None,
-        workflow_name: str | None,
-        execution_id: str | None,
-    ) -> list[NotificationRule]: ...
-
-    async def delete_rule(self, tenant_id: str, rule_id: str) -> None:
-        """Raises ``NotFound``."""
-        ...
-
-    async def list_deliveries(
-        self,
-        tenant_id: str,
-        *,
-        execution_id: str | None,
-        channel_id: str | None,
-        status: DeliveryStatus | None,
-        limit: int,
-        before: tuple[datetime, str] | None,
-    ) -> list[Delivery]:
-        """Newest first (created_at, id descending), each with its attempts."""
-        ...
-
-    async def claim_deliveries(
-        self, now: datetime, limit: int, lease: timedelta
-    ) -> list[ClaimedDelivery]:
-        """Claim up to ``limit`` PENDING deliveries (any tenant) due at ``now`` and not
-        claimed by a live lease: ``claimed_until = now + lease``, ``claim_seq + 1``."""
-        ...
-
-    async def defer_delivery(
-        self, delivery_id: str, claim_seq: int, until: datetime, now: datetime
-    ) -> None:
-        """Release a claim without an attempt: due again at ``until``."""
-        ...
-
-    async def record_attempt(
-        self,
-        delivery_id: str,
-        claim_seq: int,
-        attempt: DeliveryAttempt,
-        *,
-        retry_at: datetime | None,
-    ) -> int:
-        """Record one attempt (numbered from the row's count) and settle the delivery:
-        DELIVERED once when ``attempt.ok`` (only from PENDING); otherwise PENDING again at
-        ``retry_at``, or FAILED when ``retry_at`` is None — both only while ``claim_seq``
-        is still the row's. Returns the attempt's number."""
-        ...
-
-
-# -- the notification document ---------------------------------------------------------------
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def notification_document(execution: Execution) -> dict[str, Any]:
-    """What a delivery carries about an execution that ended (stored as its payload)."""
-    error = execution.error
-    output = execution.output
-    doc: dict[str, Any] = {
-        "execution_id": execution.id,
-        "workflow_name": execution.workflow_name,
-        "workflow_version": execution.workflow_version,
-        "status": execution.status.value,
-        "error": None
-        if error is None
-        else {
-            "type": error.type,
-            "message": error.message[:MAX_ERROR_MESSAGE],
-            "node_id": error.node_id,
-            "attempt": error.attempt,
-        },
-        "output_size": 0 if output is None else len(output),
-        "created_at": _iso(execution.created_at),
-        "ended_at": _iso(execution.ended_at or execution.updated_at),
-    }
-    if output and len(output) <= MAX_INLINE_OUTPUT:
-        with contextlib.suppress(ValueError):
-            doc["output"] = json.loads(output)
-    return doc
-
-
-def deliveries_for(
-    execution: Execution, rules: Sequence[NotificationRule], now: datetime
-) -> list[Delivery]:
-    """One PENDING delivery, due now, per rule matching the execution's (terminal) status."""
-    matching = [r for r in rules if r.matches(execution.status)]
-    if not matching:
-        return []
-    payload = json.dumps(notification_document(execution), separators=(",", ":")).encode()
-    return [
-        Delivery(
-            id=str(uuid.uuid4()),
-            tenant_id=execution.tenant_id,
-            execution_id=execution.id,
-            workflow_name=execution.workflow_name,
-            execution_status=execution.status,
-            channel_id=rule.channel_id,
-            rule_id=rule.id,
-            status=DeliveryStatus.PENDING,
-            payload=payload,
-            attempts=0,
-            created_at=now,
-            next_attempt_at=now,
-        )
-        for rule in matching
-    ]
-
 
 # -- use cases -------------------------------------------------------------------------------
 
@@ -264,7 +61,7 @@ class NotificationService:
 
     def __init__(
         self,
-        store: NotificationStore,
+        store: NotificationRepository,
         executions: _Executions,
         workflows: _Workflows,
         *,
@@ -451,7 +248,7 @@ class NotificationDispatcher:
 
     def __init__(
         self,
-        store: NotificationStore,
+        store: NotificationRepository,
         sender: Sender,
         settings: DeliverySettings | None = None,
         *,

@@ -24,19 +24,22 @@ from datetime import UTC, datetime, timedelta
 from coordinator import engine
 from coordinator.cron import Cron
 from coordinator.errors import InvalidArgument, TrellisError
-from coordinator.model import Execution, ExecutionStatus, Transition, WorkflowDef
-from coordinator.service._coordinator import Clock, Coordinator
-from coordinator.service._notifier import task_key
-from coordinator.service._trigger_model import (
+from coordinator.model import (
     DEFAULT_MAX_CATCHUP,
     CatchupPolicy,
+    Execution,
+    ExecutionStatus,
     FireOutcome,
     FiringResult,
     OverlapPolicy,
     Schedule,
     ScheduleFire,
-    TriggerStore,
+    Transition,
+    WorkflowDef,
 )
+from coordinator.service._coordinator import Clock, Coordinator
+from coordinator.service._notifier import task_key
+from coordinator.service.ports import TriggerRepository
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +141,7 @@ class Schedules:
     (``tick``) that ``Scheduler.run`` repeats."""
 
     def __init__(
-        self, coordinator: Coordinator, store: TriggerStore, *, clock: Clock | None = None
+        self, coordinator: Coordinator, store: TriggerRepository, *, clock: Clock | None = None
     ) -> None:
         self._c = coordinator
         self._store = store
@@ -149,7 +152,7 @@ class Schedules:
         return self._c
 
     @property
-    def store(self) -> TriggerStore:
+    def store(self) -> TriggerRepository:
         return self._store
 
     def now(self) -> datetime:
@@ -246,7 +249,7 @@ class Schedules:
         keys = [SCHEDULES_KEY]
         self._c.notifier.notify(keys)
         try:
-            await self._c.store.publish_wakeups(keys)
+            await self._c.store.wakeups.publish_wakeups(keys)
         except TrellisError as exc:
             log.warning("could not wake other replicas' schedulers: %s", exc)
 
@@ -296,7 +299,7 @@ class Schedules:
         keys = [task_key(t) for t in {n.task_type for n in transition.ready}]
         self._c.notifier.notify(keys)
         try:
-            await self._c.store.publish_wakeups(keys)
+            await self._c.store.wakeups.publish_wakeups(keys)
         except TrellisError as exc:
             log.warning("could not publish wake-ups to other replicas: %s", exc)
 

@@ -14,28 +14,27 @@ from typing import Any
 from coordinator import engine
 from coordinator.errors import InvalidArgument, NotFound, ResourceExhausted, TrellisError
 from coordinator.model import (
+    CappedStart,
     ErrorInfo,
     Event,
     EventType,
     Execution,
     ExecutionStatus,
+    NewExecution,
     OverflowPolicy,
+    PendingStart,
+    RunningCap,
     Transition,
     WorkflowDef,
+    running_cap,
 )
 from coordinator.service._core import CoordinatorCore, check_names
 from coordinator.service._starts import (
     MAX_BATCH_START,
-    CappedStart,
-    OverflowStore,
-    PendingStart,
-    RunningCap,
     StartRequest,
     execution_concurrency,
-    running_cap,
     start_at,
 )
-from coordinator.service.ports import NewExecution
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +182,11 @@ class ExecutionStarts(CoordinatorCore):
     ) -> list[tuple[Execution, bool]]:
         cutoff = now - self.settings.idempotency_window
         if any(s.cap is not None for s in starts):
-            return await self.overflow_store.create_capped_executions(
+            return await self.store.queue.create_capped_executions(
                 starts, idempotency_cutoff=cutoff
             )
         # No cap: no counting, no lock.
-        return await self.store.create_executions(
+        return await self.store.executions.create_executions(
             [s.item for s in starts], idempotency_cutoff=cutoff
         )
 
@@ -215,13 +214,6 @@ class ExecutionStarts(CoordinatorCore):
 
     # -- PENDING executions: delayed starts due, and the overflow queue -------------------
 
-    @property
-    def overflow_store(self) -> OverflowStore:
-        store = self.store
-        if not isinstance(store, OverflowStore):
-            raise TypeError("the store does not implement OverflowStore")
-        return store
-
     async def start_delayed(self, execution: Execution) -> bool:
         """Start a delayed execution that is due (a sweeper's claim: on PostgreSQL a row
         another replica is starting is skipped); when its workflow is full, queue or
@@ -244,7 +236,7 @@ class ExecutionStarts(CoordinatorCore):
         settled = await self._settle(defn, transition, {}, now)
         cap = running_cap(defn)
         when_full = None if cap is None or execution.queued else _when_full(execution, cap, now)
-        outcome = await self.overflow_store.start_pending(
+        outcome = await self.store.queue.start_pending(
             execution, NewExecution(settled.transition, settled.created), cap, when_full
         )
         if outcome is PendingStart.STARTED:
@@ -258,14 +250,14 @@ class ExecutionStarts(CoordinatorCore):
     ) -> int:
         """Start the workflow's queued executions, oldest first, while it has room; returns
         how many started. Safe on every replica at once (see ``start_pending``)."""
-        queued = await self.overflow_store.find_queued_executions(tenant_id, workflow_name, limit)
+        queued = await self.store.queue.find_queued_executions(tenant_id, workflow_name, limit)
         if not queued:
             return 0
         defn = await self.get_workflow(tenant_id, workflow_name, queued[0].workflow_version)
         cap = running_cap(defn)
         if cap is not None:
             # A cheap look first: a full workflow costs no write transaction.
-            running = await self.overflow_store.count_running(tenant_id, workflow_name)
+            running = await self.store.queue.count_running(tenant_id, workflow_name)
             if running >= cap.max_running:
                 return 0
         started = 0
@@ -290,7 +282,7 @@ class ExecutionStarts(CoordinatorCore):
     ) -> list[tuple[str, str]]:
         """(tenant, workflow) pairs with queued executions, in order, after ``after``
         (the sweeper's step pages through them)."""
-        return await self.overflow_store.find_queued_workflows(limit, after)
+        return await self.store.queue.find_queued_workflows(limit, after)
 
     async def _after_all(
         self,

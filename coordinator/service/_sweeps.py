@@ -71,7 +71,7 @@ class Sweeper:
     async def start_due(self, now: datetime | None = None) -> tuple[int, int]:
         """Delayed executions whose start time has come are started (each a claim: replicas
         sweeping at once skip a row another one is starting)."""
-        due = await self._c.store.find_due_executions(now or self._now(), self._batch)
+        due = await self._c.store.executions.find_due_executions(now or self._now(), self._batch)
 
         async def verdict(execution: Execution) -> bool:
             if not await self._c.start_delayed(execution):
@@ -106,12 +106,12 @@ class Sweeper:
     async def report_ended_children(self) -> tuple[int, int]:
         """A finished child whose parent node still waits on it (the report after its end
         was lost, e.g. in a crash) is reported now."""
-        ended = await self._c.store.find_ended_children(self._batch)
+        ended = await self._c.store.executions.find_ended_children(self._batch)
         return await self._each(ended, self._c.report_child_ended)
 
     async def cancel_orphaned_children(self) -> tuple[int, int]:
         """An unfinished child whose parent no longer waits on it is cancelled."""
-        orphans = await self._c.store.find_orphaned_children(self._batch)
+        orphans = await self._c.store.executions.find_orphaned_children(self._batch)
 
         async def verdict(child: Execution) -> bool:
             return await self._c.cancel_child(child.tenant_id, child.id)
@@ -139,7 +139,7 @@ class Sweeper:
         """Attempts past their start-to-close or heartbeat deadline fail (retryable)."""
         now = self._now()
         grace = self._in_grace()
-        expired = await self._c.store.find_expired_leases(now, self._batch)
+        expired = await self._c.store.leases.find_expired_leases(now, self._batch)
 
         async def verdict(node: NodeRun) -> bool:
             closed = node.lease_deadline is not None and node.lease_deadline < now
@@ -163,7 +163,9 @@ class Sweeper:
         if self._in_grace():
             return 0, 0
         window = self._c.settings.worker_liveness_timeout
-        lost = await self._c.store.find_leases_of_lost_workers(self._now() - window, self._batch)
+        lost = await self._c.store.leases.find_leases_of_lost_workers(
+            self._now() - window, self._batch
+        )
 
         async def verdict(node: NodeRun) -> bool:
             error = ErrorInfo(
@@ -190,7 +192,7 @@ class Sweeper:
 
     async def time_out_unstarted(self) -> tuple[int, int]:
         """READY nodes not leased within schedule-to-start become TIMED_OUT (not retried)."""
-        overdue = await self._c.store.find_unstarted_overdue(self._now(), self._batch)
+        overdue = await self._c.store.leases.find_unstarted_overdue(self._now(), self._batch)
 
         async def verdict(node: NodeRun) -> bool:
             await self._c.run_step(
@@ -208,7 +210,7 @@ class Sweeper:
 
     async def time_out_executions(self) -> tuple[int, int]:
         """Executions past their deadline become TIMED_OUT; their leases are revoked."""
-        overdue = await self._c.store.find_overdue_executions(self._now(), self._batch)
+        overdue = await self._c.store.executions.find_overdue_executions(self._now(), self._batch)
 
         async def verdict(execution: Execution) -> bool:
             await self._c.run_step(execution.tenant_id, execution.id, engine.time_out_execution)

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 
 from coordinator.errors import InvalidArgument
-from coordinator.service.ports import LeaseKey
+from coordinator.model import LeaseKey
 
 _VERSION = 1
 

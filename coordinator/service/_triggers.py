@@ -25,15 +25,16 @@ from typing import Any
 from coordinator import signing
 from coordinator.engine import Expression, ExpressionError, compile_expression
 from coordinator.errors import InvalidArgument, NotFound, TrellisError, Unauthenticated, Unavailable
-from coordinator.model import NULL_JSON, Execution
-from coordinator.service._coordinator import Coordinator
-from coordinator.service._trigger_model import (
+from coordinator.model import (
     DEFAULT_SIGNATURE_TOLERANCE,
+    NULL_JSON,
     EventTrigger,
-    TriggerStore,
+    Execution,
     WebhookAuth,
     WebhookTrigger,
 )
+from coordinator.service._coordinator import Coordinator
+from coordinator.service.ports import TriggerRepository
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class PublishResult:
 class Triggers:
     """Webhook and event trigger use cases."""
 
-    def __init__(self, coordinator: Coordinator, store: TriggerStore) -> None:
+    def __init__(self, coordinator: Coordinator, store: TriggerRepository) -> None:
         self._c = coordinator
         self._store = store
         self._compiled: dict[tuple[str, str, bool, tuple[str, ...]], Expression] = {}

@@ -1,24 +1,45 @@
-"""The seam between use cases and storage: the service talks to this protocol only.
+"""The seam between use cases and storage: one protocol per repository, and ``Store``, the
+repositories over one database handle. The service talks to these protocols only.
 
-``coordinator/store`` implements it with SQLAlchemy for SQLite and PostgreSQL.
+``coordinator.store.SqlStore`` implements them with SQLAlchemy for SQLite and PostgreSQL;
+``coordinator.store.MemoryStore`` in memory, for tests and embedding.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Generic, Protocol, TypeVar
 
 from coordinator.errors import TrellisError
 from coordinator.model import (
+    Admitted,
+    Candidate,
+    CappedStart,
+    Channel,
+    ClaimedDelivery,
     DeadLetter,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryStatus,
     Event,
+    EventTrigger,
     Execution,
     ExecutionStatus,
+    FiringResult,
+    LeasedCounts,
+    LeaseKey,
+    NewExecution,
     NodeRun,
+    NotificationRule,
+    PendingStart,
+    RunningCap,
+    Schedule,
+    ScheduleFire,
     TaskTypeLimits,
     Transition,
+    WebhookTrigger,
     WorkerInfo,
     WorkflowDef,
     WorkflowSummary,
@@ -39,52 +60,6 @@ class Decision(Generic[T]):
     # Wake-up keys for the other replicas, published in the same database transaction
     # (a PostgreSQL NOTIFY is delivered at commit, and never for a rolled-back one).
     wake: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class NewExecution:
-    """An execution to insert: its start transition (or a PENDING row for a delayed start)
-    and the child executions (sub-workflows) that start with it, each a start transition."""
-
-    transition: Transition
-    children: tuple[Transition, ...] = ()
-
-
-@dataclass(frozen=True)
-class LeaseKey:
-    execution_id: str
-    node_id: str
-    lease_seq: int
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A READY row a claim may lease, with what the limits need to know about it."""
-
-    execution_id: str
-    node_id: str
-    task_type: str
-    # The node input (only loaded when ``ClaimPolicy.needs_input``).
-    input: bytes | None
-    # The execution's max_concurrency (0 = none).
-    execution_max_concurrency: int
-
-
-@dataclass
-class LeasedCounts:
-    """Rows LEASED right now, counted inside the claim's transaction (after its locks)."""
-
-    # (task_type, concurrency_key or None) -> count, for ``ClaimPolicy.counted_types``.
-    by_type_key: dict[tuple[str, str | None], int] = field(default_factory=dict)
-    # execution_id -> count, for candidates' executions with a max_concurrency.
-    by_execution: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Admitted:
-    candidate: Candidate
-    # Written on the leased row; counted against the type's concurrency_key_limit.
-    concurrency_key: str | None = None
 
 
 class ClaimPolicy(Protocol):
@@ -124,32 +99,9 @@ class ClaimPolicy(Protocol):
         ...
 
 
-class LimitsStore(Protocol):
-    """Task-type limits (coordinator/store/_limits.py)."""
+class WakeupChannel(Protocol):
+    """Wake-ups across replicas (PostgreSQL LISTEN/NOTIFY; nothing to do for one process)."""
 
-    async def set_task_type_limits(self, limits: TaskTypeLimits, now: datetime) -> TaskTypeLimits:
-        """Create or replace; returns the stored row (updated_at = now)."""
-        ...
-
-    async def get_task_type_limits(self, tenant_id: str, task_type: str) -> TaskTypeLimits:
-        """Raises ``NotFound``."""
-        ...
-
-    async def list_task_type_limits(self, tenant_id: str | None) -> list[TaskTypeLimits]:
-        """Ordered by (tenant, task type); every tenant's when ``tenant_id`` is None."""
-        ...
-
-    async def delete_task_type_limits(self, tenant_id: str, task_type: str) -> None:
-        """Raises ``NotFound``."""
-        ...
-
-
-class Store(LimitsStore, Protocol):
-    """Persistent state. Every method is tenant-scoped except the cross-tenant sweeps."""
-
-    async def close(self) -> None: ...
-
-    # -- wake-ups across replicas ---------------------------------------------------------
     async def publish_wakeups(self, keys: Sequence[str]) -> None:
         """Tell every replica (this one included) that work for these notifier keys may be
         ready. A store serving one process may do nothing."""
@@ -160,7 +112,10 @@ class Store(LimitsStore, Protocol):
         every listener) until the store closes."""
         ...
 
-    # -- definitions ----------------------------------------------------------------------
+
+class WorkflowRepository(Protocol):
+    """Workflow definitions, immutable once registered."""
+
     async def register_workflow(self, defn: WorkflowDef, now: datetime) -> tuple[WorkflowDef, bool]:
         """Store ``defn`` as the next version of its name, or return the existing version
         whose ``content_hash`` is equal (``created`` False). Safe under concurrency."""
@@ -173,10 +128,12 @@ class Store(LimitsStore, Protocol):
     async def list_workflows(
         self, tenant_id: str, limit: int, after_name: str | None
     ) -> list[WorkflowSummary]: ...
-
     async def list_workflow_versions(self, tenant_id: str, name: str) -> list[WorkflowDef]: ...
 
-    # -- executions -----------------------------------------------------------------------
+
+class ExecutionRepository(Protocol):
+    """Executions with their node runs and events; every transition goes through ``transact``."""
+
     async def create_execution(
         self,
         transition: Transition,
@@ -198,21 +155,20 @@ class Store(LimitsStore, Protocol):
         repeated within ``items`` returns the execution its first use created)."""
         ...
 
+    async def get_execution(self, tenant_id: str, execution_id: str) -> Execution:
+        """Raises ``NotFound``."""
+        ...
+
     async def get_executions(self, tenant_id: str, ids: Sequence[str]) -> dict[str, Execution]:
         """The executions among ``ids`` that exist, by id."""
         ...
 
+    async def list_node_runs(self, tenant_id: str, execution_id: str) -> list[NodeRun]: ...
     async def get_node_outputs(
         self, tenant_id: str, keys: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], bytes | None]:
         """The output of each existing node run ``(execution_id, node_id)`` in ``keys``."""
         ...
-
-    async def get_execution(self, tenant_id: str, execution_id: str) -> Execution:
-        """Raises ``NotFound``."""
-        ...
-
-    async def list_node_runs(self, tenant_id: str, execution_id: str) -> list[NodeRun]: ...
 
     async def list_executions(
         self,
@@ -229,7 +185,6 @@ class Store(LimitsStore, Protocol):
     async def list_events(
         self, tenant_id: str, execution_id: str, after_sequence: int, limit: int
     ) -> list[Event]: ...
-
     async def transact(
         self,
         tenant_id: str,
@@ -266,7 +221,6 @@ class Store(LimitsStore, Protocol):
         return None without calling ``decide``."""
         ...
 
-    # -- control flow sweeps (any tenant) -------------------------------------------------
     async def find_due_executions(self, now: datetime, limit: int) -> list[Execution]:
         """PENDING executions whose ``start_at <= now`` (delayed starts now due)."""
         ...
@@ -280,7 +234,14 @@ class Store(LimitsStore, Protocol):
         (the parent ended, or the node was cancelled or skipped)."""
         ...
 
-    # -- leasing --------------------------------------------------------------------------
+    async def find_overdue_executions(self, now: datetime, limit: int) -> list[Execution]:
+        """Non-terminal executions (any tenant) whose deadline < now."""
+        ...
+
+
+class LeaseRepository(Protocol):
+    """The queue: claiming READY node runs and keeping leases alive."""
+
     async def claim_tasks(
         self,
         tenant_id: str,
@@ -320,10 +281,6 @@ class Store(LimitsStore, Protocol):
         """READY, not held rows (any tenant) whose schedule_deadline < now."""
         ...
 
-    async def find_overdue_executions(self, now: datetime, limit: int) -> list[Execution]:
-        """Non-terminal executions (any tenant) whose deadline < now."""
-        ...
-
     async def find_leases_of_lost_workers(self, cutoff: datetime, limit: int) -> list[NodeRun]:
         """LEASED rows (any tenant) whose worker (same tenant, registered) has
         last_seen < cutoff."""
@@ -333,7 +290,10 @@ class Store(LimitsStore, Protocol):
         """LEASED rows currently held by this worker."""
         ...
 
-    # -- dead letters ---------------------------------------------------------------------
+
+class DeadLetterRepository(Protocol):
+    """Node runs that exhausted their retries (written by transitions)."""
+
     async def list_dead_letters(
         self,
         tenant_id: str,
@@ -351,9 +311,11 @@ class Store(LimitsStore, Protocol):
         """Raises ``NotFound``."""
         ...
 
-    # -- workers --------------------------------------------------------------------------
-    async def upsert_worker(self, worker: WorkerInfo) -> None: ...
 
+class WorkerRepository(Protocol):
+    """Registered worker processes."""
+
+    async def upsert_worker(self, worker: WorkerInfo) -> None: ...
     async def get_worker(self, tenant_id: str, worker_id: str) -> WorkerInfo:
         """The registered worker. Raises ``NotFound``."""
         ...
@@ -361,3 +323,257 @@ class Store(LimitsStore, Protocol):
     async def touch_worker(self, tenant_id: str, worker_id: str, now: datetime) -> None:
         """Record that the worker is alive (last_seen = now); unknown workers are ignored."""
         ...
+
+
+class LimitsRepository(Protocol):
+    """Task-type limits (rate, concurrency, breaker settings)."""
+
+    async def set_task_type_limits(self, limits: TaskTypeLimits, now: datetime) -> TaskTypeLimits:
+        """Create or replace; returns the stored row (updated_at = now)."""
+        ...
+
+    async def get_task_type_limits(self, tenant_id: str, task_type: str) -> TaskTypeLimits:
+        """Raises ``NotFound``."""
+        ...
+
+    async def list_task_type_limits(self, tenant_id: str | None) -> list[TaskTypeLimits]:
+        """Ordered by (tenant, task type); every tenant's when ``tenant_id`` is None."""
+        ...
+
+    async def delete_task_type_limits(self, tenant_id: str, task_type: str) -> None:
+        """Raises ``NotFound``."""
+        ...
+
+
+class QueueRepository(Protocol):
+    """The overflow queue of ``max_running_executions``.
+
+    "Running" means RUNNING or PAUSED executions of the workflow name (every version) in
+    the tenant. A capped start counts them in the transaction that writes it; on
+    PostgreSQL that transaction first takes a per-workflow advisory lock, so concurrent
+    starts on any replica never exceed the cap."""
+
+    async def create_capped_executions(
+        self, starts: Sequence[CappedStart], *, idempotency_cutoff: datetime | None = None
+    ) -> list[tuple[Execution, bool]]:
+        """``Store.create_executions`` with the caps applied, all in one transaction. A
+        capped start is created as is when its workflow has room (and, for QUEUE, nothing
+        queued before it), else its ``queued`` transition is (QUEUE), or the whole call
+        raises ``ResourceExhausted`` and nothing is stored (REJECT). A start whose
+        idempotency key is held returns the holder, as ``create_executions`` does."""
+        ...
+
+    async def start_pending(
+        self,
+        execution: Execution,
+        start: NewExecution,
+        cap: RunningCap | None,
+        when_full: Transition | None,
+    ) -> PendingStart:
+        """Write ``start`` (the start transition of the PENDING ``execution`` and its
+        children) if the row is unchanged (same version, not held by another transaction)
+        and, with a ``cap``, the workflow has room (for an execution not yet queued: and
+        nothing is queued before it). When it has none, write ``when_full`` if given."""
+        ...
+
+    async def count_running(self, tenant_id: str, workflow_name: str) -> int:
+        """RUNNING and PAUSED executions of the workflow (all versions)."""
+        ...
+
+    async def find_queued_workflows(
+        self, limit: int, after: tuple[str, str] | None = None
+    ) -> list[tuple[str, str]]:
+        """(tenant, workflow name) pairs, any tenant, with queued executions."""
+        ...
+
+    async def find_queued_executions(
+        self, tenant_id: str, workflow_name: str, limit: int
+    ) -> list[Execution]:
+        """The workflow's queued executions, oldest (created_at) first."""
+        ...
+
+
+class TriggerRepository(Protocol):
+    """Webhook and event triggers, schedules and their fires. Tenant-scoped except the
+    scheduler's claims."""
+
+    async def create_webhook_trigger(self, trigger: WebhookTrigger) -> None:
+        """Raises ``AlreadyExists`` when the path is taken."""
+        ...
+
+    async def get_webhook_trigger(self, tenant_id: str, path: str) -> WebhookTrigger:
+        """Raises ``NotFound``."""
+        ...
+
+    async def list_webhook_triggers(self, tenant_id: str) -> list[WebhookTrigger]: ...
+    async def delete_webhook_trigger(self, tenant_id: str, path: str) -> None:
+        """Raises ``NotFound``."""
+        ...
+
+    async def create_event_trigger(self, trigger: EventTrigger) -> None: ...
+    async def list_event_triggers(
+        self, tenant_id: str, event_name: str | None
+    ) -> list[EventTrigger]: ...
+    async def delete_event_trigger(self, tenant_id: str, trigger_id: str) -> None:
+        """Raises ``NotFound``."""
+        ...
+
+    async def create_schedule(self, schedule: Schedule) -> None:
+        """Raises ``AlreadyExists`` when the id is taken."""
+        ...
+
+    async def get_schedule(self, tenant_id: str, schedule_id: str) -> Schedule:
+        """Raises ``NotFound``."""
+        ...
+
+    async def list_schedules(self, tenant_id: str) -> list[Schedule]: ...
+    async def update_schedule(
+        self, tenant_id: str, schedule_id: str, change: Callable[[Schedule], Schedule]
+    ) -> Schedule:
+        """Lock the schedule, apply ``change`` (pure) and store the result. ``NotFound``."""
+        ...
+
+    async def delete_schedule(self, tenant_id: str, schedule_id: str) -> None:
+        """Deletes its fire records too. Raises ``NotFound``."""
+        ...
+
+    async def list_schedule_fires(
+        self, tenant_id: str, schedule_id: str, limit: int
+    ) -> list[ScheduleFire]:
+        """Newest fire time first."""
+        ...
+
+    async def find_due_schedules(self, now: datetime, limit: int) -> list[Schedule]:
+        """Unpaused schedules (any tenant) with ``next_fire_at <= now`` or a buffered fire."""
+        ...
+
+    async def next_schedule_fire_at(self) -> datetime | None:
+        """The earliest ``next_fire_at`` of any unpaused schedule."""
+        ...
+
+    async def has_buffered_fires(self) -> bool: ...
+    async def fire_schedule(
+        self,
+        tenant_id: str,
+        schedule_id: str,
+        decide: Callable[[Schedule, Execution | None], FiringResult | None],
+    ) -> FiringResult | None:
+        """In one transaction: lock the schedule row (skipping it when another replica holds
+        it: returns None), load its last execution, call ``decide`` (pure; None: nothing
+        to do), then insert the executions of ``starts`` (one whose idempotency key exists
+        is not inserted again), upsert ``fires`` and store ``schedule``."""
+        ...
+
+
+class NotificationRepository(Protocol):
+    """Channels, rules and the delivery outbox with its attempts."""
+
+    async def create_channel(self, channel: Channel) -> Channel:
+        """Raises ``Conflict`` when the tenant has a channel of that name."""
+        ...
+
+    async def get_channel(self, tenant_id: str, ref: str) -> Channel:
+        """By id or name. Raises ``NotFound``."""
+        ...
+
+    async def list_channels(self, tenant_id: str) -> list[Channel]: ...
+    async def delete_channel(self, tenant_id: str, channel_id: str, now: datetime) -> None:
+        """Delete the channel and its rules; its pending deliveries become FAILED."""
+        ...
+
+    async def create_rule(self, rule: NotificationRule) -> NotificationRule: ...
+    async def list_rules(
+        self,
+        tenant_id: str,
+        *,
+        channel_id: str | None,
+        workflow_name: str | None,
+        execution_id: str | None,
+    ) -> list[NotificationRule]: ...
+    async def delete_rule(self, tenant_id: str, rule_id: str) -> None:
+        """Raises ``NotFound``."""
+        ...
+
+    async def list_deliveries(
+        self,
+        tenant_id: str,
+        *,
+        execution_id: str | None,
+        channel_id: str | None,
+        status: DeliveryStatus | None,
+        limit: int,
+        before: tuple[datetime, str] | None,
+    ) -> list[Delivery]:
+        """Newest first (created_at, id descending), each with its attempts."""
+        ...
+
+    async def claim_deliveries(
+        self, now: datetime, limit: int, lease: timedelta
+    ) -> list[ClaimedDelivery]:
+        """Claim up to ``limit`` PENDING deliveries (any tenant) due at ``now`` and not
+        claimed by a live lease: ``claimed_until = now + lease``, ``claim_seq + 1``."""
+        ...
+
+    async def defer_delivery(
+        self, delivery_id: str, claim_seq: int, until: datetime, now: datetime
+    ) -> None:
+        """Release a claim without an attempt: due again at ``until``."""
+        ...
+
+    async def record_attempt(
+        self,
+        delivery_id: str,
+        claim_seq: int,
+        attempt: DeliveryAttempt,
+        *,
+        retry_at: datetime | None,
+    ) -> int:
+        """Record one attempt (numbered from the row's count) and settle the delivery:
+        DELIVERED once when ``attempt.ok`` (only from PENDING); otherwise PENDING again at
+        ``retry_at``, or FAILED when ``retry_at`` is None — both only while ``claim_seq``
+        is still the row's. Returns the attempt's number."""
+        ...
+
+
+class Store(Protocol):
+    """Persistent state: one repository per aggregate over one database handle. Every
+    method is tenant-scoped except the cross-tenant sweeps. Use cases take the narrow
+    repository they need, never the whole store."""
+
+    @property
+    def wakeups(self) -> WakeupChannel: ...
+
+    @property
+    def workflows(self) -> WorkflowRepository: ...
+
+    @property
+    def executions(self) -> ExecutionRepository: ...
+
+    @property
+    def leases(self) -> LeaseRepository: ...
+
+    @property
+    def dead_letters(self) -> DeadLetterRepository: ...
+
+    @property
+    def workers(self) -> WorkerRepository: ...
+
+    @property
+    def limits(self) -> LimitsRepository: ...
+
+    @property
+    def queue(self) -> QueueRepository: ...
+
+    @property
+    def triggers(self) -> TriggerRepository: ...
+
+    @property
+    def notifications(self) -> NotificationRepository: ...
+
+    @property
+    def group_commit(self) -> bool:
+        """Whether concurrent transitions should share database transactions
+        (``ExecutionRepository.transact_many``)."""
+        ...
+
+    async def close(self) -> None: ...

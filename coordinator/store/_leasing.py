@@ -13,9 +13,18 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from coordinator.dispatch._admit import UNLIMITED
-from coordinator.model import Event, EventType, Execution, NodeRun
-from coordinator.service.ports import Admitted, Candidate, ClaimPolicy, LeasedCounts, LeaseKey
+from coordinator.model import (
+    UNLIMITED,
+    Admitted,
+    Candidate,
+    Event,
+    EventType,
+    Execution,
+    LeasedCounts,
+    LeaseKey,
+    NodeRun,
+)
+from coordinator.service.ports import ClaimPolicy
 from coordinator.store import _control, _rows
 from coordinator.store._tables import LIVE_EXECUTION_STATUSES, executions, node_runs, workers
 

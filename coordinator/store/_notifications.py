@@ -26,15 +26,17 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator import errors
-from coordinator.model import Execution, ExecutionStatus, Transition
-from coordinator.notify import ChannelKind
-from coordinator.service._notifications import (
+from coordinator.model import (
     Channel,
+    ChannelKind,
     ClaimedDelivery,
     Delivery,
     DeliveryAttempt,
     DeliveryStatus,
+    Execution,
+    ExecutionStatus,
     NotificationRule,
+    Transition,
     deliveries_for,
 )
 from coordinator.store._rows import from_ms, opt_from_ms, to_ms

@@ -24,9 +24,17 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator import errors
-from coordinator.model import Execution, ExecutionStatus, NodeRun, OverflowPolicy, Transition
-from coordinator.service._starts import CappedStart, PendingStart, RunningCap
-from coordinator.service.ports import NewExecution
+from coordinator.model import (
+    CappedStart,
+    Execution,
+    ExecutionStatus,
+    NewExecution,
+    NodeRun,
+    OverflowPolicy,
+    PendingStart,
+    RunningCap,
+    Transition,
+)
 from coordinator.store import _rows
 from coordinator.store._tables import executions
 

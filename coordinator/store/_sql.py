@@ -39,16 +39,14 @@ from coordinator.model import (
     Event,
     Execution,
     ExecutionStatus,
+    NewExecution,
     NodeRun,
     Transition,
     WorkerInfo,
     WorkflowDef,
     WorkflowSummary,
 )
-from coordinator.service.ports import (
-    Decision,
-    NewExecution,
-)
+from coordinator.service.ports import Decision
 from coordinator.store import _control, _dead_letters, _rows
 from coordinator.store._leasing import LeasingStoreMixin, touch_worker
 from coordinator.store._limits import LimitsStoreMixin
@@ -151,6 +149,46 @@ class SqlStore(
         self._reader = self._writer if memory else None
         self._closed = False
         self._listener: PgListener | None = None
+
+    @property
+    def wakeups(self) -> SqlStore:
+        return self
+
+    @property
+    def workflows(self) -> SqlStore:
+        return self
+
+    @property
+    def executions(self) -> SqlStore:
+        return self
+
+    @property
+    def leases(self) -> SqlStore:
+        return self
+
+    @property
+    def dead_letters(self) -> SqlStore:
+        return self
+
+    @property
+    def workers(self) -> SqlStore:
+        return self
+
+    @property
+    def limits(self) -> SqlStore:
+        return self
+
+    @property
+    def queue(self) -> SqlStore:
+        return self
+
+    @property
+    def triggers(self) -> SqlStore:
+        return self
+
+    @property
+    def notifications(self) -> SqlStore:
+        return self
 
     @property
     def group_commit(self) -> bool:

@@ -19,15 +19,17 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator import errors
-from coordinator.model import Execution, NodeRun, Transition
-from coordinator.service._trigger_model import (
+from coordinator.model import (
     CatchupPolicy,
     EventTrigger,
+    Execution,
     FireOutcome,
     FiringResult,
+    NodeRun,
     OverlapPolicy,
     Schedule,
     ScheduleFire,
+    Transition,
     WebhookAuth,
     WebhookTrigger,
 )

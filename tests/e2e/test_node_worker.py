@@ -143,8 +143,8 @@ async def test_diamonds_shared_by_a_node_and_a_python_worker(
     assert coordinator_exit == 0, coordinator.output()
     store = await open_store(db_url)
     try:
-        registered_node = await store.get_worker(DEFAULT_TENANT, "node-worker")
-        registered_python = await store.get_worker(DEFAULT_TENANT, "python-worker")
+        registered_node = await store.workers.get_worker(DEFAULT_TENANT, "node-worker")
+        registered_python = await store.workers.get_worker(DEFAULT_TENANT, "python-worker")
     finally:
         await store.close()
     assert registered_node.sdk_language == "node"

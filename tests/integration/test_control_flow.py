@@ -170,7 +170,7 @@ async def test_run_time_depth_limit_fails_the_node_and_starts_nothing(store: Sto
     assert "sub-workflow nesting depth 2 exceeds the limit of 1 (TRELLIS_MAX_WORKFLOW_DEPTH)" in (
         view.execution.error.message
     )
-    listed = await store.list_executions(
+    listed = await store.executions.list_executions(
         TENANT, workflow_name=None, status=None, limit=10, before=None
     )
     assert sorted(e.workflow_name for e in listed) == ["mid", "top"]  # no leaf row
@@ -181,7 +181,7 @@ async def test_run_time_depth_limit_fails_the_node_and_starts_nothing(store: Sto
 async def test_unknown_child_at_run_time_fails_the_node(store: Store) -> None:
     c = Coordinator(store)
     # Stored past the registration checks (as if the child had been removed since).
-    await store.register_workflow(workflow_runs("orphan", "gone"), datetime.now(UTC))
+    await store.workflows.register_workflow(workflow_runs("orphan", "gone"), datetime.now(UTC))
     execution, _ = await c.start_execution(TENANT, "orphan", None, b"1")
     view = await c.get_execution(TENANT, execution.id)
     assert view.execution.status is ExecutionStatus.FAILED
@@ -189,7 +189,7 @@ async def test_unknown_child_at_run_time_fails_the_node(store: Store) -> None:
     assert "runs workflow 'gone', which is not registered" in view.execution.error.message
     [sub] = view.nodes
     assert sub.status is NodeStatus.FAILED and sub.child_execution_id is None
-    listed = await store.list_executions(
+    listed = await store.executions.list_executions(
         TENANT, workflow_name=None, status=None, limit=10, before=None
     )
     assert [e.id for e in listed] == [execution.id]

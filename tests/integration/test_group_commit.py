@@ -59,7 +59,7 @@ async def test_concurrent_results_all_land_and_share_commits(store: SqlStore) ->
     await c.complete_task(TENANT, tail.token, b"2", "w")
     view = await c.get_execution(TENANT, execution.id)
     assert view.execution.status is ExecutionStatus.SUCCEEDED
-    events = await store.list_events(TENANT, execution.id, 0, 1000)
+    events = await store.executions.list_events(TENANT, execution.id, 0, 1000)
     succeeded = [e.node_id for e in events if e.type.value == "NODE_SUCCEEDED"]
     assert sorted(succeeded) == sorted(["head", "tail", *(f"m{i}" for i in range(20))])
     assert groups and max(groups) > 1, groups
@@ -89,7 +89,7 @@ def _refuse(execution: Execution, nodes: Mapping[str, NodeRun]) -> Decision[str]
 
 async def test_a_refused_item_writes_nothing_and_the_others_commit(store: SqlStore) -> None:
     defn, a, b = await _two_runs(store)
-    results = await store.transact_many(
+    results = await store.executions.transact_many(
         [
             (TENANT, b.id, _refuse),
             (TENANT, "no-such-execution", _cancel(defn)),
@@ -100,8 +100,8 @@ async def test_a_refused_item_writes_nothing_and_the_others_commit(store: SqlSto
     assert isinstance(results[0], errors.InvalidArgument)
     assert isinstance(results[1], errors.NotFound)
     assert results[2] == a.id
-    assert (await store.get_execution(TENANT, a.id)).status is ExecutionStatus.CANCELLED
-    assert (await store.get_execution(TENANT, b.id)).status is ExecutionStatus.RUNNING
+    assert (await store.executions.get_execution(TENANT, a.id)).status is ExecutionStatus.CANCELLED
+    assert (await store.executions.get_execution(TENANT, b.id)).status is ExecutionStatus.RUNNING
 
 
 async def test_a_group_that_cannot_commit_writes_nothing(store: SqlStore) -> None:
@@ -110,12 +110,14 @@ async def test_a_group_that_cannot_commit_writes_nothing(store: SqlStore) -> Non
     defn, a, b = await _two_runs(store)
     pending = dataclasses.replace(a, status=ExecutionStatus.PENDING)
     clash = engine.start_execution(defn, pending, datetime.now(UTC))  # a's id is taken
-    results = await store.transact_many(
+    results = await store.executions.transact_many(
         [(TENANT, a.id, _cancel(defn)), (TENANT, b.id, _cancel(defn, created=(clash,)))]
     )
     assert results is None
     for execution in (a, b):
-        assert (await store.get_execution(TENANT, execution.id)).status is ExecutionStatus.RUNNING
+        assert (
+            await store.executions.get_execution(TENANT, execution.id)
+        ).status is ExecutionStatus.RUNNING
 
 
 @pytest.mark.parametrize("size", [1, 3])
@@ -123,7 +125,7 @@ async def test_group_of_one_or_more_matches_transact(store: SqlStore, size: int)
     c = Coordinator(store)
     defn, _ = await c.register_workflow(fan(1))
     runs = [(await c.start_execution(TENANT, "fan", None, b"{}"))[0] for _ in range(size)]
-    results = await store.transact_many([(TENANT, r.id, _cancel(defn)) for r in runs])
+    results = await store.executions.transact_many([(TENANT, r.id, _cancel(defn)) for r in runs])
     assert results == [r.id for r in runs]
 
 
@@ -146,14 +148,16 @@ async def test_a_row_moved_since_the_load_rolls_the_group_back(store: SqlStore) 
         return {k: before_claim[k] for k in fresh}
 
     store._load_group = stale  # type: ignore[method-assign]
-    results = await store.transact_many(
+    results = await store.executions.transact_many(
         [(TENANT, a.id, _cancel(defn)), (TENANT, b.id, _cancel(defn))]
     )
     assert results is None
     del store._load_group
     for execution in (a, b):
-        assert (await store.get_execution(TENANT, execution.id)).status is ExecutionStatus.RUNNING
-    assert await store.transact_many([(TENANT, a.id, _cancel(defn))]) == [a.id]
+        assert (
+            await store.executions.get_execution(TENANT, execution.id)
+        ).status is ExecutionStatus.RUNNING
+    assert await store.executions.transact_many([(TENANT, a.id, _cancel(defn))]) == [a.id]
 
 
 async def test_items_of_one_execution_see_each_other_in_a_group(store: SqlStore) -> None:
@@ -177,11 +181,16 @@ async def test_items_of_one_execution_see_each_other_in_a_group(store: SqlStore)
         return decide
 
     fan_def = await c.get_workflow(TENANT, "fan", None)
-    results = await store.transact_many(
+    results = await store.executions.transact_many(
         [(TENANT, execution.id, complete("m0")), (TENANT, execution.id, complete("m1"))]
     )
     assert results == ["m0", "m1"]
-    nodes = {n.node_id: n.status.value for n in await store.list_node_runs(TENANT, execution.id)}
+    nodes = {
+        n.node_id: n.status.value
+        for n in await store.executions.list_node_runs(TENANT, execution.id)
+    }
     assert nodes == {"head": "SUCCEEDED", "m0": "SUCCEEDED", "m1": "SUCCEEDED", "tail": "READY"}
-    assert (await store.get_execution(TENANT, execution.id)).version == execution.version + 3
+    assert (
+        await store.executions.get_execution(TENANT, execution.id)
+    ).version == execution.version + 3
     del m0, m1

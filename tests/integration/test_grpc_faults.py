@@ -20,7 +20,9 @@ from trellis.v1 import workflow_service_pb2 as fpb
 
 async def events_of(api: Api, execution_id: str) -> list[Event]:
     """The event history so far, read from the store (a watch stays open while running)."""
-    return await api.running.coordinator.store.list_events("default", execution_id, 0, 10_000)
+    return await api.running.coordinator.store.executions.list_events(
+        "default", execution_id, 0, 10_000
+    )
 
 
 async def execution(api: Api, execution_id: str) -> common_pb2.Execution:

@@ -91,7 +91,7 @@ class Dispatch:
 async def dispatch(store: SqlStore) -> AsyncIterator[Dispatch]:
     fake = FakeDispatch()
     server = grpc.aio.server()
-    add_dispatch(server, LimitsAdmin(store, fake, clock=lambda: NOW))
+    add_dispatch(server, LimitsAdmin(store.limits, fake, clock=lambda: NOW))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -155,7 +155,7 @@ async def test_set_get_list_delete_round_trip(dispatch: Dispatch) -> None:
     assert replaced.concurrency_key == "" and replaced.concurrency_key_limit == 0
     assert replaced.breaker_failure_threshold == 0
     assert replaced.breaker_reset_timeout.ToTimedelta() == timedelta(seconds=30)
-    row = await d.store.get_task_type_limits("default", "send-email")
+    row = await d.store.limits.get_task_type_limits("default", "send-email")
     assert row.max_concurrency == 2 and row.concurrency_key_limit == 1
     assert row.breaker_reset_timeout == timedelta(seconds=30)
 
@@ -236,7 +236,7 @@ async def test_invalid_limits_are_refused_naming_the_field(
     dispatch: Dispatch, fields: dict[str, Any], fragments: tuple[str, ...]
 ) -> None:
     await expect_status(put(dispatch, **fields), INVALID, *fragments)
-    assert await dispatch.store.list_task_type_limits(None) == []
+    assert await dispatch.store.limits.list_task_type_limits(None) == []
     assert dispatch.fake.invalidations == 0
 
 
@@ -299,7 +299,7 @@ async def test_dispatch_status_reports_the_link(dispatch: Dispatch) -> None:
 
 async def test_status_with_the_real_redis_link_unset(store: SqlStore) -> None:
     link = RedisLink("")
-    admin = LimitsAdmin(store, FakeDispatch(link=link), clock=lambda: NOW)  # type: ignore[arg-type]
+    admin = LimitsAdmin(store.limits, FakeDispatch(link=link), clock=lambda: NOW)  # type: ignore[arg-type]
     status = admin.get_dispatch_status()
     assert (status.configured, status.shared) == (False, False)
     assert status.detail.startswith("per process")

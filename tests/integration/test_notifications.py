@@ -18,17 +18,21 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.util import await_only
 
 from coordinator import errors
-from coordinator.model import ErrorInfo, Execution, ExecutionStatus, NodeRun, Transition
-from coordinator.notify import Backoff, ChannelBreakers, ChannelKind
-from coordinator.service import Decision
-from coordinator.service._notifications import (
+from coordinator.model import (
     Channel,
+    ChannelKind,
     DeliveryAttempt,
-    DeliverySettings,
     DeliveryStatus,
-    NotificationDispatcher,
+    ErrorInfo,
+    Execution,
+    ExecutionStatus,
+    NodeRun,
     NotificationRule,
+    Transition,
 )
+from coordinator.notify import Backoff, ChannelBreakers
+from coordinator.service import Decision
+from coordinator.service._notifications import DeliverySettings, NotificationDispatcher
 from coordinator.store import SqlStore, open_store
 from tests.integration.conftest import Api
 from tests.integration.test_grpc_api import definition, expect_status, poll, register, start
@@ -310,7 +314,7 @@ async def _running_execution(store: SqlStore, name: str, clock: Clock) -> Execut
         created_at=clock(),
         updated_at=clock(),
     )
-    await store.create_execution(Transition(execution=execution))
+    await store.executions.create_execution(Transition(execution=execution))
     return execution
 
 
@@ -328,16 +332,16 @@ async def _end(
         )
         return Decision(Transition(execution=ended, **extra), None)
 
-    await store.transact(execution.tenant_id, execution.id, decide)
+    await store.executions.transact(execution.tenant_id, execution.id, decide)
 
 
 async def _setup(store: SqlStore, clock: Clock, name: str = "wf") -> tuple[Channel, Execution]:
-    channel = await store.create_channel(
+    channel = await store.notifications.create_channel(
         Channel(
             "c1", "ops", ChannelKind.WEBHOOK, {"url": DEAD_URL, "secret": "s"}, clock(), "default"
         )
     )
-    await store.create_rule(
+    await store.notifications.create_rule(
         NotificationRule(
             "r1", channel.id, (ExecutionStatus.FAILED,), clock(), "default", workflow_name=name
         )
@@ -352,7 +356,9 @@ async def test_the_outbox_row_commits_or_rolls_back_with_the_transition(store: S
     # that does not exist cannot be redriven): neither the status nor the delivery stay.
     with pytest.raises((errors.NotFound, errors.FailedPrecondition)):
         await _end(store, execution, ExecutionStatus.FAILED, redriven_dead_letter="missing")
-    assert (await store.get_execution("default", execution.id)).status is ExecutionStatus.RUNNING
+    assert (
+        await store.executions.get_execution("default", execution.id)
+    ).status is ExecutionStatus.RUNNING
     assert await _deliveries(store) == []
 
     await _end(store, execution, ExecutionStatus.FAILED)
@@ -362,7 +368,7 @@ async def test_the_outbox_row_commits_or_rolls_back_with_the_transition(store: S
     other = await _running_execution(store, "other", clock)
     await _end(store, other, ExecutionStatus.FAILED)
     succeeded = await _running_execution(store, "wf-ok", clock)
-    await store.create_rule(
+    await store.notifications.create_rule(
         NotificationRule(
             "r2", "c1", (ExecutionStatus.FAILED,), clock(), "default", workflow_name="wf-ok"
         )
@@ -372,7 +378,7 @@ async def test_the_outbox_row_commits_or_rolls_back_with_the_transition(store: S
 
 
 async def _deliveries(store: SqlStore) -> list[Any]:
-    return await store.list_deliveries(
+    return await store.notifications.list_deliveries(
         "default", execution_id=None, channel_id=None, status=None, limit=100, before=None
     )
 
@@ -390,7 +396,7 @@ async def test_a_listing_never_shows_an_attempt_without_the_state_it_produced(
         clock = Clock()
         _channel, execution = await _setup(store, clock)
         await _end(store, execution, ExecutionStatus.FAILED)
-        (claimed,) = await store.claim_deliveries(clock(), 10, timedelta(seconds=30))
+        (claimed,) = await store.notifications.claim_deliveries(clock(), 10, timedelta(seconds=30))
         written: list[str] = []
 
         def write_between(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
@@ -398,7 +404,7 @@ async def test_a_listing_never_shows_an_attempt_without_the_state_it_produced(
                 return
             written.append(statement)
             await_only(
-                store.record_attempt(
+                store.notifications.record_attempt(
                     claimed.delivery.id,
                     claimed.delivery.claim_seq,
                     DeliveryAttempt(1, clock(), False, "connection refused"),
@@ -431,7 +437,7 @@ def _dispatcher(
     }
     config = DeliverySettings(**values)
     return NotificationDispatcher(
-        store,
+        store.notifications,
         sender,
         config,
         clock=clock,
@@ -483,7 +489,7 @@ async def test_a_delivery_out_of_attempts_is_failed_and_kept(store: SqlStore) ->
     assert d.last_error == "connection refused"
     clock.advance(3600)
     assert await dispatcher.run_once() == 0
-    failed = await store.list_deliveries(
+    failed = await store.notifications.list_deliveries(
         "default",
         execution_id=None,
         channel_id="c1",
@@ -522,21 +528,21 @@ async def test_a_lapsed_claim_is_taken_over_and_marked_delivered_once(store: Sql
     _channel, execution = await _setup(store, clock)
     await _end(store, execution, ExecutionStatus.FAILED)
     lease = timedelta(seconds=30)
-    (first,) = await store.claim_deliveries(clock(), 10, lease)
-    assert await store.claim_deliveries(clock(), 10, lease) == []  # held by the lease
+    (first,) = await store.notifications.claim_deliveries(clock(), 10, lease)
+    assert await store.notifications.claim_deliveries(clock(), 10, lease) == []  # held by the lease
     clock.advance(31)  # the first replica crashed or hung past its lease
-    (second,) = await store.claim_deliveries(clock(), 10, lease)
+    (second,) = await store.notifications.claim_deliveries(clock(), 10, lease)
     assert second.delivery.claim_seq == first.delivery.claim_seq + 1
-    from coordinator.service._notifications import DeliveryAttempt
+    from coordinator.model import DeliveryAttempt
 
     # Both send; both record. One DELIVERED transition, two attempts recorded.
-    n2 = await store.record_attempt(
+    n2 = await store.notifications.record_attempt(
         second.delivery.id,
         second.delivery.claim_seq,
         DeliveryAttempt(1, clock(), True),
         retry_at=None,
     )
-    n1 = await store.record_attempt(
+    n1 = await store.notifications.record_attempt(
         first.delivery.id,
         first.delivery.claim_seq,
         DeliveryAttempt(1, clock(), True),
@@ -548,22 +554,22 @@ async def test_a_lapsed_claim_is_taken_over_and_marked_delivered_once(store: Sql
     assert [a.ok for a in d.history] == [True, True]
     # A stale claim's failure cannot reschedule a delivery another claim owns.
     execution2 = await _running_execution(store, "wf2", clock)
-    await store.create_rule(
+    await store.notifications.create_rule(
         NotificationRule(
             "r3", "c1", (ExecutionStatus.FAILED,), clock(), "default", workflow_name="wf2"
         )
     )
     await _end(store, execution2, ExecutionStatus.FAILED)
-    (old,) = await store.claim_deliveries(clock(), 10, lease)
+    (old,) = await store.notifications.claim_deliveries(clock(), 10, lease)
     clock.advance(31)
-    (new,) = await store.claim_deliveries(clock(), 10, lease)
-    await store.record_attempt(
+    (new,) = await store.notifications.claim_deliveries(clock(), 10, lease)
+    await store.notifications.record_attempt(
         old.delivery.id,
         old.delivery.claim_seq,
         DeliveryAttempt(1, clock(), False, "x"),
         retry_at=None,
     )
-    pending = await store.list_deliveries(
+    pending = await store.notifications.list_deliveries(
         "default", execution_id=execution2.id, channel_id=None, status=None, limit=10, before=None
     )
     assert pending[0].status is DeliveryStatus.PENDING  # not FAILED by the stale claim
@@ -574,7 +580,7 @@ async def test_concurrent_claims_never_share_a_delivery(store: SqlStore) -> None
     clock = Clock()
     await _setup(store, clock, name="unused")
     for i in range(6):
-        await store.create_rule(
+        await store.notifications.create_rule(
             NotificationRule(
                 f"rule-{i}",
                 "c1",
@@ -587,6 +593,8 @@ async def test_concurrent_claims_never_share_a_delivery(store: SqlStore) -> None
         execution = await _running_execution(store, f"many-{i}", clock)
         await _end(store, execution, ExecutionStatus.FAILED)
     lease = timedelta(seconds=30)
-    results = await asyncio.gather(*(store.claim_deliveries(clock(), 4, lease) for _ in range(3)))
+    results = await asyncio.gather(
+        *(store.notifications.claim_deliveries(clock(), 4, lease) for _ in range(3))
+    )
     ids = [c.delivery.id for claimed in results for c in claimed]
     assert len(ids) == len(set(ids)) == 6

@@ -6,10 +6,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from coordinator.model import ExecutionStatus, NodeSpec, WorkflowDef
+from coordinator.model import (
+    CatchupPolicy,
+    ExecutionStatus,
+    FireOutcome,
+    NodeSpec,
+    OverlapPolicy,
+    WorkflowDef,
+)
 from coordinator.service import Coordinator
 from coordinator.service._schedules import Schedules, fire_key
-from coordinator.service._trigger_model import CatchupPolicy, FireOutcome, OverlapPolicy
 from coordinator.store import SqlStore
 
 T0 = datetime(2030, 1, 1, 0, 0, tzinfo=UTC)
@@ -31,11 +37,11 @@ async def env(store: SqlStore) -> tuple[Coordinator, Schedules, Clock]:
     await coordinator.register_workflow(
         WorkflowDef(name="job", nodes=(NodeSpec(id="a", task_type="t"),))
     )
-    return coordinator, Schedules(coordinator, store), clock
+    return coordinator, Schedules(coordinator, store.triggers), clock
 
 
 async def keys(coordinator: Coordinator) -> list[str]:
-    rows = await coordinator.store.list_executions(
+    rows = await coordinator.store.executions.list_executions(
         TENANT, workflow_name="job", status=None, limit=1000, before=None
     )
     return sorted(e.idempotency_key or "" for e in rows)
@@ -140,7 +146,7 @@ async def test_overlap_buffer_one_starts_the_pending_fire_when_the_running_one_e
     buffered = next(f for f in fires if f.fire_at.second == 20)
     assert buffered.outcome is FireOutcome.STARTED and buffered.execution_id
     assert schedule.last_execution_id == buffered.execution_id
-    execution = await coordinator.store.get_execution(TENANT, buffered.execution_id)
+    execution = await coordinator.store.executions.get_execution(TENANT, buffered.execution_id)
     assert execution.status is ExecutionStatus.RUNNING
     assert execution.idempotency_key == fire_key("b", T0 + timedelta(seconds=20))
 
@@ -165,7 +171,7 @@ async def test_two_schedulers_on_one_store_fire_each_time_once(
     env: tuple[Coordinator, Schedules, Clock], store: SqlStore
 ) -> None:
     coordinator, schedules, clock = env
-    other = Schedules(Coordinator(store, clock=clock), store)
+    other = Schedules(Coordinator(store, clock=clock), store.triggers)
     await schedules.create_schedule(
         TENANT, "dup", "* * * * * *", "", "job", 0, b"{}", overlap=OverlapPolicy.ALLOW
     )
@@ -208,12 +214,12 @@ async def test_a_schedule_whose_entry_node_is_a_sub_workflow_starts_the_child(
     assert await schedules.tick() == 1
     # The fire is handed to the coordinator's start path, which creates the child.
     await Sweeper(coordinator).start_due(clock.now)
-    [parent] = await coordinator.store.list_executions(
+    [parent] = await coordinator.store.executions.list_executions(
         TENANT, workflow_name="parent", status=None, limit=10, before=None
     )
     assert parent.idempotency_key == fire_key("nested", T0 + timedelta(hours=1))
     assert parent.status is ExecutionStatus.RUNNING
-    children = await coordinator.store.list_executions(
+    children = await coordinator.store.executions.list_executions(
         TENANT, workflow_name="job", status=None, limit=10, before=None
     )
     assert [c.parent_execution_id for c in children] == [parent.id]

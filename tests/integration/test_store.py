@@ -25,6 +25,7 @@ from coordinator.model import (
     EventType,
     Execution,
     ExecutionStatus,
+    LeaseKey,
     NodeRun,
     NodeSpec,
     NodeStatus,
@@ -33,7 +34,7 @@ from coordinator.model import (
     WorkerInfo,
     WorkflowDef,
 )
-from coordinator.service.ports import Decision, LeaseKey
+from coordinator.service.ports import Decision
 from coordinator.store import (
     SqlStore,
     StoreLockedError,
@@ -132,7 +133,7 @@ def started(execution: Execution) -> Event:
 async def start(
     store: SqlStore, execution: Execution, nodes: tuple[NodeRun, ...] = ()
 ) -> Execution:
-    created, was_created = await store.create_execution(
+    created, was_created = await store.executions.create_execution(
         Transition(execution=execution, nodes=nodes, events=(started(execution),))
     )
     assert was_created
@@ -188,12 +189,12 @@ async def test_open_without_migrate_refuses_an_old_schema(db_url: str) -> None:
     await migrate(db_url)
     store = await open_store(db_url, migrate=False)
     try:
-        assert await store.list_workflows(T, 10, None) == []
+        assert await store.workflows.list_workflows(T, 10, None) == []
         # Tables gone behind its back: a clear precondition, not a driver error.
         async with store.engine.begin() as conn:
             await conn.execute(sa.text("DROP TABLE workers"))
         with pytest.raises(errors.FailedPrecondition, match="no Trellis schema"):
-            await store.get_worker(T, "w")
+            await store.workers.get_worker(T, "w")
     finally:
         await store.close()
 
@@ -241,10 +242,10 @@ async def test_in_memory_sqlite_works() -> None:
     try:
         await ready_nodes(store, 3)
         claimed = await asyncio.gather(
-            *(store.claim_tasks(T, f"w{i}", ["work"], 2, NOW) for i in range(3))
+            *(store.leases.claim_tasks(T, f"w{i}", ["work"], 2, NOW) for i in range(3))
         )
         assert sorted(r.node_id for batch in claimed for r in batch) == ["n0000", "n0001", "n0002"]
-        assert (await store.get_execution(T, "e1")).id == "e1"
+        assert (await store.executions.get_execution(T, "e1")).id == "e1"
     finally:
         await store.close()
 
@@ -344,66 +345,68 @@ async def test_unreachable_postgres_is_unavailable() -> None:
 
 
 async def test_register_workflow_versions(store: SqlStore) -> None:
-    first, created = await store.register_workflow(make_def(), NOW)
+    first, created = await store.workflows.register_workflow(make_def(), NOW)
     assert created
     assert first.version == 1
     assert first.created_at == NOW
     assert first.content_hash == make_def().content_hash
 
-    again, created = await store.register_workflow(make_def(), NOW + timedelta(hours=1))
+    again, created = await store.workflows.register_workflow(make_def(), NOW + timedelta(hours=1))
     assert not created
     assert again == first
 
-    changed, created = await store.register_workflow(make_def(task_type="other"), NOW)
+    changed, created = await store.workflows.register_workflow(make_def(task_type="other"), NOW)
     assert created
     assert changed.version == 2
 
     # Back to the first content: that version is returned, no third one.
-    back, created = await store.register_workflow(make_def(), NOW)
+    back, created = await store.workflows.register_workflow(make_def(), NOW)
     assert (back.version, created) == (1, False)
 
-    latest = await store.get_workflow(T, "wf", None)
+    latest = await store.workflows.get_workflow(T, "wf", None)
     assert latest.version == 2
     assert latest.nodes[0].task_type == "other"
-    loaded = await store.get_workflow(T, "wf", 1)
+    loaded = await store.workflows.get_workflow(T, "wf", 1)
     assert loaded == first
     assert loaded.nodes == make_def().nodes
     assert loaded.edges == (("a", "b"),)
-    assert [d.version for d in await store.list_workflow_versions(T, "wf")] == [1, 2]
+    assert [d.version for d in await store.workflows.list_workflow_versions(T, "wf")] == [1, 2]
 
 
 async def test_get_workflow_not_found(store: SqlStore) -> None:
     with pytest.raises(errors.NotFound, match="workflow 'nope' not found"):
-        await store.get_workflow(T, "nope", None)
-    await store.register_workflow(make_def(), NOW)
+        await store.workflows.get_workflow(T, "nope", None)
+    await store.workflows.register_workflow(make_def(), NOW)
     with pytest.raises(errors.NotFound, match="workflow 'wf' version 7 not found"):
-        await store.get_workflow(T, "wf", 7)
-    assert await store.list_workflow_versions(T, "nope") == []
+        await store.workflows.get_workflow(T, "wf", 7)
+    assert await store.workflows.list_workflow_versions(T, "nope") == []
 
 
 async def test_concurrent_registrations_of_same_content_make_one_version(
     store: SqlStore,
 ) -> None:
-    results = await asyncio.gather(*(store.register_workflow(make_def(), NOW) for _ in range(10)))
+    results = await asyncio.gather(
+        *(store.workflows.register_workflow(make_def(), NOW) for _ in range(10))
+    )
     assert {d.version for d, _ in results} == {1}
     assert sum(created for _, created in results) == 1
     # Different contents racing: distinct consecutive versions.
     results = await asyncio.gather(
-        *(store.register_workflow(make_def(task_type=f"t{i}"), NOW) for i in range(8))
+        *(store.workflows.register_workflow(make_def(task_type=f"t{i}"), NOW) for i in range(8))
     )
     assert sorted(d.version for d, _ in results) == list(range(2, 10))
 
 
 async def test_list_workflows(store: SqlStore) -> None:
     for name in ("c", "a", "b"):
-        await store.register_workflow(make_def(name, description=f"{name}1"), NOW)
-    await store.register_workflow(make_def("a", task_type="x", description="a2"), NOW)
-    page = await store.list_workflows(T, 2, None)
+        await store.workflows.register_workflow(make_def(name, description=f"{name}1"), NOW)
+    await store.workflows.register_workflow(make_def("a", task_type="x", description="a2"), NOW)
+    page = await store.workflows.list_workflows(T, 2, None)
     assert [(s.name, s.latest_version, s.description) for s in page] == [
         ("a", 2, "a2"),
         ("b", 1, "b1"),
     ]
-    rest = await store.list_workflows(T, 2, "b")
+    rest = await store.workflows.list_workflows(T, 2, "b")
     assert [s.name for s in rest] == ["c"]
 
 
@@ -429,14 +432,14 @@ async def test_create_and_get_execution_round_trips(store: SqlStore) -> None:
         error=ErrorInfo(type="T", message="m"),
     )
     blocked = make_node("e1", "b", status=NodeStatus.BLOCKED)
-    created, was_created = await store.create_execution(
+    created, was_created = await store.executions.create_execution(
         Transition(execution=execution, nodes=(node, blocked), events=(started(execution),))
     )
     assert was_created
     assert created == execution
-    assert await store.get_execution(T, "e1") == execution
-    assert await store.list_node_runs(T, "e1") == [node, blocked]
-    [event] = await store.list_events(T, "e1", 0, 10)
+    assert await store.executions.get_execution(T, "e1") == execution
+    assert await store.executions.list_node_runs(T, "e1") == [node, blocked]
+    [event] = await store.executions.list_events(T, "e1", 0, 10)
     assert event.type is EventType.EXECUTION_STARTED
     assert event.sequence > 0
     assert event.time == NOW
@@ -447,17 +450,17 @@ async def test_times_are_stored_to_the_millisecond(store: SqlStore) -> None:
     created = await start(store, make_execution(created_at=at))
     assert created.created_at == NOW
     assert created.created_at.tzinfo is not None
-    assert (await store.get_execution(T, "e1")).created_at == NOW
+    assert (await store.executions.get_execution(T, "e1")).created_at == NOW
 
 
 async def test_get_unknown_execution_is_not_found(store: SqlStore) -> None:
     with pytest.raises(errors.NotFound, match="execution 'missing' not found"):
-        await store.get_execution(T, "missing")
+        await store.executions.get_execution(T, "missing")
 
 
 async def test_idempotency_key_returns_existing_execution(store: SqlStore) -> None:
     first = await start(store, make_execution("e1", idempotency_key="key"), (make_node("e1", "a"),))
-    again, created = await store.create_execution(
+    again, created = await store.executions.create_execution(
         Transition(
             execution=make_execution("e2", idempotency_key="key"),
             nodes=(make_node("e2", "a"),),
@@ -467,17 +470,17 @@ async def test_idempotency_key_returns_existing_execution(store: SqlStore) -> No
     assert not created
     assert again == first
     with pytest.raises(errors.NotFound):
-        await store.get_execution(T, "e2")
-    assert await store.list_node_runs(T, "e2") == []
+        await store.executions.get_execution(T, "e2")
+    assert await store.executions.list_node_runs(T, "e2") == []
     # The same key in another tenant is another execution.
     other = make_execution("e3", tenant="other", idempotency_key="key")
-    assert (await store.create_execution(Transition(execution=other)))[1]
+    assert (await store.executions.create_execution(Transition(execution=other)))[1]
 
 
 async def test_concurrent_creations_with_one_idempotency_key(store: SqlStore) -> None:
     results = await asyncio.gather(
         *(
-            store.create_execution(
+            store.executions.create_execution(
                 Transition(execution=make_execution(f"e{i}", idempotency_key="same"))
             )
             for i in range(8)
@@ -490,7 +493,7 @@ async def test_concurrent_creations_with_one_idempotency_key(store: SqlStore) ->
 async def test_duplicate_execution_id_is_conflict(store: SqlStore) -> None:
     await start(store, make_execution("e1"))
     with pytest.raises(errors.Conflict, match="execution 'e1' already exists"):
-        await store.create_execution(Transition(execution=make_execution("e1")))
+        await store.executions.create_execution(Transition(execution=make_execution("e1")))
 
 
 async def test_list_executions_pages_and_filters(store: SqlStore) -> None:
@@ -507,7 +510,7 @@ async def test_list_executions_pages_and_filters(store: SqlStore) -> None:
     seen: list[str] = []
     cursor: tuple[datetime, str] | None = None
     while True:
-        page = await store.list_executions(
+        page = await store.executions.list_executions(
             T, workflow_name=None, status=None, limit=3, before=cursor
         )
         seen += [e.id for e in page]
@@ -516,13 +519,15 @@ async def test_list_executions_pages_and_filters(store: SqlStore) -> None:
         cursor = (page[-1].created_at, page[-1].id)
     assert seen == ["e6", "e5", "e4", "e3", "e2", "e1", "e0"]
 
-    by_name = await store.list_executions(T, workflow_name="wf", status=None, limit=10, before=None)
+    by_name = await store.executions.list_executions(
+        T, workflow_name="wf", status=None, limit=10, before=None
+    )
     assert [e.id for e in by_name] == ["e5", "e3", "e1"]
-    by_status = await store.list_executions(
+    by_status = await store.executions.list_executions(
         T, workflow_name=None, status=ExecutionStatus.SUCCEEDED, limit=10, before=None
     )
     assert [e.id for e in by_status] == ["e6", "e3", "e0"]
-    both = await store.list_executions(
+    both = await store.executions.list_executions(
         T, workflow_name="wf", status=ExecutionStatus.SUCCEEDED, limit=10, before=None
     )
     assert [e.id for e in both] == ["e3"]
@@ -534,10 +539,10 @@ async def test_list_events_after_sequence(store: SqlStore) -> None:
         Event(execution_id="e1", type=EventType.NODE_READY, time=NOW, node_id=f"n{i}")
         for i in range(5)
     )
-    await store.create_execution(Transition(execution=execution, events=evs))
-    first = await store.list_events(T, "e1", 0, 2)
+    await store.executions.create_execution(Transition(execution=execution, events=evs))
+    first = await store.executions.list_events(T, "e1", 0, 2)
     assert [e.node_id for e in first] == ["n0", "n1"]
-    rest = await store.list_events(T, "e1", first[-1].sequence, 10)
+    rest = await store.executions.list_events(T, "e1", first[-1].sequence, 10)
     assert [e.node_id for e in rest] == ["n2", "n3", "n4"]
     sequences = [e.sequence for e in first + rest]
     assert sequences == sorted(sequences)
@@ -577,16 +582,16 @@ async def test_transact_persists_and_bumps_version(store: SqlStore) -> None:
         make_execution(),
         (make_node("e1", "a"), make_node("e1", "b", status=NodeStatus.BLOCKED)),
     )
-    assert await store.transact(T, "e1", _succeed_a) == "applied"
-    execution = await store.get_execution(T, "e1")
+    assert await store.executions.transact(T, "e1", _succeed_a) == "applied"
+    execution = await store.executions.get_execution(T, "e1")
     assert execution.version == 1
     assert execution.priority == 9
     assert execution.updated_at == NOW + timedelta(seconds=1)
-    runs = {r.node_id: r for r in await store.list_node_runs(T, "e1")}
+    runs = {r.node_id: r for r in await store.executions.list_node_runs(T, "e1")}
     assert runs["a"].status is NodeStatus.SUCCEEDED
     assert runs["a"].output == b'"done"'
     assert runs["b"].status is NodeStatus.READY
-    types = [e.type for e in await store.list_events(T, "e1", 0, 10)]
+    types = [e.type for e in await store.executions.list_events(T, "e1", 0, 10)]
     assert types == [EventType.EXECUTION_STARTED, EventType.NODE_SUCCEEDED, EventType.NODE_READY]
 
 
@@ -598,10 +603,10 @@ async def test_transact_without_transition_writes_nothing(store: SqlStore) -> No
         seen.append((execution, dict(nodes)))
         return Decision(transition=None, result=42)
 
-    assert await store.transact(T, "e1", look) == 42
+    assert await store.executions.transact(T, "e1", look) == 42
     assert seen[0][0].id == "e1"
     assert list(seen[0][1]) == ["a"]
-    assert (await store.get_execution(T, "e1")).version == 0
+    assert (await store.executions.get_execution(T, "e1")).version == 0
 
 
 async def test_transact_rolls_back_when_decide_raises(store: SqlStore) -> None:
@@ -611,13 +616,15 @@ async def test_transact_rolls_back_when_decide_raises(store: SqlStore) -> None:
         raise errors.FailedPrecondition("stale lease")
 
     with pytest.raises(errors.FailedPrecondition, match="stale lease"):
-        await store.transact(T, "e1", refuse)
-    assert (await store.get_execution(T, "e1")).version == 0
+        await store.executions.transact(T, "e1", refuse)
+    assert (await store.executions.get_execution(T, "e1")).version == 0
 
 
 async def test_transact_unknown_execution_is_not_found(store: SqlStore) -> None:
     with pytest.raises(errors.NotFound, match="execution 'nope' not found"):
-        await store.transact(T, "nope", lambda e, n: Decision(transition=None, result=None))
+        await store.executions.transact(
+            T, "nope", lambda e, n: Decision(transition=None, result=None)
+        )
 
 
 async def test_concurrent_transacts_lose_no_update(store: SqlStore) -> None:
@@ -636,13 +643,13 @@ async def test_concurrent_transacts_lose_no_update(store: SqlStore) -> None:
             result=count,
         )
 
-    results = await asyncio.gather(*(store.transact(T, "e1", bump) for _ in range(20)))
+    results = await asyncio.gather(*(store.executions.transact(T, "e1", bump) for _ in range(20)))
     assert sorted(results) == list(range(1, 21))
-    execution = await store.get_execution(T, "e1")
+    execution = await store.executions.get_execution(T, "e1")
     assert (execution.version, execution.priority) == (20, 20)
-    [node] = await store.list_node_runs(T, "e1")
+    [node] = await store.executions.list_node_runs(T, "e1")
     assert node.attempt == 20
-    events = await store.list_events(T, "e1", 0, 100)
+    events = await store.executions.list_events(T, "e1", 0, 100)
     assert sorted(e.attempt for e in events[1:]) == list(range(1, 21))
 
 
@@ -667,11 +674,11 @@ async def test_transact_redecides_when_a_claim_took_the_node(
             node = dataclasses.replace(nodes["a"], status=NodeStatus.CANCELLED)
             return Decision(Transition(execution=execution, nodes=(node,)), None)
 
-        await store.transact(T, "e1", cancel)
+        await store.executions.transact(T, "e1", cancel)
         assert calls == [NodeStatus.READY, NodeStatus.LEASED]
-        [node] = await store.list_node_runs(T, "e1")
+        [node] = await store.executions.list_node_runs(T, "e1")
         assert (node.status, node.lease_seq) == (NodeStatus.CANCELLED, 1)
-        assert (await store.get_execution(T, "e1")).version == 1
+        assert (await store.executions.get_execution(T, "e1")).version == 1
     finally:
         await store.close()
 
@@ -682,8 +689,8 @@ async def test_transact_can_add_node_runs(store: SqlStore) -> None:
     def add(execution: Execution, nodes: Mapping[str, NodeRun]) -> Decision[None]:
         return Decision(Transition(execution=execution, nodes=(make_node("e1", "dyn"),)), None)
 
-    await store.transact(T, "e1", add)
-    assert [r.node_id for r in await store.list_node_runs(T, "e1")] == ["a", "dyn"]
+    await store.executions.transact(T, "e1", add)
+    assert [r.node_id for r in await store.executions.list_node_runs(T, "e1")] == ["a", "dyn"]
 
 
 # -- leasing ------------------------------------------------------------------------------
@@ -700,7 +707,7 @@ async def test_claim_tasks(store: SqlStore) -> None:
     )
     await start(store, make_execution(), nodes)
 
-    claimed = await store.claim_tasks(T, "w1", ["work"], 2, NOW)
+    claimed = await store.leases.claim_tasks(T, "w1", ["work"], 2, NOW)
     assert [r.node_id for r in claimed] == ["high", "older"]
     high = claimed[0]
     assert high.status is NodeStatus.LEASED
@@ -708,17 +715,25 @@ async def test_claim_tasks(store: SqlStore) -> None:
     assert high.lease_deadline == NOW + timedelta(seconds=30)
     assert high.heartbeat_deadline == NOW + timedelta(seconds=10)
     assert claimed[1].heartbeat_deadline is None
-    assert high == next(r for r in await store.list_node_runs(T, "e1") if r.node_id == "high")
+    assert high == next(
+        r for r in await store.executions.list_node_runs(T, "e1") if r.node_id == "high"
+    )
 
-    assert [r.node_id for r in await store.claim_tasks(T, "w2", ["work"], 10, NOW)] == ["low"]
-    assert await store.claim_tasks(T, "w2", ["work"], 10, NOW) == []
-    assert await store.next_available_at(T, ["work"], NOW) == NOW + timedelta(seconds=30)
-    assert await store.next_available_at(T, ["nothing"], NOW) is None
-    later = await store.claim_tasks(T, "w2", ["work", "other"], 10, NOW + timedelta(minutes=1))
+    assert [r.node_id for r in await store.leases.claim_tasks(T, "w2", ["work"], 10, NOW)] == [
+        "low"
+    ]
+    assert await store.leases.claim_tasks(T, "w2", ["work"], 10, NOW) == []
+    assert await store.leases.next_available_at(T, ["work"], NOW) == NOW + timedelta(seconds=30)
+    assert await store.leases.next_available_at(T, ["nothing"], NOW) is None
+    later = await store.leases.claim_tasks(
+        T, "w2", ["work", "other"], 10, NOW + timedelta(minutes=1)
+    )
     assert [r.node_id for r in later] == ["other", "later"]  # same priority: older first
 
     leased = [
-        e for e in await store.list_events(T, "e1", 0, 100) if e.type is EventType.NODE_LEASED
+        e
+        for e in await store.executions.list_events(T, "e1", 0, 100)
+        if e.type is EventType.NODE_LEASED
     ]
     assert [(e.node_id, e.worker_id, e.attempt) for e in leased] == [
         ("high", "w1", 1),
@@ -732,7 +747,7 @@ async def test_claim_tasks(store: SqlStore) -> None:
 
 async def test_claim_again_after_retry_increments_attempt_and_lease_seq(store: SqlStore) -> None:
     await start(store, make_execution(), (make_node("e1", "a"),))
-    [first] = await store.claim_tasks(T, "w1", ["work"], 1, NOW)
+    [first] = await store.leases.claim_tasks(T, "w1", ["work"], 1, NOW)
 
     def retry(execution: Execution, nodes: Mapping[str, NodeRun]) -> Decision[None]:
         node = dataclasses.replace(
@@ -745,9 +760,9 @@ async def test_claim_again_after_retry_increments_attempt_and_lease_seq(store: S
         )
         return Decision(Transition(execution=execution, nodes=(node,)), None)
 
-    await store.transact(T, "e1", retry)
-    assert await store.claim_tasks(T, "w2", ["work"], 1, NOW) == []
-    [second] = await store.claim_tasks(T, "w2", ["work"], 1, NOW + timedelta(seconds=1))
+    await store.executions.transact(T, "e1", retry)
+    assert await store.leases.claim_tasks(T, "w2", ["work"], 1, NOW) == []
+    [second] = await store.leases.claim_tasks(T, "w2", ["work"], 1, NOW + timedelta(seconds=1))
     assert (second.attempt, second.lease_seq) == (first.attempt + 1, first.lease_seq + 1)
 
 
@@ -756,7 +771,7 @@ async def test_concurrent_claims_never_hand_out_a_row_twice(store: SqlStore) -> 
 
     async def claimer(worker: str) -> list[str]:
         got: list[str] = []
-        while batch := await store.claim_tasks(T, worker, ["work"], 7, NOW):
+        while batch := await store.leases.claim_tasks(T, worker, ["work"], 7, NOW):
             got += [r.node_id for r in batch]
         return got
 
@@ -765,7 +780,9 @@ async def test_concurrent_claims_never_hand_out_a_row_twice(store: SqlStore) -> 
     assert len(everything) == 200
     assert len(set(everything)) == 200
     leased = [
-        e for e in await store.list_events(T, "e1", 0, 1000) if e.type is EventType.NODE_LEASED
+        e
+        for e in await store.executions.list_events(T, "e1", 0, 1000)
+        if e.type is EventType.NODE_LEASED
     ]
     assert len(leased) == 200
 
@@ -779,12 +796,12 @@ async def test_touch_leases(store: SqlStore) -> None:
             make_node("e1", "b", heartbeat_timeout=timedelta(seconds=10)),
         ),
     )
-    a, b = await store.claim_tasks(T, "w", ["work"], 2, NOW)
+    a, b = await store.leases.claim_tasks(T, "w", ["work"], 2, NOW)
     later = NOW + timedelta(seconds=5)
     good = LeaseKey("e1", a.node_id, a.lease_seq)
     stale = LeaseKey("e1", b.node_id, b.lease_seq - 1)
     unknown = LeaseKey("e1", "zzz", 1)
-    touched = await store.touch_leases(T, [good, stale, unknown], later)
+    touched = await store.leases.touch_leases(T, [good, stale, unknown], later)
     assert set(touched) == {good, stale, unknown}
     extended, kept = touched[good], touched[stale]
     assert extended is not None
@@ -794,8 +811,8 @@ async def test_touch_leases(store: SqlStore) -> None:
     assert kept.lease_seq == b.lease_seq
     assert touched[unknown] is None
     # Other tenants see nothing.
-    assert await store.touch_leases("other", [good], later) == {good: None}
-    assert await store.touch_leases(T, [], later) == {}
+    assert await store.leases.touch_leases("other", [good], later) == {good: None}
+    assert await store.leases.touch_leases(T, [], later) == {}
 
 
 async def test_find_expired_leases(store: SqlStore) -> None:
@@ -811,22 +828,22 @@ async def test_find_expired_leases(store: SqlStore) -> None:
     await start(
         store, make_execution("x1", tenant="other"), (make_node("x1", "n", tenant="other"),)
     )
-    await store.claim_tasks(T, "w", ["work"], 10, NOW)
-    await store.claim_tasks("other", "w", ["work"], 10, NOW)
+    await store.leases.claim_tasks(T, "w", ["work"], 10, NOW)
+    await store.leases.claim_tasks("other", "w", ["work"], 10, NOW)
 
-    assert await store.find_expired_leases(NOW + timedelta(seconds=4), 10) == []
-    by_heartbeat = await store.find_expired_leases(NOW + timedelta(seconds=6), 10)
+    assert await store.leases.find_expired_leases(NOW + timedelta(seconds=4), 10) == []
+    by_heartbeat = await store.leases.find_expired_leases(NOW + timedelta(seconds=6), 10)
     assert [r.node_id for r in by_heartbeat] == ["hb"]
     # Heartbeats keep it alive until the start-to-close deadline (30 s) passes.
-    await store.touch_leases(T, [LeaseKey("e1", "hb", 1)], NOW + timedelta(seconds=4))
-    assert await store.find_expired_leases(NOW + timedelta(seconds=6), 10) == []
-    expired = await store.find_expired_leases(NOW + timedelta(seconds=31), 10)
+    await store.leases.touch_leases(T, [LeaseKey("e1", "hb", 1)], NOW + timedelta(seconds=4))
+    assert await store.leases.find_expired_leases(NOW + timedelta(seconds=6), 10) == []
+    expired = await store.leases.find_expired_leases(NOW + timedelta(seconds=31), 10)
     assert sorted((r.tenant_id, r.node_id) for r in expired) == [
         ("default", "hb"),
         ("default", "plain"),
         ("other", "n"),
     ]
-    assert len(await store.find_expired_leases(NOW + timedelta(seconds=31), 2)) == 2
+    assert len(await store.leases.find_expired_leases(NOW + timedelta(seconds=31), 2)) == 2
 
 
 # -- workers and tenants ------------------------------------------------------------------
@@ -843,33 +860,38 @@ async def test_upsert_worker(store: SqlStore) -> None:
         sdk_version="0.1.0",
         identity="host:1",
     )
-    await store.upsert_worker(worker)
-    assert await store.get_worker(T, "w1") == worker
+    await store.workers.upsert_worker(worker)
+    assert await store.workers.get_worker(T, "w1") == worker
     updated = dataclasses.replace(worker, capacity=8, last_seen=NOW + timedelta(seconds=1))
-    await store.upsert_worker(updated)
-    assert await store.get_worker(T, "w1") == updated
+    await store.workers.upsert_worker(updated)
+    assert await store.workers.get_worker(T, "w1") == updated
     with pytest.raises(errors.NotFound):
-        await store.get_worker("other", "w1")
+        await store.workers.get_worker("other", "w1")
 
 
 async def test_tenant_isolation(store: SqlStore) -> None:
-    await store.register_workflow(make_def(), NOW)
+    await store.workflows.register_workflow(make_def(), NOW)
     await start(store, make_execution(idempotency_key="k"), (make_node("e1", "a"),))
     o = "other"
     with pytest.raises(errors.NotFound):
-        await store.get_workflow(o, "wf", None)
-    assert await store.list_workflows(o, 10, None) == []
-    assert await store.list_workflow_versions(o, "wf") == []
+        await store.workflows.get_workflow(o, "wf", None)
+    assert await store.workflows.list_workflows(o, 10, None) == []
+    assert await store.workflows.list_workflow_versions(o, "wf") == []
     with pytest.raises(errors.NotFound):
-        await store.get_execution(o, "e1")
+        await store.executions.get_execution(o, "e1")
     with pytest.raises(errors.NotFound):
-        await store.transact(o, "e1", lambda e, n: Decision(transition=None, result=None))
-    assert await store.list_node_runs(o, "e1") == []
-    assert await store.list_events(o, "e1", 0, 10) == []
+        await store.executions.transact(
+            o, "e1", lambda e, n: Decision(transition=None, result=None)
+        )
+    assert await store.executions.list_node_runs(o, "e1") == []
+    assert await store.executions.list_events(o, "e1", 0, 10) == []
     assert (
-        await store.list_executions(o, workflow_name=None, status=None, limit=10, before=None) == []
+        await store.executions.list_executions(
+            o, workflow_name=None, status=None, limit=10, before=None
+        )
+        == []
     )
-    assert await store.claim_tasks(o, "w", ["work"], 10, NOW) == []
-    assert await store.next_available_at(o, ["work"], NOW - timedelta(hours=1)) is None
+    assert await store.leases.claim_tasks(o, "w", ["work"], 10, NOW) == []
+    assert await store.leases.next_available_at(o, ["work"], NOW - timedelta(hours=1)) is None
     # The owner still sees everything.
-    assert len(await store.claim_tasks(T, "w", ["work"], 10, NOW)) == 1
+    assert len(await store.leases.claim_tasks(T, "w", ["work"], 10, NOW)) == 1

@@ -13,8 +13,15 @@ import sqlalchemy as sa
 from alembic import command
 
 from coordinator import errors
-from coordinator.model import Execution, ExecutionStatus, NodeRun, NodeStatus, Transition
-from coordinator.service.ports import Decision, NewExecution
+from coordinator.model import (
+    Execution,
+    ExecutionStatus,
+    NewExecution,
+    NodeRun,
+    NodeStatus,
+    Transition,
+)
+from coordinator.service.ports import Decision
 from coordinator.store import SqlStore, open_store
 from coordinator.store._open import alembic_config
 from tests.integration.test_store import NOW, T, make_execution, make_node, start, started
@@ -40,14 +47,14 @@ async def test_new_columns_round_trip(store: SqlStore) -> None:
         make_node("p", "sub", status=NodeStatus.WAITING), child_execution_id="c"
     )
     child = child_of(parent, "c", "sub")
-    created, _ = await store.create_execution(
+    created, _ = await store.executions.create_execution(
         Transition(execution=parent, nodes=(waiting,)),
         children=[Transition(execution=child, events=(started(child),))],
     )
     assert created == parent
-    assert await store.get_execution(T, "p") == parent
-    assert await store.get_execution(T, "c") == child
-    assert await store.list_node_runs(T, "p") == [waiting]
+    assert await store.executions.get_execution(T, "p") == parent
+    assert await store.executions.get_execution(T, "c") == child
+    assert await store.executions.list_node_runs(T, "p") == [waiting]
 
     # A transition writes expansion and child_execution_id.
     def decide(e: Execution, nodes: Mapping[str, NodeRun]) -> Decision[None]:
@@ -55,9 +62,9 @@ async def test_new_columns_round_trip(store: SqlStore) -> None:
         changed = dataclasses.replace(e, expansion=b'{"nodes":[1],"edges":[]}')
         return Decision(Transition(execution=changed, nodes=(row,)), None)
 
-    await store.transact(T, "p", decide)
-    assert (await store.get_execution(T, "p")).expansion == b'{"nodes":[1],"edges":[]}'
-    [row] = await store.list_node_runs(T, "p")
+    await store.executions.transact(T, "p", decide)
+    assert (await store.executions.get_execution(T, "p")).expansion == b'{"nodes":[1],"edges":[]}'
+    [row] = await store.executions.list_node_runs(T, "p")
     assert row.child_execution_id == "c2"
 
 
@@ -70,10 +77,12 @@ async def test_a_transition_inserts_its_children_atomically(store: SqlStore) -> 
         kid = Transition(execution=child, nodes=(make_node("c", "x"),), events=(started(child),))
         return Decision(Transition(execution=e, nodes=(row,)), "ok", created=(kid,))
 
-    assert await store.transact(T, "p", decide) == "ok"
-    assert (await store.get_execution(T, "c")).parent_node_id == "sub"
-    assert [n.node_id for n in await store.list_node_runs(T, "c")] == ["x"]
-    assert [e.type for e in await store.list_events(T, "c", 0, 10)] == [started(child).type]
+    assert await store.executions.transact(T, "p", decide) == "ok"
+    assert (await store.executions.get_execution(T, "c")).parent_node_id == "sub"
+    assert [n.node_id for n in await store.executions.list_node_runs(T, "c")] == ["x"]
+    assert [e.type for e in await store.executions.list_events(T, "c", 0, 10)] == [
+        started(child).type
+    ]
 
     # A child that cannot be inserted rolls the parent's transition back too.
     def clash(e: Execution, nodes: Mapping[str, NodeRun]) -> Decision[str]:
@@ -81,26 +90,26 @@ async def test_a_transition_inserts_its_children_atomically(store: SqlStore) -> 
         return Decision(Transition(execution=e, nodes=(row,)), "no", created=(Transition(child),))
 
     with pytest.raises(errors.TrellisError):
-        await store.transact(T, "c", clash)
-    [x] = await store.list_node_runs(T, "c")
+        await store.executions.transact(T, "c", clash)
+    [x] = await store.executions.list_node_runs(T, "c")
     assert x.status is NodeStatus.READY
 
 
 async def test_idempotency_window(store: SqlStore) -> None:
     first = await start(store, make_execution("e1", idempotency_key="k"))
     # Within the window (holder created at or after the cutoff): the holder comes back.
-    again, created = await store.create_execution(
+    again, created = await store.executions.create_execution(
         Transition(make_execution("e2", idempotency_key="k")), idempotency_cutoff=NOW
     )
     assert (again, created) == (first, False)
     # Past the window: a new execution takes the key; the old one lets go of it.
     later = make_execution("e3", idempotency_key="k", created_at=NOW + timedelta(days=2))
-    new, created = await store.create_execution(
+    new, created = await store.executions.create_execution(
         Transition(later), idempotency_cutoff=NOW + timedelta(days=1)
     )
     assert created and new.id == "e3" and new.idempotency_key == "k"
-    assert (await store.get_execution(T, "e1")).idempotency_key is None
-    same, created = await store.create_execution(
+    assert (await store.executions.get_execution(T, "e1")).idempotency_key is None
+    same, created = await store.executions.create_execution(
         Transition(make_execution("e4", idempotency_key="k")),
         idempotency_cutoff=NOW + timedelta(days=1),
     )
@@ -112,7 +121,7 @@ async def test_concurrent_creations_after_the_window_make_one(store: SqlStore) -
     cutoff = NOW + timedelta(hours=1)
     results = await asyncio.gather(
         *(
-            store.create_execution(
+            store.executions.create_execution(
                 Transition(
                     make_execution(
                         f"n{i}", idempotency_key="k", created_at=NOW + timedelta(hours=2)
@@ -125,7 +134,9 @@ async def test_concurrent_creations_after_the_window_make_one(store: SqlStore) -
     )
     assert sum(created for _, created in results) == 1
     assert len({e.id for e, _ in results}) == 1
-    listed = await store.list_executions(T, workflow_name=None, status=None, limit=100, before=None)
+    listed = await store.executions.list_executions(
+        T, workflow_name=None, status=None, limit=100, before=None
+    )
     assert {e.idempotency_key for e in listed if e.id != "old"} == {"k"}
     assert len(listed) == 2
 
@@ -135,16 +146,16 @@ async def test_batch_creation_is_all_or_nothing(store: SqlStore) -> None:
     items = [NewExecution(Transition(make_execution(f"b{i}"))) for i in range(3)]
     items.append(NewExecution(Transition(make_execution("taken"))))
     with pytest.raises(errors.Conflict):
-        await store.create_executions(items)
+        await store.executions.create_executions(items)
     for i in range(3):
         with pytest.raises(errors.NotFound):
-            await store.get_execution(T, f"b{i}")
+            await store.executions.get_execution(T, f"b{i}")
     # A key repeated inside one batch returns the execution its first use created.
     keyed = [
         NewExecution(Transition(make_execution("k1", idempotency_key="same"))),
         NewExecution(Transition(make_execution("k2", idempotency_key="same"))),
     ]
-    results = await store.create_executions(keyed)
+    results = await store.executions.create_executions(keyed)
     assert [(e.id, c) for e, c in results] == [("k1", True), ("k1", False)]
 
 
@@ -155,10 +166,10 @@ async def test_due_executions(store: SqlStore) -> None:
         )
 
     for execution in (delayed("soon", timedelta(0)), delayed("later", timedelta(hours=1))):
-        await store.create_execution(Transition(execution))
+        await store.executions.create_execution(Transition(execution))
     await start(store, make_execution("running"))
-    assert [e.id for e in await store.find_due_executions(NOW, 10)] == ["soon"]
-    due = await store.find_due_executions(NOW + timedelta(hours=1), 10)
+    assert [e.id for e in await store.executions.find_due_executions(NOW, 10)] == ["soon"]
+    due = await store.executions.find_due_executions(NOW + timedelta(hours=1), 10)
     assert [e.id for e in due] == ["soon", "later"]
 
 
@@ -179,20 +190,20 @@ async def test_children_to_reconcile(store: SqlStore) -> None:
         ),
     )
     ended = child_of(parent, "done", "w1", status=ExecutionStatus.SUCCEEDED)
-    await store.create_execution(Transition(ended))
-    await store.create_execution(Transition(child_of(parent, "busy", "w2")))
-    await store.create_execution(Transition(child_of(parent, "orphan", "w3")))
-    assert [e.id for e in await store.find_ended_children(10)] == ["done"]
-    assert [e.id for e in await store.find_orphaned_children(10)] == ["orphan"]
+    await store.executions.create_execution(Transition(ended))
+    await store.executions.create_execution(Transition(child_of(parent, "busy", "w2")))
+    await store.executions.create_execution(Transition(child_of(parent, "orphan", "w3")))
+    assert [e.id for e in await store.executions.find_ended_children(10)] == ["done"]
+    assert [e.id for e in await store.executions.find_orphaned_children(10)] == ["orphan"]
 
 
 async def test_claim_transact_skips_unknown_executions(store: SqlStore) -> None:
     def decide(e: Execution, nodes: Mapping[str, NodeRun]) -> Decision[str]:
         return Decision(None, "decided")
 
-    assert await store.claim_transact(T, "missing", decide) is None
+    assert await store.executions.claim_transact(T, "missing", decide) is None
     await start(store, make_execution("e1"))
-    assert await store.claim_transact(T, "e1", decide) == "decided"
+    assert await store.executions.claim_transact(T, "e1", decide) == "decided"
 
 
 async def test_claim_transact_skips_a_row_another_transaction_holds(
@@ -209,9 +220,9 @@ async def test_claim_transact_skips_a_row_another_transaction_holds(
 
         async with store.engine.begin() as conn:
             await conn.execute(sa.text("SELECT 1 FROM executions WHERE id = 'e1' FOR UPDATE"))
-            assert await store.claim_transact(T, "e1", decide) is None
+            assert await store.executions.claim_transact(T, "e1", decide) is None
         assert calls == []
-        assert await store.claim_transact(T, "e1", decide) == "decided"
+        assert await store.executions.claim_transact(T, "e1", decide) == "decided"
     finally:
         await store.close()
 
@@ -231,7 +242,7 @@ async def test_migration_0003_downgrades_and_upgrades(db_url: str) -> None:
 
         columns = await store.run_sync(down_and_up, write=True)
         assert "parent_node_id" not in columns and "start_at" not in columns
-        restored = await store.get_execution(T, "e1")
+        restored = await store.executions.get_execution(T, "e1")
         assert restored.parent_node_id is None and restored.id == "e1"
     finally:
         await store.close()

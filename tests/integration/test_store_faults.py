@@ -141,10 +141,10 @@ async def dead_letter(
         at=at,
         dead_lettered=(node_id,),
     )
-    await store.transact(tenant, execution_id, decide)
+    await store.executions.transact(tenant, execution_id, decide)
     [letter] = [
         d
-        for d in await store.list_dead_letters(
+        for d in await store.dead_letters.list_dead_letters(
             tenant,
             workflow_name=None,
             task_type=None,
@@ -205,9 +205,9 @@ async def test_migration_0002_upgrades_a_database_at_0001(db_url: str) -> None:
     try:
         async with store.engine.connect() as conn:
             assert await conn.scalar(sa.text("SELECT version_num FROM alembic_version")) == HEAD
-        execution = await store.get_execution(T, "old")
+        execution = await store.executions.get_execution(T, "old")
         assert (execution.version, execution.deadline) == (3, None)
-        ready, leased = await store.list_node_runs(T, "old")
+        ready, leased = await store.executions.list_node_runs(T, "old")
         for run in (ready, leased):
             assert (run.held, run.node_paused, run.retry_base, run.role) == (
                 False,
@@ -217,12 +217,12 @@ async def test_migration_0002_upgrades_a_database_at_0001(db_url: str) -> None:
             )
             assert (run.schedule_deadline, run.schedule_to_start_timeout) == (None, None)
         # The old READY row is in the rebuilt claim index; the old lease is swept.
-        lost = await store.find_leases_of_lost_workers(NOW, 10)
+        lost = await store.leases.find_leases_of_lost_workers(NOW, 10)
         assert [r.node_id for r in lost] == ["leased"]
-        [claimed] = await store.claim_tasks(T, "w-new", ["work"], 10, NOW)
+        [claimed] = await store.leases.claim_tasks(T, "w-new", ["work"], 10, NOW)
         assert claimed.node_id == "ready"
         assert (
-            await store.list_dead_letters(
+            await store.dead_letters.list_dead_letters(
                 T, workflow_name=None, task_type=None, include_redriven=True, limit=10, before=None
             )
             == []
@@ -288,7 +288,9 @@ async def test_migration_0002_downgrades_and_upgrades_keeping_rows(db_url: str) 
         async with store.engine.connect() as conn:
             assert await conn.run_sync(_schema_diff) == []
             assert "held = false" in await conn.run_sync(_dispatch_index_sql)
-        assert [r.node_id for r in await store.claim_tasks(T, "w", ["work"], 10, NOW)] == ["a"]
+        assert [r.node_id for r in await store.leases.claim_tasks(T, "w", ["work"], 10, NOW)] == [
+            "a"
+        ]
     finally:
         await store.close()
 
@@ -316,10 +318,12 @@ async def test_new_fields_round_trip(store: SqlStore) -> None:
             make_node("e1", "h", status=NodeStatus.BLOCKED), role=NodeRole.ON_FAILURE
         ),
     )
-    created, _ = await store.create_execution(Transition(execution=execution, nodes=runs))
+    created, _ = await store.executions.create_execution(
+        Transition(execution=execution, nodes=runs)
+    )
     assert created == execution
-    assert await store.get_execution(T, "e1") == execution
-    assert await store.list_node_runs(T, "e1") == list(runs)
+    assert await store.executions.get_execution(T, "e1") == execution
+    assert await store.executions.list_node_runs(T, "e1") == list(runs)
 
     # A transition rewrites every one of them.
     decide = step(
@@ -336,8 +340,8 @@ async def test_new_fields_round_trip(store: SqlStore) -> None:
         },
         at=NOW + S,
     )
-    await store.transact(T, "e1", decide)
-    a, h = await store.list_node_runs(T, "e1")
+    await store.executions.transact(T, "e1", decide)
+    a, h = await store.executions.list_node_runs(T, "e1")
     assert (a.schedule_deadline, a.schedule_to_start_timeout, a.held, a.node_paused) == (
         None,
         None,
@@ -350,8 +354,8 @@ async def test_new_fields_round_trip(store: SqlStore) -> None:
     def clear_deadline(execution: Execution, nodes: Mapping[str, NodeRun]) -> Decision[None]:
         return Decision(Transition(execution=dataclasses.replace(execution, deadline=None)), None)
 
-    await store.transact(T, "e1", clear_deadline)
-    assert (await store.get_execution(T, "e1")).deadline is None
+    await store.executions.transact(T, "e1", clear_deadline)
+    assert (await store.executions.get_execution(T, "e1")).deadline is None
 
 
 # -- claims and workers -------------------------------------------------------------------
@@ -361,9 +365,11 @@ async def test_claim_never_leases_more_than_the_limit(store: SqlStore) -> None:
     # Equal priority and availability: on PostgreSQL, a pick subquery rescanned by the
     # UPDATE's join leased every row (regression).
     await start(store, make_execution(), tuple(make_node("e1", f"n{i}") for i in range(6)))
-    assert len(await store.claim_tasks(T, "w", ["work"], 2, NOW)) == 2
-    assert len(await store.claim_tasks(T, "w", ["work"], 3, NOW)) == 3
-    leased = [r for r in await store.list_node_runs(T, "e1") if r.status is NodeStatus.LEASED]
+    assert len(await store.leases.claim_tasks(T, "w", ["work"], 2, NOW)) == 2
+    assert len(await store.leases.claim_tasks(T, "w", ["work"], 3, NOW)) == 3
+    leased = [
+        r for r in await store.executions.list_node_runs(T, "e1") if r.status is NodeStatus.LEASED
+    ]
     assert len(leased) == 5
 
 
@@ -379,13 +385,15 @@ async def test_claims_skip_held_rows_and_clear_schedule_deadline(store: SqlStore
             ),
         ),
     )
-    [claimed] = await store.claim_tasks(T, "w1", ["work"], 10, NOW)
+    [claimed] = await store.leases.claim_tasks(T, "w1", ["work"], 10, NOW)
     assert claimed.node_id == "free"
     assert claimed.schedule_deadline is None
-    assert claimed == next(r for r in await store.list_node_runs(T, "e1") if r.node_id == "free")
-    assert await store.claim_tasks(T, "w1", ["work"], 10, NOW + timedelta(hours=1)) == []
+    assert claimed == next(
+        r for r in await store.executions.list_node_runs(T, "e1") if r.node_id == "free"
+    )
+    assert await store.leases.claim_tasks(T, "w1", ["work"], 10, NOW + timedelta(hours=1)) == []
     # Held rows do not wake pollers either.
-    assert await store.next_available_at(T, ["work"], NOW) is None
+    assert await store.leases.next_available_at(T, ["work"], NOW) is None
 
     def release(execution: Execution, nodes: Mapping[str, NodeRun]) -> Decision[None]:
         runs = tuple(
@@ -394,9 +402,9 @@ async def test_claims_skip_held_rows_and_clear_schedule_deadline(store: SqlStore
         )
         return Decision(Transition(execution=execution, nodes=runs), None)
 
-    await store.transact(T, "e1", release)
-    assert await store.next_available_at(T, ["work"], NOW) == NOW + S
-    claimed_now = await store.claim_tasks(T, "w1", ["work"], 10, NOW + S)
+    await store.executions.transact(T, "e1", release)
+    assert await store.leases.next_available_at(T, ["work"], NOW) == NOW + S
+    claimed_now = await store.leases.claim_tasks(T, "w1", ["work"], 10, NOW + S)
     assert [r.node_id for r in claimed_now] == ["held", "held-later"]
 
 
@@ -411,34 +419,36 @@ async def test_claim_marks_the_worker_alive(store: SqlStore) -> None:
         store, make_execution("x1", tenant="other"), (make_node("x1", "a", tenant="other"),)
     )
     long_ago = NOW - timedelta(hours=1)
-    await store.upsert_worker(worker("w1", long_ago))
-    await store.upsert_worker(worker("w1", long_ago, tenant="other"))
+    await store.workers.upsert_worker(worker("w1", long_ago))
+    await store.workers.upsert_worker(worker("w1", long_ago, tenant="other"))
 
     # Nothing claimed: not a sign of life the store records.
-    assert await store.claim_tasks(T, "w1", ["nothing"], 10, NOW) == []
-    assert (await store.get_worker(T, "w1")).last_seen == long_ago
+    assert await store.leases.claim_tasks(T, "w1", ["nothing"], 10, NOW) == []
+    assert (await store.workers.get_worker(T, "w1")).last_seen == long_ago
 
-    assert len(await store.claim_tasks(T, "w1", ["work"], 1, NOW)) == 1
-    assert (await store.get_worker(T, "w1")).last_seen == NOW
-    assert (await store.get_worker("other", "w1")).last_seen == long_ago  # same id, other tenant
+    assert len(await store.leases.claim_tasks(T, "w1", ["work"], 1, NOW)) == 1
+    assert (await store.workers.get_worker(T, "w1")).last_seen == NOW
+    assert (
+        await store.workers.get_worker("other", "w1")
+    ).last_seen == long_ago  # same id, other tenant
     # An older clock (another replica) never moves it back.
-    assert len(await store.claim_tasks(T, "w1", ["work"], 1, NOW - S)) == 1
-    assert (await store.get_worker(T, "w1")).last_seen == NOW
+    assert len(await store.leases.claim_tasks(T, "w1", ["work"], 1, NOW - S)) == 1
+    assert (await store.workers.get_worker(T, "w1")).last_seen == NOW
     # A worker that never registered can still claim.
-    assert len(await store.claim_tasks("other", "unregistered", ["work"], 1, NOW)) == 1
+    assert len(await store.leases.claim_tasks("other", "unregistered", ["work"], 1, NOW)) == 1
 
 
 async def test_touch_worker(store: SqlStore) -> None:
-    await store.upsert_worker(worker("w1", NOW))
-    await store.upsert_worker(worker("w1", NOW, tenant="other"))
-    await store.touch_worker(T, "w1", NOW + S)
-    assert (await store.get_worker(T, "w1")).last_seen == NOW + S
-    assert (await store.get_worker("other", "w1")).last_seen == NOW
-    await store.touch_worker(T, "w1", NOW)  # never moves back
-    assert (await store.get_worker(T, "w1")).last_seen == NOW + S
-    await store.touch_worker(T, "unknown", NOW)  # ignored
+    await store.workers.upsert_worker(worker("w1", NOW))
+    await store.workers.upsert_worker(worker("w1", NOW, tenant="other"))
+    await store.workers.touch_worker(T, "w1", NOW + S)
+    assert (await store.workers.get_worker(T, "w1")).last_seen == NOW + S
+    assert (await store.workers.get_worker("other", "w1")).last_seen == NOW
+    await store.workers.touch_worker(T, "w1", NOW)  # never moves back
+    assert (await store.workers.get_worker(T, "w1")).last_seen == NOW + S
+    await store.workers.touch_worker(T, "unknown", NOW)  # ignored
     with pytest.raises(errors.NotFound):
-        await store.get_worker(T, "unknown")
+        await store.workers.get_worker(T, "unknown")
 
 
 # -- sweeps -------------------------------------------------------------------------------
@@ -467,18 +477,20 @@ async def test_find_unstarted_overdue(store: SqlStore) -> None:
         make_execution("x1", tenant="other"),
         (dataclasses.replace(make_node("x1", "x", tenant="other"), schedule_deadline=NOW - 3 * S),),
     )
-    overdue = await store.find_unstarted_overdue(NOW, 10)
+    overdue = await store.leases.find_unstarted_overdue(NOW, 10)
     assert [(r.tenant_id, r.node_id) for r in overdue] == [
         ("other", "x"),
         (T, "late"),
         (T, "later"),
     ]
-    assert overdue[1] == next(r for r in await store.list_node_runs(T, "e1") if r.node_id == "late")
-    assert len(await store.find_unstarted_overdue(NOW, 2)) == 2
-    assert await store.find_unstarted_overdue(NOW - 5 * S, 10) == []
+    assert overdue[1] == next(
+        r for r in await store.executions.list_node_runs(T, "e1") if r.node_id == "late"
+    )
+    assert len(await store.leases.find_unstarted_overdue(NOW, 2)) == 2
+    assert await store.leases.find_unstarted_overdue(NOW - 5 * S, 10) == []
     # Claimed in time: the deadline is gone with the READY status.
-    await store.claim_tasks(T, "w", ["work"], 10, NOW)
-    assert [r.node_id for r in await store.find_unstarted_overdue(NOW, 10)] == ["x"]
+    await store.leases.claim_tasks(T, "w", ["work"], 10, NOW)
+    assert [r.node_id for r in await store.leases.find_unstarted_overdue(NOW, 10)] == ["x"]
 
 
 async def test_find_overdue_executions(store: SqlStore) -> None:
@@ -497,16 +509,16 @@ async def test_find_overdue_executions(store: SqlStore) -> None:
     other = make_execution("x", tenant="other")
     await start(store, dataclasses.replace(other, deadline=NOW - 2 * S))
 
-    overdue = await store.find_overdue_executions(NOW, 10)
+    overdue = await store.executions.find_overdue_executions(NOW, 10)
     assert [(e.tenant_id, e.id) for e in overdue] == [
         (T, "paused"),
         (T, "running"),
         ("other", "x"),
         (T, "pending"),
     ]
-    assert overdue[0] == await store.get_execution(T, "paused")
-    assert [e.id for e in await store.find_overdue_executions(NOW, 1)] == ["paused"]
-    assert await store.find_overdue_executions(NOW - 3 * S, 10) == []
+    assert overdue[0] == await store.executions.get_execution(T, "paused")
+    assert [e.id for e in await store.executions.find_overdue_executions(NOW, 1)] == ["paused"]
+    assert await store.executions.find_overdue_executions(NOW - 3 * S, 10) == []
 
 
 async def test_find_leases_of_lost_workers(store: SqlStore) -> None:
@@ -517,39 +529,39 @@ async def test_find_leases_of_lost_workers(store: SqlStore) -> None:
         make_execution("x1", tenant="other"),
         tuple(make_node("x1", n, tenant="other") for n in ("a", "b")),
     )
-    await store.upsert_worker(worker("silent", cutoff - S))
-    await store.upsert_worker(worker("alive", cutoff))
-    await store.upsert_worker(worker("silent", NOW, tenant="other"))  # same id, alive there
-    await store.upsert_worker(worker("gone", cutoff - S, tenant="other"))
-    await store.claim_tasks(T, "silent", ["work"], 2, NOW)  # a, b
-    await store.claim_tasks(T, "alive", ["work"], 1, NOW)  # c
-    await store.claim_tasks(T, "unregistered", ["work"], 1, NOW)  # d
-    await store.claim_tasks("other", "silent", ["work"], 1, NOW)  # x1/a
-    await store.claim_tasks("other", "gone", ["work"], 1, NOW)  # x1/b
+    await store.workers.upsert_worker(worker("silent", cutoff - S))
+    await store.workers.upsert_worker(worker("alive", cutoff))
+    await store.workers.upsert_worker(worker("silent", NOW, tenant="other"))  # same id, alive there
+    await store.workers.upsert_worker(worker("gone", cutoff - S, tenant="other"))
+    await store.leases.claim_tasks(T, "silent", ["work"], 2, NOW)  # a, b
+    await store.leases.claim_tasks(T, "alive", ["work"], 1, NOW)  # c
+    await store.leases.claim_tasks(T, "unregistered", ["work"], 1, NOW)  # d
+    await store.leases.claim_tasks("other", "silent", ["work"], 1, NOW)  # x1/a
+    await store.leases.claim_tasks("other", "gone", ["work"], 1, NOW)  # x1/b
     # Claims set last_seen = NOW: put it back where the test needs it.
-    await store.upsert_worker(worker("silent", cutoff - S))
-    await store.upsert_worker(worker("alive", cutoff))
-    await store.upsert_worker(worker("silent", NOW, tenant="other"))
-    await store.upsert_worker(worker("gone", cutoff - S, tenant="other"))
+    await store.workers.upsert_worker(worker("silent", cutoff - S))
+    await store.workers.upsert_worker(worker("alive", cutoff))
+    await store.workers.upsert_worker(worker("silent", NOW, tenant="other"))
+    await store.workers.upsert_worker(worker("gone", cutoff - S, tenant="other"))
 
-    lost = await store.find_leases_of_lost_workers(cutoff, 10)
+    lost = await store.leases.find_leases_of_lost_workers(cutoff, 10)
     assert sorted((r.tenant_id, r.execution_id, r.node_id, r.worker_id) for r in lost) == [
         (T, "e1", "a", "silent"),
         (T, "e1", "b", "silent"),
         ("other", "x1", "b", "gone"),
     ]
     assert all(r.status is NodeStatus.LEASED for r in lost)
-    assert len(await store.find_leases_of_lost_workers(cutoff, 2)) == 2
-    assert await store.find_leases_of_lost_workers(cutoff - S, 10) == []
+    assert len(await store.leases.find_leases_of_lost_workers(cutoff, 2)) == 2
+    assert await store.leases.find_leases_of_lost_workers(cutoff - S, 10) == []
     # A heartbeat brings the worker back; a lease that ended is no longer its concern.
-    await store.touch_worker(T, "silent", NOW)
+    await store.workers.touch_worker(T, "silent", NOW)
 
     def finish_b(execution: Execution, nodes: Mapping[str, NodeRun]) -> Decision[None]:
         done = dataclasses.replace(nodes["b"], status=NodeStatus.SUCCEEDED, worker_id="gone")
         return Decision(Transition(execution=execution, nodes=(done,)), None)
 
-    await store.transact("other", "x1", finish_b)
-    assert await store.find_leases_of_lost_workers(cutoff, 10) == []
+    await store.executions.transact("other", "x1", finish_b)
+    assert await store.leases.find_leases_of_lost_workers(cutoff, 10) == []
 
 
 # -- dead letters -------------------------------------------------------------------------
@@ -566,7 +578,7 @@ async def test_transact_writes_dead_letters_with_attempts_since_last_redrive(
         node_event(EventType.NODE_RETRY_SCHEDULED, "a", 1, details={"error_type": "Boom"}),
         failed("b", 1, "another node"),
     )
-    await store.transact(T, "e1", step(events=history, at=NOW + S))
+    await store.executions.transact(T, "e1", step(events=history, at=NOW + S))
 
     # The exhausting failure is part of the dead-lettering transition itself.
     calls: list[int] = []
@@ -577,9 +589,9 @@ async def test_transact_writes_dead_letters_with_attempts_since_last_redrive(
         dead_lettered=("a",),
         calls=calls,
     )
-    await store.transact(T, "e1", exhaust)
+    await store.executions.transact(T, "e1", exhaust)
     assert calls == [1]
-    [letter] = await store.list_dead_letters(
+    [letter] = await store.dead_letters.list_dead_letters(
         T, workflow_name=None, task_type=None, include_redriven=False, limit=10, before=None
     )
     assert (letter.execution_id, letter.node_id, letter.task_type) == ("e1", "a", "work")
@@ -603,7 +615,7 @@ async def test_transact_writes_dead_letters_with_attempts_since_last_redrive(
         worker_id="w1",
     )
     assert second.error.details == b'{"k":"v"}'
-    assert await store.get_dead_letter(T, letter.id) == letter
+    assert await store.dead_letters.get_dead_letter(T, letter.id) == letter
 
     # Redrive: the letter is stamped, the node starts a fresh budget past retry_base.
     redrive = step(
@@ -612,11 +624,11 @@ async def test_transact_writes_dead_letters_with_attempts_since_last_redrive(
         at=NOW + 3 * S,
         redriven=letter.id,
     )
-    await store.transact(T, "e1", redrive)
-    stamped = await store.get_dead_letter(T, letter.id)
+    await store.executions.transact(T, "e1", redrive)
+    stamped = await store.dead_letters.get_dead_letter(T, letter.id)
     assert stamped == dataclasses.replace(letter, redriven_at=NOW + 3 * S)
     assert (
-        await store.list_dead_letters(
+        await store.dead_letters.list_dead_letters(
             T, workflow_name=None, task_type=None, include_redriven=False, limit=10, before=None
         )
         == []
@@ -640,8 +652,8 @@ async def test_transact_writes_dead_letters_with_attempts_since_last_redrive(
         at=NOW + 5 * S,
         dead_lettered=("a",),
     )
-    await store.transact(T, "e1", again)
-    newest, older = await store.list_dead_letters(
+    await store.executions.transact(T, "e1", again)
+    newest, older = await store.dead_letters.list_dead_letters(
         T, workflow_name=None, task_type=None, include_redriven=True, limit=10, before=None
     )
     assert older == stamped
@@ -661,8 +673,8 @@ async def test_dead_letter_attempts_use_retry_base_without_a_redrive_event(
         failed("a", 2, "after it"),
         node_event(EventType.NODE_TIMED_OUT, "a", 2, details={"message": "slow"}),
     )
-    await store.transact(T, "e1", step(events=events, dead_lettered=("a",)))
-    [letter] = await store.list_dead_letters(
+    await store.executions.transact(T, "e1", step(events=events, dead_lettered=("a",)))
+    [letter] = await store.dead_letters.list_dead_letters(
         T, workflow_name=None, task_type=None, include_redriven=False, limit=10, before=None
     )
     assert [(a.attempt, a.error.type, a.error.message) for a in letter.attempts] == [
@@ -693,7 +705,7 @@ async def test_list_dead_letters_filters_and_pages(store: SqlStore) -> None:
         at=NOW + 9 * S,
         redriven=letters["e3"].id,
     )
-    await store.transact(T, "e3", redrive)
+    await store.executions.transact(T, "e3", redrive)
 
     def newest_first(ids: list[str]) -> list[str]:
         return sorted(ids, key=lambda e: (letters[e].created_at, letters[e].id), reverse=True)
@@ -702,7 +714,7 @@ async def test_list_dead_letters_filters_and_pages(store: SqlStore) -> None:
         seen: list[str] = []
         cursor: tuple[datetime, str] | None = None
         while True:
-            page = await store.list_dead_letters(
+            page = await store.dead_letters.list_dead_letters(
                 T,
                 workflow_name=filters.get("workflow_name"),  # type: ignore[arg-type]
                 task_type=filters.get("task_type"),  # type: ignore[arg-type]
@@ -728,13 +740,13 @@ async def test_list_dead_letters_filters_and_pages(store: SqlStore) -> None:
 
 async def test_get_dead_letter_is_tenant_scoped(store: SqlStore) -> None:
     letter = await dead_letter(store, "e1")
-    assert await store.get_dead_letter(T, letter.id) == letter
+    assert await store.dead_letters.get_dead_letter(T, letter.id) == letter
     with pytest.raises(errors.NotFound, match=f"dead letter '{letter.id}' not found"):
-        await store.get_dead_letter("other", letter.id)
+        await store.dead_letters.get_dead_letter("other", letter.id)
     with pytest.raises(errors.NotFound, match="dead letter 'nope' not found"):
-        await store.get_dead_letter(T, "nope")
+        await store.dead_letters.get_dead_letter(T, "nope")
     assert (
-        await store.list_dead_letters(
+        await store.dead_letters.list_dead_letters(
             "other",
             workflow_name=None,
             task_type=None,
@@ -751,10 +763,10 @@ async def test_redriving_a_dead_letter_twice_rolls_the_transition_back(store: Sq
     first = step(
         nodes={"a": {"status": NodeStatus.READY, "retry_base": 1}}, at=NOW + S, redriven=letter.id
     )
-    await store.transact(T, "e1", first)
-    before = await store.get_execution(T, "e1")
-    nodes_before = await store.list_node_runs(T, "e1")
-    events_before = await store.list_events(T, "e1", 0, 100)
+    await store.executions.transact(T, "e1", first)
+    before = await store.executions.get_execution(T, "e1")
+    nodes_before = await store.executions.list_node_runs(T, "e1")
+    events_before = await store.executions.list_events(T, "e1", 0, 100)
 
     calls: list[int] = []
     second = step(
@@ -768,12 +780,12 @@ async def test_redriving_a_dead_letter_twice_rolls_the_transition_back(store: Sq
     with pytest.raises(
         errors.FailedPrecondition, match=f"dead letter '{letter.id}' was already redriven"
     ):
-        await store.transact(T, "e1", second)
+        await store.executions.transact(T, "e1", second)
     assert calls == [before.version]  # refused, not retried as a conflict
-    assert await store.get_execution(T, "e1") == before
-    assert await store.list_node_runs(T, "e1") == nodes_before
-    assert await store.list_events(T, "e1", 0, 100) == events_before
-    assert await store.list_dead_letters(
+    assert await store.executions.get_execution(T, "e1") == before
+    assert await store.executions.list_node_runs(T, "e1") == nodes_before
+    assert await store.executions.list_events(T, "e1", 0, 100) == events_before
+    assert await store.dead_letters.list_dead_letters(
         T, workflow_name=None, task_type=None, include_redriven=True, limit=10, before=None
     ) == [dataclasses.replace(letter, redriven_at=NOW + S)]
 
@@ -782,8 +794,8 @@ async def test_redriving_a_dead_letter_twice_rolls_the_transition_back(store: Sq
         store, make_execution("x1", tenant="other"), (make_node("x1", "a", tenant="other"),)
     )
     with pytest.raises(errors.NotFound, match=f"dead letter '{letter.id}' not found"):
-        await store.transact("other", "x1", step(redriven=letter.id))
+        await store.executions.transact("other", "x1", step(redriven=letter.id))
     with pytest.raises(errors.NotFound, match="dead letter 'nope' not found"):
-        await store.transact(T, "e1", step(redriven="nope"))
-    assert (await store.get_execution(T, "e1")).version == before.version
-    assert (await store.get_execution("other", "x1")).version == 0
+        await store.executions.transact(T, "e1", step(redriven="nope"))
+    assert (await store.executions.get_execution(T, "e1")).version == before.version
+    assert (await store.executions.get_execution("other", "x1")).version == 0

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.dispatch._admit import admit
-from coordinator.service.ports import Candidate, LeasedCounts
+from coordinator.model import Candidate, LeasedCounts, admit
 
 
 def cand(node: str, task_type: str = "t", execution: str = "e", cap: int = 0) -> Candidate:

@@ -12,11 +12,17 @@ import pytest
 
 from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.errors import InvalidArgument
-from coordinator.model import ErrorInfo, Execution, ExecutionStatus
+from coordinator.model import (
+    MAX_INLINE_OUTPUT,
+    ChannelKind,
+    ErrorInfo,
+    Execution,
+    ExecutionStatus,
+    notification_document,
+)
 from coordinator.notify import (
     Backoff,
     ChannelBreakers,
-    ChannelKind,
     check_template,
     redacted,
     render,
@@ -27,7 +33,6 @@ from coordinator.notify import (
     webhook_body,
 )
 from coordinator.notify._senders import body_escape
-from coordinator.service._notifications import MAX_INLINE_OUTPUT, notification_document
 from tests.unit.test_layering import imported_modules
 
 # -- signing ---------------------------------------------------------------------------------

@@ -15,8 +15,15 @@ from coordinator.grpc.convert import (
     execution_to_proto,
     start_request_from_proto,
 )
-from coordinator.model import Execution, ExecutionStatus, NodeSpec, OverflowPolicy, WorkflowDef
-from coordinator.service._starts import StartRequest, execution_concurrency, running_cap
+from coordinator.model import (
+    Execution,
+    ExecutionStatus,
+    NodeSpec,
+    OverflowPolicy,
+    WorkflowDef,
+    running_cap,
+)
+from coordinator.service._starts import StartRequest, execution_concurrency
 from trellis.cli import build_parser
 from trellis.v1 import common_pb2
 from trellis.v1 import workflow_service_pb2 as fpb

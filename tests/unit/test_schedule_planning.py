@@ -8,8 +8,8 @@ import pytest
 
 from coordinator.cron import Cron
 from coordinator.errors import InvalidArgument
+from coordinator.model import CatchupPolicy, FireOutcome, OverlapPolicy
 from coordinator.service._schedules import apply_overlap, fire_key, plan_fires
-from coordinator.service._trigger_model import CatchupPolicy, FireOutcome, OverlapPolicy
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 HOURLY = Cron.parse("0 * * * *")

@@ -13,7 +13,10 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coordinator.model._notifications import Delivery
 
 DEFAULT_TENANT = "default"
 NULL_JSON = b"null"
@@ -431,6 +434,10 @@ class Transition:
     start_children: tuple[ChildStart, ...] = ()
     # Child executions to cancel (their parent was cancelled or failed).
     cancel_children: tuple[str, ...] = ()
+    # Notifications this transition queues (it ended the execution and rules matched): the
+    # service decides them (``deliveries_for``), the store inserts them in the same
+    # database transaction, so a notification exists exactly when the end was committed.
+    deliveries: tuple[Delivery, ...] = ()
 
     @property
     def ready(self) -> tuple[NodeRun, ...]:

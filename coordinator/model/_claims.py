@@ -1,4 +1,5 @@
-"""Which claim candidates the concurrency limits let through (pure: no I/O).
+"""What a claim works with: candidates, counts of leased rows, and the admission rule of
+the concurrency limits (pure: no I/O).
 
 The claim counts LEASED rows inside its transaction, after taking its locks; ``admit``
 walks the candidates in dispatch order and keeps those for which every limit still has
@@ -8,8 +9,45 @@ room, counting each one it keeps, so one claim never oversteps a limit either.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from coordinator.service.ports import Admitted, Candidate, LeasedCounts
+
+@dataclass(frozen=True)
+class LeaseKey:
+    execution_id: str
+    node_id: str
+    lease_seq: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A READY row a claim may lease, with what the limits need to know about it."""
+
+    execution_id: str
+    node_id: str
+    task_type: str
+    # The node input (only loaded when ``ClaimPolicy.needs_input``).
+    input: bytes | None
+    # The execution's max_concurrency (0 = none).
+    execution_max_concurrency: int
+
+
+@dataclass
+class LeasedCounts:
+    """Rows LEASED right now, counted inside the claim's transaction (after its locks)."""
+
+    # (task_type, concurrency_key or None) -> count, for ``ClaimPolicy.counted_types``.
+    by_type_key: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    # execution_id -> count, for candidates' executions with a max_concurrency.
+    by_execution: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    candidate: Candidate
+    # Written on the leased row; counted against the type's concurrency_key_limit.
+    concurrency_key: str | None = None
+
 
 KeyOf = Callable[[Candidate], str]
 
