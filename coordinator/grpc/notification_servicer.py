@@ -257,7 +257,12 @@ def add_notifications(
     """Serve NotificationService on ``server``; the returned runtime runs the delivery loop."""
     store = coordinator.store.notifications
     service = NotificationService(
-        store, coordinator.store.executions, coordinator.store.workflows, clock=coordinator.clock
+        store,
+        coordinator.store.executions,
+        coordinator.store.workflows,
+        clock=coordinator.clock,
+        rules=coordinator.rules,
+        wakeups=coordinator.store.wakeups,
     )
     ngrpc.add_NotificationServiceServicer_to_server(NotificationServicer(service), server)
     settings = delivery_settings(config)

@@ -160,7 +160,12 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
 
     dispatch_health(link.shared)
     link.on_change(dispatch_health)
-    await store.wakeups.listen_wakeups(coordinator.notifier.notify)
+
+    def on_wakeup(keys: list[str]) -> None:
+        coordinator.rules.on_wakeup(keys)
+        coordinator.notifier.notify(keys)
+
+    await store.wakeups.listen_wakeups(on_wakeup)
     sweeper = asyncio.create_task(
         _sweep(Sweeper(coordinator), config.sweep_interval.total_seconds())
     )

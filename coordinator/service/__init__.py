@@ -14,6 +14,7 @@ from coordinator.service._coordinator import (
     utcnow,
 )
 from coordinator.service._notifier import Notifier
+from coordinator.service._rules import RuleBook, with_deliveries
 from coordinator.service._starts import MAX_BATCH_START, MAX_START_DELAY, StartRequest
 from coordinator.service._sweeps import Sweeper
 from coordinator.service._tokens import LeaseToken
@@ -35,9 +36,11 @@ __all__ = [
     "NewExecution",
     "Notifier",
     "ResultOutcome",
+    "RuleBook",
     "ServiceSettings",
     "StartRequest",
     "Store",
     "Sweeper",
     "utcnow",
+    "with_deliveries",
 ]

@@ -31,6 +31,7 @@ from coordinator.service._children import DefKey, Settled, settle_children
 from coordinator.service._group import GroupCommit
 from coordinator.service._notifier import Notifier, execution_key, task_key
 from coordinator.service._references import check_references
+from coordinator.service._rules import RuleBook, with_deliveries
 from coordinator.service.ports import Decision, Store
 
 if TYPE_CHECKING:
@@ -101,6 +102,8 @@ class CoordinatorCore:
         # than its statements (PostgreSQL); SQLite commits in microseconds, on the loop.
         self._group = GroupCommit(store) if getattr(store, "group_commit", False) else None
         self._definitions: dict[tuple[str, str, int], WorkflowDef] = {}
+        # Notification rules per tenant: which deliveries an ending execution queues.
+        self.rules = RuleBook(store.notifications, clock)
         self._draining = False
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -181,6 +184,7 @@ class CoordinatorCore:
             defn = await self.get_workflow(tenant_id, loaded.workflow_name, loaded.workflow_version)
         base = defn
         known: dict[DefKey, WorkflowDef | None] = {}
+        rules = await self.rules.rules(tenant_id)
         while True:
 
             def decide(execution: Execution, nodes: Mapping[str, NodeRun]) -> Decision[_Outcome]:
@@ -193,12 +197,14 @@ class CoordinatorCore:
                 )
                 if not isinstance(settled, Settled):
                     return Decision(None, _Outcome(missing=settled))
+                done = with_deliveries(settled.transition, execution.status, rules)
+                created = tuple(with_deliveries(c, None, rules) for c in settled.created)
                 return Decision(
-                    settled.transition,
-                    _Outcome(settled.transition, settled.created),
-                    created=settled.created,
+                    done,
+                    _Outcome(done, created),
+                    created=created,
                     # Published with the commit: no transaction of its own afterwards.
-                    wake=tuple(self._wake_keys((settled.transition, *settled.created))),
+                    wake=tuple(self._wake_keys((done, *created))),
                 )
 
             if claim:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
+from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, TrellisError
 from coordinator.model import (
     TERMINAL_STATUSES,
     Channel,
@@ -39,7 +39,8 @@ from coordinator.model import (
     NotificationRule,
 )
 from coordinator.notify import Backoff, ChannelBreakers, validate_channel
-from coordinator.service.ports import NotificationRepository
+from coordinator.service._rules import RuleBook, rules_key
+from coordinator.service.ports import NotificationRepository, WakeupChannel
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,15 @@ class NotificationService:
         workflows: _Workflows,
         *,
         clock: Callable[[], datetime],
+        rules: RuleBook | None = None,
+        wakeups: WakeupChannel | None = None,
     ) -> None:
         self.store = store
         self._executions = executions
         self._workflows = workflows
         self._clock = clock
+        self._rules = rules
+        self._wakeups = wakeups
 
     async def create_channel(
         self, tenant_id: str, name: str, kind: ChannelKind, config: Mapping[str, Any]
@@ -101,6 +106,7 @@ class NotificationService:
     async def delete_channel(self, tenant_id: str, ref: str) -> None:
         channel = await self.get_channel(tenant_id, ref)
         await self.store.delete_channel(tenant_id, channel.id, self._clock())
+        await self._rules_changed(tenant_id)
 
     async def create_rule(
         self,
@@ -146,7 +152,9 @@ class NotificationService:
             workflow_name=workflow_name or None,
             execution_id=execution_id or None,
         )
-        return await self.store.create_rule(rule)
+        created = await self.store.create_rule(rule)
+        await self._rules_changed(tenant_id)
+        return created
 
     async def list_rules(
         self,
@@ -170,6 +178,18 @@ class NotificationService:
         if not rule_id:
             raise InvalidArgument("id: give the rule's id")
         await self.store.delete_rule(tenant_id, rule_id)
+        await self._rules_changed(tenant_id)
+
+    async def _rules_changed(self, tenant_id: str) -> None:
+        """Executions ending from now on see the change: here at once, on other replicas
+        when the wake-up arrives (or the rule book's time to live passes)."""
+        if self._rules is not None:
+            self._rules.invalidate(tenant_id)
+        if self._wakeups is not None:
+            try:
+                await self._wakeups.publish_wakeups([rules_key(tenant_id)])
+            except TrellisError as exc:
+                log.warning("could not tell other replicas that rules changed: %s", exc)
 
     async def list_deliveries(
         self,

@@ -29,6 +29,7 @@ from coordinator.model import (
     running_cap,
 )
 from coordinator.service._core import CoordinatorCore, check_names
+from coordinator.service._rules import with_deliveries
 from coordinator.service._starts import (
     MAX_BATCH_START,
     StartRequest,
@@ -170,12 +171,23 @@ class ExecutionStarts(CoordinatorCore):
             # the cap then, see ``start_pending``).
             return CappedStart(NewExecution(Transition(execution=shell)))
         transition = engine.start_execution(engine.effective_definition(defn, shell), shell, now)
-        settled = await self._settle(defn, transition, {}, now)
-        item = NewExecution(settled.transition, settled.created)
+        item = await self._new_execution(defn, transition, now)
         cap = running_cap(defn)
         if cap is None:
             return CappedStart(item)
         return CappedStart(item, cap, Transition(execution=replace(shell, queued=True)))
+
+    async def _new_execution(
+        self, defn: WorkflowDef, transition: Transition, now: datetime
+    ) -> NewExecution:
+        """A start transition with the children it starts, and the notifications of any of
+        them that ends at once."""
+        settled = await self._settle(defn, transition, {}, now)
+        rules = await self.rules.rules(transition.execution.tenant_id)
+        return NewExecution(
+            with_deliveries(settled.transition, None, rules),
+            tuple(with_deliveries(c, None, rules) for c in settled.created),
+        )
 
     async def _create(
         self, starts: Sequence[CappedStart], now: datetime
@@ -233,14 +245,15 @@ class ExecutionStarts(CoordinatorCore):
         now = self._clock()
         shell = replace(execution, queued=False)
         transition = engine.start_execution(engine.effective_definition(defn, shell), shell, now)
-        settled = await self._settle(defn, transition, {}, now)
+        item = await self._new_execution(defn, transition, now)
         cap = running_cap(defn)
         when_full = None if cap is None or execution.queued else _when_full(execution, cap, now)
-        outcome = await self.store.queue.start_pending(
-            execution, NewExecution(settled.transition, settled.created), cap, when_full
-        )
+        if when_full is not None:  # REJECT fails the execution: its notifications go with it
+            rules = await self.rules.rules(execution.tenant_id)
+            when_full = with_deliveries(when_full, execution.status, rules)
+        outcome = await self.store.queue.start_pending(execution, item, cap, when_full)
         if outcome is PendingStart.STARTED:
-            await self._after(settled.transition, settled.created)
+            await self._after(item.transition, item.children)
         elif outcome is PendingStart.DEFERRED and when_full is not None:
             await self._after(when_full)
         return outcome

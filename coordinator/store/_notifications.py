@@ -1,10 +1,9 @@
 """Notifications in the store: channels, rules, the delivery outbox and its attempts.
 
 - ``NotificationStoreMixin`` gives ``SqlStore`` the ``NotificationStore`` methods.
-- ``enqueue_deliveries`` runs inside a transition's transaction (``SqlStore._apply``): when
-  the transition makes the execution terminal it looks up the matching rules (one indexed
-  query; nothing else happens when there are none) and inserts one PENDING delivery per
-  rule, so a notification exists exactly when the terminal state was committed.
+- ``insert_deliveries`` runs inside a transition's transaction: it inserts the deliveries
+  the service decided for an execution that the transition ends (``Transition.deliveries``),
+  so a notification exists exactly when the terminal state was committed.
 - The dispatcher claims due deliveries with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (the
   single writer on SQLite) and a ``claimed_until`` lease, so several replicas share the
   outbox and a crashed replica's claims come back once their lease has passed.
@@ -33,11 +32,8 @@ from coordinator.model import (
     Delivery,
     DeliveryAttempt,
     DeliveryStatus,
-    Execution,
     ExecutionStatus,
     NotificationRule,
-    Transition,
-    deliveries_for,
 )
 from coordinator.store._rows import from_ms, opt_from_ms, to_ms
 from coordinator.store._tables import metadata
@@ -224,86 +220,23 @@ def _attempt_from_row(row: Any) -> DeliveryAttempt:
 
 
 # The rules of an execution that ends: on its workflow or on it (built once).
-_RULES_FOR = sa.select(notification_rules).where(
-    notification_rules.c.tenant_id == sa.bindparam("b_tenant_id"),
-    sa.or_(
-        notification_rules.c.workflow_name == sa.bindparam("b_workflow_name"),
-        notification_rules.c.execution_id == sa.bindparam("b_execution_id"),
-    ),
-)
-
-
-async def enqueue_deliveries(
-    conn: AsyncConnection, before: ExecutionStatus | None, transition: Transition
-) -> None:
-    """Insert the deliveries of an execution that this transition ends (``before`` is its
-    status as loaded; None for a new execution). Never fails the transition: a problem
-    here is logged and the transition commits without its notifications."""
-    await enqueue_deliveries_many(conn, [(before, transition)])
-
-
-# The rules of several workflows and executions at once (a group commit's transitions).
-_RULES_FOR_MANY = sa.select(notification_rules).where(
-    notification_rules.c.tenant_id == sa.bindparam("b_tenant_id"),
-    sa.or_(
-        notification_rules.c.workflow_name.in_(sa.bindparam("b_workflow_names", expanding=True)),
-        notification_rules.c.execution_id.in_(sa.bindparam("b_execution_ids", expanding=True)),
-    ),
-)
-
-
-async def enqueue_deliveries_many(
-    conn: AsyncConnection, done: Sequence[tuple[ExecutionStatus | None, Transition]]
-) -> None:
-    """``enqueue_deliveries`` for several transitions: one rule lookup per tenant (one indexed
-    lookup for a single transition; nothing more without rules)."""
-    ending = [
-        t.execution
-        for before, t in done
-        if t.execution.status.terminal and not (before is not None and before.terminal)
-    ]
-    for tenant_id in sorted({e.tenant_id for e in ending}):
-        executions = [e for e in ending if e.tenant_id == tenant_id]
-        params: dict[str, Any] = {"b_tenant_id": tenant_id}
-        if len(executions) == 1:
-            query = _RULES_FOR
-            params.update(
-                b_workflow_name=executions[0].workflow_name, b_execution_id=executions[0].id
-            )
-        else:
-            query = _RULES_FOR_MANY
-            params.update(
-                b_workflow_names=sorted({e.workflow_name for e in executions}),
-                b_execution_ids=sorted({e.id for e in executions}),
-            )
-        rules = [_rule_from_row(row) for row in (await conn.execute(query, params)).mappings()]
-        if not rules:
-            continue
-        for execution in executions:
-            mine = [
-                r
-                for r in rules
-                if r.workflow_name == execution.workflow_name or r.execution_id == execution.id
-            ]
-            if mine:
-                await _insert_deliveries(conn, execution, mine)
-
-
-async def _insert_deliveries(
-    conn: AsyncConnection, execution: Execution, rules: Sequence[NotificationRule]
-) -> None:
+async def insert_deliveries(conn: AsyncConnection, deliveries: Sequence[Delivery]) -> None:
+    """Insert the deliveries a transition carries (``Transition.deliveries``: decided by the
+    service when the transition ends an execution), in the transition's transaction. Never
+    fails the transition: a problem here is logged and it commits without them."""
+    if not deliveries:
+        return
     try:
-        rows = [_delivery_values(d) for d in deliveries_for(execution, rules, execution.updated_at)]
-        if not rows:
-            return
         async with conn.begin_nested():
-            await conn.execute(sa.insert(notification_deliveries), rows)
+            await conn.execute(
+                sa.insert(notification_deliveries), [_delivery_values(d) for d in deliveries]
+            )
     except sa_exc.OperationalError:
         raise  # the connection itself failed: the transition cannot commit anyway
     except Exception:
         log.exception(
             "could not queue the notifications of an execution; it goes on without them",
-            extra={"execution_id": execution.id},
+            extra={"execution_id": deliveries[0].execution_id},
         )
 
 

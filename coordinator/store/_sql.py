@@ -36,6 +36,7 @@ from sqlalchemy.pool import StaticPool
 from coordinator import errors
 from coordinator.model import (
     DeadLetter,
+    Delivery,
     Event,
     Execution,
     ExecutionStatus,
@@ -53,8 +54,7 @@ from coordinator.store._limits import LimitsStoreMixin
 from coordinator.store._lock import ProcessLock
 from coordinator.store._notifications import (
     NotificationStoreMixin,
-    enqueue_deliveries,
-    enqueue_deliveries_many,
+    insert_deliveries,
 )
 from coordinator.store._on_loop import OnLoopConnection
 from coordinator.store._queue import OverflowStoreMixin
@@ -484,9 +484,8 @@ class SqlStore(
         ]
         if events:
             await conn.execute(_INSERT_EVENTS, events)
-        for t, _ in new:
-            # Notifications for an execution created already ended (a no-op otherwise).
-            await enqueue_deliveries(conn, None, t)
+        # Notifications for an execution created already ended (none otherwise).
+        await insert_deliveries(conn, [d for t, _ in new for d in t.deliveries])
 
     async def get_executions(self, tenant_id: str, ids: Sequence[str]) -> dict[str, Execution]:
         if not ids:
@@ -961,7 +960,7 @@ class _GroupWrites:
     node_updates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     node_inserts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    ended: list[tuple[ExecutionStatus, Transition]] = dataclasses.field(default_factory=list)
+    deliveries: list[Delivery] = dataclasses.field(default_factory=list)
     wake: list[str] = dataclasses.field(default_factory=list)
 
     def add(
@@ -1004,7 +1003,7 @@ class _GroupWrites:
                 }
             )
         self.events.extend(_rows.event_values(ev, tenant_id=tenant_id) for ev in t.events)
-        self.ended.append((loaded.status, t))
+        self.deliveries.extend(t.deliveries)
         self.wake.extend(wake)
 
     async def flush(self, store: SqlStore, conn: AsyncConnection) -> bool:
@@ -1021,7 +1020,7 @@ class _GroupWrites:
             return False
         if self.events:
             await conn.execute(_INSERT_EVENTS, self.events)
-        await enqueue_deliveries_many(conn, self.ended)
+        await insert_deliveries(conn, self.deliveries)
         await store._notify(conn, self.wake)
         return True
 

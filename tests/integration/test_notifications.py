@@ -31,7 +31,7 @@ from coordinator.model import (
     Transition,
 )
 from coordinator.notify import Backoff, ChannelBreakers
-from coordinator.service import Decision
+from coordinator.service import Decision, with_deliveries
 from coordinator.service._notifications import DeliverySettings, NotificationDispatcher
 from coordinator.store import SqlStore, open_store
 from tests.integration.conftest import Api
@@ -321,6 +321,11 @@ async def _running_execution(store: SqlStore, name: str, clock: Clock) -> Execut
 async def _end(
     store: SqlStore, execution: Execution, status: ExecutionStatus, **extra: Any
 ) -> None:
+    # The deliveries are decided above the store, as the service does (with_deliveries).
+    rules = await store.notifications.list_rules(
+        execution.tenant_id, channel_id=None, workflow_name=None, execution_id=None
+    )
+
     def decide(loaded: Execution, nodes: Mapping[str, NodeRun]) -> Decision[None]:
         ended = replace(
             loaded,
@@ -330,7 +335,8 @@ async def _end(
             else None,
             ended_at=loaded.updated_at,
         )
-        return Decision(Transition(execution=ended, **extra), None)
+        transition = Transition(execution=ended, **extra)
+        return Decision(with_deliveries(transition, loaded.status, rules), None)
 
     await store.executions.transact(execution.tenant_id, execution.id, decide)
 
