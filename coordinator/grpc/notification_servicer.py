@@ -1,8 +1,8 @@
 """NotificationService over gRPC, and the delivery loop's lifecycle in the server.
 
-The servicer decodes, calls ``coordinator.service.NotificationService`` and encodes; the
-proto <-> domain conversion of notification messages is the section below (it concerns
-only this service's messages). ``add_notifications`` wires both into a server.
+The servicer decodes (with ``coordinator.grpc.convert``), calls
+``coordinator.service.NotificationService`` and encodes (with ``convert`` again).
+``add_notifications`` wires the servicer and the delivery loop into a server.
 """
 
 from __future__ import annotations
@@ -10,26 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from coordinator.config import CoordinatorConfig
-from coordinator.errors import InvalidArgument
 from coordinator.grpc import convert
-from coordinator.grpc.convert import timestamp_to_proto as _ts
 from coordinator.grpc.status import unary
-from coordinator.model import (
-    DEFAULT_TENANT,
-    Channel,
-    ChannelKind,
-    Delivery,
-    DeliveryStatus,
-    NotificationRule,
-)
-from coordinator.notify import Backoff, Deliverer, redacted
+from coordinator.model import DEFAULT_TENANT
+from coordinator.notify import Backoff, Deliverer
 from coordinator.service import Coordinator
 from coordinator.service._notifications import (
     DeliverySettings,
@@ -45,78 +34,6 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 TENANT = DEFAULT_TENANT
 SERVICE_NAME = npb.DESCRIPTOR.services_by_name["NotificationService"].full_name
 
-# -- conversion ----------------------------------------------------------------------------
-
-
-def channel_settings_from_proto(channel: npb.Channel) -> tuple[ChannelKind, dict[str, Any]]:
-    which = channel.WhichOneof("settings")
-    if which is None:
-        raise InvalidArgument("channel: set one of webhook, smtp or sms")
-    kind = ChannelKind(which)
-    message = getattr(channel, which)
-    # Proto3 JSON with field names as declared (snake_case), defaults included so that an
-    # unset port reads as 0 and is refused by validation, not silently defaulted.
-    doc = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return kind, doc
-
-
-def channel_to_proto(channel: Channel) -> npb.Channel:
-    shown: Mapping[str, Any] = redacted(channel.config)
-    out = npb.Channel(id=channel.id, name=channel.name, create_time=_ts(channel.created_at))
-    target = getattr(out, channel.kind.value)
-    json_format.ParseDict(dict(shown), target)
-    return out
-
-
-def rule_to_proto(rule: NotificationRule) -> npb.NotificationRule:
-    out = npb.NotificationRule(
-        id=rule.id,
-        channel_id=rule.channel_id,
-        statuses=[convert.execution_status_to_proto(s) for s in rule.statuses],
-        create_time=_ts(rule.created_at),
-    )
-    if rule.workflow_name is not None:
-        out.workflow_name = rule.workflow_name
-    elif rule.execution_id is not None:
-        out.execution_id = rule.execution_id
-    return out
-
-
-def delivery_status_from_proto(
-    value: npb.DeliveryStatus.ValueType,
-) -> DeliveryStatus | None:
-    if value == npb.DELIVERY_STATUS_UNSPECIFIED:
-        return None
-    try:
-        name = npb.DeliveryStatus.Name(value)
-    except ValueError:
-        raise InvalidArgument(f"status: unknown delivery status {value}") from None
-    return DeliveryStatus(name.removeprefix("DELIVERY_STATUS_"))
-
-
-def delivery_to_proto(d: Delivery) -> npb.Delivery:
-    return npb.Delivery(
-        id=d.id,
-        execution_id=d.execution_id,
-        workflow_name=d.workflow_name,
-        execution_status=convert.execution_status_to_proto(d.execution_status),
-        channel_id=d.channel_id,
-        rule_id=d.rule_id,
-        status=npb.DeliveryStatus.Value(f"DELIVERY_STATUS_{d.status.value}"),
-        payload=d.payload,
-        create_time=_ts(d.created_at),
-        next_attempt_time=_ts(d.next_attempt_at) if d.status is DeliveryStatus.PENDING else None,
-        deliver_time=_ts(d.delivered_at),
-        last_error=d.last_error or "",
-        attempts=[
-            npb.DeliveryAttempt(attempt=a.attempt, time=_ts(a.time), ok=a.ok, error=a.error or "")
-            for a in d.history
-        ],
-    )
-
-
 # -- servicer ------------------------------------------------------------------------------
 
 
@@ -128,23 +45,23 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
     async def CreateChannel(
         self, request: npb.CreateChannelRequest, context: Ctx
     ) -> npb.CreateChannelResponse:
-        kind, settings = channel_settings_from_proto(request.channel)
+        kind, settings = convert.channel_settings_from_proto(request.channel)
         channel = await self._s.create_channel(TENANT, request.channel.name, kind, settings)
-        return npb.CreateChannelResponse(channel=channel_to_proto(channel))
+        return npb.CreateChannelResponse(channel=convert.channel_to_proto(channel))
 
     @unary
     async def GetChannel(
         self, request: npb.GetChannelRequest, context: Ctx
     ) -> npb.GetChannelResponse:
         channel = await self._s.get_channel(TENANT, request.channel)
-        return npb.GetChannelResponse(channel=channel_to_proto(channel))
+        return npb.GetChannelResponse(channel=convert.channel_to_proto(channel))
 
     @unary
     async def ListChannels(
         self, request: npb.ListChannelsRequest, context: Ctx
     ) -> npb.ListChannelsResponse:
         channels = await self._s.list_channels(TENANT)
-        return npb.ListChannelsResponse(channels=[channel_to_proto(c) for c in channels])
+        return npb.ListChannelsResponse(channels=[convert.channel_to_proto(c) for c in channels])
 
     @unary
     async def DeleteChannel(
@@ -157,12 +74,7 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
     async def CreateNotificationRule(
         self, request: npb.CreateNotificationRuleRequest, context: Ctx
     ) -> npb.CreateNotificationRuleResponse:
-        statuses = []
-        for value in request.statuses:
-            status = convert.execution_status_from_proto(value)
-            if status is None:
-                raise InvalidArgument("statuses: EXECUTION_STATUS_UNSPECIFIED is not a status")
-            statuses.append(status)
+        statuses = convert.rule_statuses_from_proto(request.statuses)
         rule = await self._s.create_rule(
             TENANT,
             request.channel,
@@ -170,7 +82,7 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
             execution_id=request.execution_id or None,
             statuses=statuses,
         )
-        return npb.CreateNotificationRuleResponse(rule=rule_to_proto(rule))
+        return npb.CreateNotificationRuleResponse(rule=convert.rule_to_proto(rule))
 
     @unary
     async def ListNotificationRules(
@@ -182,7 +94,7 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
             workflow_name=request.workflow_name or None,
             execution_id=request.execution_id or None,
         )
-        return npb.ListNotificationRulesResponse(rules=[rule_to_proto(r) for r in rules])
+        return npb.ListNotificationRulesResponse(rules=[convert.rule_to_proto(r) for r in rules])
 
     @unary
     async def DeleteNotificationRule(
@@ -199,12 +111,12 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
             TENANT,
             execution_id=request.execution_id or None,
             channel_ref=request.channel or None,
-            status=delivery_status_from_proto(request.status),
+            status=convert.delivery_status_from_proto(request.status),
             page_size=request.page_size,
             page_token=request.page_token,
         )
         return npb.ListDeliveriesResponse(
-            deliveries=[delivery_to_proto(d) for d in rows], next_page_token=token
+            deliveries=[convert.delivery_to_proto(d) for d in rows], next_page_token=token
         )
 
 

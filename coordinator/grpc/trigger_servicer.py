@@ -1,4 +1,5 @@
-"""TriggerService: decode the request, call the trigger use cases, encode the reply."""
+"""TriggerService: decode the request, call the trigger use cases, encode the reply (the
+conversion both ways is ``coordinator.grpc.convert``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from coordinator.grpc import convert_triggers as convert
+from coordinator.grpc import convert
 from coordinator.grpc.status import unary
 from coordinator.model import DEFAULT_TENANT
 from coordinator.service._schedules import Schedules
@@ -31,11 +32,7 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
     async def CreateWebhookTrigger(
         self, request: tpb.CreateWebhookTriggerRequest, context: Ctx
     ) -> tpb.CreateWebhookTriggerResponse:
-        tolerance = (
-            request.signature_tolerance.ToTimedelta()
-            if request.HasField("signature_tolerance")
-            else None
-        )
+        tolerance = convert.duration_or_none(request, "signature_tolerance")
         trigger = await self._t.create_webhook_trigger(
             TENANT,
             request.path,
@@ -167,11 +164,4 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
         result = await self._t.publish_event(
             TENANT, request.name, request.payload, request.idempotency_key
         )
-        return tpb.PublishEventResponse(
-            executions=[
-                tpb.TriggeredExecution(trigger_id=tid, execution_id=e.id, created=created)
-                for tid, e, created in result.started
-            ],
-            failures=[tpb.TriggerFailure(trigger_id=tid, message=m) for tid, m in result.failures],
-            filtered_out=result.filtered_out,
-        )
+        return convert.publish_result_to_proto(result)

@@ -1,9 +1,9 @@
-"""Proto ↔ domain conversion for TriggerService (the trigger half of ``convert.py``)."""
+"""TriggerService: webhook and event triggers, schedules and their fires, published events."""
 
 from __future__ import annotations
 
 from coordinator.errors import InvalidArgument
-from coordinator.grpc.convert import timestamp_to_proto as _ts
+from coordinator.grpc.convert._common import timestamp_to_proto as _ts
 from coordinator.model import (
     CatchupPolicy,
     EventTrigger,
@@ -14,6 +14,7 @@ from coordinator.model import (
     WebhookAuth,
     WebhookTrigger,
 )
+from coordinator.service._triggers import PublishResult
 from trellis.v1 import trigger_service_pb2 as tpb
 
 _AUTH = {
@@ -114,11 +115,12 @@ def schedule_to_proto(s: Schedule, fires: list[ScheduleFire] | None = None) -> t
     )
 
 
-__all__ = [
-    "catchup_from_proto",
-    "event_trigger_to_proto",
-    "fire_to_proto",
-    "overlap_from_proto",
-    "schedule_to_proto",
-    "webhook_to_proto",
-]
+def publish_result_to_proto(result: PublishResult) -> tpb.PublishEventResponse:
+    return tpb.PublishEventResponse(
+        executions=[
+            tpb.TriggeredExecution(trigger_id=tid, execution_id=e.id, created=created)
+            for tid, e, created in result.started
+        ],
+        failures=[tpb.TriggerFailure(trigger_id=tid, message=m) for tid, m in result.failures],
+        filtered_out=result.filtered_out,
+    )

@@ -1,0 +1,183 @@
+"""Conversion that more than one service uses: timestamps and durations, execution
+statuses (WorkflowService and NotificationService), and node definitions (registered
+with a workflow on WorkflowService, added by a DAG expansion on WorkerService)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+
+from coordinator.errors import InvalidArgument
+from coordinator.model import (
+    ExecutionStatus,
+    NodeSpec,
+    RetryPolicy,
+    SwitchCase,
+    TriggerRule,
+)
+from trellis.v1 import common_pb2
+
+_DEFAULT_RETRY = RetryPolicy()
+
+# -- scalars ------------------------------------------------------------------------------
+
+
+def timestamp_to_proto(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def duration_to_proto(value: timedelta | None) -> duration_pb2.Duration | None:
+    if value is None:
+        return None
+    d = duration_pb2.Duration()
+    d.FromTimedelta(value)
+    return d
+
+
+def duration_or_none(msg: object, field: str) -> timedelta | None:
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return None
+    value: timedelta = getattr(msg, field).ToTimedelta()
+    return value
+
+
+def _whole_numbers(value: Any) -> Any:
+    """Struct numbers are doubles; give integral ones back as ints (3, not 3.0)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    return value
+
+
+# -- execution statuses -------------------------------------------------------------------
+
+
+def execution_status_to_proto(status: ExecutionStatus) -> common_pb2.ExecutionStatus.ValueType:
+    return common_pb2.ExecutionStatus.Value(f"EXECUTION_STATUS_{status.value}")
+
+
+def execution_status_from_proto(
+    value: common_pb2.ExecutionStatus.ValueType,
+) -> ExecutionStatus | None:
+    if value == common_pb2.EXECUTION_STATUS_UNSPECIFIED:
+        return None
+    try:
+        name = common_pb2.ExecutionStatus.Name(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"unknown execution status {value}") from exc
+    return ExecutionStatus(name.removeprefix("EXECUTION_STATUS_"))
+
+
+# -- node definitions ---------------------------------------------------------------------
+
+
+def retry_from_proto(msg: common_pb2.RetryPolicy) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=msg.max_attempts or 1,
+        initial_interval=duration_or_none(msg, "initial_interval")
+        or _DEFAULT_RETRY.initial_interval,
+        backoff_coefficient=msg.backoff_coefficient or _DEFAULT_RETRY.backoff_coefficient,
+        max_interval=duration_or_none(msg, "max_interval") or _DEFAULT_RETRY.max_interval,
+        non_retryable_error_types=tuple(msg.non_retryable_error_types),
+        jitter=msg.jitter,
+    )
+
+
+def retry_to_proto(policy: RetryPolicy) -> common_pb2.RetryPolicy:
+    return common_pb2.RetryPolicy(
+        max_attempts=policy.max_attempts,
+        initial_interval=duration_to_proto(policy.initial_interval),
+        backoff_coefficient=policy.backoff_coefficient,
+        max_interval=duration_to_proto(policy.max_interval),
+        non_retryable_error_types=list(policy.non_retryable_error_types),
+        jitter=policy.jitter,
+    )
+
+
+def trigger_rule_from_proto(value: str, node_id: str) -> TriggerRule:
+    if not value:
+        return TriggerRule.ALL_SUCCESS
+    try:
+        return TriggerRule(value)
+    except ValueError:
+        valid = ", ".join(repr(r.value) for r in TriggerRule)
+        raise InvalidArgument(
+            f"node '{node_id}': unknown trigger_rule {value!r}; use one of {valid}"
+        ) from None
+
+
+def node_from_proto(n: common_pb2.NodeDefinition) -> NodeSpec:
+    config = b""
+    if n.HasField("config"):
+        doc = _whole_numbers(json_format.MessageToDict(n.config))
+        # Sorted: a Struct is a map whose iteration order differs between processes, and
+        # the config is part of the definition's content hash.
+        config = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    return NodeSpec(
+        id=n.id,
+        kind=n.kind or "task",
+        task_type=n.task_type,
+        config=config,
+        retry_policy=retry_from_proto(n.retry_policy) if n.HasField("retry_policy") else None,
+        start_to_close_timeout=duration_or_none(n, "start_to_close_timeout"),
+        heartbeat_timeout=duration_or_none(n, "heartbeat_timeout"),
+        priority=n.priority,
+        schedule_to_start_timeout=duration_or_none(n, "schedule_to_start_timeout"),
+        on_failure=n.on_failure or None,
+        compensation_task_type=n.compensation_task_type or None,
+        pause_before=n.pause_before,
+        trigger_rule=trigger_rule_from_proto(n.trigger_rule, n.id),
+        skip_if=n.skip_if,
+        input_expr=n.input,
+        output_expr=n.output,
+        cases=tuple(SwitchCase(c.condition, tuple(c.targets)) for c in n.cases),
+        default_targets=tuple(n.default_targets),
+        match_all=n.match_all,
+        workflow_name=n.workflow_name,
+        workflow_version=n.workflow_version,
+        items_expr=n.items,
+        max_concurrency=n.max_concurrency,
+    )
+
+
+def node_to_proto_definition(n: NodeSpec) -> common_pb2.NodeDefinition:
+    node = common_pb2.NodeDefinition(
+        id=n.id,
+        kind=n.kind,
+        task_type=n.task_type,
+        retry_policy=retry_to_proto(n.retry_policy) if n.retry_policy else None,
+        start_to_close_timeout=duration_to_proto(n.start_to_close_timeout),
+        heartbeat_timeout=duration_to_proto(n.heartbeat_timeout),
+        priority=n.priority,
+        schedule_to_start_timeout=duration_to_proto(n.schedule_to_start_timeout),
+        on_failure=n.on_failure or "",
+        compensation_task_type=n.compensation_task_type or "",
+        pause_before=n.pause_before,
+        # The default rule is left unset, as a definition that does not name one says.
+        trigger_rule="" if n.trigger_rule is TriggerRule.ALL_SUCCESS else n.trigger_rule.value,
+        skip_if=n.skip_if,
+        input=n.input_expr,
+        output=n.output_expr,
+        cases=[common_pb2.SwitchCase(condition=c.condition, targets=c.targets) for c in n.cases],
+        default_targets=n.default_targets,
+        match_all=n.match_all,
+        workflow_name=n.workflow_name,
+        workflow_version=n.workflow_version,
+        items=n.items_expr,
+        max_concurrency=n.max_concurrency,
+    )
+    if n.config:
+        struct = struct_pb2.Struct()
+        struct.update(json.loads(n.config))
+        node.config.CopyFrom(struct)
+    return node
