@@ -1,10 +1,9 @@
 """Circuit breakers per task type (pybreaker), with state in Redis when it is reachable
 (shared by all replicas) and in process otherwise.
 
-One breaker per (tenant, task type), named ``tenant/task_type``. pybreaker counts the
-consecutive failures and makes the transitions (CLOSED → OPEN at the threshold,
-HALF_OPEN → CLOSED on a success, HALF_OPEN → OPEN on a failure); the OPEN → HALF_OPEN
-move is ours (``gate``), decided with the injected clock and the stored ``opened_at``.
+One breaker per (tenant, task type), named ``tenant/task_type``: a
+``coordinator.breakers.Breaker`` (the primitive the notification channels use too)
+configured from the type's limits on every use.
 
 Shared state is the hash ``<namespace><tenant>/<task_type>`` {state, fail_counter,
 success_counter, opened_at (epoch seconds)}. pybreaker's own ``CircuitRedisStorage`` is
@@ -17,71 +16,21 @@ own clock. ``_RedisStorage`` lets connection errors through to ``RedisLink.call`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 import pybreaker
 import redis
 
+from coordinator.breakers import Breaker, BreakerGate, MemoryStorage
 from coordinator.dispatch._redis import RedisLink, RedisUnavailable
 from coordinator.model import BreakerInfo, BreakerState, TaskTypeLimits
 
 NAMESPACE = "trellis:breaker:"
 
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class BreakerGate:
-    """What the claim may do with a task type now."""
-
-    state: BreakerState
-    # OPEN: when a probe may go (the claim's wait hint).
-    until: datetime | None = None
-
-    @property
-    def blocked(self) -> bool:
-        return self.state is BreakerState.OPEN
-
-
-class _AttemptFailed(Exception):
-    pass
-
-
-def _fail() -> None:
-    raise _AttemptFailed
-
-
-def _ok() -> None:
-    return None
-
-
-def record_outcome(breaker: pybreaker.CircuitBreaker, ok: bool) -> None:
-    """Feed one attempt's outcome to a pybreaker breaker (which counts calls it wraps);
-    while it is open the outcome is dropped."""
-    with contextlib.suppress(_AttemptFailed, pybreaker.CircuitBreakerError):
-        breaker.call(_ok if ok else _fail)
-
-
-class _MemoryStorage(pybreaker.CircuitMemoryStorage):
-    """Per-process state; ``opened_at`` comes from our clock (pybreaker passes its own
-    ``datetime.now``), so that tests can move time."""
-
-    def __init__(self, clock: Callable[[], datetime]) -> None:
-        super().__init__(pybreaker.STATE_CLOSED)
-        self._clock = clock
-
-    @property
-    def opened_at(self) -> datetime | None:
-        return self._opened_at
-
-    @opened_at.setter
-    def opened_at(self, value: datetime) -> None:
-        self._opened_at = self._clock()
 
 
 class _RedisStorage(pybreaker.CircuitBreakerStorage):
@@ -141,17 +90,6 @@ class _RedisStorage(pybreaker.CircuitBreakerStorage):
         self._set("opened_at", repr(self._clock().timestamp()))
 
 
-@dataclass(frozen=True)
-class _Breaker:
-    breaker: pybreaker.CircuitBreaker
-    storage: pybreaker.CircuitBreakerStorage
-
-    def configure(self, limits: TaskTypeLimits) -> None:
-        """Pick up the current limits (they may change while the breaker lives)."""
-        self.breaker.fail_max = limits.breaker_failure_threshold
-        self.breaker.reset_timeout = limits.breaker_reset_timeout.total_seconds()
-
-
 class TaskBreakers:
     def __init__(
         self,
@@ -163,8 +101,8 @@ class TaskBreakers:
         self._link = link
         self._clock = clock
         self._namespace = namespace
-        self._local: dict[str, _Breaker] = {}
-        self._shared: dict[str, _Breaker] = {}
+        self._local: dict[str, Breaker] = {}
+        self._shared: dict[str, Breaker] = {}
         # The shared breakers are made and used in worker threads.
         self._shared_lock = threading.Lock()
 
@@ -174,66 +112,33 @@ class TaskBreakers:
         at a time (the probe)."""
         if limits.breaker_failure_threshold <= 0:
             return BreakerGate(BreakerState.CLOSED)
-
-        def gate(b: _Breaker) -> BreakerGate:
-            state = b.storage.state
-            if state == pybreaker.STATE_CLOSED:
-                return BreakerGate(BreakerState.CLOSED)
-            if state == pybreaker.STATE_OPEN:
-                opened_at = b.storage.opened_at
-                # Without opened_at (state written by hand) the timeout counts as passed.
-                if opened_at is not None:
-                    until = opened_at + limits.breaker_reset_timeout
-                    if self._clock() < until:
-                        return BreakerGate(BreakerState.OPEN, until)
-                b.breaker.half_open()
-            return BreakerGate(BreakerState.HALF_OPEN)
-
-        return await self._run(tenant_id, limits, gate)
+        return await self._run(tenant_id, limits, lambda b: b.gate(self._clock()))
 
     async def record(self, tenant_id: str, limits: TaskTypeLimits, ok: bool) -> None:
         """The outcome of one attempt of the type (success, or failed/timed out)."""
         if limits.breaker_failure_threshold <= 0:
             return
-
-        def record(b: _Breaker) -> None:
-            # OPEN: outcomes of tasks leased before it opened change nothing (the move to
-            # HALF_OPEN is gate's, on our clock; pybreaker's open state would use its own).
-            state = b.storage.state
-            if state == pybreaker.STATE_OPEN:
-                return
-            if b.breaker._state.name != state:
-                # Another replica moved the shared state: adopt it without pybreaker's
-                # notification, whose "entered closed" would reset the shared count.
-                b.breaker._state = b.breaker._create_new_state(state, notify=False)
-            record_outcome(b.breaker, ok)
-
-        await self._run(tenant_id, limits, record)
+        await self._run(tenant_id, limits, lambda b: b.record(ok))
 
     async def info(self, tenant_id: str, limits: TaskTypeLimits) -> BreakerInfo:
         if limits.breaker_failure_threshold <= 0:
             return self._info(limits, BreakerState.CLOSED, 0, None)
 
-        def info(b: _Breaker) -> BreakerInfo:
-            state = BreakerState(b.storage.state)
-            opened_at = b.storage.opened_at if state is not BreakerState.CLOSED else None
-            return self._info(limits, state, b.storage.counter, opened_at)
+        def info(b: Breaker) -> BreakerInfo:
+            state = b.state
+            opened_at = b.opened_at if state is not BreakerState.CLOSED else None
+            return self._info(limits, state, b.failure_count, opened_at)
 
         return await self._run(tenant_id, limits, info)
 
     async def reset(self, tenant_id: str, limits: TaskTypeLimits) -> BreakerInfo:
         """Close the breaker and clear its count (operator override)."""
-
-        def reset(b: _Breaker) -> None:
-            b.breaker.close()
-            b.storage.reset_counter()
-
         # The per-process breaker too, so that a later fallback does not revive old state.
         local = self._local.get(_name(tenant_id, limits))
         if local is not None:
-            reset(local)
+            local.reset()
         if limits.breaker_failure_threshold > 0:
-            await self._run(tenant_id, limits, reset)
+            await self._run(tenant_id, limits, lambda b: b.reset())
         return await self.info(tenant_id, limits)
 
     # -- where the state lives -------------------------------------------------------
@@ -255,7 +160,7 @@ class TaskBreakers:
             shared=self._link.shared,
         )
 
-    async def _run(self, tenant_id: str, limits: TaskTypeLimits, fn: Callable[[_Breaker], R]) -> R:
+    async def _run(self, tenant_id: str, limits: TaskTypeLimits, fn: Callable[[Breaker], R]) -> R:
         """``fn`` on the shared breaker, or on the per-process one while Redis is unset or
         unreachable (the link logs that; nothing more to say here)."""
         name = _name(tenant_id, limits)
@@ -270,9 +175,8 @@ class TaskBreakers:
                     storage = _RedisStorage(
                         self._link.sync_client(), self._namespace + name, self._clock
                     )
-                    breaker = pybreaker.CircuitBreaker(state_storage=storage, name=name)
-                    b = self._shared[name] = _Breaker(breaker, storage)
-            b.configure(limits)
+                    b = self._shared[name] = _breaker(name, storage, limits)
+            _configure(b, limits)
             return fn(b)
 
         async def in_thread(_client: object) -> R:
@@ -284,12 +188,26 @@ class TaskBreakers:
             pass
         b = self._local.get(name)
         if b is None:
-            storage = _MemoryStorage(self._clock)
-            breaker = pybreaker.CircuitBreaker(state_storage=storage, name=name)
-            b = self._local[name] = _Breaker(breaker, storage)
-        b.configure(limits)
+            b = self._local[name] = _breaker(name, MemoryStorage(self._clock), limits)
+        _configure(b, limits)
         return fn(b)
 
 
 def _name(tenant_id: str, limits: TaskTypeLimits) -> str:
     return f"{tenant_id}/{limits.task_type}"
+
+
+def _breaker(
+    name: str, storage: pybreaker.CircuitBreakerStorage, limits: TaskTypeLimits
+) -> Breaker:
+    return Breaker(
+        name,
+        storage,
+        failure_threshold=limits.breaker_failure_threshold,
+        reset_timeout=limits.breaker_reset_timeout,
+    )
+
+
+def _configure(b: Breaker, limits: TaskTypeLimits) -> None:
+    """Pick up the current limits (they may change while the breaker lives)."""
+    b.configure(limits.breaker_failure_threshold, limits.breaker_reset_timeout)

@@ -6,7 +6,13 @@ passes ``effective_definition(defn, execution)`` (the definition with the execut
 dynamic expansion merged in) to every transition.
 """
 
-from coordinator.engine._backoff import backoff_delay, jitter_fraction, retry_delay, should_retry
+from coordinator.engine._backoff import (
+    backoff_delay,
+    exponential_delay,
+    jitter_fraction,
+    retry_delay,
+    should_retry,
+)
 from coordinator.engine._cel import (
     LIMIT_VARIABLES,
     NODE_VARIABLES,
@@ -54,6 +60,7 @@ __all__ = [  # noqa: RUF022
     "compile_expression",
     "complete_node",
     "effective_definition",
+    "exponential_delay",
     "fail_node",
     "fail_waiting_node",
     "jitter_fraction",

@@ -8,21 +8,42 @@ from datetime import timedelta
 from coordinator.model import RetryPolicy
 
 
-def backoff_delay(policy: RetryPolicy, attempt: int) -> timedelta:
-    """Delay before the attempt after ``attempt`` (1-based) failed, without jitter.
+def exponential_delay(
+    initial: timedelta,
+    coefficient: float,
+    maximum: timedelta,
+    attempt: int,
+    jitter: float = 0.0,
+    fraction: float = 0.0,
+) -> timedelta:
+    """Delay before the attempt after ``attempt`` (1-based) failed.
 
-    ``initial_interval * backoff_coefficient ** (attempt - 1)``, capped at ``max_interval``;
-    never overflows, however large ``attempt`` is.
+    ``initial * coefficient ** (attempt - 1)``, capped at ``maximum``; never overflows,
+    however large ``attempt`` is. A positive ``jitter`` moves it by ``jitter * fraction``
+    of itself (``fraction`` in [-1, 1], chosen by the caller, so this stays pure); the
+    result is never negative and never above ``maximum``. Node retries and notification
+    deliveries both use it.
     """
     exponent = max(attempt - 1, 0)
     try:
-        factor = policy.backoff_coefficient**exponent
+        factor = coefficient**exponent
     except OverflowError:
-        return policy.max_interval
-    seconds = policy.initial_interval.total_seconds() * factor
-    if not seconds < policy.max_interval.total_seconds():  # also catches NaN
-        return policy.max_interval
-    return policy.initial_interval * factor
+        delay = maximum
+    else:
+        seconds = initial.total_seconds() * factor
+        # ``not <`` also catches NaN.
+        delay = maximum if not seconds < maximum.total_seconds() else initial * factor
+    if jitter <= 0:
+        return delay
+    moved = delay.total_seconds() * (1.0 + jitter * fraction)
+    return timedelta(seconds=min(max(moved, 0.0), maximum.total_seconds()))
+
+
+def backoff_delay(policy: RetryPolicy, attempt: int) -> timedelta:
+    """Delay before the attempt after ``attempt`` (1-based) failed, without jitter."""
+    return exponential_delay(
+        policy.initial_interval, policy.backoff_coefficient, policy.max_interval, attempt
+    )
 
 
 def jitter_fraction(execution_id: str, node_id: str, attempt: int) -> float:
@@ -37,16 +58,17 @@ def retry_delay(
     """Delay before retrying after ``attempt`` failed, with the policy's jitter.
 
     The backoff counts the attempts since the last redrive (``attempt - retry_base``); the
-    jitter moves it by up to ``jitter`` of itself either way, decided by
-    :func:`jitter_fraction` so the engine stays pure; the result is never negative and
-    never above ``max_interval``.
+    jitter is decided by :func:`jitter_fraction` so the engine stays pure.
     """
-    delay = backoff_delay(policy, attempt - retry_base)
-    if policy.jitter <= 0:
-        return delay
-    factor = 1.0 + policy.jitter * jitter_fraction(execution_id, node_id, attempt)
-    seconds = min(max(delay.total_seconds() * factor, 0.0), policy.max_interval.total_seconds())
-    return timedelta(seconds=seconds)
+    fraction = jitter_fraction(execution_id, node_id, attempt) if policy.jitter > 0 else 0.0
+    return exponential_delay(
+        policy.initial_interval,
+        policy.backoff_coefficient,
+        policy.max_interval,
+        attempt - retry_base,
+        policy.jitter,
+        fraction,
+    )
 
 
 def should_retry(policy: RetryPolicy, error_type: str, retryable: bool, attempts: int) -> bool:

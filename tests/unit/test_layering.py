@@ -47,6 +47,18 @@ def test_engine_model_errors_import_only_the_standard_library() -> None:
     assert {n for n in names if n.split(".")[0] not in STDLIB} == set()
 
 
+def test_dispatch_and_notify_share_breakers_without_importing_each_other() -> None:
+    # The breaker primitive is coordinator.breakers; neither reaches into another
+    # package's private modules.
+    for package, other in (("dispatch", "notify"), ("notify", "dispatch")):
+        for path, names in imported_modules(f"coordinator/{package}").items():
+            for name in names:
+                parts = name.split(".")
+                assert parts[:2] != ["coordinator", other], f"{path}: {name}"
+                private = any(p.startswith("_") for p in parts[2:])
+                assert not (private and parts[:2] != ["coordinator", package]), f"{path}: {name}"
+
+
 def test_service_imports_neither_grpc_nor_sqlalchemy() -> None:
     allowed = ("coordinator",)
     assert offenders("coordinator/service", allowed) == []
