@@ -9,30 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import one_line_error, trellis
 from tests.support.procs import ROOT, Proc, base_env, spawn_coordinator, spawn_worker
 from worker_sdk import Client
 
 pytestmark = pytest.mark.e2e
-
-
-def trellis(address: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trellis.cli", "--address", address, *args],
-        env=base_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import one_line_error, trellis
+from tests.support.cli import one_line_error, trellis
 from tests.support.procs import Proc, spawn_coordinator
 
 pytestmark = pytest.mark.e2e

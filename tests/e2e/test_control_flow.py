@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.flow_worker import CHILD_ERROR
 from tests.support.procs import ROOT, Proc, spawn_coordinator, spawn_worker
-from tests.support.wait import eventually
+from tests.support.wait import wait_for
 from worker_sdk import Client, Execution, InvalidArgumentError, Workflow
 
 pytestmark = pytest.mark.e2e
@@ -129,7 +129,7 @@ async def test_cancelling_the_parent_cancels_the_running_child(db_url: str, tmp_
             child_run = await client.get_execution(sub.child_execution_id)
             return sub.child_execution_id if child_run.node("hold").status == "LEASED" else ""
 
-        child_id = await eventually(child_running, within=WAIT)
+        child_id = await wait_for(child_running, timeout=WAIT)
         await client.cancel_execution(run.id, "changed my mind")
         parent_done = await client.wait_for_execution(run.id, timeout=WAIT)
         child_done = await client.wait_for_execution(child_id, timeout=WAIT)

@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from tests.support.procs import ROOT, spawn_coordinator, spawn_worker
 from tests.support.tcp_proxy import TcpProxy
-from tests.support.wait import eventually
+from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
 from worker_sdk import Client, UnavailableError
 
@@ -89,7 +89,7 @@ async def test_in_flight_results_survive_a_database_outage(
                 async def all_first_nodes_running() -> bool:
                     return len(records(record)) >= EXECUTIONS
 
-                await eventually(all_first_nodes_running, within=WAIT)
+                await wait_for(all_first_nodes_running, timeout=WAIT)
                 proxy.cut()  # while the "a" tasks sleep
 
                 with pytest.raises(UnavailableError) as down:
@@ -100,7 +100,7 @@ async def test_in_flight_results_survive_a_database_outage(
                     return "delivering results to" in worker.output()
 
                 # The handlers finish during the outage; their results are refused and kept.
-                await eventually(results_refused, within=WAIT, interval=0.1)
+                await wait_for(results_refused, timeout=WAIT, interval=0.1)
                 assert {n for _, n, _ in records(record)} == {"a"}
                 proxy.restore()
 

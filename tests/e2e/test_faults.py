@@ -12,16 +12,10 @@ from typing import Any
 
 import pytest
 
-from tests.e2e._fault_helpers import (
-    FAULT_WORKER,
-    count_records,
-    history,
-    of_node,
-    read_records,
-    trellis_cli,
-)
+from tests.support.cli import trellis_cli
+from tests.support.faults import FAULT_WORKER, count_records, history, of_node, read_records
 from tests.support.procs import ROOT, spawn_coordinator, spawn_worker
-from tests.support.wait import eventually
+from tests.support.wait import wait_for
 from worker_sdk import Client, Workflow
 
 pytestmark = pytest.mark.e2e
@@ -205,7 +199,7 @@ async def test_cancel_reaches_running_async_and_sync_handlers(db_url: str, tmp_p
                 starts = count_records(record, "start")
                 return starts[(execution.id, "async")] == 1 and starts[(execution.id, "sync")] == 1
 
-            await eventually(both_running, within=30)
+            await wait_for(both_running, timeout=30)
             cancelled_at = time.monotonic()
             cli = await trellis_cli(address, "cancel", execution.id, "--reason", "e2e")
             assert cli.returncode == 0, cli.stderr
@@ -216,7 +210,7 @@ async def test_cancel_reaches_running_async_and_sync_handlers(db_url: str, tmp_p
                 sync_seen = count_records(record, "sync-cancelled")[(execution.id, "sync")]
                 return async_seen == 1 and sync_seen == 1
 
-            await eventually(handlers_saw_it, within=10)
+            await wait_for(handlers_saw_it, timeout=10)
             latency = time.monotonic() - cancelled_at
             print(f"\ncancel observed by both handlers {latency:.2f}s after `trellis cancel`")
 

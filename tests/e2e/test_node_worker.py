@@ -20,9 +20,9 @@ import pytest
 
 from coordinator.model import DEFAULT_TENANT
 from coordinator.store import open_store
-from tests.e2e._fault_helpers import history, of_node
+from tests.support.faults import history, of_node
 from tests.support.procs import ROOT, Proc, base_env, spawn, spawn_coordinator, spawn_worker
-from tests.support.wait import eventually
+from tests.support.wait import wait_for
 from worker_sdk import Client, Workflow
 
 pytestmark = pytest.mark.e2e
@@ -84,7 +84,7 @@ async def logged(proc: Proc, text: str, count: int = 1, within: float = 20) -> N
             raise AssertionError(f"{proc.name} exited early:\n{proc.output()}")
         return proc.output().count(text) >= count
 
-    await eventually(probe, within=within)
+    await wait_for(probe, timeout=within)
 
 
 def hold_workflow(timeout: str) -> Workflow:
@@ -177,7 +177,7 @@ async def test_sigkilled_node_worker_lease_is_retried_by_another_node_worker(
                     for r in runs
                 )
 
-            await eventually(all_leased_to_a, within=20)
+            await wait_for(all_leased_to_a, timeout=20)
             await logged(worker_a, "holding for", count=3)
             killed_at = time.monotonic()
             assert worker_a.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -325,7 +325,7 @@ async def test_node_heartbeats_keep_the_lease_and_a_cancel_aborts_the_handler(
                 assert (hold.status, hold.attempt) == ("LEASED", 1), hold
                 return time.monotonic() - leased_at > 3
 
-            await eventually(lease_outlived_its_heartbeat_timeout, within=10)
+            await wait_for(lease_outlived_its_heartbeat_timeout, timeout=10)
             await client.cancel_execution(execution.id, reason="test")
             await logged(worker, "dropped without a result (cancelled by the coordinator)")
             cancelled = await client.get_execution(execution.id)

@@ -19,9 +19,10 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from coordinator.notify import SIGNATURE_HEADER, verify
-from tests.e2e._fault_helpers import FAULT_WORKER, trellis_cli
+from tests.support.cli import trellis_cli
+from tests.support.faults import FAULT_WORKER
 from tests.support.procs import free_port, spawn_coordinator, spawn_worker
-from tests.support.wait import eventually
+from tests.support.wait import wait_for
 from trellis.v1 import notification_service_pb2 as npb
 from trellis.v1 import notification_service_pb2_grpc as ngrpc
 from worker_sdk import Client, Workflow
@@ -160,7 +161,7 @@ async def test_a_failing_workflow_notifies_by_mail_and_by_webhook_after_it_recov
             assert execution.status == "FAILED"
 
             # The e-mail arrives (the SMTP server is up from the start).
-            await eventually(lambda: _async(len(mailbox.messages) >= 1), within=30)
+            await wait_for(lambda: len(mailbox.messages) >= 1, timeout=30)
             mail = message_from_bytes(mailbox.messages[0])
             assert mail["Subject"] == f"checkout FAILED: {execution.id}"
             assert "oncall@example.com" in mail["To"] and "lead@example.com" in mail["To"]
@@ -171,7 +172,7 @@ async def test_a_failing_workflow_notifies_by_mail_and_by_webhook_after_it_recov
                 found = await deliveries(stub, channel="hook")
                 return bool(found) and len(found[0].attempts) >= 2
 
-            await eventually(failing, within=30)
+            await wait_for(failing, timeout=30)
             (down,) = await deliveries(stub, channel="hook")
             assert down.status == npb.DELIVERY_STATUS_PENDING
             assert not any(a.ok for a in down.attempts) and down.last_error
@@ -185,7 +186,7 @@ async def test_a_failing_workflow_notifies_by_mail_and_by_webhook_after_it_recov
                 (d,) = await deliveries(stub, channel="hook")
                 return d if d.status == npb.DELIVERY_STATUS_DELIVERED else None
 
-            hook = await eventually(delivered, within=45)
+            hook = await wait_for(delivered, timeout=45)
             assert len(hook.attempts) > 1
             assert [a.ok for a in hook.attempts].count(True) == 1 and hook.attempts[-1].ok
             assert hook.execution_id == execution.id
@@ -219,7 +220,3 @@ async def test_a_failing_workflow_notifies_by_mail_and_by_webhook_after_it_recov
         receiver.stop()
         worker.stop()
         coordinator.stop()
-
-
-async def _async(value: bool) -> bool:
-    return value

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e._fault_helpers import FAULT_WORKER, count_records, history, of_node, read_records
+from tests.support.faults import FAULT_WORKER, count_records, history, of_node, read_records
 from tests.support.procs import Proc, free_port, spawn_coordinator, spawn_worker
-from tests.support.wait import eventually
+from tests.support.wait import wait_for
 from worker_sdk import Client, UnavailableError, Workflow
 
 pytestmark = pytest.mark.e2e
@@ -65,8 +65,8 @@ async def test_sigkilled_worker_leases_are_retried_by_another_worker(
             async def all_running_in_a() -> bool:
                 return len(count_records(record, "start")) == HELD_RUNS
 
-            await eventually(all_leased_to_a, within=30)
-            await eventually(all_running_in_a, within=10)
+            await wait_for(all_leased_to_a, timeout=30)
+            await wait_for(all_running_in_a, timeout=10)
 
             killed_at = time.monotonic()
             assert worker_a.stop(signal.SIGKILL) == -signal.SIGKILL
@@ -175,7 +175,7 @@ async def test_coordinator_sigkill_mid_run_then_restart_finishes_everything_once
                 n = await succeeded()
                 return n if n >= CHAIN_RUNS * 3 // 10 else 0
 
-            at_kill = await eventually(thirty_percent_done, within=60, interval=0.02)
+            at_kill = await wait_for(thirty_percent_done, timeout=60, interval=0.02)
             killed_at = time.monotonic()
             assert coordinator.stop(signal.SIGKILL) == -signal.SIGKILL
             killed_wall = datetime.now(UTC)
@@ -187,7 +187,7 @@ async def test_coordinator_sigkill_mid_run_then_restart_finishes_everything_once
             async def all_done() -> bool:
                 return await succeeded() == CHAIN_RUNS
 
-            await eventually(all_done, within=60, interval=0.2)
+            await wait_for(all_done, timeout=60, interval=0.2)
             finished_after = time.monotonic() - killed_at
 
             carried_over = 0  # attempts leased before the kill and completed after it

@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.e2e.test_webhooks import cli
+from tests.support.cli import cli
 from tests.support.procs import ROOT, spawn_coordinator
 from worker_sdk import Client
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import subprocess
 import sys
 import time
 import urllib.error
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_gateway import until
+from tests.support.cli import cli
+from tests.support.http import until
 from tests.support.procs import (
     ROOT,
     base_env,
@@ -45,19 +45,6 @@ def signature(body: bytes, secret: str = SECRET) -> dict[str, str]:
     t = int(time.time())
     mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
     return {"Content-Type": "application/json", "X-Trellis-Signature": f"t={t},v1={mac}"}
-
-
-def cli(address: str, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "trellis.cli", "--address", address, *args],
-        env=base_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 async def test_signed_webhook_runs_a_workflow_once_and_errors_start_nothing(

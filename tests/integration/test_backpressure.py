@@ -23,7 +23,7 @@ from coordinator.service import Coordinator, ServiceSettings, Store
 from coordinator.service._backpressure import PollWaiters, StartRate
 from coordinator.store import open_store
 from tests.support.tcp_proxy import TcpProxy
-from tests.support.wait import eventually
+from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import worker_service_pb2_grpc as wgrpc
@@ -141,7 +141,7 @@ async def test_polls_over_the_waiter_bound_are_refused_with_a_retry_hint(
         return waiters.waiting == 1
 
     first = poll(8)  # nothing to claim: it waits, taking the only waiting slot
-    await eventually(one_waiting)
+    await wait_for(one_waiting)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await poll(8)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -185,7 +185,7 @@ async def test_database_outage_answers_unavailable_then_recovers(
                         return False
                     return True
 
-                await eventually(readable, within=30, interval=0.2)
+                await wait_for(readable, timeout=30, interval=0.2)
         finally:
             await store.close()
 

@@ -14,9 +14,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from coordinator.model import ExecutionStatus, NodeSpec, NodeStatus, WorkflowDef
 from coordinator.service import Coordinator, ServiceSettings, Store, Sweeper
 from coordinator.store import open_store
-from tests.integration.conftest import Api
-from tests.integration.test_grpc_api import expect_status, poll, register
-from tests.support.wait import eventually
+from tests.support.grpc_api import Api, expect_status, poll, register
+from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import workflow_service_pb2 as fpb
@@ -68,7 +67,7 @@ async def ended(api: Api, execution_id: str) -> common_pb2.Execution:
         )
         return execution if terminal else None
 
-    return await eventually(probe, within=20)
+    return await wait_for(probe, timeout=20)
 
 
 async def all_executions(api: Api) -> list[common_pb2.Execution]:
@@ -466,7 +465,7 @@ async def test_map_elements_carry_their_index(api: Api) -> None:
         tasks.extend(await poll(api, max_tasks=3))
         return len(tasks) >= 3
 
-    await eventually(all_three, within=10)
+    await wait_for(all_three, timeout=10)
     assert sorted((t.node_id, t.map_index, json.loads(t.input)) for t in tasks) == [
         ("m[0]", 0, 10),
         ("m[1]", 1, 20),

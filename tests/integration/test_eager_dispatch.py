@@ -6,8 +6,7 @@ import json
 
 import grpc
 
-from tests.integration.conftest import Api
-from tests.integration.test_grpc_api import definition, expect_status, poll, register, start
+from tests.support.grpc_api import Api, definition, events_of, expect_status, poll, register, start
 from trellis.v1 import common_pb2
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import workflow_service_pb2 as fpb
@@ -20,17 +19,6 @@ def complete(task: wpb.Task, output: object, **eager: object) -> wpb.CompleteTas
         worker_id="w1",
         **eager,  # type: ignore[arg-type]
     )
-
-
-async def events_of(api: Api, execution_id: str) -> list[common_pb2.Event]:
-    """Every event of an ended execution (the watch ends with it)."""
-    return [
-        m.event
-        async for m in api.workflows.WatchExecution(
-            fpb.WatchExecutionRequest(execution_id=execution_id)
-        )
-        if m.HasField("event")
-    ]
 
 
 async def test_a_chain_runs_on_completion_replies_alone(api: Api) -> None:

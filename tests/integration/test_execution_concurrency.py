@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.integration.conftest import Api
-from tests.integration.test_grpc_api import definition, poll, register
-from tests.support.wait import eventually
+from tests.support.grpc_api import Api, definition, poll, register
+from tests.support.wait import wait_for
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import workflow_service_pb2 as fpb
 
@@ -22,7 +21,7 @@ async def test_a_capped_execution_wakes_its_waiting_poll_when_a_lease_ends(api: 
     assert len(first) == 2  # three READY nodes, at most two leased
     poller = asyncio.create_task(poll(api, wait=20.0))
     coordinator = api.running.coordinator
-    await eventually(lambda: asyncio.sleep(0, coordinator.notifier.waiting == 1))
+    await wait_for(lambda: coordinator.notifier.waiting == 1)
     await api.workers.CompleteTask(
         wpb.CompleteTaskRequest(lease_token=first[0].lease_token, output=b"1")
     )

@@ -10,8 +10,7 @@ import pytest
 
 from coordinator.signing import sign
 from gateway import GatewayConfig, create_app
-from tests.integration.conftest import Api
-from tests.integration.test_grpc_api import DIAMOND, register
+from tests.support.grpc_api import DIAMOND, Api, register
 from trellis.v1 import trigger_service_pb2 as tpb
 from trellis.v1 import trigger_service_pb2_grpc as tgrpc
 from trellis.v1 import workflow_service_pb2 as fpb

@@ -11,72 +11,20 @@ import pytest
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.integration.conftest import PAYLOAD_LIMIT, Api
-from tests.support.wait import eventually
+from tests.support.grpc_api import (
+    DIAMOND,
+    PAYLOAD_LIMIT,
+    Api,
+    definition,
+    expect_status,
+    poll,
+    register,
+    start,
+)
+from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import workflow_service_pb2 as fpb
-
-
-def definition(
-    name: str,
-    nodes: list[str],
-    edges: list[tuple[str, str]],
-    task_type: str = "t",
-    **node_opts: object,
-) -> common_pb2.WorkflowDefinition:
-    msg = common_pb2.WorkflowDefinition(name=name)
-    for node_id in nodes:
-        msg.nodes.add(id=node_id, task_type=task_type, **node_opts)  # type: ignore[arg-type]
-    for source, target in edges:
-        msg.edges.add(source=source, target=target)
-    return msg
-
-
-DIAMOND = definition(
-    "diamond", ["a", "b", "c", "d"], [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")]
-)
-
-
-async def register(api: Api, defn: common_pb2.WorkflowDefinition) -> fpb.RegisterWorkflowResponse:
-    reply: fpb.RegisterWorkflowResponse = await api.workflows.RegisterWorkflow(
-        fpb.RegisterWorkflowRequest(definition=defn)
-    )
-    return reply
-
-
-async def start(api: Api, name: str, payload: object = None) -> str:
-    reply = await api.workflows.StartExecution(
-        fpb.StartExecutionRequest(workflow_name=name, input=json.dumps(payload).encode())
-    )
-    execution_id: str = reply.execution.id
-    return execution_id
-
-
-async def poll(
-    api: Api, max_tasks: int = 10, wait: float = 0.0, types: tuple[str, ...] = ("t",)
-) -> list[wpb.Task]:
-    reply = await api.workers.PollTasks(
-        wpb.PollTasksRequest(
-            worker_id="w1",
-            task_types=list(types),
-            max_tasks=max_tasks,
-            wait=duration_pb2.Duration(nanos=int(wait * 1e9) % 10**9, seconds=int(wait)),
-        ),
-        timeout=wait + 10,
-    )
-    return list(reply.tasks)
-
-
-async def expect_status(call: object, code: grpc.StatusCode, *fragments: str) -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call  # type: ignore[misc]
-    assert info.value.code() == code, info.value.details()
-    details = info.value.details() or ""
-    for fragment in fragments:
-        assert fragment in details, details
-    return details
-
 
 # -- bad input ----------------------------------------------------------------------------
 
@@ -288,7 +236,7 @@ async def test_waiting_poll_is_woken_when_a_task_becomes_ready(api: Api) -> None
     await register(api, definition("wake", ["a"], []))
     poller = asyncio.create_task(poll(api, wait=20.0))
     coordinator = api.running.coordinator
-    await eventually(lambda: asyncio.sleep(0, coordinator.notifier.waiting == 1))
+    await wait_for(lambda: coordinator.notifier.waiting == 1)
     started = time.perf_counter()
     await start(api, "wake", 1)
     tasks = await poller
@@ -335,7 +283,7 @@ async def test_drain_answers_waiting_polls_and_refuses_new_ones(api: Api) -> Non
     await register(api, definition("d", ["a"], []))
     poller = asyncio.create_task(poll(api, wait=20.0))
     coordinator = api.running.coordinator
-    await eventually(lambda: asyncio.sleep(0, coordinator.notifier.waiting == 1))
+    await wait_for(lambda: coordinator.notifier.waiting == 1)
     coordinator.begin_drain()
     assert await asyncio.wait_for(poller, 5) == []
     await expect_status(poll(api), grpc.StatusCode.UNAVAILABLE, "shutting down")

@@ -10,9 +10,8 @@ import grpc
 from google.protobuf import duration_pb2
 
 from coordinator.model import Event
-from tests.integration.conftest import Api
-from tests.integration.test_grpc_api import definition, expect_status, poll, register, start
-from tests.support.wait import eventually
+from tests.support.grpc_api import Api, definition, expect_status, poll, register, start
+from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import workflow_service_pb2 as fpb
@@ -132,7 +131,7 @@ async def test_pause_holds_dispatch_until_resume(api: Api) -> None:
     # A poll waiting while the execution is paused gets the task as soon as it is resumed.
     poller = asyncio.create_task(poll(api, wait=20.0))
     notifier = api.running.coordinator.notifier
-    await eventually(lambda: asyncio.sleep(0, notifier.waiting == 1))
+    await wait_for(lambda: notifier.waiting == 1)
     resumed = await api.workflows.ResumeExecution(
         fpb.ResumeExecutionRequest(execution_id=execution_id)
     )
@@ -240,7 +239,7 @@ async def test_unstarted_node_times_out_and_is_dead_lettered(api: Api) -> None:
         got = await execution(api, execution_id)
         return got if got.status == common_pb2.EXECUTION_STATUS_FAILED else None
 
-    failed = await eventually(ended, within=10)
+    failed = await wait_for(ended, timeout=10)
     assert statuses(failed) == {
         "a": common_pb2.NODE_STATUS_TIMED_OUT,
         "b": common_pb2.NODE_STATUS_SKIPPED,
@@ -262,7 +261,7 @@ async def test_execution_timeout_revokes_running_leases(api: Api) -> None:
         got = await execution(api, execution_id)
         return got.status == common_pb2.EXECUTION_STATUS_TIMED_OUT
 
-    await eventually(timed_out, within=10)
+    await wait_for(timed_out, timeout=10)
     beat = await api.workers.Heartbeat(
         wpb.HeartbeatRequest(
             worker_id="w1", leases=[wpb.LeaseHeartbeat(lease_token=task.lease_token)]

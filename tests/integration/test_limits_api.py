@@ -22,7 +22,7 @@ from coordinator.grpc.dispatch_servicer import SERVICE_NAME, add_dispatch
 from coordinator.model import BreakerInfo, BreakerState, TaskTypeLimits
 from coordinator.service._limits import LimitsAdmin
 from coordinator.store import SqlStore
-from tests.integration.test_grpc_api import expect_status
+from tests.support.grpc_api import expect_status
 from trellis.v1 import dispatch_service_pb2 as dpb
 from trellis.v1 import dispatch_service_pb2_grpc as dgrpc
 

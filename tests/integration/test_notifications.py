@@ -34,9 +34,8 @@ from coordinator.notify import Backoff, ChannelBreakers
 from coordinator.service import Decision, with_deliveries
 from coordinator.service._notifications import DeliverySettings, NotificationDispatcher
 from coordinator.store import SqlStore, open_store
-from tests.integration.conftest import Api
-from tests.integration.test_grpc_api import definition, expect_status, poll, register, start
-from tests.support.wait import eventually
+from tests.support.grpc_api import Api, definition, expect_status, poll, register, start
+from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
 from trellis.v1 import notification_service_pb2 as npb
 from trellis.v1 import notification_service_pb2_grpc as ngrpc
@@ -242,7 +241,7 @@ async def test_an_execution_ending_queues_one_delivery_per_matching_rule(api: Ap
         (d,) = (await n.ListDeliveries(npb.ListDeliveriesRequest(channel="ops"))).deliveries
         return d if d.attempts else None
 
-    seen = await eventually(attempted, within=20)
+    seen = await wait_for(attempted, timeout=20)
     assert not seen.attempts[0].ok and seen.attempts[0].error
     assert seen.status == npb.DELIVERY_STATUS_PENDING and seen.last_error
 

@@ -10,8 +10,8 @@ import pytest
 from google.protobuf import duration_pb2
 
 from coordinator.service import Sweeper
-from tests.integration.conftest import Api
-from tests.support.wait import eventually
+from tests.support.grpc_api import Api
+from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import workflow_service_pb2 as fpb
@@ -74,7 +74,7 @@ async def becomes(api: Api, execution_id: str, status: int) -> common_pb2.Execut
         execution = await get(api, execution_id)
         return execution if execution.status == status else None
 
-    return await eventually(probe, within=15)
+    return await wait_for(probe, timeout=15)
 
 
 async def test_reject_refuses_the_start_beyond_the_cap_and_stores_nothing(api: Api) -> None:
@@ -161,7 +161,7 @@ async def test_a_delayed_start_due_while_full_waits_in_the_queue(api: Api) -> No
     async def queued() -> bool:
         return (await get(api, delayed.id)).queued
 
-    await eventually(queued, within=15)  # the sweeper found it due, and no room
+    await wait_for(queued, timeout=15)  # the sweeper found it due, and no room
     await cancel(api, first.id)
     await becomes(api, delayed.id, RUNNING)
 

@@ -13,8 +13,8 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from coordinator.grpc.server import RunningServer, start
 from coordinator.store import SqlStore, open_store
-from tests.integration.test_grpc_api import DIAMOND
-from tests.support.wait import eventually
+from tests.support.grpc_api import DIAMOND
+from tests.support.wait import wait_for
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import worker_service_pb2_grpc, workflow_service_pb2_grpc
 from trellis.v1 import workflow_service_pb2 as fpb
@@ -40,7 +40,7 @@ async def test_a_poll_on_one_replica_is_woken_by_work_made_ready_on_another(
     replicas: list[tuple[RunningServer, SqlStore]],
 ) -> None:
     (a, store_a), (b, store_b) = replicas
-    await eventually(lambda: asyncio.sleep(0, store_a.listening and store_b.listening))
+    await wait_for(lambda: store_a.listening and store_b.listening)
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as chan_a,
         grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as chan_b,
@@ -51,7 +51,7 @@ async def test_a_poll_on_one_replica_is_woken_by_work_made_ready_on_another(
         request = wpb.PollTasksRequest(worker_id="w1", task_types=["t"], max_tasks=1)
         request.wait.FromSeconds(20)
         poll = asyncio.ensure_future(workers_a.PollTasks(request, timeout=30))
-        await eventually(lambda: asyncio.sleep(0, a.coordinator.notifier.waiting == 1))
+        await wait_for(lambda: a.coordinator.notifier.waiting == 1)
         started = time.perf_counter()
         await workflows_b.StartExecution(
             fpb.StartExecutionRequest(workflow_name="diamond", input=b"1")

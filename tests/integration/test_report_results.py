@@ -6,9 +6,7 @@ import json
 
 import grpc
 
-from tests.integration.conftest import Api
-from tests.integration.test_eager_dispatch import events_of
-from tests.integration.test_grpc_api import definition, expect_status, poll, register, start
+from tests.support.grpc_api import Api, definition, events_of, expect_status, poll, register, start
 from trellis.v1 import common_pb2
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import workflow_service_pb2 as fpb

@@ -24,7 +24,7 @@ from coordinator.model import (
 from coordinator.service.ports import Decision
 from coordinator.store import SqlStore, open_store
 from coordinator.store._open import alembic_config
-from tests.integration.test_store import NOW, T, make_execution, make_node, start, started
+from tests.support.store_builders import NOW, T, make_execution, make_node, start, started
 
 
 def child_of(parent: Execution, child_id: str, node_id: str, **changes: object) -> Execution:

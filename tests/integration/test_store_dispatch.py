@@ -10,7 +10,7 @@ from datetime import timedelta
 from coordinator.dispatch import RedisLink, TokenBuckets
 from coordinator.dispatch._control import ClaimPlan, compile_limit_expression
 from coordinator.store import SqlStore
-from tests.integration.test_store import NOW, T, make_execution, make_node, start
+from tests.support.store_builders import NOW, T, make_execution, make_node, start
 
 
 def plan(**fields: object) -> ClaimPlan:

@@ -33,14 +33,7 @@ from coordinator.service.ports import Decision
 from coordinator.store import SqlStore, normalize_database_url, open_store
 from coordinator.store._open import alembic_config
 from coordinator.store._tables import LIVE_EXECUTION_STATUSES, metadata
-from tests.integration.test_store import (
-    HEAD,
-    NOW,
-    T,
-    make_execution,
-    make_node,
-    start,
-)
+from tests.support.store_builders import HEAD, NOW, T, make_execution, make_node, start
 
 S = timedelta(seconds=1)
 

@@ -9,9 +9,8 @@ import grpc
 import pytest
 
 from coordinator.signing import sign
-from tests.integration.conftest import Api
-from tests.integration.test_grpc_api import DIAMOND, expect_status, register
-from tests.support.wait import eventually
+from tests.support.grpc_api import DIAMOND, Api, expect_status, register
+from tests.support.wait import wait_for
 from trellis.v1 import trigger_service_pb2 as tpb
 from trellis.v1 import trigger_service_pb2_grpc as tgrpc
 from trellis.v1 import workflow_service_pb2 as fpb
@@ -311,7 +310,7 @@ async def test_the_scheduler_loop_fires_a_per_second_schedule(api: Api) -> None:
         reply = await triggers.GetSchedule(tpb.GetScheduleRequest(id="tick"))
         return list(reply.schedule.recent_fires) if len(reply.schedule.recent_fires) >= 2 else []
 
-    fires = await eventually(fired, within=20)
+    fires = await wait_for(fired, timeout=20)
     await triggers.PauseSchedule(tpb.PauseScheduleRequest(id="tick"))
     got = await api.workflows.GetExecution(
         fpb.GetExecutionRequest(execution_id=fires[-1].execution_id)

@@ -18,7 +18,8 @@ import pytest
 from coordinator.errors import NotFound, ResourceExhausted, Unavailable
 from coordinator.grpc.status import trailers_for
 from coordinator.service._backpressure import PollWaiters, StartRate
-from tests.unit.test_sdk_worker import FakeWorkerService, echo, serving, start_server, wait_until
+from tests.support.fake_worker_service import FakeWorkerService, echo, serving, start_server
+from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
 from trellis.v1 import worker_service_pb2 as pb
 from trellis.v1 import workflow_service_pb2 as fpb
@@ -240,7 +241,7 @@ async def test_worker_poll_honours_the_hint_and_logs_once(
     caplog.set_level(logging.DEBUG, logger="worker_sdk")
     async with serving(Worker([echo], address=hinting.address)):
         token = await hinting.add_task("echo", 1)
-        await wait_until(lambda: hinting.done(token))
+        await wait_for(lambda: hinting.done(token))
     gaps = [b - a for a, b in itertools.pairwise(hinting.poll_times[:4])]
     assert len(gaps) == 3
     assert all(gap >= 0.3 for gap in gaps), gaps  # never sooner than the coordinator asked
@@ -266,7 +267,7 @@ async def test_worker_keeps_a_refused_result_and_resends_it_after_the_hint(
     caplog.set_level(logging.DEBUG, logger="worker_sdk")
     async with serving(Worker([echo], address=hinting.address)):
         token = await hinting.add_task("echo", "x")
-        await wait_until(lambda: hinting.done(token))
+        await wait_for(lambda: hinting.done(token))
     assert len(hinting.complete_calls) == 3
     assert hinting.completions[token] == {"got": "x", "attempt": 1}
     times = hinting.complete_times
@@ -288,7 +289,7 @@ async def test_worker_resends_a_result_through_a_long_outage(
     fake.complete_errors = [(grpc.StatusCode.UNAVAILABLE, "database unavailable")] * 40
     async with serving(Worker([echo], address=fake.address)):
         token = await fake.add_task("echo", "x")
-        await wait_until(lambda: fake.done(token), within=30)
+        await wait_for(lambda: fake.done(token), timeout=30)
     assert len(fake.complete_calls) == 41
     assert fake.completions[token] == {"got": "x", "attempt": 1}
 

@@ -32,7 +32,7 @@ from coordinator.model import (
     RetryPolicy,
     WorkflowDef,
 )
-from tests.unit.test_engine_faults import SEC, T0, Sim, comp, details, handler_defn, kinds, saga
+from tests.support.engine_sim import SEC, T0, Sim, comp, details, handler_defn, kinds, saga
 
 # a -> b -> c, a -> d; h handles b
 TREE = WorkflowDef(

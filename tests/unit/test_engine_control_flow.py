@@ -39,7 +39,7 @@ from coordinator.model import (
     TriggerRule,
     WorkflowDef,
 )
-from tests.unit.test_engine_faults import NO_WAIT, SEC, T0, Sim, details, kinds, new_execution
+from tests.support.engine_sim import NO_WAIT, SEC, T0, Sim, details, kinds, new_execution
 
 S, F, K = "succeeded", "failed", "skipped"
 

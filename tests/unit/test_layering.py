@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import ast
 import sys
 import tomllib
 from pathlib import Path
 
+from tests.support.imports import imported_modules
+
 ROOT = Path(__file__).resolve().parents[2]
 STDLIB = sys.stdlib_module_names
-
-
-def imported_modules(package: str) -> dict[str, set[str]]:
-    found: dict[str, set[str]] = {}
-    for path in (ROOT / package).rglob("*.py"):
-        if "migrations" in path.parts:
-            continue
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module)
-        found[str(path.relative_to(ROOT))] = names
-    return found
 
 
 def offenders(package: str, allowed: tuple[str, ...], stdlib: bool = True) -> list[str]:

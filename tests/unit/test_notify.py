@@ -33,7 +33,7 @@ from coordinator.notify import (
     webhook_body,
 )
 from coordinator.notify._senders import body_escape
-from tests.unit.test_layering import imported_modules
+from tests.support.imports import imported_modules
 
 # -- signing ---------------------------------------------------------------------------------
 

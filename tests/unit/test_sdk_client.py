@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.support.wait import wait_for
 from trellis.v1 import common_pb2, workflow_service_pb2, workflow_service_pb2_grpc
 from worker_sdk import (
     Client,
@@ -31,13 +31,6 @@ from worker_sdk import (
 )
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 500_000, tzinfo=UTC)
-
-
-async def wait_until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
-        await asyncio.sleep(0.01)
 
 
 def _ts(msg: Any, when: datetime) -> None:
@@ -166,6 +159,7 @@ class FakeWorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         self.watch_requests.append(request)
         sent = 0
         after = request.after_sequence
+
         while True:
             for event in self.events[request.execution_id]:
                 if event.sequence > after:
@@ -445,7 +439,7 @@ async def test_wait_for_execution_resumes_a_broken_stream(
     fake.emit(started.id, "NODE_SUCCEEDED", "a")
     fake.watch_failures = 1
     waiting = asyncio.create_task(client.wait_for_execution(started.id, timeout=10))
-    await wait_until(lambda: len(fake.watch_requests) == 2)  # the first stream broke
+    await wait_for(lambda: len(fake.watch_requests) == 2)  # the first stream broke
     assert fake.watch_requests[1].after_sequence == 1
     fake.finish(started.id)
     execution = await waiting

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -11,195 +10,17 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import grpc
 import pytest
 
 import worker_sdk
-from trellis.v1 import worker_service_pb2 as pb
-from trellis.v1 import worker_service_pb2_grpc as pb_grpc
+from tests.support.fake_worker_service import FakeWorkerService, echo, serving, start_server
+from tests.support.wait import wait_for
 from worker_sdk import NonRetryableError, TaskContext, Worker, task
-
-
-async def wait_until(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
-    """Polls ``predicate`` until it holds; fails the test after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
-
-
-class FakeWorkerService(pb_grpc.WorkerServiceServicer):
-    """Leases queued tasks and records everything the worker sends."""
-
-    def __init__(self) -> None:
-        self.address = ""
-        self.server: grpc.aio.Server | None = None
-        self.heartbeat_interval = 0.1
-        self.registrations: list[pb.RegisterWorkerRequest] = []
-        self.polls: list[pb.PollTasksRequest] = []
-        self.heartbeats: list[pb.HeartbeatRequest] = []
-        self.complete_calls: list[pb.CompleteTaskRequest] = []
-        self.fail_calls: list[pb.FailTaskRequest] = []
-        self.completions: dict[str, Any] = {}  # token → decoded output (accepted only)
-        self.failures: dict[str, pb.TaskError] = {}
-        # Errors to answer with, first in first out, before behaving normally.
-        self.poll_errors: list[tuple[grpc.StatusCode, str]] = []
-        self.complete_errors: list[tuple[grpc.StatusCode, str]] = []
-        self.cancel_tokens: set[str] = set()
-        self.lost_tokens: set[str] = set()
-        self.poll_cancelled = asyncio.Event()
-        self.overdeliver = False  # hand out every queued task, ignoring max_tasks
-        self.eager = True  # serve max_next_tasks (eager dispatch) from the queue
-        self.batches = True  # False: a coordinator without ReportResults (UNIMPLEMENTED)
-        self.report_calls: list[pb.ReportResultsRequest] = []
-        self.eager_leased: list[str] = []
-        self.polling = 0
-        self.leased: set[str] = set()
-        self.max_outstanding = 0
-        self._queue: list[pb.Task] = []
-        self._cond = asyncio.Condition()
-        self._count = 0
-
-    async def add_task(self, task_type: str, data: Any = None, **fields: Any) -> str:
-        self._count += 1
-        token = f"lease-{self._count}"
-        msg = pb.Task(
-            lease_token=token,
-            execution_id=f"exec-{self._count}",
-            node_id=f"node-{self._count}",
-            task_type=task_type,
-            attempt=1,
-            input=b"" if data is None else json.dumps(data).encode(),
-            idempotency_key=f"exec-{self._count}/node-{self._count}",
-            workflow_name="wf",
-            workflow_version=3,
-            **fields,
-        )
-        async with self._cond:
-            self._queue.append(msg)
-            self._cond.notify_all()
-        return token
-
-    def done(self, token: str) -> bool:
-        return token in self.completions or token in self.failures
-
-    def detail_seen(self, token: str, details: bytes) -> bool:
-        return any(
-            lease.lease_token == token and lease.details == details
-            for hb in self.heartbeats
-            for lease in hb.leases
-        )
-
-    async def RegisterWorker(
-        self, request: pb.RegisterWorkerRequest, context: Any
-    ) -> pb.RegisterWorkerResponse:
-        self.registrations.append(request)
-        response = pb.RegisterWorkerResponse(worker_id=request.worker_id or "w-1")
-        response.heartbeat_interval.FromTimedelta(timedelta(seconds=self.heartbeat_interval))
-        return response
-
-    async def PollTasks(self, request: pb.PollTasksRequest, context: Any) -> pb.PollTasksResponse:
-        self.polls.append(request)
-        if self.poll_errors:
-            code, message = self.poll_errors.pop(0)
-            await context.abort(code, message)
-        self.polling += 1
-        try:
-            async with self._cond:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._cond.wait_for(lambda: bool(self._queue)),
-                        request.wait.ToTimedelta().total_seconds(),
-                    )
-                n = len(self._queue) if self.overdeliver else request.max_tasks
-                batch = self._queue[:n]
-                del self._queue[:n]
-        except asyncio.CancelledError:
-            self.poll_cancelled.set()
-            raise
-        finally:
-            self.polling -= 1
-        self.leased.update(t.lease_token for t in batch)
-        self.max_outstanding = max(self.max_outstanding, len(self.leased))
-        return pb.PollTasksResponse(tasks=batch)
-
-    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
-        self.heartbeats.append(request)
-        tokens = {lease.lease_token for lease in request.leases}
-        return pb.HeartbeatResponse(
-            cancelled_lease_tokens=sorted(tokens & self.cancel_tokens),
-            lost_lease_tokens=sorted(tokens & self.lost_tokens),
-        )
-
-    async def CompleteTask(
-        self, request: pb.CompleteTaskRequest, context: Any
-    ) -> pb.CompleteTaskResponse:
-        refused = self._complete(request)
-        if refused is not None:
-            await context.abort(*refused)
-        tasks = await self._lease_eager(request.task_types, request.max_next_tasks)
-        return pb.CompleteTaskResponse(next_tasks=tasks)
-
-    async def FailTask(self, request: pb.FailTaskRequest, context: Any) -> pb.FailTaskResponse:
-        self._fail(request)
-        return pb.FailTaskResponse(will_retry=not request.error.non_retryable)
-
-    async def ReportResults(
-        self, request: pb.ReportResultsRequest, context: Any
-    ) -> pb.ReportResultsResponse:
-        if not self.batches:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
-        self.report_calls.append(request)
-        reply = pb.ReportResultsResponse()
-        for entry in request.results:
-            refused = None
-            if entry.HasField("completed"):
-                refused = self._complete(entry.completed)
-            else:
-                self._fail(entry.failed)
-            code, message = refused or (grpc.StatusCode.OK, "")
-            reply.results.add(code=code.value[0], message=message)
-        reply.next_tasks.extend(await self._lease_eager(request.task_types, request.max_next_tasks))
-        return reply
-
-    def _complete(self, request: pb.CompleteTaskRequest) -> tuple[grpc.StatusCode, str] | None:
-        self.complete_calls.append(request)
-        if self.complete_errors:
-            return self.complete_errors.pop(0)
-        self.leased.discard(request.lease_token)
-        self.completions[request.lease_token] = json.loads(request.output)
-        return None
-
-    def _fail(self, request: pb.FailTaskRequest) -> None:
-        self.fail_calls.append(request)
-        self.leased.discard(request.lease_token)
-        self.failures[request.lease_token] = request.error
-
-    async def _lease_eager(self, task_types: Any, count: int) -> list[pb.Task]:
-        if not self.eager or count <= 0:
-            return []
-        async with self._cond:
-            batch = [t for t in self._queue if t.task_type in task_types][:count]
-            self._queue = [t for t in self._queue if t not in batch]
-        self.eager_leased.extend(t.lease_token for t in batch)
-        self.leased.update(t.lease_token for t in batch)
-        self.max_outstanding = max(self.max_outstanding, len(self.leased))
-        return batch
-
-
-async def start_server(service: FakeWorkerService, port: int = 0) -> grpc.aio.Server:
-    server = grpc.aio.server()
-    pb_grpc.add_WorkerServiceServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    service.address = f"127.0.0.1:{bound}"
-    service.server = server
-    return server
 
 
 @pytest.fixture
@@ -210,21 +31,6 @@ async def fake(request: pytest.FixtureRequest) -> AsyncIterator[FakeWorkerServic
     yield service
     assert service.server is not None
     await service.server.stop(None)
-
-
-@contextlib.asynccontextmanager
-async def serving(worker: Worker) -> AsyncIterator[asyncio.Task[None]]:
-    serve = asyncio.create_task(worker.serve())
-    try:
-        yield serve
-    finally:
-        await asyncio.wait_for(worker.stop(), 10)
-        await serve
-
-
-@task("echo")
-async def echo(ctx: TaskContext, data: Any) -> Any:
-    return {"got": data, "attempt": ctx.attempt}
 
 
 async def test_registers_and_completes_with_json_output(fake: FakeWorkerService) -> None:
@@ -241,7 +47,7 @@ async def test_registers_and_completes_with_json_output(fake: FakeWorkerService)
         config_token = await fake.add_task(
             "inspect", None, config=b'{"limit": 3}', metadata={"trace": "t1"}
         )
-        await wait_until(lambda: fake.done(token) and fake.done(config_token))
+        await wait_for(lambda: fake.done(token) and fake.done(config_token))
 
     registration = fake.registrations[0]
     assert sorted(registration.task_types) == ["echo", "inspect"]
@@ -274,7 +80,7 @@ async def test_sync_handler_runs_in_a_worker_thread(fake: FakeWorkerService) -> 
 
     async with serving(Worker([sync_handler], address=fake.address)):
         token = await fake.add_task("sync", 21)
-        await wait_until(lambda: fake.done(token))
+        await wait_for(lambda: fake.done(token))
     assert fake.completions[token] == 42
     assert threads[0].startswith("trellis-worker")
 
@@ -304,7 +110,7 @@ async def test_exception_fails_the_task(
     failing = task("fails")(raise_async if is_async else raise_it)
     async with serving(Worker([failing], address=fake.address)):
         token = await fake.add_task("fails")
-        await wait_until(lambda: fake.done(token))
+        await wait_for(lambda: fake.done(token))
     error = fake.failures[token]
     assert error.type == error_type
     assert error.message == str(exc)
@@ -319,7 +125,7 @@ async def test_unserializable_output_fails_non_retryable(fake: FakeWorkerService
 
     async with serving(Worker([weird], address=fake.address)):
         token = await fake.add_task("weird")
-        await wait_until(lambda: fake.done(token))
+        await wait_for(lambda: fake.done(token))
     assert fake.failures[token].type == "OutputNotSerializable"
     assert fake.failures[token].non_retryable
 
@@ -337,7 +143,7 @@ async def test_task_timeout_cancels_the_handler(fake: FakeWorkerService) -> None
 
     async with serving(Worker([slow], address=fake.address)):
         token = await fake.add_task("slow")
-        await wait_until(lambda: fake.done(token))
+        await wait_for(lambda: fake.done(token))
     assert cancelled.is_set()
     error = fake.failures[token]
     assert error.type == "TimeoutError"
@@ -359,8 +165,8 @@ async def test_sync_handler_timeout_sets_cancelled(fake: FakeWorkerService) -> N
 
     async with serving(Worker([slow], address=fake.address)):
         token = await fake.add_task("slow-sync")
-        await wait_until(lambda: fake.done(token))
-        await wait_until(saw_cancel.is_set)
+        await wait_for(lambda: fake.done(token))
+        await wait_for(saw_cancel.is_set)
     assert fake.failures[token].type == "TimeoutError"
     assert token not in fake.completions
 
@@ -387,7 +193,7 @@ async def test_never_runs_more_than_concurrency(fake: FakeWorkerService) -> None
     busy = Busy(0.05)
     tokens = [await fake.add_task("busy", i) for i in range(10)]
     async with serving(Worker([busy.task], address=fake.address, concurrency=3)):
-        await wait_until(lambda: all(fake.done(t) for t in tokens))
+        await wait_for(lambda: all(fake.done(t) for t in tokens))
     assert busy.peak == 3
     assert fake.max_outstanding <= 3
     assert all(1 <= p.max_tasks <= 3 for p in fake.polls)
@@ -408,7 +214,7 @@ async def test_eager_dispatch_runs_the_tasks_a_completion_reply_carries(
     busy = Busy(0.02)
     tokens = [await fake.add_task("busy", i) for i in range(12)]
     async with serving(Worker([busy.task, echo], address=fake.address, concurrency=2)):
-        await wait_until(lambda: all(fake.done(t) for t in tokens))
+        await wait_for(lambda: all(fake.done(t) for t in tokens))
     assert sorted(fake.completions.values()) == list(range(12))
     assert fake.eager_leased, "no task came through a completion's reply"
     assert set(fake.eager_leased) <= set(fake.completions)
@@ -430,7 +236,7 @@ async def test_eager_dispatch_runs_the_tasks_a_completion_reply_carries(
 async def test_eager_dispatch_can_be_turned_off(fake: FakeWorkerService) -> None:
     tokens = [await fake.add_task("echo", i) for i in range(3)]
     async with serving(Worker([echo], address=fake.address, concurrency=1, eager_dispatch=False)):
-        await wait_until(lambda: all(fake.done(t) for t in tokens))
+        await wait_for(lambda: all(fake.done(t) for t in tokens))
     assert fake.eager_leased == []
     assert all(c.max_next_tasks == 0 and not c.task_types for c in fake.complete_calls)
     assert all(r.max_next_tasks == 0 and not r.task_types for r in fake.report_calls)
@@ -453,9 +259,9 @@ async def test_results_finishing_together_share_a_call(fake: FakeWorkerService) 
     gate, gated = gated_task()
     tokens = [await fake.add_task("gated", i) for i in range(20)]
     async with serving(Worker([gated], address=fake.address, concurrency=20)):
-        await wait_until(lambda: len(fake.leased) == 20)
+        await wait_for(lambda: len(fake.leased) == 20)
         gate.set()
-        await wait_until(lambda: all(fake.done(t) for t in tokens))
+        await wait_for(lambda: all(fake.done(t) for t in tokens))
     assert sorted(fake.completions.values()) == list(range(20))
     sizes = [len(r.results) for r in fake.report_calls]
     assert sum(sizes) == 20
@@ -470,9 +276,9 @@ async def test_a_refused_result_does_not_hold_up_its_batch(fake: FakeWorkerServi
     gate, gated = gated_task()
     tokens = [await fake.add_task("gated", i) for i in range(6)]
     async with serving(Worker([gated], address=fake.address, concurrency=6)):
-        await wait_until(lambda: len(fake.leased) == 6)
+        await wait_for(lambda: len(fake.leased) == 6)
         gate.set()
-        await wait_until(lambda: len(fake.complete_calls) == 6 and len(fake.completions) == 5)
+        await wait_for(lambda: len(fake.complete_calls) == 6 and len(fake.completions) == 5)
     assert len(fake.complete_calls) == 6  # nothing sent twice
     assert len({c.lease_token for c in fake.complete_calls}) == 6
     assert set(fake.completions) < set(tokens)
@@ -486,9 +292,9 @@ async def test_results_go_one_by_one_to_a_coordinator_without_batches() -> None:
     try:
         tokens = [await service.add_task("echo", i) for i in range(5)]
         async with serving(Worker([echo], address=service.address, concurrency=5)):
-            await wait_until(lambda: all(service.done(t) for t in tokens))
+            await wait_for(lambda: all(service.done(t) for t in tokens))
             later = await service.add_task("echo", 5)  # after the fallback was learnt
-            await wait_until(lambda: service.done(later))
+            await wait_for(lambda: service.done(later))
         assert len(service.complete_calls) == 6
         assert not service.report_calls
     finally:
@@ -501,7 +307,7 @@ async def test_extra_tasks_from_the_coordinator_wait_for_a_slot(fake: FakeWorker
     busy = Busy(0.02)
     tokens = [await fake.add_task("busy", i) for i in range(6)]
     async with serving(Worker([busy.task], address=fake.address, concurrency=2)):
-        await wait_until(lambda: all(fake.done(t) for t in tokens))
+        await wait_for(lambda: all(fake.done(t) for t in tokens))
     assert busy.peak == 2
 
 
@@ -517,10 +323,10 @@ async def test_heartbeat_carries_details_and_is_sent_early(fake: FakeWorkerServi
 
     async with serving(Worker([progress], address=fake.address)):
         token = await fake.add_task("progress")
-        await wait_until(lambda: fake.detail_seen(token, b'{"done":50}'), within=3)
+        await wait_for(lambda: fake.detail_seen(token, b'{"done":50}'), timeout=3)
         assert fake.heartbeats[0].worker_id == "w-1"
         release.set()
-        await wait_until(lambda: fake.done(token))
+        await wait_for(lambda: fake.done(token))
 
 
 async def test_sync_heartbeat_and_periodic_send(fake: FakeWorkerService) -> None:
@@ -535,13 +341,13 @@ async def test_sync_heartbeat_and_periodic_send(fake: FakeWorkerService) -> None
     async with serving(Worker([progress], address=fake.address)):
         token = await fake.add_task("sync-progress")
         # Details persist: the periodic heartbeats keep sending them.
-        await wait_until(
+        await wait_for(
             lambda: (
                 sum(lease.details == b"[1,2]" for hb in fake.heartbeats for lease in hb.leases) >= 3
             )
         )
         release.set()
-        await wait_until(lambda: fake.done(token))
+        await wait_for(lambda: fake.done(token))
 
 
 async def test_cancelled_lease_cancels_async_handler_and_sends_nothing(
@@ -567,7 +373,7 @@ async def test_cancelled_lease_cancels_async_handler_and_sends_nothing(
         fake.cancel_tokens.add(token)
         await asyncio.wait_for(cancelled.wait(), 5)
         after = await fake.add_task("echo", 1)
-        await wait_until(lambda: fake.done(after))
+        await wait_for(lambda: fake.done(after))
     # stop() has drained every runner: nothing can be sent for the cancelled lease now.
     assert not fake.done(token)
     assert token not in {c.lease_token for c in fake.complete_calls}
@@ -587,9 +393,9 @@ async def test_lost_lease_is_seen_by_sync_handler(fake: FakeWorkerService) -> No
 
     async with serving(Worker([poller], address=fake.address)):
         token = await fake.add_task("poller")
-        await wait_until(lambda: any(hb.leases for hb in fake.heartbeats))
+        await wait_for(lambda: any(hb.leases for hb in fake.heartbeats))
         fake.lost_tokens.add(token)
-        await wait_until(returned.is_set)
+        await wait_for(returned.is_set)
     assert not fake.done(token)
     assert not fake.complete_calls
 
@@ -599,7 +405,7 @@ async def test_result_is_redelivered_until_accepted(fake: FakeWorkerService) -> 
     fake.complete_errors = [(grpc.StatusCode.UNAVAILABLE, "restarting")] * 3
     async with serving(Worker([echo], address=fake.address)):
         token = await fake.add_task("echo", "x")
-        await wait_until(lambda: fake.done(token))
+        await wait_for(lambda: fake.done(token))
     assert len(fake.complete_calls) == 4
     assert fake.completions[token] == {"got": "x", "attempt": 1}
 
@@ -609,7 +415,7 @@ async def test_stale_lease_result_is_dropped(fake: FakeWorkerService) -> None:
     fake.complete_errors = [(grpc.StatusCode.FAILED_PRECONDITION, "stale lease")]
     async with serving(Worker([echo], address=fake.address)):
         await fake.add_task("echo", "x")
-        await wait_until(lambda: len(fake.complete_calls) == 1)
+        await wait_for(lambda: len(fake.complete_calls) == 1)
     assert not fake.completions
     assert not fake.fail_calls
     assert len(fake.complete_calls) == 1
@@ -620,7 +426,7 @@ async def test_refused_output_becomes_non_retryable_failure(fake: FakeWorkerServ
     fake.complete_errors = [(grpc.StatusCode.INVALID_ARGUMENT, "output is 9 MiB; limit 1 MiB")]
     async with serving(Worker([echo], address=fake.address)):
         token = await fake.add_task("echo", "x")
-        await wait_until(lambda: fake.done(token))
+        await wait_for(lambda: fake.done(token))
     error = fake.failures[token]
     assert error.type == "OutputRejected"
     assert error.non_retryable
@@ -645,7 +451,7 @@ async def test_result_sends_next_and_expansion(fake: FakeWorkerService) -> None:
         token = await fake.add_task("route", 5000)
         wrapped = await fake.add_task("plain", [1])
         bare = await fake.add_task("plain", 0)
-        await wait_until(lambda: all(fake.done(t) for t in (token, wrapped, bare)))
+        await wait_for(lambda: all(fake.done(t) for t in (token, wrapped, bare)))
     calls = {c.lease_token: c for c in fake.complete_calls}
     assert fake.completions[token] == {"amount": 5000}
     assert list(calls[token].next) == ["manual"]
@@ -672,7 +478,7 @@ async def test_refused_expansion_fails_the_task_once(fake: FakeWorkerService) ->
 
     async with serving(Worker([route], address=fake.address)):
         token = await fake.add_task("route")
-        await wait_until(lambda: fake.done(token))
+        await wait_for(lambda: fake.done(token))
     assert len(fake.complete_calls) == 1  # not resent in a loop
     assert len(fake.fail_calls) == 1
     error = fake.failures[token]
@@ -688,7 +494,7 @@ async def test_poll_failure_backs_off_and_registers_again(fake: FakeWorkerServic
     ]
     async with serving(Worker([echo], address=fake.address)):
         token = await fake.add_task("echo", 1)
-        await wait_until(lambda: fake.done(token))
+        await wait_for(lambda: fake.done(token))
     assert len(fake.registrations) == 2
     assert fake.registrations[1].worker_id == "w-1"  # the id is kept across reconnects
 
@@ -706,20 +512,20 @@ async def test_survives_a_coordinator_restart(fake: FakeWorkerService) -> None:
     port = int(fake.address.rsplit(":", 1)[1])
     async with serving(Worker([gated], address=fake.address)):
         token = await fake.add_task("gated")
-        await wait_until(lambda: bool(fake.leased))
+        await wait_for(lambda: bool(fake.leased))
         assert fake.server is not None
         await fake.server.stop(None)  # the coordinator goes away ...
         release.set()
         await asyncio.wait_for(finished.wait(), 5)  # ... while the handler finishes
         await start_server(fake, port)  # ... and comes back on the same port
-        await wait_until(lambda: fake.done(token) and len(fake.registrations) == 2, within=10)
+        await wait_for(lambda: fake.done(token) and len(fake.registrations) == 2, timeout=10)
     assert fake.completions[token] == "after restart"
 
 
 async def test_stop_cancels_the_outstanding_poll(fake: FakeWorkerService) -> None:
     worker = Worker([echo], address=fake.address, poll_wait=60)
     serve = asyncio.create_task(worker.serve())
-    await wait_until(lambda: fake.polling == 1)
+    await wait_for(lambda: fake.polling == 1)
     started = time.monotonic()
     await asyncio.wait_for(worker.stop(), 5)
     assert time.monotonic() - started < 2
@@ -742,7 +548,7 @@ async def test_stop_drains_in_flight_tasks(fake: FakeWorkerService) -> None:
     serve = asyncio.create_task(worker.serve())
     token = await fake.add_task("gated")
     await asyncio.wait_for(started.wait(), 5)
-    await wait_until(lambda: fake.polling == 1)  # the next poll is waiting on the server
+    await wait_for(lambda: fake.polling == 1)  # the next poll is waiting on the server
     stopping = asyncio.create_task(worker.stop())
     await asyncio.wait_for(fake.poll_cancelled.wait(), 5)
     polls = len(fake.polls)
@@ -762,7 +568,7 @@ async def test_drain_timeout_hands_unfinished_tasks_back(fake: FakeWorkerService
     worker = Worker([stuck], address=fake.address, drain_timeout=0.2)
     serve = asyncio.create_task(worker.serve())
     token = await fake.add_task("stuck")
-    await wait_until(lambda: bool(fake.leased))
+    await wait_for(lambda: bool(fake.leased))
     await asyncio.wait_for(worker.stop(), 5)
     await serve
     error = fake.failures[token]
@@ -784,7 +590,7 @@ async def test_run_stops_gracefully_on_sigterm(fake: FakeWorkerService) -> None:
         sys.executable, "-c", script, fake.address, stdout=asyncio.subprocess.PIPE
     )
     try:
-        await wait_until(lambda: fake.polling == 1, within=20)
+        await wait_for(lambda: fake.polling == 1, timeout=20)
         proc.send_signal(signal.SIGTERM)
         stdout, _ = await asyncio.wait_for(proc.communicate(), 10)
     finally:

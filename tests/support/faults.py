@@ -1,14 +1,14 @@
-"""Helpers shared by the fault-tolerance e2e tests (fault_worker.py records, histories, CLI)."""
+"""Helpers of the fault-tolerance e2e tests: what tests/e2e/fault_worker.py records, and
+execution histories."""
 
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.procs import ROOT, base_env
+from tests.support.procs import ROOT
 from worker_sdk import Client, Event
 
 FAULT_WORKER = ROOT / "tests/e2e/fault_worker.py"
@@ -49,30 +49,3 @@ async def history(client: Client, execution_id: str) -> list[Event]:
 
 def of_node(events: list[Event], node_id: str, *types: str) -> list[Event]:
     return [e for e in events if e.node_id == node_id and (not types or e.type in types)]
-
-
-@dataclass(frozen=True)
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def trellis_cli(address: str, *args: str) -> CliResult:
-    """Runs ``python -m trellis.cli --address ADDRESS ARGS...`` without blocking the loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "trellis.cli",
-        "--address",
-        address,
-        *args,
-        env=base_env(),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return CliResult(proc.returncode, out.decode(), err.decode())
