@@ -20,7 +20,6 @@ from typing import Any
 
 from trellis import _cli_limits, _cli_notifications, _cli_triggers
 from worker_sdk import (
-    DEFAULT_ADDRESS,
     Client,
     DeadLetter,
     DefinitionError,
@@ -28,6 +27,7 @@ from worker_sdk import (
     RpcError,
     TrellisError,
 )
+from worker_sdk._settings import ConnectionSettings
 
 EXIT_FAILED = 1
 DEV_DATABASE = ".trellis/dev.db"
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trellis", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--address",
-        default=os.environ.get("TRELLIS_ADDRESS", DEFAULT_ADDRESS),
+        default=ConnectionSettings.from_env(os.environ).address,
         help="coordinator address HOST:PORT (env TRELLIS_ADDRESS, default %(default)s)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

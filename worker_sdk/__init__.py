@@ -24,7 +24,6 @@ The SDK logs through ``logging`` (loggers under ``worker_sdk``; handler logs via
 
 __version__ = "0.1.0"
 
-from worker_sdk._channel import DEFAULT_ADDRESS
 from worker_sdk._client import Client
 from worker_sdk._definition import Workflow, load_workflow
 from worker_sdk._errors import (
@@ -40,6 +39,7 @@ from worker_sdk._errors import (
 )
 from worker_sdk._nodes import Case, MapNode, SwitchNode, TaskNode, WorkflowNode
 from worker_sdk._result import Result
+from worker_sdk._settings import DEFAULT_ADDRESS
 from worker_sdk._task import Task, TaskContext, task
 from worker_sdk._types import (
     AttemptFailure,

@@ -1,4 +1,4 @@
-"""Connecting to the coordinator: the default address, channel options, retry policy."""
+"""Connecting to the coordinator: channel options, retry policy."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any
 
 import grpc
 
-DEFAULT_ADDRESS = "127.0.0.1:7400"
-"""Where the SDK looks for the coordinator unless told otherwise."""
+from worker_sdk._settings import ConnectionSettings
 
 # Reconnect quickly after a coordinator restart (gRPC's default backoff grows to 120 s),
 # and accept large batches of tasks.
@@ -21,9 +20,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel to ``address`` with the SDK's options (call inside the event loop)."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(settings: ConnectionSettings) -> grpc.aio.Channel:
+    """A channel to the coordinator with the SDK's options (call inside the event loop)."""
+    return grpc.aio.insecure_channel(settings.address, options=CHANNEL_OPTIONS)
 
 
 # Failures that say "not now" rather than "never": retried with backoff.

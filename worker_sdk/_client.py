@@ -14,13 +14,7 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from trellis.v1 import common_pb2, workflow_service_pb2, workflow_service_pb2_grpc
-from worker_sdk._channel import (
-    DEFAULT_ADDRESS,
-    TRANSIENT_CODES,
-    Backoff,
-    open_channel,
-    retry_after,
-)
+from worker_sdk._channel import TRANSIENT_CODES, Backoff, open_channel, retry_after
 from worker_sdk._convert import (
     dead_letter_from_proto,
     event_from_proto,
@@ -31,6 +25,7 @@ from worker_sdk._convert import (
 from worker_sdk._definition import Workflow, load_workflow
 from worker_sdk._duration import Duration
 from worker_sdk._errors import RpcError, rpc_error
+from worker_sdk._settings import connection_settings
 from worker_sdk._types import DeadLetter, Event, Execution, RegisteredWorkflow, WorkflowSummary
 
 logger = logging.getLogger(__name__)
@@ -50,6 +45,8 @@ class Client:
             run = await client.start_execution("orders", {"order_id": 42})
             done = await client.wait_for_execution(run.id, timeout=60)
 
+    ``address`` is the coordinator's HOST:PORT; without it, ``TRELLIS_ADDRESS`` or else
+    ``127.0.0.1:7400`` (as for the ``trellis`` CLI and the Worker).
     ``timeout`` is the deadline of each unary call in seconds (None: none).
     Failed calls raise ``RpcError`` (or a subclass such as ``NotFoundError``).
     A start refused by the coordinator's backpressure (RESOURCE_EXHAUSTED with a
@@ -59,14 +56,14 @@ class Client:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | None = None,
         *,
         timeout: float | None = 30.0,
         backpressure_wait: float = 30.0,
     ) -> None:
         if not backpressure_wait >= 0:
             raise ValueError(f"backpressure_wait must not be negative, got {backpressure_wait!r}")
-        self._address = address
+        self._settings = connection_settings(address)
         self._timeout = timeout
         self._backpressure_wait = backpressure_wait
         self._channel: grpc.aio.Channel | None = None
@@ -74,7 +71,8 @@ class Client:
 
     @property
     def address(self) -> str:
-        return self._address
+        """The coordinator's HOST:PORT this Client talks to."""
+        return self._settings.address
 
     async def __aenter__(self) -> Self:
         self._stub()
@@ -96,7 +94,7 @@ class Client:
 
     def _stub(self) -> workflow_service_pb2_grpc.WorkflowServiceAsyncStub:
         if self._stub_ is None:
-            self._channel = open_channel(self._address)
+            self._channel = open_channel(self._settings)
             self._stub_ = workflow_service_pb2_grpc.WorkflowServiceStub(self._channel)
         return self._stub_
 

@@ -21,11 +21,12 @@ import grpc
 
 from trellis.v1 import worker_service_pb2 as pb
 from trellis.v1 import worker_service_pb2_grpc as pb_grpc
-from worker_sdk._channel import DEFAULT_ADDRESS, TRANSIENT_CODES, Backoff, Episode, open_channel
+from worker_sdk._channel import TRANSIENT_CODES, Backoff, Episode, open_channel
 from worker_sdk._convert import context_from_proto, decode_json, duration_to_proto, encode_json
 from worker_sdk._errors import NonRetryableError, rpc_error
 from worker_sdk._reporter import Reporter, Result, too_large
 from worker_sdk._result import fill_completion
+from worker_sdk._settings import connection_settings
 from worker_sdk._task import Task, TaskContext, _LeaseSignals
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Worker:
 
         Worker(tasks=[send_email, resize_image]).run()
 
+    ``address`` is the coordinator's HOST:PORT; without it, ``TRELLIS_ADDRESS`` or else
+    ``127.0.0.1:7400`` (as for the ``trellis`` CLI and the Client).
     At most ``concurrency`` handlers run at once (async handlers on the event
     loop, sync handlers in a thread pool of that size). ``poll_wait`` is how long
     one long-poll waits for work. ``stop()`` (or SIGTERM/SIGINT under ``run()``)
@@ -103,7 +106,7 @@ class Worker:
         self,
         tasks: Iterable[Task],
         *,
-        address: str = DEFAULT_ADDRESS,
+        address: str | None = None,
         concurrency: int = 10,
         worker_id: str | None = None,
         poll_wait: float = 20.0,
@@ -129,7 +132,8 @@ class Worker:
             raise ValueError(f"drain_timeout must not be negative, got {drain_timeout!r}")
         self._tasks = by_name
         self._task_types = sorted(by_name)
-        self._address = address
+        self._settings = connection_settings(address)
+        address = self._settings.address
         self._concurrency = concurrency
         self._eager = eager_dispatch
         self._worker_id = worker_id or ""
@@ -200,7 +204,7 @@ class Worker:
         self._executor = ThreadPoolExecutor(
             max_workers=self._concurrency, thread_name_prefix="trellis-worker"
         )
-        self._channel = open_channel(self._address)
+        self._channel = open_channel(self._settings)
         self._stub = pb_grpc.WorkerServiceStub(self._channel)
         self._reporter = Reporter(
             self._stub, lambda: self._worker_id, self._task_types, orphans=self._start
@@ -336,7 +340,7 @@ class Worker:
             self._registered = True
             logger.info(
                 "registered with %s as %s for %s (heartbeat every %gs)",
-                self._address,
+                self._settings.address,
                 self._worker_id,
                 ", ".join(self._task_types),
                 interval,
