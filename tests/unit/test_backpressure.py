@@ -285,7 +285,7 @@ async def test_worker_resends_a_result_through_a_long_outage(
 ) -> None:
     # Many refusals in a row (a database outage): the result is never given up on. Short
     # delays keep the test quick; the number of attempts is what matters.
-    monkeypatch.setattr("worker_sdk._worker.Backoff", lambda: Backoff(initial=0.001, maximum=0.01))
+    monkeypatch.setattr("worker_sdk._runner.Backoff", lambda: Backoff(initial=0.001, maximum=0.01))
     fake.complete_errors = [(grpc.StatusCode.UNAVAILABLE, "database unavailable")] * 40
     async with serving(Worker([echo], address=fake.address)):
         token = await fake.add_task("echo", "x")
