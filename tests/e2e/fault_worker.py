@@ -54,7 +54,7 @@ async def hold(ctx: TaskContext, data: Any) -> Any:
     """Waits HOLD_SECONDS (or until cancelled): a long-running handler."""
     _record("start", ctx)
     try:
-        await asyncio.sleep(_HOLD)
+        await asyncio.sleep(_HOLD)  # the long-running work itself, not a wait
     except asyncio.CancelledError:
         _record("cancelled", ctx)
         raise
@@ -71,7 +71,7 @@ def sync_hold(ctx: TaskContext, data: Any) -> Any:
         if ctx.cancelled:
             _record("sync-cancelled", ctx)
             return {"cancelled": True}
-        time.sleep(0.02)
+        time.sleep(0.02)  # the handler's own work between checks of ctx.cancelled
     _record("done", ctx)
     return {"held_by": ctx.worker_id}
 
@@ -89,7 +89,7 @@ async def slow(ctx: TaskContext, data: Any) -> Any:
     _record("start", ctx)
     if not _fixed():
         try:
-            await asyncio.sleep(_SLEEP)
+            await asyncio.sleep(_SLEEP)  # overrunning its timeout is the fault under test
         except asyncio.CancelledError:
             _record("cancelled", ctx)
             raise
@@ -121,7 +121,7 @@ async def boom(ctx: TaskContext, data: Any) -> Any:
 async def step(ctx: TaskContext, data: Any) -> Any:
     """A short unit of work (STEP_MIN_SECONDS..STEP_MAX_SECONDS) passing its input on."""
     _record("start", ctx)
-    await asyncio.sleep(random.uniform(_STEP_MIN, _STEP_MAX))
+    await asyncio.sleep(random.uniform(_STEP_MIN, _STEP_MAX))  # the work's duration
     _record("done", ctx)
     return {"n": data["n"], "path": [*data.get("path", []), ctx.node_id]}
 

@@ -33,6 +33,7 @@ import psycopg
 import pytest
 
 from tests.support.procs import ROOT, Proc, free_port, spawn_coordinator, spawn_worker
+from tests.support.wait import WaitTimeout, wait_for, wait_for_sync
 from worker_sdk import Client, RpcError, Workflow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(600)]
@@ -132,12 +133,13 @@ class Cluster:
         So each worker is first given up to 30 s to register (its log says so)."""
         deadline = time.monotonic() + 30
         for w in self.workers:
-            while (
-                "registered with" not in w.output()
-                and w.popen.poll() is None
-                and time.monotonic() < deadline
-            ):
-                time.sleep(0.1)
+            # Past the deadline each is stopped anyway: its exit code then tells the test.
+            with contextlib.suppress(WaitTimeout):
+                wait_for_sync(
+                    lambda w=w: "registered with" in w.output() or w.popen.poll() is not None,
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    interval=0.1,
+                )
         return [w.stop() for w in self.workers], [r.stop() for r in self.replicas]
 
 
@@ -216,6 +218,7 @@ async def start_all(clients: list[Client], total: int) -> tuple[list[str], int]:
                 if exc.code not in RETRYABLE or time.monotonic() > deadline:
                     raise
                 resent += 1
+                # Not a wait for a state: the pause of a client retrying a refused call.
                 await asyncio.sleep(0.1)
         ids += [e.id for e in started]
     return ids, resent
@@ -230,13 +233,17 @@ def statuses(url: str) -> dict[str, int]:
 
 async def wait_finished(url: str, total: int, until: float) -> dict[str, int]:
     """Until ``total`` executions have ended or ``until`` (monotonic) passes: the statuses."""
-    while True:
+
+    def settled() -> dict[str, int] | None:
         counts = statuses(url)
         ended = sum(v for k, v in counts.items() if k in ENDED)
         failed = ended - counts.get("SUCCEEDED", 0)
-        if ended >= total or failed or time.monotonic() >= until:
-            return counts
-        await asyncio.sleep(0.5)
+        return counts if ended >= total or failed else None
+
+    try:
+        return await wait_for(settled, timeout=max(0.0, until - time.monotonic()), interval=0.5)
+    except WaitTimeout:
+        return statuses(url)
 
 
 # -- the verdict from the event history ---------------------------------------------------------

@@ -40,7 +40,7 @@ WORKER = textwrap.dedent(
     @task("nap")
     async def nap(ctx, data):
         os.write(fd, f"{{ctx.execution_id}} {{ctx.node_id}} {{ctx.attempt}}\\n".encode())
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # in flight when the database goes away: the fault
         return {{"node": ctx.node_id}}
 
     logging.basicConfig(level=logging.WARNING)

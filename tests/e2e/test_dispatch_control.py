@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import subprocess
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from tests.support.procs import ROOT, Proc, free_port, spawn_coordinator, spawn_worker
+from tests.support.wait import wait_for, wait_for_sync
 from trellis.v1 import dispatch_service_pb2 as pb
 from trellis.v1 import dispatch_service_pb2_grpc
 from worker_sdk import Client, Workflow
@@ -45,6 +45,8 @@ class Cluster:
             stub = dispatch_service_pb2_grpc.DispatchServiceStub(channel)
             await stub.SetTaskTypeLimits(pb.SetTaskTypeLimitsRequest(limits=limits), timeout=10)
         # Other replicas re-read the limits every TRELLIS_LIMITS_REFRESH (LIMITS_REFRESH here).
+        # Not a wait for a state: no replica reports which limits it holds, so this waits
+        # out the refresh period itself.
         await asyncio.sleep(3 * LIMITS_REFRESH)
 
     async def dispatch_status(self, index: int = 0) -> pb.GetDispatchStatusResponse:
@@ -116,17 +118,28 @@ async def one_node_workflow(client: Client, name: str, task_type: str, **node: o
 async def wait_all(c: Cluster, count: int, within: float = WAIT) -> None:
     """Until ``count`` executions have SUCCEEDED (read from the database: a thousand watch
     streams would load the coordinator more than the work itself)."""
-    deadline = time.monotonic() + within
-    while True:
+    statuses: dict[str, int] = {}
+
+    def all_succeeded() -> bool:
+        nonlocal statuses
         with psycopg.connect(c.url) as conn:
             statuses = dict(
                 conn.execute("SELECT status, count(*) FROM executions GROUP BY status").fetchall()
             )
         assert not {"FAILED", "CANCELLED", "TIMED_OUT"} & statuses.keys(), statuses
-        if statuses.get("SUCCEEDED", 0) >= count:
-            return
-        assert time.monotonic() < deadline, f"not all {count} executions succeeded: {statuses}"
-        await asyncio.sleep(0.25)
+        return statuses.get("SUCCEEDED", 0) >= count
+
+    await wait_for(
+        all_succeeded,
+        timeout=within,
+        interval=0.25,
+        message=lambda: f"not all {count} executions succeeded: {statuses}",
+    )
+
+
+def leased(c: Cluster) -> int:
+    """Tasks leased so far."""
+    return len(c.events("NODE_LEASED"))
 
 
 def succeeded_once(c: Cluster, count: int) -> None:
@@ -252,12 +265,15 @@ async def test_breaker_opens_holds_tasks_and_closes_after_the_fix(
             )
             started = await client.start_many("flaky", [{"i": i} for i in range(total)])
             assert len(started) == total
-            deadline = time.monotonic() + 30
-            while (await c.breaker("flaky")).state != pb.BREAKER_STATE_OPEN:
-                assert time.monotonic() < deadline, "the breaker never opened"
-                await asyncio.sleep(0.05)
+
+            async def breaker_open() -> bool:
+                return (await c.breaker("flaky")).state == pb.BREAKER_STATE_OPEN
+
+            await wait_for(breaker_open, timeout=30, message="the breaker never opened")
             opened_failures = len(c.events("NODE_ATTEMPT_FAILED"))
-            await asyncio.sleep(5)  # two reset timeouts: at most a few probes
+            # Two reset timeouts: at most a few probes. Not a wait for a state: this is the
+            # span over which the failures are counted.
+            await asyncio.sleep(5)
             held_failures = len(c.events("NODE_ATTEMPT_FAILED"))
             fixed.touch()
             await wait_all(c, total)
@@ -290,11 +306,14 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
         ping = ["redis-cli", "-p", str(self.port), "ping"]
-        while subprocess.run(ping, capture_output=True, check=False).stdout.strip() != b"PONG":
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+        wait_for_sync(
+            lambda: (
+                subprocess.run(ping, capture_output=True, check=False).stdout.strip() == b"PONG"
+            ),
+            timeout=10,
+            message="redis-server did not start",
+        )
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -304,13 +323,19 @@ class RedisServer:
 
 
 async def wait_shared(c: Cluster, shared: bool, within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
+    states: list[bool] = []
+
+    async def all_as_wanted() -> bool:
+        nonlocal states
         states = [(await c.dispatch_status(i)).shared for i in range(len(c.addresses))]
-        if states == [shared] * len(states):
-            return
-        assert time.monotonic() < deadline, f"dispatch shared states {states}, wanted {shared}"
-        await asyncio.sleep(0.1)
+        return states == [shared] * len(states)
+
+    await wait_for(
+        all_as_wanted,
+        timeout=within,
+        interval=0.1,
+        message=lambda: f"dispatch shared states {states}, wanted {shared}",
+    )
 
 
 async def test_redis_outage_degrades_to_per_process_limits_and_loses_nothing(
@@ -335,10 +360,15 @@ async def test_redis_outage_degrades_to_per_process_limits_and_loses_nothing(
                 await one_node_workflow(client, "ticks", "tick")
                 started = await client.start_many("ticks", [{"i": i} for i in range(total)])
                 assert len(started) == total
-                await asyncio.sleep(2)
+                # Some two seconds of work (at the rate) shared through Redis ...
+                await wait_for(lambda: leased(c) >= 2 * rate, timeout=WAIT, interval=0.1)
                 redis.stop()  # Redis stops mid-run ...
                 await wait_shared(c, False)
-                await asyncio.sleep(2)
+                # ... and as much again per process ...
+                degraded_from = leased(c)
+                await wait_for(
+                    lambda: leased(c) >= degraded_from + 2 * rate, timeout=WAIT, interval=0.1
+                )
                 redis.start()  # ... and comes back on the same port
                 await wait_shared(c, True)
                 await wait_all(c, total)
@@ -371,6 +401,7 @@ async def test_high_priority_goes_first_and_low_priority_still_finishes(
         high = []
         for _ in range(high_total):
             high.append(await client.start_execution("jobs", {"p": "high"}, priority=10))
+            # Not a wait for a state: high-priority work arrives over time, into the backlog.
             await asyncio.sleep(0.02)
         await wait_all(c, low_total + high_total)
     high_ids = {r.id for r in high}

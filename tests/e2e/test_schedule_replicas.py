@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import signal
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from tests.support.cli import cli
 from tests.support.procs import ROOT, spawn_coordinator
+from tests.support.wait import wait_for_sync
 from worker_sdk import Client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.timeout(120)]
@@ -31,13 +31,16 @@ def fire_times(url: str) -> list[datetime]:
 
 
 def wait_for_fires(url: str, count: int, within: float = 30.0) -> list[datetime]:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
+    def enough() -> list[datetime] | None:
         times = fire_times(url)
-        if len(times) >= count:
-            return times
-        time.sleep(0.2)
-    raise AssertionError(f"fewer than {count} fires within {within}s: {fire_times(url)}")
+        return times if len(times) >= count else None
+
+    return wait_for_sync(
+        enough,
+        timeout=within,
+        interval=0.2,
+        message=lambda: f"fewer than {count} fires within {within}s: {fire_times(url)}",
+    )
 
 
 async def test_each_fire_time_starts_once_across_replicas_and_a_kill(

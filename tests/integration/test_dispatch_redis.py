@@ -8,7 +8,6 @@ import logging
 import shutil
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import redis
 from coordinator.dispatch import BreakerGate, RedisLink, TaskBreakers, TokenBuckets
 from coordinator.dispatch._redis import display_url
 from coordinator.model import BreakerState, TaskTypeLimits
+from tests.support.wait import wait_for, wait_for_sync
 
 pytestmark = pytest.mark.redis
 
@@ -93,11 +93,14 @@ async def test_a_shared_bucket_refills_on_redis_time(
 ) -> None:
     buckets = TokenBuckets(links[0], key_prefix=prefix)
     assert (await buckets.take("b", rate=50.0, size=2, n=2)).granted == 2
-    deadline = time.monotonic() + 5
     granted = 0
-    while granted < 2 and time.monotonic() < deadline:
+
+    async def refilled() -> bool:
+        nonlocal granted
         granted += (await buckets.take("b", rate=50.0, size=2, n=1)).granted
-        await asyncio.sleep(0.01)
+        return granted >= 2
+
+    await wait_for(refilled, timeout=5, interval=0.01)
     assert granted == 2
 
 
@@ -213,16 +216,18 @@ class OwnRedis:
             stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        process = self.process
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                if process.poll() is not None:
+                    raise
+                return False
+
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline or self.process.poll() is not None:
-                        raise
-                    time.sleep(0.05)
+            wait_for_sync(answers, timeout=10, message="redis-server answering PING")
         finally:
             client.close()
 

@@ -27,7 +27,7 @@ async def noop(ctx: TaskContext, data: Any) -> Any:
 
 @task("chaos-sleep")
 async def sleep(ctx: TaskContext, data: Any) -> Any:
-    await asyncio.sleep(0.005)
+    await asyncio.sleep(0.005)  # the work's duration
     return {"node": ctx.node_id}
 
 

@@ -29,7 +29,7 @@ async def tick(ctx: TaskContext, data: Any) -> Any:
 
 @task("keyed")
 async def keyed(ctx: TaskContext, data: Any) -> Any:
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # the work's duration: same-key tasks would overlap
     return {"account": data["account"]}
 
 
@@ -42,7 +42,7 @@ def flaky(ctx: TaskContext, data: Any) -> Any:
 
 @task("work")
 async def work(ctx: TaskContext, data: Any) -> Any:
-    await asyncio.sleep(0.005)
+    await asyncio.sleep(0.005)  # the work's duration
     return data
 
 

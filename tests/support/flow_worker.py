@@ -34,7 +34,7 @@ async def block(ctx: TaskContext, data: Any) -> Any:
     """Runs until the coordinator cancels it (bounded: gives up after 120 s)."""
     for _ in range(1200):
         ctx.heartbeat({"waiting": True})
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # the handler's own heartbeat period, not a wait
     raise NonRetryableError("block was never cancelled")
 
 

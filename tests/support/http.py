@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 
 from tests.support.procs import Proc
+from tests.support.wait import WaitTimeout, wait_for_sync
 
 
 def get(url: str) -> tuple[int, dict[str, object]]:
@@ -18,19 +19,22 @@ def get(url: str) -> tuple[int, dict[str, object]]:
 
 
 def until(url: str, status: int, proc: Proc, within: float = 30.0) -> dict[str, object]:
-    import time
+    """The body of ``url`` once it answers ``status``; fails at once if ``proc`` exits."""
+    last: list[tuple[int, object]] = [(0, "no answer yet")]
 
-    deadline = time.monotonic() + within
-    last: tuple[int, object] | None = None
-    while time.monotonic() < deadline:
+    def answered() -> dict[str, object] | None:
         assert proc.popen.poll() is None, proc.output()
         try:
             code, body = get(url)
         except OSError as exc:  # not listening yet
-            last = (0, str(exc))
-        else:
-            if code == status:
-                return body
-            last = (code, body)
-        time.sleep(0.1)
-    raise AssertionError(f"{url} never answered {status}; last {last}\n{proc.output()}")
+            last[0] = (0, str(exc))
+            return None
+        last[0] = (code, body)
+        return body if code == status else None
+
+    try:
+        return wait_for_sync(answered, timeout=within, interval=0.1)
+    except WaitTimeout as exc:
+        raise AssertionError(
+            f"{url} never answered {status}; last {last[0]}\n{proc.output()}"
+        ) from exc

@@ -7,13 +7,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.wait import WaitTimeout, wait_for_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,20 +86,24 @@ def spawn_coordinator(
 
 def wait_serving(address: str, proc: Proc, timeout: float = 30.0) -> None:
     """Block until the coordinator's gRPC health service answers SERVING."""
-    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
+
+        def serving() -> bool:
             if proc.popen.poll() is not None:
                 raise AssertionError(f"{proc.name} exited early:\n{proc.output()}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
             except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"{proc.name} not serving after {timeout}s:\n{proc.output()}")
+                return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        try:
+            wait_for_sync(serving, timeout=timeout, interval=0.1)
+        except WaitTimeout:
+            raise AssertionError(
+                f"{proc.name} not serving after {timeout}s:\n{proc.output()}"
+            ) from None
 
 
 def spawn_worker(script: Path, address: str, log_dir: Path, name: str, **env_extra: str) -> Proc:

@@ -160,6 +160,13 @@ class FakeWorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
         sent = 0
         after = request.after_sequence
 
+        def news() -> bool:
+            events = self.events[request.execution_id]
+            return (
+                bool(events and events[-1].sequence > after)
+                or self.ended[request.execution_id].is_set()
+            )
+
         while True:
             for event in self.events[request.execution_id]:
                 if event.sequence > after:
@@ -174,7 +181,7 @@ class FakeWorkflowService(workflow_service_pb2_grpc.WorkflowServiceServicer):
                     execution=self.executions[request.execution_id]
                 )
                 return
-            await asyncio.sleep(0.01)
+            await wait_for(news, timeout=60, interval=0.01)
 
     def emit(self, execution_id: str, event_type: str, node_id: str = "", **details: Any) -> None:
         events = self.events[execution_id]

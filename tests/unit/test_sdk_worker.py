@@ -158,7 +158,7 @@ async def test_sync_handler_timeout_sets_cancelled(fake: FakeWorkerService) -> N
     def slow(ctx: TaskContext, data: Any) -> Any:
         deadline = time.monotonic() + 10
         while not ctx.cancelled and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.01)  # the handler's own work between checks of ctx.cancelled
         if ctx.cancelled:
             saw_cancel.set()
         return "too late"
@@ -182,7 +182,7 @@ class Busy:
         async def busy(ctx: TaskContext, data: Any) -> Any:
             self.running += 1
             self.peak = max(self.peak, self.running)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # the work's duration, so handlers overlap
             self.running -= 1
             return data
 
@@ -387,7 +387,7 @@ async def test_lost_lease_is_seen_by_sync_handler(fake: FakeWorkerService) -> No
     def poller(ctx: TaskContext, data: Any) -> Any:
         deadline = time.monotonic() + 10
         while not ctx.cancelled and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.01)  # the handler's own work between checks of ctx.cancelled
         returned.set()
         return "finished anyway"
 
