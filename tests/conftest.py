@@ -5,7 +5,10 @@
 - ``db_url``: a fresh, empty database per test, once on SQLite and once on PostgreSQL,
   as a user-facing URL (``sqlite:///...``, ``postgresql://...``) that can also be handed
   to a coordinator process through TRELLIS_DATABASE_URL.
-- ``store``: ``open_store(db_url)``, closed after the test.
+- ``store``: the store contract's subject, once per store: ``open_store`` on a fresh SQLite
+  file and PostgreSQL database, and a ``MemoryStore``; closed after the test. A test about
+  the SQL store itself (its schema, transactions, SQLite's lock, PostgreSQL's concurrency
+  across connections) is marked ``sql_only("why")`` and skipped on the memory store.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from coordinator.dispatch._redis import display_url
-from coordinator.store import SqlStore, open_store
+from coordinator.service import Store
+from coordinator.store import MemoryStore, open_store
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -71,20 +75,32 @@ def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
             )
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
-)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL to a fresh, empty database: a SQLite file, then a new PostgreSQL database."""
-    if request.param == "sqlite":
+_SQL = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def _fresh_db_url(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> str:
+    if backend == "sqlite":
         return f"sqlite:///{tmp_path / 'trellis.db'}"
     url: str = request.getfixturevalue("fresh_postgres_url")
     return url
 
 
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[SqlStore]:
-    opened = await open_store(db_url)
+@pytest.fixture(params=_SQL)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL to a fresh, empty database: a SQLite file, then a new PostgreSQL database."""
+    return _fresh_db_url(request, tmp_path, request.param)
+
+
+@pytest.fixture(params=[*_SQL, "memory"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A fresh store: on SQLite, on PostgreSQL, and in memory (``sql_only`` tests skip it)."""
+    if request.param == "memory":
+        marker = request.node.get_closest_marker("sql_only")
+        if marker is not None:
+            pytest.skip(f"SQL store only: {marker.kwargs.get('reason') or marker.args[0]}")
+        opened: Store = MemoryStore()
+    else:
+        opened = await open_store(_fresh_db_url(request, tmp_path, request.param))
     try:
         yield opened
     finally:

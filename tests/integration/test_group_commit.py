@@ -31,6 +31,7 @@ def fan(width: int) -> WorkflowDef:
     )
 
 
+@pytest.mark.sql_only("group commit: the memory store commits each result alone")
 async def test_concurrent_results_all_land_and_share_commits(store: SqlStore) -> None:
     """Twenty results of one fan-out sent at once: each is recorded once, the fan-in runs,
     and they were committed in groups rather than one transaction each."""
@@ -129,6 +130,7 @@ async def test_group_of_one_or_more_matches_transact(store: SqlStore, size: int)
     assert results == [r.id for r in runs]
 
 
+@pytest.mark.sql_only("a stale group load, injected through the SQL store's own loader")
 async def test_a_row_moved_since_the_load_rolls_the_group_back(store: SqlStore) -> None:
     """The writes stay fenced by (status, lease_seq): when a claim leased a node between the
     group's load and its write (simulated: the group is handed the rows as they were before

@@ -185,18 +185,18 @@ async def test_set_get_list_delete_round_trip(dispatch: Dispatch) -> None:
 async def test_store_lists_per_tenant_or_all(dispatch: Dispatch) -> None:
     s = dispatch.store
     for tenant, task_type in (("t2", "b"), ("t1", "b"), ("t1", "a")):
-        await s.set_task_type_limits(
+        await s.limits.set_task_type_limits(
             TaskTypeLimits(task_type=task_type, tenant_id=tenant, max_concurrency=1), NOW
         )
-    everything = await s.list_task_type_limits(None)
+    everything = await s.limits.list_task_type_limits(None)
     assert [(x.tenant_id, x.task_type) for x in everything] == [
         ("t1", "a"),
         ("t1", "b"),
         ("t2", "b"),
     ]
-    assert [x.task_type for x in await s.list_task_type_limits("t2")] == ["b"]
-    await s.delete_task_type_limits("t1", "b")
-    assert [x.task_type for x in await s.list_task_type_limits("t1")] == ["a"]
+    assert [x.task_type for x in await s.limits.list_task_type_limits("t2")] == ["b"]
+    await s.limits.delete_task_type_limits("t1", "b")
+    assert [x.task_type for x in await s.limits.list_task_type_limits("t1")] == ["a"]
 
 
 @pytest.mark.parametrize(

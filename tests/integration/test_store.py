@@ -96,6 +96,7 @@ def _comparable(obj: object, name: str | None, type_: str, reflected: bool, othe
     return True
 
 
+@pytest.mark.sql_only("the migrated schema against the SQL tables")
 async def test_migrated_schema_matches_tables(store: SqlStore) -> None:
     def diff(conn: sa.Connection) -> list[object]:
         context = MigrationContext.configure(
