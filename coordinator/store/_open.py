@@ -20,6 +20,7 @@ from sqlalchemy.pool import StaticPool
 
 from coordinator import errors
 from coordinator.store._lock import ProcessLock
+from coordinator.store._memory import MemoryStore
 from coordinator.store._sql import SqlStore
 from coordinator.store._url import (
     ACCEPTED_FORMS,
@@ -37,17 +38,25 @@ POSTGRES_POOL_SIZE = 10
 POSTGRES_MAX_OVERFLOW = 10
 POSTGRES_CONNECT_TIMEOUT_S = 10
 _MIGRATION_LOCK = 7310294841716090196  # pg_advisory_xact_lock key: "trellis migrate"
+# The in-memory store's URL (tests, trying things out: nothing is kept).
+MEMORY_URL = "memory://"
 
 
 async def open_store(
     url: str, *, migrate: bool = True, priority_aging: timedelta | None = None
-) -> SqlStore:
+) -> SqlStore | MemoryStore:
     """Open the database at ``url`` (see ``normalize_database_url`` for the accepted forms),
-    upgrading its schema to the newest revision when ``migrate``.
+    upgrading its schema to the newest revision when ``migrate``; ``memory://`` is a
+    ``MemoryStore`` (nothing kept past the process).
 
     A SQLite file is locked for this process until ``close()``: a second coordinator
     process on the same file gets ``StoreLockedError`` (a ``FailedPrecondition``).
     """
+    if url.strip() == MEMORY_URL:
+        memory = MemoryStore()
+        if priority_aging is not None:
+            memory.priority_aging_ms = int(priority_aging.total_seconds() * 1000)
+        return memory
     sa_url = parse_database_url(url)
     backend = sa_url.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
