@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import sys
 import tomllib
 from pathlib import Path
@@ -55,6 +56,29 @@ def test_only_the_store_imports_sqlalchemy() -> None:
         if path.startswith("coordinator/store/"):
             continue
         assert not {n for n in names if n.split(".")[0] in {"sqlalchemy", "alembic"}}, path
+
+
+# ``from <package> import <module>``: the modules the memory store may take that way.
+_FROM_PACKAGES = {"coordinator": {"errors"}, "coordinator.store": {"_rows"}}
+
+
+def test_the_memory_store_shares_only_the_pure_row_conversion_of_the_sql_store() -> None:
+    # It converts rows through coordinator.store._rows (which imports no SQLAlchemy), and
+    # takes nothing else of the SQL store: the two meet at the service's ports only.
+    own = ("coordinator.model", "coordinator.errors", "coordinator.service.ports")
+    own += ("coordinator.store._memory",)
+    for path, names in imported_modules("coordinator/store/_memory").items():
+        for name in names - set(_FROM_PACKAGES):
+            top = name.split(".")[0]
+            assert top in STDLIB or any(name == a or name.startswith(a + ".") for a in own), (
+                f"{path}: {name}"
+            )
+        for node in ast.walk(ast.parse((ROOT / path).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in _FROM_PACKAGES:
+                names_taken = {alias.name for alias in node.names}
+                assert names_taken <= _FROM_PACKAGES[node.module], f"{path}: {names_taken}"
+    rows = imported_modules("coordinator/store")["coordinator/store/_rows.py"]
+    assert {n for n in rows if n.split(".")[0] not in STDLIB} == {"coordinator.model"}
 
 
 def test_worker_sdk_never_imports_the_coordinator() -> None:
