@@ -74,8 +74,9 @@ class MemoryNotifications:
         state = self._state
         at = _copies.ms(now)
         async with state.write():
+            # Its rules go with it (the SQL store's foreign key cascades, any tenant's).
             for rule in state.rules.values():
-                if rule.tenant_id == tenant_id and rule.channel_id == channel_id:
+                if rule.channel_id == channel_id:
                     state.rules.delete(rule.id)
             # Its pending deliveries (in any tenant, as the SQL store's) fail.
             for row in state.deliveries.values():

@@ -16,7 +16,7 @@ from coordinator.model import (
 )
 from coordinator.store._memory import _copies
 from coordinator.store._memory._leases import touch_worker
-from coordinator.store._memory._state import State, newest_first
+from coordinator.store._memory._state import DefinitionRow, State, newest_first
 
 
 class MemoryWorkflows:
@@ -35,10 +35,11 @@ class MemoryWorkflows:
                 if content_hash == defn.content_hash:
                     found = state.workflows.get((tenant, defn.name, version))
                     assert found is not None
-                    return _copies.definition_copy(found), False
+                    return _copies.definition_copy(found.defn), False
             version = max(versions, default=0) + 1
             stored = _copies.definition(defn, version=version, created_at=now)
-            state.workflows.put((tenant, defn.name, version), stored)
+            row = DefinitionRow(stored, defn.content_hash)
+            state.workflows.put((tenant, defn.name, version), row)
         return _copies.definition_copy(stored), True
 
     async def get_workflow(self, tenant_id: str, name: str, version: int | None) -> WorkflowDef:
@@ -50,7 +51,7 @@ class MemoryWorkflows:
         if found is None:
             which = f"workflow {name!r}" + ("" if version is None else f" version {version}")
             raise errors.NotFound(f"{which} not found")
-        return _copies.definition_copy(found)
+        return _copies.definition_copy(found.defn)
 
     async def list_workflows(
         self, tenant_id: str, limit: int, after_name: str | None
@@ -63,7 +64,9 @@ class MemoryWorkflows:
                 if tenant == tenant_id and versions and (after_name is None or name > after_name)
             ]
         summaries = [
-            WorkflowSummary(d.name, d.version, d.description) for d in latest if d is not None
+            WorkflowSummary(r.defn.name, r.defn.version, r.defn.description)
+            for r in latest
+            if r is not None
         ]
         summaries.sort(key=lambda s: s.name)
         return summaries[:limit]
@@ -73,7 +76,7 @@ class MemoryWorkflows:
         async with state.read():
             versions = sorted(state.versions.get((tenant_id, name), {}))
             found = [state.workflows.get((tenant_id, name, v)) for v in versions]
-        return [_copies.definition_copy(d) for d in found if d is not None]
+        return [_copies.definition_copy(r.defn) for r in found if r is not None]
 
 
 class MemoryWorkers:

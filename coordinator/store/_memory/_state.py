@@ -132,6 +132,15 @@ class NodeRow:
 
 
 @dataclass(frozen=True, slots=True)
+class DefinitionRow:
+    """A registered definition and the content hash it was registered with (the SQL store
+    keeps the registering definition's hash in a column, not the stored copy's)."""
+
+    defn: WorkflowDef
+    content_hash: str
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryRow:
     """A delivery (its ``history``: the attempts recorded) and its claim's lease."""
 
@@ -189,7 +198,7 @@ class State:
         # execution id -> its event sequences, increasing
         self.event_seqs: dict[str, list[int]] = {}
         # -- tables --
-        self.workflows: Table[tuple[str, str, int], WorkflowDef] = Table(j, self._on_workflow)
+        self.workflows: Table[tuple[str, str, int], DefinitionRow] = Table(j, self._on_workflow)
         self.executions: Table[str, Execution] = Table(j, self._on_execution)
         self.nodes: Table[NodeKey, NodeRow] = Table(j, self._on_node)
         self.events: Table[int, Event] = Table(j, self._on_event)
@@ -249,7 +258,7 @@ class State:
     # -- index hooks ----------------------------------------------------------------------
 
     def _on_workflow(
-        self, key: tuple[str, str, int], old: WorkflowDef | None, new: WorkflowDef | None
+        self, key: tuple[str, str, int], old: DefinitionRow | None, new: DefinitionRow | None
     ) -> None:
         tenant, name, version = key
         versions = self.versions.setdefault((tenant, name), {})
