@@ -203,16 +203,13 @@ class MemoryTriggers:
         return FiringResult(result.schedule, inserted, result.fires)
 
     def _insert_start(self, transition: Transition) -> bool:
-        """Insert a fire's execution (its row, node runs and events) unless its idempotency
-        key is taken: False then."""
+        """Insert a fire's execution (its row, node runs, events and deliveries) unless its
+        idempotency key is taken: False then."""
         execution = transition.execution
         key = execution.idempotency_key
         state = self._state
         if key is not None and _aggregate.by_idempotency_key(state, execution.tenant_id, key):
             return False
-        _aggregate.insert_execution(
-            state,
-            Transition(execution, transition.nodes, transition.events),
-            taken=f"execution {execution.id!r} already exists",
-        )
+        taken = f"execution {execution.id!r} already exists"
+        _aggregate.insert_execution(state, transition, taken=taken)
         return True
