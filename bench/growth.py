@@ -70,8 +70,8 @@ async def coordinator(db: str) -> AsyncIterator[Coordinator]:
 
 
 async def register(c: Coordinator, wf: Workflow) -> None:
-    await c.register_workflow(convert.definition_from_proto(wf.to_proto(), TENANT))
-    await c.register_worker(TENANT, WORKER, ["noop"], 1000)
+    await c.definitions.register_workflow(convert.definition_from_proto(wf.to_proto(), TENANT))
+    await c.leasing.register_worker(TENANT, WORKER, ["noop"], 1000)
 
 
 async def run_tasks(c: Coordinator, n: int, batch: int) -> float:
@@ -79,11 +79,13 @@ async def run_tasks(c: Coordinator, n: int, batch: int) -> float:
     done = 0
     t0 = time.perf_counter()
     while done < n:
-        tasks = await c.poll_tasks(TENANT, WORKER, ["noop"], min(batch, n - done), timedelta(0))
+        tasks = await c.leasing.poll_tasks(
+            TENANT, WORKER, ["noop"], min(batch, n - done), timedelta(0)
+        )
         if not tasks:
             raise RuntimeError(f"the queue ran dry after {done} tasks")
         for t in tasks:
-            await c.complete_task(TENANT, t.token, b"{}", WORKER)
+            await c.results.complete_task(TENANT, t.token, b"{}", WORKER)
         done += len(tasks)
     return (time.perf_counter() - t0) * 1000 / n
 
@@ -94,7 +96,9 @@ async def backlog(db: str, n: int) -> dict[str, float]:
         t0 = time.perf_counter()
         for first in range(0, n, 1000):
             count = min(1000, n - first)
-            await c.batch_start_executions(TENANT, [StartRequest("single", input=b"{}")] * count)
+            await c.starts.batch_start_executions(
+                TENANT, [StartRequest("single", input=b"{}")] * count
+            )
         starts = n / (time.perf_counter() - t0)
         first = min(500, n // 2)
         one = await run_tasks(c, first, 1)
@@ -108,10 +112,10 @@ async def width(db: str, w: int) -> dict[str, float]:
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            execution, _ = await c.start_execution(TENANT, "fan", None, b"{}")
+            execution, _ = await c.starts.start_execution(TENANT, "fan", None, b"{}")
             await run_tasks(c, w + 2, w)
             times.append((time.perf_counter() - t0) * 1000)
-            view = await c.get_execution(TENANT, execution.id)
+            view = await c.executions.get_execution(TENANT, execution.id)
             assert view.execution.status.value == "SUCCEEDED", view.execution.status
         total = statistics.median(times)
     return {"total_ms": total, "ms_per_node": total / (w + 2)}

@@ -15,7 +15,7 @@ from coordinator.errors import InvalidArgument
 from coordinator.grpc import convert
 from coordinator.grpc.status import unary
 from coordinator.model import DEFAULT_TENANT
-from coordinator.service._limits import LimitsAdmin
+from coordinator.service import LimitsAdmin
 from trellis.v1 import dispatch_service_pb2 as dpb
 from trellis.v1 import dispatch_service_pb2_grpc as dgrpc
 

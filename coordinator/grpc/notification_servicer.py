@@ -19,8 +19,8 @@ from coordinator.grpc import convert
 from coordinator.grpc.status import unary
 from coordinator.model import DEFAULT_TENANT
 from coordinator.notify import Backoff, Deliverer
-from coordinator.service import Coordinator
-from coordinator.service._notifications import (
+from coordinator.service import (
+    Coordinator,
     DeliverySettings,
     NotificationDispatcher,
     NotificationService,

@@ -19,12 +19,19 @@ from coordinator.errors import TrellisError
 from coordinator.grpc import dispatch_servicer, notification_servicer
 from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
 from coordinator.grpc.trigger_servicer import TriggerServicer
-from coordinator.service import Coordinator, ServiceSettings, Store, Sweeper
-from coordinator.service._backpressure import PollWaiters, StartRate
-from coordinator.service._core import utcnow
-from coordinator.service._limits import LimitsAdmin
-from coordinator.service._schedules import Scheduler, Schedules
-from coordinator.service._triggers import Triggers
+from coordinator.service import (
+    Coordinator,
+    LimitsAdmin,
+    PollWaiters,
+    Scheduler,
+    Schedules,
+    ServiceSettings,
+    StartRate,
+    Store,
+    Sweeper,
+    Triggers,
+    utcnow,
+)
 from trellis.v1 import (
     trigger_service_pb2,
     trigger_service_pb2_grpc,
@@ -55,6 +62,7 @@ class RunningServer:
 
     server: grpc.aio.Server
     coordinator: Coordinator
+    dispatch: DispatchControl
     health: health.aio.HealthServicer
     port: int
     sweeper: asyncio.Task[None]
@@ -79,7 +87,7 @@ class RunningServer:
                 await self.scheduler
         if self.notifications is not None:
             await self.notifications.stop()
-        await self.coordinator.dispatch.link.close()
+        await self.dispatch.link.close()
         await self.coordinator.store.close()
         log.info("stopped")
 
@@ -112,6 +120,8 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
             idempotency_window=config.idempotency_window,
         ),
         dispatch=dispatch,
+        poll_waiters=PollWaiters(config.max_poll_waiters),
+        start_rate=StartRate(config.max_start_rate, config.start_burst),
     )
     max_message = max(MAX_REPLY_BYTES, config.max_payload_bytes * 4 + 1024 * 1024)
     server = grpc.aio.server(
@@ -120,13 +130,9 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
             ("grpc.max_send_message_length", max_message),
         ]
     )
-    worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(
-        WorkerServicer(coordinator, poll_waiters=PollWaiters(config.max_poll_waiters)), server
-    )
+    worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(coordinator), server)
     workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
-        WorkflowServicer(
-            coordinator, start_rate=StartRate(config.max_start_rate, config.start_burst)
-        ),
+        WorkflowServicer(coordinator),
         server,
     )
     schedules = Schedules(coordinator, store.triggers)
@@ -176,6 +182,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     return RunningServer(
         server,
         coordinator,
+        dispatch,
         health_servicer,
         port,
         sweeper,

@@ -17,10 +17,8 @@ from coordinator.service import (
     Coordinator,
     ExecutionView,
     Failure,
-    LeasedTask,
     ResultOutcome,
 )
-from coordinator.service._backpressure import PollWaiters, StartRate
 from trellis.v1 import common_pb2
 from trellis.v1 import (
     worker_service_pb2 as wpb,
@@ -45,19 +43,14 @@ _DEADLINE_MARGIN = 0.5
 
 
 class WorkerServicer(wgrpc.WorkerServiceServicer):
-    """``poll_waiters`` bounds the polls waiting at once (None: no bound)."""
-
-    def __init__(
-        self, coordinator: Coordinator, *, poll_waiters: PollWaiters | None = None
-    ) -> None:
+    def __init__(self, coordinator: Coordinator) -> None:
         self._c = coordinator
-        self._waiters = poll_waiters
 
     @unary
     async def RegisterWorker(
         self, request: wpb.RegisterWorkerRequest, context: Ctx
     ) -> wpb.RegisterWorkerResponse:
-        worker_id = await self._c.register_worker(
+        worker_id = await self._c.leasing.register_worker(
             TENANT,
             request.worker_id,
             list(request.task_types),
@@ -73,6 +66,7 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
 
     @unary
     async def PollTasks(self, request: wpb.PollTasksRequest, context: Ctx) -> wpb.PollTasksResponse:
+        # The wait asked for, within the call's own deadline (an empty poll is an answer).
         wait = (
             request.wait.ToTimedelta()
             if request.HasField("wait")
@@ -81,28 +75,14 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, timedelta(seconds=max(remaining - _DEADLINE_MARGIN, 0.0)))
-        waiters = self._waiters
-        if waiters is None or wait <= timedelta(0):
-            tasks = await self._poll(request, wait)
-        elif waiters.waiting < waiters.limit:
-            with waiters.admit():
-                tasks = await self._poll(request, wait)
-        else:
-            # Full: a poll that finds work at once still gets it; only waiting is refused.
-            tasks = await self._poll(request, timedelta(0))
-            if not tasks:
-                with waiters.admit():  # RESOURCE_EXHAUSTED with a retry hint
-                    tasks = await self._poll(request, wait)
-        return wpb.PollTasksResponse(tasks=[convert.task_to_proto(t) for t in tasks])
-
-    async def _poll(self, request: wpb.PollTasksRequest, wait: timedelta) -> list[LeasedTask]:
-        return await self._c.poll_tasks(
+        tasks = await self._c.leasing.poll_tasks(
             TENANT, request.worker_id, list(request.task_types), request.max_tasks or 1, wait
         )
+        return wpb.PollTasksResponse(tasks=[convert.task_to_proto(t) for t in tasks])
 
     @unary
     async def Heartbeat(self, request: wpb.HeartbeatRequest, context: Ctx) -> wpb.HeartbeatResponse:
-        result = await self._c.heartbeat(
+        result = await self._c.heartbeats.heartbeat(
             TENANT, request.worker_id, [lease.lease_token for lease in request.leases]
         )
         reply = wpb.HeartbeatResponse(
@@ -116,25 +96,15 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
         self, request: wpb.CompleteTaskRequest, context: Ctx
     ) -> wpb.CompleteTaskResponse:
         taken, expansion = convert.complete_options_from_proto(request)
-        if request.max_next_tasks <= 0:
-            duplicate = await self._c.complete_task(
-                TENANT,
-                request.lease_token,
-                request.output,
-                request.worker_id,
-                next=taken,
-                expansion=expansion,
-            )
-            return wpb.CompleteTaskResponse(duplicate=duplicate)
-        duplicate, tasks = await self._c.complete_and_lease(
+        duplicate, tasks = await self._c.results.complete_task(
             TENANT,
             request.lease_token,
             request.output,
             request.worker_id,
-            list(request.task_types),
-            request.max_next_tasks,
             next=taken,
             expansion=expansion,
+            task_types=list(request.task_types),
+            max_next=request.max_next_tasks,
         )
         return wpb.CompleteTaskResponse(
             duplicate=duplicate, next_tasks=[convert.task_to_proto(t) for t in tasks]
@@ -143,7 +113,7 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
     @unary
     async def FailTask(self, request: wpb.FailTaskRequest, context: Ctx) -> wpb.FailTaskResponse:
         error, retryable = convert.task_error_from_proto(request.error)
-        will_retry, duplicate = await self._c.fail_task(
+        will_retry, duplicate = await self._c.results.fail_task(
             TENANT, request.lease_token, error, retryable
         )
         return wpb.FailTaskResponse(will_retry=will_retry, duplicate=duplicate)
@@ -159,7 +129,7 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
                 results.append(convert.result_from_proto(msg, index))
             except TrellisError as exc:
                 results.append(exc)
-        outcomes, tasks = await self._c.report_results(
+        outcomes, tasks = await self._c.results.report_results(
             TENANT,
             request.worker_id,
             results,
@@ -188,18 +158,15 @@ def _result_status(outcome: ResultOutcome) -> wpb.ResultStatus:
 
 
 class WorkflowServicer(fgrpc.WorkflowServiceServicer):
-    """``start_rate`` limits StartExecution and BatchStartExecutions (None: no limit)."""
-
-    def __init__(self, coordinator: Coordinator, *, start_rate: StartRate | None = None) -> None:
+    def __init__(self, coordinator: Coordinator) -> None:
         self._c = coordinator
-        self._starts = start_rate
 
     @unary
     async def RegisterWorkflow(
         self, request: fpb.RegisterWorkflowRequest, context: Ctx
     ) -> fpb.RegisterWorkflowResponse:
         defn = convert.definition_from_proto(request.definition, TENANT)
-        stored, created = await self._c.register_workflow(defn)
+        stored, created = await self._c.definitions.register_workflow(defn)
         return fpb.RegisterWorkflowResponse(
             definition=convert.definition_to_proto(stored), created=created
         )
@@ -208,14 +175,16 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def GetWorkflow(
         self, request: fpb.GetWorkflowRequest, context: Ctx
     ) -> fpb.GetWorkflowResponse:
-        defn = await self._c.get_workflow(TENANT, request.name, request.version or None)
+        defn = await self._c.definitions.get_workflow(TENANT, request.name, request.version or None)
         return fpb.GetWorkflowResponse(definition=convert.definition_to_proto(defn))
 
     @unary
     async def ListWorkflows(
         self, request: fpb.ListWorkflowsRequest, context: Ctx
     ) -> fpb.ListWorkflowsResponse:
-        rows, token = await self._c.list_workflows(TENANT, request.page_size, request.page_token)
+        rows, token = await self._c.definitions.list_workflows(
+            TENANT, request.page_size, request.page_token
+        )
         return fpb.ListWorkflowsResponse(
             workflows=[convert.summary_to_proto(s) for s in rows], next_page_token=token
         )
@@ -224,7 +193,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def ListWorkflowVersions(
         self, request: fpb.ListWorkflowVersionsRequest, context: Ctx
     ) -> fpb.ListWorkflowVersionsResponse:
-        versions = await self._c.list_workflow_versions(TENANT, request.name)
+        versions = await self._c.definitions.list_workflow_versions(TENANT, request.name)
         return fpb.ListWorkflowVersionsResponse(
             definitions=[convert.definition_to_proto(d) for d in versions]
         )
@@ -234,9 +203,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.StartExecutionRequest, context: Ctx
     ) -> fpb.StartExecutionResponse:
         start = convert.start_request_from_proto(request)
-        if self._starts is not None:
-            self._starts.take(1)
-        execution, created = await self._c.start_execution(
+        execution, created = await self._c.starts.start_execution(
             TENANT,
             start.workflow_name,
             start.workflow_version,
@@ -256,9 +223,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.BatchStartExecutionsRequest, context: Ctx
     ) -> fpb.BatchStartExecutionsResponse:
         starts = [convert.start_request_from_proto(r) for r in request.requests]
-        if self._starts is not None:
-            self._starts.take(len(starts))
-        results = await self._c.batch_start_executions(TENANT, starts)
+        results = await self._c.starts.batch_start_executions(TENANT, starts)
         return fpb.BatchStartExecutionsResponse(
             results=[
                 fpb.StartExecutionResponse(
@@ -272,14 +237,14 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def GetExecution(
         self, request: fpb.GetExecutionRequest, context: Ctx
     ) -> fpb.GetExecutionResponse:
-        view = await self._c.get_execution(TENANT, request.execution_id)
+        view = await self._c.executions.get_execution(TENANT, request.execution_id)
         return fpb.GetExecutionResponse(execution=_view(view))
 
     @unary
     async def ListExecutions(
         self, request: fpb.ListExecutionsRequest, context: Ctx
     ) -> fpb.ListExecutionsResponse:
-        rows, token = await self._c.list_executions(
+        rows, token = await self._c.executions.list_executions(
             TENANT,
             workflow_name=request.workflow_name or None,
             status=convert.execution_status_from_proto(request.status),
@@ -294,7 +259,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def WatchExecution(
         self, request: fpb.WatchExecutionRequest, context: Ctx
     ) -> AsyncIterator[fpb.WatchExecutionResponse]:
-        async for item in self._c.watch_execution(
+        async for item in self._c.executions.watch_execution(
             TENANT, request.execution_id, request.after_sequence
         ):
             if isinstance(item, Execution):
@@ -308,14 +273,16 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def CancelExecution(
         self, request: fpb.CancelExecutionRequest, context: Ctx
     ) -> fpb.CancelExecutionResponse:
-        view = await self._c.cancel_execution(TENANT, request.execution_id, request.reason)
+        view = await self._c.operations.cancel_execution(
+            TENANT, request.execution_id, request.reason
+        )
         return fpb.CancelExecutionResponse(execution=_view(view))
 
     @unary
     async def CancelNode(
         self, request: fpb.CancelNodeRequest, context: Ctx
     ) -> fpb.CancelNodeResponse:
-        view = await self._c.cancel_node(
+        view = await self._c.operations.cancel_node(
             TENANT, request.execution_id, request.node_id, request.reason
         )
         return fpb.CancelNodeResponse(execution=_view(view))
@@ -324,33 +291,33 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def PauseExecution(
         self, request: fpb.PauseExecutionRequest, context: Ctx
     ) -> fpb.PauseExecutionResponse:
-        view = await self._c.pause_execution(TENANT, request.execution_id)
+        view = await self._c.operations.pause_execution(TENANT, request.execution_id)
         return fpb.PauseExecutionResponse(execution=_view(view))
 
     @unary
     async def ResumeExecution(
         self, request: fpb.ResumeExecutionRequest, context: Ctx
     ) -> fpb.ResumeExecutionResponse:
-        view = await self._c.resume_execution(TENANT, request.execution_id)
+        view = await self._c.operations.resume_execution(TENANT, request.execution_id)
         return fpb.ResumeExecutionResponse(execution=_view(view))
 
     @unary
     async def PauseNode(self, request: fpb.PauseNodeRequest, context: Ctx) -> fpb.PauseNodeResponse:
-        view = await self._c.pause_node(TENANT, request.execution_id, request.node_id)
+        view = await self._c.operations.pause_node(TENANT, request.execution_id, request.node_id)
         return fpb.PauseNodeResponse(execution=_view(view))
 
     @unary
     async def ResumeNode(
         self, request: fpb.ResumeNodeRequest, context: Ctx
     ) -> fpb.ResumeNodeResponse:
-        view = await self._c.resume_node(TENANT, request.execution_id, request.node_id)
+        view = await self._c.operations.resume_node(TENANT, request.execution_id, request.node_id)
         return fpb.ResumeNodeResponse(execution=_view(view))
 
     @unary
     async def ListDeadLetters(
         self, request: fpb.ListDeadLettersRequest, context: Ctx
     ) -> fpb.ListDeadLettersResponse:
-        rows, token = await self._c.list_dead_letters(
+        rows, token = await self._c.dead_letters.list_dead_letters(
             TENANT,
             workflow_name=request.workflow_name or None,
             task_type=request.task_type or None,
@@ -366,14 +333,14 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def GetDeadLetter(
         self, request: fpb.GetDeadLetterRequest, context: Ctx
     ) -> fpb.GetDeadLetterResponse:
-        letter = await self._c.get_dead_letter(TENANT, request.id)
+        letter = await self._c.dead_letters.get_dead_letter(TENANT, request.id)
         return fpb.GetDeadLetterResponse(dead_letter=convert.dead_letter_to_proto(letter))
 
     @unary
     async def RedriveDeadLetter(
         self, request: fpb.RedriveDeadLetterRequest, context: Ctx
     ) -> fpb.RedriveDeadLetterResponse:
-        view = await self._c.redrive_dead_letter(TENANT, request.id)
+        view = await self._c.dead_letters.redrive_dead_letter(TENANT, request.id)
         return fpb.RedriveDeadLetterResponse(execution=_view(view))
 
 

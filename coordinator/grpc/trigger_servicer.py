@@ -10,8 +10,7 @@ import grpc
 from coordinator.grpc import convert
 from coordinator.grpc.status import unary
 from coordinator.model import DEFAULT_TENANT
-from coordinator.service._schedules import Schedules
-from coordinator.service._triggers import Triggers
+from coordinator.service import Schedules, Triggers
 from trellis.v1 import trigger_service_pb2 as tpb
 from trellis.v1 import trigger_service_pb2_grpc as tgrpc
 

@@ -1,46 +1,64 @@
-"""Use cases of the coordinator, over the ``Store`` protocol (no grpc, no SQLAlchemy)."""
+"""Use cases of the coordinator, over the store protocols of ``ports`` (no grpc, no
+SQLAlchemy). ``Coordinator`` is their composition root; every other package imports the
+service's types from here, never from its private modules."""
 
 from coordinator.model import LeaseKey, NewExecution
-from coordinator.service._coordinator import (
-    MAX_REPORT_BATCH,
-    Completion,
-    Coordinator,
-    ExecutionView,
-    Failure,
-    HeartbeatResult,
-    LeasedTask,
-    ResultOutcome,
-    ServiceSettings,
-    utcnow,
+from coordinator.service._backpressure import PollWaiters, StartRate
+from coordinator.service._common import Clock, Draining, ServiceSettings, utcnow
+from coordinator.service._coordinator import Coordinator
+from coordinator.service._executions import ExecutionView
+from coordinator.service._heartbeats import HeartbeatResult
+from coordinator.service._leasing import LeasedTask
+from coordinator.service._limits import DispatchStatus, LimitsAdmin
+from coordinator.service._notifications import (
+    DeliverySettings,
+    NotificationDispatcher,
+    NotificationService,
 )
 from coordinator.service._notifier import Notifier
+from coordinator.service._results import MAX_REPORT_BATCH, Completion, Failure, ResultOutcome
 from coordinator.service._rules import RuleBook, with_deliveries
+from coordinator.service._schedules import Scheduler, Schedules
 from coordinator.service._starts import MAX_BATCH_START, MAX_START_DELAY, StartRequest
 from coordinator.service._sweeps import Sweeper
 from coordinator.service._tokens import LeaseToken
+from coordinator.service._triggers import PublishResult, Triggers
 from coordinator.service.ports import Decision, Store
 
 __all__ = [
     "MAX_BATCH_START",
     "MAX_REPORT_BATCH",
     "MAX_START_DELAY",
+    "Clock",
     "Completion",
     "Coordinator",
     "Decision",
+    "DeliverySettings",
+    "DispatchStatus",
+    "Draining",
     "ExecutionView",
     "Failure",
     "HeartbeatResult",
     "LeaseKey",
     "LeaseToken",
     "LeasedTask",
+    "LimitsAdmin",
     "NewExecution",
+    "NotificationDispatcher",
+    "NotificationService",
     "Notifier",
+    "PollWaiters",
+    "PublishResult",
     "ResultOutcome",
     "RuleBook",
+    "Scheduler",
+    "Schedules",
     "ServiceSettings",
+    "StartRate",
     "StartRequest",
     "Store",
     "Sweeper",
+    "Triggers",
     "utcnow",
     "with_deliveries",
 ]

@@ -1,4 +1,5 @@
-"""Sub-workflows: the child executions a transition starts (pure: no I/O, ``now`` given).
+"""Sub-workflows: the child executions a transition starts (``settle_children``, pure: no
+I/O, ``now`` given), and the follow-ups between parents and children (``SubWorkflows``).
 
 A workflow node that becomes ready is WAITING and asks for a child in
 ``Transition.start_children``. ``settle_children`` turns each ask into a started child
@@ -10,20 +11,30 @@ transition and every created child in one store transaction.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from coordinator import engine
+from coordinator.errors import FailedPrecondition, NotFound, TrellisError
 from coordinator.model import (
     ChildStart,
     ErrorInfo,
+    EventType,
     Execution,
     ExecutionStatus,
     NodeRun,
+    NodeStatus,
     Transition,
     WorkflowDef,
 )
+
+if TYPE_CHECKING:
+    from coordinator.service._transactions import Transactions
+
+log = logging.getLogger(__name__)
 
 # (workflow name, version); version 0 means the latest.
 DefKey = tuple[str, int]
@@ -153,3 +164,85 @@ def combine(first: Transition, then: Transition) -> Transition:
         cancel_children=first.cancel_children
         + tuple(c for c in then.cancel_children if c not in first.cancel_children),
     )
+
+
+_EXECUTION_ENDED = frozenset(
+    {
+        EventType.EXECUTION_SUCCEEDED,
+        EventType.EXECUTION_FAILED,
+        EventType.EXECUTION_CANCELLED,
+        EventType.EXECUTION_TIMED_OUT,
+    }
+)
+
+
+def ends_execution(t: Transition) -> bool:
+    """Whether ``t`` ended its execution (it appended the execution's final event)."""
+    e = t.execution
+    return any(ev.type in _EXECUTION_ENDED and ev.execution_id == e.id for ev in t.events)
+
+
+class SubWorkflows:
+    """The follow-ups between parents and children: a child that ended is reported to its
+    parent's waiting node; a child its parent no longer waits on is cancelled. Both run
+    after the commit that caused them (``after_commit``) and from the sweeper."""
+
+    def __init__(self, transactions: Transactions) -> None:
+        self._tx = transactions
+
+    async def report_child_ended(self, child: Execution) -> bool:
+        """Tell a child's parent that the child finished (``engine.child_ended``). False
+        when the parent's node no longer waits on this child (already told, or cancelled)."""
+        parent_id, node_id = child.parent_execution_id, child.parent_node_id
+        if parent_id is None or node_id is None:
+            return False
+
+        def step(
+            d: WorkflowDef, execution: Execution, nodes: Mapping[str, NodeRun], now: datetime
+        ) -> Transition | None:
+            node = nodes.get(node_id)
+            if node is None or node.status is not NodeStatus.WAITING:
+                return None
+            if node.child_execution_id != child.id:
+                return None
+            return engine.child_ended(d, execution, nodes, node_id, child, now)
+
+        return await self._tx.run_step(child.tenant_id, parent_id, step) is not None
+
+    async def cancel_child(self, tenant_id: str, child_id: str) -> bool:
+        """Cancel a child execution whose parent no longer waits on it (and, through its
+        own transition, its children). False when it had already ended."""
+
+        def step(
+            d: WorkflowDef, execution: Execution, nodes: Mapping[str, NodeRun], now: datetime
+        ) -> Transition | None:
+            if execution.status.terminal:
+                return None
+            why = "cancelled because its parent execution no longer waits on it"
+            return engine.cancel_execution(d, execution, nodes, why, now)
+
+        return await self._tx.run_step(tenant_id, child_id, step) is not None
+
+    async def cancel_released(self, done: Sequence[Transition], *, published: bool) -> None:
+        """After a commit: cancel the children the transitions let go."""
+        for t in done:
+            for child_id in t.cancel_children:
+                await self._follow_up(t, self.cancel_child(t.execution.tenant_id, child_id))
+
+    async def report_ended(self, done: Sequence[Transition], *, published: bool) -> None:
+        """After a commit: tell the parent of each child execution that ended."""
+        for t in done:
+            if t.execution.parent_execution_id and ends_execution(t):
+                await self._follow_up(t, self.report_child_ended(t.execution))
+
+    async def _follow_up(self, t: Transition, call: Awaitable[bool]) -> None:
+        try:
+            await call
+        except (FailedPrecondition, NotFound) as exc:
+            log.debug("sub-workflow follow-up settled meanwhile: %s", exc)
+        except TrellisError as exc:
+            log.warning(
+                "sub-workflow follow-up failed; the sweeper will retry: %s",
+                exc,
+                extra={"execution_id": t.execution.id},
+            )

@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from coordinator.errors import TrellisError
 from coordinator.model import Execution, NodeRun
-from coordinator.service.ports import Decision, Store
+from coordinator.service.ports import Decision, ExecutionRepository
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class _Item(Generic[T]):
 class GroupCommit:
     """``transact`` with the ``Store.transact`` contract, grouped (see the module doc)."""
 
-    def __init__(self, store: Store, max_group: int = MAX_GROUP) -> None:
+    def __init__(self, store: ExecutionRepository, max_group: int = MAX_GROUP) -> None:
         self._store = store
         self._max = max_group
         self._queue: list[_Item[Any]] = []
@@ -76,7 +76,7 @@ class GroupCommit:
         results: list[Any] | None = None
         if len(group) > 1:
             try:
-                results = await self._store.executions.transact_many(
+                results = await self._store.transact_many(
                     [(i.tenant_id, i.execution_id, i.decide) for i in group]
                 )
             except Exception:
@@ -95,9 +95,7 @@ class GroupCommit:
 
     async def _one(self, item: _Item[Any]) -> None:
         try:
-            result = await self._store.executions.transact(
-                item.tenant_id, item.execution_id, item.decide
-            )
+            result = await self._store.transact(item.tenant_id, item.execution_id, item.decide)
         except Exception as exc:
             if not item.done.done():
                 item.done.set_exception(exc)

@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 from coordinator.engine import LIMIT_VARIABLES, check_task_type, compile_expression
 from coordinator.errors import InvalidArgument, NotFound, TrellisError
 from coordinator.model import BreakerInfo, TaskTypeLimits
-from coordinator.service._core import check_names
+from coordinator.service._common import check_names
 from coordinator.service.ports import LimitsRepository
 
 log = logging.getLogger(__name__)

@@ -37,8 +37,10 @@ from coordinator.model import (
     Transition,
     WorkflowDef,
 )
-from coordinator.service._coordinator import Clock, Coordinator
+from coordinator.service._common import Clock
+from coordinator.service._coordinator import Coordinator
 from coordinator.service._notifier import task_key
+from coordinator.service._rules import with_deliveries
 from coordinator.service.ports import TriggerRepository
 
 log = logging.getLogger(__name__)
@@ -188,7 +190,7 @@ class Schedules:
             )
         cron = Cron.parse(cron_text, timezone)
         payload = self._c.check_payload("input", input)
-        await self._c.get_workflow(tenant_id, workflow_name, workflow_version or None)
+        await self._c.definitions.get_workflow(tenant_id, workflow_name, workflow_version or None)
         now = self.now()
         schedule = Schedule(
             id=schedule_id,
@@ -270,13 +272,20 @@ class Schedules:
         return started
 
     async def _fire(self, found: Schedule, now: datetime) -> int:
-        defn = await self._c.get_workflow(
+        defn = await self._c.definitions.get_workflow(
             found.tenant_id, found.workflow_name, found.workflow_version or None
         )
         cron = Cron(found.cron, found.timezone)
 
+        rules = await self._c.rules.rules(found.tenant_id)
+
         def decide(schedule: Schedule, last: Execution | None) -> FiringResult | None:
-            return _decide(schedule, last, defn, cron, now)
+            result = _decide(schedule, last, defn, cron, now)
+            if result is None:
+                return None
+            # An execution that ends as it starts queues its notifications with it.
+            starts = tuple(with_deliveries(t, None, rules) for t in result.starts)
+            return replace(result, starts=starts)
 
         result = await self._store.fire_schedule(found.tenant_id, found.id, decide)
         if result is None:

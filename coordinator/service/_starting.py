@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
 
 from coordinator import engine
 from coordinator.errors import InvalidArgument, NotFound, ResourceExhausted, TrellisError
@@ -28,35 +27,49 @@ from coordinator.model import (
     WorkflowDef,
     running_cap,
 )
-from coordinator.service._core import CoordinatorCore, check_names
-from coordinator.service._rules import with_deliveries
+from coordinator.service._backpressure import StartRate
+from coordinator.service._children import ends_execution
+from coordinator.service._common import Clock, ServiceSettings, check_names
+from coordinator.service._definitions import Definitions
 from coordinator.service._starts import (
     MAX_BATCH_START,
     StartRequest,
     execution_concurrency,
     start_at,
 )
+from coordinator.service._transactions import Transactions
+from coordinator.service.ports import ExecutionRepository, QueueRepository
 
 log = logging.getLogger(__name__)
 
-_ENDED = frozenset(
-    {
-        EventType.EXECUTION_SUCCEEDED,
-        EventType.EXECUTION_FAILED,
-        EventType.EXECUTION_CANCELLED,
-        EventType.EXECUTION_TIMED_OUT,
-    }
-)
 # Queued executions one pass looks at per workflow.
 QUEUED_BATCH = 100
 
 
-class ExecutionStarts(CoordinatorCore):
-    """The start use cases (see ``Coordinator``)."""
+class Starts:
+    """Starting executions. ``start_rate`` limits how many starts are admitted per second
+    (None: no limit)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # (tenant, workflow) whose queue this replica is starting right now (see ``_after``).
+    def __init__(
+        self,
+        executions: ExecutionRepository,
+        queue: QueueRepository,
+        transactions: Transactions,
+        definitions: Definitions,
+        settings: ServiceSettings,
+        clock: Clock,
+        *,
+        start_rate: StartRate | None = None,
+    ) -> None:
+        self._executions = executions
+        self._queue = queue
+        self._tx = transactions
+        self._definitions = definitions
+        self._settings = settings
+        self._clock = clock
+        self._start_rate = start_rate
+        # (tenant, workflow) whose queue this replica is starting right now (see
+        # ``start_freed``).
         self._kicking: set[tuple[str, str]] = set()
 
     async def start_execution(
@@ -71,12 +84,15 @@ class ExecutionStarts(CoordinatorCore):
         start_time: datetime | None = None,
         delay: timedelta | None = None,
         max_concurrency: int = 0,
+        rate_limited: bool = True,
     ) -> tuple[Execution, bool]:
         """Start an execution now, or store it PENDING until ``start_time`` / ``delay``
         (a sweeper starts it then). A repeated ``idempotency_key`` within the idempotency
         window returns the execution it first started (``created`` False). When the
         workflow has max_running_executions running, the execution is queued (PENDING,
-        ``queued``) or refused (``ResourceExhausted``), as its overflow policy says."""
+        ``queued``) or refused (``ResourceExhausted``), as its overflow policy says.
+        ``rate_limited``: counted against ``start_rate`` (a client's start; triggers
+        are not)."""
         request = StartRequest(
             workflow_name,
             version,
@@ -87,6 +103,8 @@ class ExecutionStarts(CoordinatorCore):
             delay,
             max_concurrency,
         )
+        if rate_limited and self._start_rate is not None:
+            self._start_rate.take(1)
         now = self._clock()
         start = await self._prepare(tenant_id, request, now)
         [(execution, created)] = await self._create([start], now)
@@ -106,6 +124,8 @@ class ExecutionStarts(CoordinatorCore):
                 f"{len(requests)} requests in one batch, over the limit of {MAX_BATCH_START}; "
                 "split the batch"
             )
+        if self._start_rate is not None:
+            self._start_rate.take(len(requests))
         now = self._clock()
         starts: list[CappedStart] = []
         # One lookup per workflow for the whole batch (the latest version is a database read).
@@ -141,7 +161,7 @@ class ExecutionStarts(CoordinatorCore):
     ) -> CappedStart:
         """Validate a start and decide it (with the children it starts), storing nothing.
         ``defs``: definitions already looked up for this batch, by (name, version asked)."""
-        payload = self.check_payload("input", request.input)
+        payload = self._settings.check_payload("input", request.input)
         if not request.workflow_name:
             raise InvalidArgument("workflow_name is required")
         check_names(workflow_name=request.workflow_name, idempotency_key=request.idempotency_key)
@@ -149,7 +169,7 @@ class ExecutionStarts(CoordinatorCore):
         asked = (request.workflow_name, request.workflow_version)
         defn = None if defs is None else defs.get(asked)
         if defn is None:
-            defn = await self.get_workflow(tenant_id, *asked)
+            defn = await self._definitions.get_workflow(tenant_id, *asked)
             if defs is not None:
                 defs[asked] = defn
         shell = Execution(
@@ -171,34 +191,20 @@ class ExecutionStarts(CoordinatorCore):
             # the cap then, see ``start_pending``).
             return CappedStart(NewExecution(Transition(execution=shell)))
         transition = engine.start_execution(engine.effective_definition(defn, shell), shell, now)
-        item = await self._new_execution(defn, transition, now)
+        item = await self._tx.new_execution(defn, transition, now)
         cap = running_cap(defn)
         if cap is None:
             return CappedStart(item)
         return CappedStart(item, cap, Transition(execution=replace(shell, queued=True)))
 
-    async def _new_execution(
-        self, defn: WorkflowDef, transition: Transition, now: datetime
-    ) -> NewExecution:
-        """A start transition with the children it starts, and the notifications of any of
-        them that ends at once."""
-        settled = await self._settle(defn, transition, {}, now)
-        rules = await self.rules.rules(transition.execution.tenant_id)
-        return NewExecution(
-            with_deliveries(settled.transition, None, rules),
-            tuple(with_deliveries(c, None, rules) for c in settled.created),
-        )
-
     async def _create(
         self, starts: Sequence[CappedStart], now: datetime
     ) -> list[tuple[Execution, bool]]:
-        cutoff = now - self.settings.idempotency_window
+        cutoff = now - self._settings.idempotency_window
         if any(s.cap is not None for s in starts):
-            return await self.store.queue.create_capped_executions(
-                starts, idempotency_cutoff=cutoff
-            )
+            return await self._queue.create_capped_executions(starts, idempotency_cutoff=cutoff)
         # No cap: no counting, no lock.
-        return await self.store.executions.create_executions(
+        return await self._executions.create_executions(
             [s.item for s in starts], idempotency_cutoff=cutoff
         )
 
@@ -222,7 +228,9 @@ class ExecutionStarts(CoordinatorCore):
                 extra={"execution_id": execution.id, "workflow": execution.workflow_name},
             )
         if done:
-            await self._after_all(done)
+            await self._tx.committed(
+                [t for transition, created in done for t in (transition, *created)]
+            )
 
     # -- PENDING executions: delayed starts due, and the overflow queue -------------------
 
@@ -239,23 +247,22 @@ class ExecutionStarts(CoordinatorCore):
         holds it. Under max_running_executions the workflow's running executions are
         counted in the transaction that starts it; when there is no room, a queued one
         stays queued (FULL), a delayed one is queued or, with REJECT, fails (DEFERRED)."""
-        defn = await self.get_workflow(
+        defn = await self._definitions.get_workflow(
             execution.tenant_id, execution.workflow_name, execution.workflow_version
         )
         now = self._clock()
         shell = replace(execution, queued=False)
         transition = engine.start_execution(engine.effective_definition(defn, shell), shell, now)
-        item = await self._new_execution(defn, transition, now)
+        item = await self._tx.new_execution(defn, transition, now)
         cap = running_cap(defn)
         when_full = None if cap is None or execution.queued else _when_full(execution, cap, now)
         if when_full is not None:  # REJECT fails the execution: its notifications go with it
-            rules = await self.rules.rules(execution.tenant_id)
-            when_full = with_deliveries(when_full, execution.status, rules)
-        outcome = await self.store.queue.start_pending(execution, item, cap, when_full)
+            when_full = await self._tx.ending(when_full, execution)
+        outcome = await self._queue.start_pending(execution, item, cap, when_full)
         if outcome is PendingStart.STARTED:
-            await self._after(item.transition, item.children)
+            await self._tx.committed([item.transition, *item.children])
         elif outcome is PendingStart.DEFERRED and when_full is not None:
-            await self._after(when_full)
+            await self._tx.committed([when_full])
         return outcome
 
     async def start_queued(
@@ -263,14 +270,16 @@ class ExecutionStarts(CoordinatorCore):
     ) -> int:
         """Start the workflow's queued executions, oldest first, while it has room; returns
         how many started. Safe on every replica at once (see ``start_pending``)."""
-        queued = await self.store.queue.find_queued_executions(tenant_id, workflow_name, limit)
+        queued = await self._queue.find_queued_executions(tenant_id, workflow_name, limit)
         if not queued:
             return 0
-        defn = await self.get_workflow(tenant_id, workflow_name, queued[0].workflow_version)
+        defn = await self._definitions.get_workflow(
+            tenant_id, workflow_name, queued[0].workflow_version
+        )
         cap = running_cap(defn)
         if cap is not None:
             # A cheap look first: a full workflow costs no write transaction.
-            running = await self.store.queue.count_running(tenant_id, workflow_name)
+            running = await self._queue.count_running(tenant_id, workflow_name)
             if running >= cap.max_running:
                 return 0
         started = 0
@@ -295,21 +304,13 @@ class ExecutionStarts(CoordinatorCore):
     ) -> list[tuple[str, str]]:
         """(tenant, workflow) pairs with queued executions, in order, after ``after``
         (the sweeper's step pages through them)."""
-        return await self.store.queue.find_queued_workflows(limit, after)
+        return await self._queue.find_queued_workflows(limit, after)
 
-    async def _after_all(
-        self,
-        items: Sequence[tuple[Transition, Sequence[Transition]]],
-        *,
-        published: bool = False,
-    ) -> None:
-        """After commits (see ``CoordinatorCore._after_all``); when a transition ended an
-        execution of a workflow with max_running_executions, its oldest queued execution
-        starts at once here (the sweeper does it within a sweep interval otherwise: after
-        a crash, or when the ended execution's version has no cap but the queued one's has).
-        """
-        await super()._after_all(items, published=published)
-        done = [t for transition, created in items for t in (transition, *created)]
+    async def start_freed(self, done: Sequence[Transition], *, published: bool) -> None:
+        """After a commit: when a transition ended an execution of a workflow with
+        max_running_executions, its oldest queued execution starts at once here (the
+        sweeper does it within a sweep interval otherwise: after a crash, or when the ended
+        execution's version has no cap but the queued one's has)."""
         for tenant_id, workflow_name in self._freed(done):
             try:
                 await self.start_queued(tenant_id, workflow_name)
@@ -325,11 +326,9 @@ class ExecutionStarts(CoordinatorCore):
         freed: list[tuple[str, str]] = []
         for t in done:
             e = t.execution
-            if not e.status.terminal or not any(
-                ev.type in _ENDED and ev.execution_id == e.id for ev in t.events
-            ):
+            if not e.status.terminal or not ends_execution(t):
                 continue
-            defn = self._definitions.get((e.tenant_id, e.workflow_name, e.workflow_version))
+            defn = self._definitions.cached(e.tenant_id, e.workflow_name, e.workflow_version)
             key = (e.tenant_id, e.workflow_name)
             if (
                 defn is not None

@@ -74,7 +74,7 @@ class Sweeper:
         due = await self._c.store.executions.find_due_executions(now or self._now(), self._batch)
 
         async def verdict(execution: Execution) -> bool:
-            if not await self._c.start_delayed(execution):
+            if not await self._c.starts.start_delayed(execution):
                 return False
             log.info("delayed execution started", extra={"execution_id": execution.id})
             return True
@@ -88,12 +88,12 @@ class Sweeper:
         (a crash in between, another version's cap) within a sweep interval."""
         # Page through every workflow with a queue, a batch per sweep, so that workflows
         # that stay full do not hide the others.
-        workflows = await self._c.find_queued_workflows(self._batch, self._queued_after)
+        workflows = await self._c.starts.find_queued_workflows(self._batch, self._queued_after)
         self._queued_after = workflows[-1] if len(workflows) == self._batch else None
         done = 0
         for tenant_id, workflow_name in workflows:
             try:
-                done += await self._c.start_queued(tenant_id, workflow_name, self._batch)
+                done += await self._c.starts.start_queued(tenant_id, workflow_name, self._batch)
             except (FailedPrecondition, NotFound):
                 continue  # settled meanwhile
             except Exception:
@@ -107,14 +107,14 @@ class Sweeper:
         """A finished child whose parent node still waits on it (the report after its end
         was lost, e.g. in a crash) is reported now."""
         ended = await self._c.store.executions.find_ended_children(self._batch)
-        return await self._each(ended, self._c.report_child_ended)
+        return await self._each(ended, self._c.sub_workflows.report_child_ended)
 
     async def cancel_orphaned_children(self) -> tuple[int, int]:
         """An unfinished child whose parent no longer waits on it is cancelled."""
         orphans = await self._c.store.executions.find_orphaned_children(self._batch)
 
         async def verdict(child: Execution) -> bool:
-            return await self._c.cancel_child(child.tenant_id, child.id)
+            return await self._c.sub_workflows.cancel_child(child.tenant_id, child.id)
 
         return await self._each(orphans, verdict)
 
@@ -176,7 +176,7 @@ class Sweeper:
         return await self._each(lost, verdict)
 
     async def _fail(self, node: NodeRun, error: ErrorInfo) -> bool:
-        if not await self._c.fail_lease(node, error, retryable=True):
+        if not await self._c.results.fail_lease(node, error, retryable=True):
             return False
         log.warning(
             "attempt failed by the coordinator",
@@ -195,7 +195,7 @@ class Sweeper:
         overdue = await self._c.store.leases.find_unstarted_overdue(self._now(), self._batch)
 
         async def verdict(node: NodeRun) -> bool:
-            await self._c.run_step(
+            await self._c.transactions.run_step(
                 node.tenant_id,
                 node.execution_id,
                 functools.partial(_time_out_unstarted, node.node_id),
@@ -213,7 +213,9 @@ class Sweeper:
         overdue = await self._c.store.executions.find_overdue_executions(self._now(), self._batch)
 
         async def verdict(execution: Execution) -> bool:
-            await self._c.run_step(execution.tenant_id, execution.id, engine.time_out_execution)
+            await self._c.transactions.run_step(
+                execution.tenant_id, execution.id, engine.time_out_execution
+            )
             log.warning("execution timed out", extra={"execution_id": execution.id})
             return True
 

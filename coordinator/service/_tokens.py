@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 
 from coordinator.errors import InvalidArgument
-from coordinator.model import LeaseKey
+from coordinator.model import LeaseKey, NodeRun
 
 _VERSION = 1
 
@@ -20,6 +20,17 @@ class LeaseToken:
     lease_seq: int
     workflow_name: str
     workflow_version: int
+
+    @classmethod
+    def of(cls, node: NodeRun) -> LeaseToken:
+        """The token of the lease ``node`` holds now."""
+        return cls(
+            node.execution_id,
+            node.node_id,
+            node.lease_seq,
+            node.workflow_name,
+            node.workflow_version,
+        )
 
     @property
     def key(self) -> LeaseKey:

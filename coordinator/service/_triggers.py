@@ -170,7 +170,7 @@ class Triggers:
             self._expr(idempotency_expr, "idempotency_key", WEBHOOK_VARIABLES)
         if input_expr:
             self._expr(input_expr, "input", WEBHOOK_VARIABLES)
-        await self._c.get_workflow(tenant_id, workflow_name, workflow_version or None)
+        await self._c.definitions.get_workflow(tenant_id, workflow_name, workflow_version or None)
         trigger = WebhookTrigger(
             path=path,
             workflow_name=workflow_name,
@@ -220,12 +220,13 @@ class Triggers:
         if trigger.input_expr:
             expr = self._expr(trigger.input_expr, "input", WEBHOOK_VARIABLES)
             payload = _evaluate_json(expr, variables)
-        execution, created = await self._c.start_execution(
+        execution, created = await self._c.starts.start_execution(
             tenant_id,
             trigger.workflow_name,
             trigger.workflow_version or None,
             payload,
             idempotency_key=None if key is None else f"webhook:{path}:{key}",
+            rate_limited=False,
         )
         log.info(
             "webhook fired",
@@ -251,7 +252,7 @@ class Triggers:
             self._expr(filter_expr, "filter", EVENT_VARIABLES, boolean=True)
         if input_expr:
             self._expr(input_expr, "input", EVENT_VARIABLES)
-        await self._c.get_workflow(tenant_id, workflow_name, workflow_version or None)
+        await self._c.definitions.get_workflow(tenant_id, workflow_name, workflow_version or None)
         trigger = EventTrigger(
             id=str(uuid.uuid4()),
             event_name=event_name,
@@ -297,7 +298,7 @@ class Triggers:
                 if trigger.input_expr:
                     expr = self._expr(trigger.input_expr, "input", EVENT_VARIABLES)
                     data = _evaluate_json(expr, variables)
-                execution, created = await self._c.start_execution(
+                execution, created = await self._c.starts.start_execution(
                     tenant_id,
                     trigger.workflow_name,
                     trigger.workflow_version or None,
@@ -305,6 +306,7 @@ class Triggers:
                     idempotency_key=(
                         f"event:{trigger.id}:{idempotency_key}" if idempotency_key else None
                     ),
+                    rate_limited=False,
                 )
             except Unavailable:
                 raise

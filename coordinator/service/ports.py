@@ -14,6 +14,7 @@ from typing import Generic, Protocol, TypeVar
 
 from coordinator.errors import TrellisError
 from coordinator.model import (
+    UNLIMITED,
     Admitted,
     Candidate,
     CappedStart,
@@ -97,6 +98,38 @@ class ClaimPolicy(Protocol):
         """After a claim that limits held back: seconds until trying again may succeed
         (a token, a breaker's probe), or None when only a lease ending can help."""
         ...
+
+
+class DispatchPolicy(Protocol):
+    """Task-type limits and breakers, as the leasing use cases apply them
+    (``coordinator.dispatch.DispatchControl``; ``NoDispatchLimits`` when none are set)."""
+
+    async def plan(self, tenant_id: str, task_types: Sequence[str]) -> ClaimPolicy:
+        """The limits one claim of these task types applies."""
+        ...
+
+    def wakes_on_lease_end(self, tenant_id: str, task_type: str) -> bool:
+        """Whether a lease of this type ending may let a waiting poll claim (a
+        concurrency-limited type, or a breaker's probe)."""
+        ...
+
+    async def record_outcome(self, tenant_id: str, task_type: str, ok: bool) -> None:
+        """Feed an attempt's outcome to the type's breaker."""
+        ...
+
+
+class NoDispatchLimits:
+    """A ``DispatchPolicy`` with no task-type limits and no breakers (executions' own
+    max_concurrency still applies in the claim)."""
+
+    async def plan(self, tenant_id: str, task_types: Sequence[str]) -> ClaimPolicy:
+        return UNLIMITED
+
+    def wakes_on_lease_end(self, tenant_id: str, task_type: str) -> bool:
+        return False
+
+    async def record_outcome(self, tenant_id: str, task_type: str, ok: bool) -> None:
+        return None
 
 
 class WakeupChannel(Protocol):

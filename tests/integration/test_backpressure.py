@@ -1,6 +1,6 @@
 """Backpressure and a database outage through a real gRPC server on a socket.
 
-The servicers are built here with their PollWaiters / StartRate (the ``api`` fixture uses
+The coordinator is built here with its PollWaiters / StartRate (the ``api`` fixture uses
 the server's own wiring, with unlimited defaults).
 """
 
@@ -19,8 +19,7 @@ from google.protobuf import duration_pb2
 from sqlalchemy.engine import make_url
 
 from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
-from coordinator.service import Coordinator, ServiceSettings, Store
-from coordinator.service._backpressure import PollWaiters, StartRate
+from coordinator.service import Coordinator, PollWaiters, ServiceSettings, StartRate, Store
 from coordinator.store import open_store
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.wait import wait_for
@@ -56,14 +55,15 @@ class serve:
     """An in-process gRPC server over ``store`` with the given limits."""
 
     def __init__(self, store: Store, waiters: PollWaiters | None, rate: StartRate | None) -> None:
-        self.coordinator = Coordinator(store, ServiceSettings(poll_max_wait=timedelta(seconds=10)))
+        self.coordinator = Coordinator(
+            store,
+            ServiceSettings(poll_max_wait=timedelta(seconds=10)),
+            poll_waiters=waiters,
+            start_rate=rate,
+        )
         self.server = grpc.aio.server()
-        wgrpc.add_WorkerServiceServicer_to_server(
-            WorkerServicer(self.coordinator, poll_waiters=waiters), self.server
-        )
-        fgrpc.add_WorkflowServiceServicer_to_server(
-            WorkflowServicer(self.coordinator, start_rate=rate), self.server
-        )
+        wgrpc.add_WorkerServiceServicer_to_server(WorkerServicer(self.coordinator), self.server)
+        fgrpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(self.coordinator), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.channel: grpc.aio.Channel | None = None
 

@@ -159,11 +159,11 @@ async def test_run_time_depth_limit_fails_the_node_and_starts_nothing(store: Sto
         workflow_runs("mid", "leaf"),
         workflow_runs("top", "mid"),
     ):
-        await registrar.register_workflow(defn)
+        await registrar.definitions.register_workflow(defn)
     # The limit was lowered after registration: mid (depth 1) may not start leaf (depth 2).
     c = Coordinator(store, ServiceSettings(max_workflow_depth=1))
-    top, _ = await c.start_execution(TENANT, "top", None, b"1")
-    view = await c.get_execution(TENANT, top.id)
+    top, _ = await c.starts.start_execution(TENANT, "top", None, b"1")
+    view = await c.executions.get_execution(TENANT, top.id)
     assert view.execution.status is ExecutionStatus.FAILED, view
     assert view.execution.error is not None
     assert "sub-workflow nesting depth 2 exceeds the limit of 1 (TRELLIS_MAX_WORKFLOW_DEPTH)" in (
@@ -181,8 +181,8 @@ async def test_unknown_child_at_run_time_fails_the_node(store: Store) -> None:
     c = Coordinator(store)
     # Stored past the registration checks (as if the child had been removed since).
     await store.workflows.register_workflow(workflow_runs("orphan", "gone"), datetime.now(UTC))
-    execution, _ = await c.start_execution(TENANT, "orphan", None, b"1")
-    view = await c.get_execution(TENANT, execution.id)
+    execution, _ = await c.starts.start_execution(TENANT, "orphan", None, b"1")
+    view = await c.executions.get_execution(TENANT, execution.id)
     assert view.execution.status is ExecutionStatus.FAILED
     assert view.execution.error is not None
     assert "runs workflow 'gone', which is not registered" in view.execution.error.message
@@ -196,36 +196,40 @@ async def test_unknown_child_at_run_time_fails_the_node(store: Store) -> None:
 
 async def test_sweeper_reports_a_finished_child_and_cancels_orphans(store: Store) -> None:
     c = Coordinator(store)
-    await c.register_workflow(WorkflowDef(name="leaf", nodes=(NodeSpec(id="only", task_type="t"),)))
-    await c.register_workflow(workflow_runs("top", "leaf"))
-    top, _ = await c.start_execution(TENANT, "top", None, b"1")
-    [sub] = (await c.get_execution(TENANT, top.id)).nodes
+    await c.definitions.register_workflow(
+        WorkflowDef(name="leaf", nodes=(NodeSpec(id="only", task_type="t"),))
+    )
+    await c.definitions.register_workflow(workflow_runs("top", "leaf"))
+    top, _ = await c.starts.start_execution(TENANT, "top", None, b"1")
+    [sub] = (await c.executions.get_execution(TENANT, top.id)).nodes
     assert sub.child_execution_id is not None
     # The child finishes but the report to the parent is lost (a crash right after commit).
-    [task] = await c.poll_tasks(TENANT, "w", ["t"], 1, timedelta(0))
-    reported = c.report_child_ended
-    c.report_child_ended = _lost  # type: ignore[method-assign]
-    await c.complete_task(TENANT, task.token, b'{"ok":true}')
-    assert (await c.get_execution(TENANT, top.id)).execution.status is ExecutionStatus.RUNNING
-    c.report_child_ended = reported  # type: ignore[method-assign]
+    [task] = await c.leasing.poll_tasks(TENANT, "w", ["t"], 1, timedelta(0))
+    reported = c.sub_workflows.report_child_ended
+    c.sub_workflows.report_child_ended = _lost  # type: ignore[method-assign]
+    await c.results.complete_task(TENANT, task.token, b'{"ok":true}')
+    assert (
+        await c.executions.get_execution(TENANT, top.id)
+    ).execution.status is ExecutionStatus.RUNNING
+    c.sub_workflows.report_child_ended = reported  # type: ignore[method-assign]
     await Sweeper(c).sweep()
-    done = (await c.get_execution(TENANT, top.id)).execution
+    done = (await c.executions.get_execution(TENANT, top.id)).execution
     assert done.status is ExecutionStatus.SUCCEEDED and json.loads(done.output or b"") == {
         "ok": True
     }
 
     # A parent cancelled while its child's cancellation is lost: the sweeper cancels it.
-    top, _ = await c.start_execution(TENANT, "top", None, b"2")
-    [sub] = (await c.get_execution(TENANT, top.id)).nodes
-    cancel_child = c.cancel_child
-    c.cancel_child = _lost_cancel  # type: ignore[method-assign]
-    await c.cancel_execution(TENANT, top.id, "")
+    top, _ = await c.starts.start_execution(TENANT, "top", None, b"2")
+    [sub] = (await c.executions.get_execution(TENANT, top.id)).nodes
+    cancel_child = c.sub_workflows.cancel_child
+    c.sub_workflows.cancel_child = _lost_cancel  # type: ignore[method-assign]
+    await c.operations.cancel_execution(TENANT, top.id, "")
     assert sub.child_execution_id is not None
-    child = (await c.get_execution(TENANT, sub.child_execution_id)).execution
+    child = (await c.executions.get_execution(TENANT, sub.child_execution_id)).execution
     assert child.status is ExecutionStatus.RUNNING
-    c.cancel_child = cancel_child  # type: ignore[method-assign]
+    c.sub_workflows.cancel_child = cancel_child  # type: ignore[method-assign]
     await Sweeper(c).sweep()
-    child = (await c.get_execution(TENANT, sub.child_execution_id)).execution
+    child = (await c.executions.get_execution(TENANT, sub.child_execution_id)).execution
     assert child.status is ExecutionStatus.CANCELLED
 
 
@@ -269,21 +273,23 @@ async def test_delayed_start_waits_until_due_and_the_sweeper_starts_it(api: Api)
 async def test_delayed_start_survives_reopening_the_store(db_url: str) -> None:
     store = await open_store(db_url)
     c = Coordinator(store)
-    await c.register_workflow(
+    await c.definitions.register_workflow(
         WorkflowDef(name="later", nodes=(NodeSpec(id="only", task_type="t"),))
     )
-    execution, _ = await c.start_execution(TENANT, "later", None, b"1", delay=timedelta(hours=2))
+    execution, _ = await c.starts.start_execution(
+        TENANT, "later", None, b"1", delay=timedelta(hours=2)
+    )
     await store.close()
 
     store = await open_store(db_url)
     try:
         c = Coordinator(store)
         assert (
-            await c.get_execution(TENANT, execution.id)
+            await c.executions.get_execution(TENANT, execution.id)
         ).execution.status is ExecutionStatus.PENDING
         assert execution.start_at is not None
         await Sweeper(c).start_due(now=execution.start_at)
-        view = await c.get_execution(TENANT, execution.id)
+        view = await c.executions.get_execution(TENANT, execution.id)
         assert view.execution.status is ExecutionStatus.RUNNING
         assert [n.status for n in view.nodes] == [NodeStatus.READY]
     finally:
@@ -367,14 +373,16 @@ async def test_idempotency_key_expires_after_the_window(store: Store) -> None:
     c = Coordinator(
         store, ServiceSettings(idempotency_window=timedelta(hours=1)), clock=lambda: now[0]
     )
-    await c.register_workflow(WorkflowDef(name="w", nodes=(NodeSpec(id="only", task_type="t"),)))
-    first, created = await c.start_execution(TENANT, "w", None, b"1", idempotency_key="k")
+    await c.definitions.register_workflow(
+        WorkflowDef(name="w", nodes=(NodeSpec(id="only", task_type="t"),))
+    )
+    first, created = await c.starts.start_execution(TENANT, "w", None, b"1", idempotency_key="k")
     assert created
     now[0] += timedelta(minutes=59)
-    again, created = await c.start_execution(TENANT, "w", None, b"1", idempotency_key="k")
+    again, created = await c.starts.start_execution(TENANT, "w", None, b"1", idempotency_key="k")
     assert (again.id, created) == (first.id, False)
     now[0] += timedelta(minutes=2)
-    fresh, created = await c.start_execution(TENANT, "w", None, b"1", idempotency_key="k")
+    fresh, created = await c.starts.start_execution(TENANT, "w", None, b"1", idempotency_key="k")
     assert created and fresh.id != first.id
 
 

@@ -36,29 +36,29 @@ async def test_concurrent_results_all_land_and_share_commits(store: SqlStore) ->
     """Twenty results of one fan-out sent at once: each is recorded once, the fan-in runs,
     and they were committed in groups rather than one transaction each."""
     groups: list[int] = []
-    transact_many = store.transact_many
+    transact_many = store.executions.transact_many
 
     async def counting(items: Any) -> Any:
         groups.append(len(items))
         return await transact_many(items)
 
-    store.transact_many = counting  # type: ignore[method-assign]
+    store.executions.transact_many = counting  # type: ignore[method-assign]
     c = Coordinator(store)
-    await c.register_workflow(fan(20))
-    await c.register_worker(TENANT, "w", ["t"], 100)
-    execution, _ = await c.start_execution(TENANT, "fan", None, b"{}")
-    (head,) = await c.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0))
-    await c.complete_task(TENANT, head.token, b"1", "w")
-    mids = await c.poll_tasks(TENANT, "w", ["t"], 100, timedelta(0))
+    await c.definitions.register_workflow(fan(20))
+    await c.leasing.register_worker(TENANT, "w", ["t"], 100)
+    execution, _ = await c.starts.start_execution(TENANT, "fan", None, b"{}")
+    (head,) = await c.leasing.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0))
+    await c.results.complete_task(TENANT, head.token, b"1", "w")
+    mids = await c.leasing.poll_tasks(TENANT, "w", ["t"], 100, timedelta(0))
     assert len(mids) == 20
     duplicates = await asyncio.gather(
-        *(c.complete_task(TENANT, t.token, b'"ok"', "w") for t in mids)
+        *(c.results.complete_task(TENANT, t.token, b'"ok"', "w") for t in mids)
     )
-    assert duplicates == [False] * 20
-    (tail,) = await c.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0))
+    assert [duplicate for duplicate, _ in duplicates] == [False] * 20
+    (tail,) = await c.leasing.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0))
     assert tail.node.node_id == "tail"
-    await c.complete_task(TENANT, tail.token, b"2", "w")
-    view = await c.get_execution(TENANT, execution.id)
+    await c.results.complete_task(TENANT, tail.token, b"2", "w")
+    view = await c.executions.get_execution(TENANT, execution.id)
     assert view.execution.status is ExecutionStatus.SUCCEEDED
     events = await store.executions.list_events(TENANT, execution.id, 0, 1000)
     succeeded = [e.node_id for e in events if e.type.value == "NODE_SUCCEEDED"]
@@ -69,9 +69,9 @@ async def test_concurrent_results_all_land_and_share_commits(store: SqlStore) ->
 
 async def _two_runs(store: SqlStore) -> tuple[WorkflowDef, Execution, Execution]:
     c = Coordinator(store)
-    defn, _ = await c.register_workflow(fan(1))
-    a, _ = await c.start_execution(TENANT, "fan", None, b"{}")
-    b, _ = await c.start_execution(TENANT, "fan", None, b"{}")
+    defn, _ = await c.definitions.register_workflow(fan(1))
+    a, _ = await c.starts.start_execution(TENANT, "fan", None, b"{}")
+    b, _ = await c.starts.start_execution(TENANT, "fan", None, b"{}")
     return defn, a, b
 
 
@@ -124,8 +124,8 @@ async def test_a_group_that_cannot_commit_writes_nothing(store: SqlStore) -> Non
 @pytest.mark.parametrize("size", [1, 3])
 async def test_group_of_one_or_more_matches_transact(store: SqlStore, size: int) -> None:
     c = Coordinator(store)
-    defn, _ = await c.register_workflow(fan(1))
-    runs = [(await c.start_execution(TENANT, "fan", None, b"{}"))[0] for _ in range(size)]
+    defn, _ = await c.definitions.register_workflow(fan(1))
+    runs = [(await c.starts.start_execution(TENANT, "fan", None, b"{}"))[0] for _ in range(size)]
     results = await store.executions.transact_many([(TENANT, r.id, _cancel(defn)) for r in runs])
     assert results == [r.id for r in runs]
 
@@ -136,25 +136,25 @@ async def test_a_row_moved_since_the_load_rolls_the_group_back(store: SqlStore) 
     group's load and its write (simulated: the group is handed the rows as they were before
     the claim), the whole group rolls back (None), to be decided again one by one."""
     c = Coordinator(store)
-    defn, _ = await c.register_workflow(fan(1))
-    a, _ = await c.start_execution(TENANT, "fan", None, b"{}")
-    b, _ = await c.start_execution(TENANT, "fan", None, b"{}")
-    async with store._tx(write=False) as conn:
-        before_claim = await store._load_group(conn, [(TENANT, a.id), (TENANT, b.id)])
-    await c.register_worker(TENANT, "w", ["t"], 10)
-    assert len(await c.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0))) == 2  # both heads
-    load_group = store._load_group
+    defn, _ = await c.definitions.register_workflow(fan(1))
+    a, _ = await c.starts.start_execution(TENANT, "fan", None, b"{}")
+    b, _ = await c.starts.start_execution(TENANT, "fan", None, b"{}")
+    async with store.db.tx(write=False) as conn:
+        before_claim = await store.executions._load_group(conn, [(TENANT, a.id), (TENANT, b.id)])
+    await c.leasing.register_worker(TENANT, "w", ["t"], 10)
+    assert len(await c.leasing.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0))) == 2  # both heads
+    load_group = store.executions._load_group
 
     async def stale(conn: Any, keys: Any) -> Any:
         fresh = await load_group(conn, keys)  # takes the locks, as the real one does
         return {k: before_claim[k] for k in fresh}
 
-    store._load_group = stale  # type: ignore[method-assign]
+    store.executions._load_group = stale  # type: ignore[method-assign]
     results = await store.executions.transact_many(
         [(TENANT, a.id, _cancel(defn)), (TENANT, b.id, _cancel(defn))]
     )
     assert results is None
-    del store._load_group
+    del store.executions._load_group
     for execution in (a, b):
         assert (
             await store.executions.get_execution(TENANT, execution.id)
@@ -166,13 +166,14 @@ async def test_items_of_one_execution_see_each_other_in_a_group(store: SqlStore)
     """Two results of one fan-out in one group: the second is decided on the first's
     outcome (as a reload would show it), so the fan-in is not missed."""
     c = Coordinator(store)
-    await c.register_workflow(fan(2))
-    await c.register_worker(TENANT, "w", ["t"], 10)
-    execution, _ = await c.start_execution(TENANT, "fan", None, b"{}")
-    (head,) = await c.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0))
-    await c.complete_task(TENANT, head.token, b"1", "w")
+    await c.definitions.register_workflow(fan(2))
+    await c.leasing.register_worker(TENANT, "w", ["t"], 10)
+    execution, _ = await c.starts.start_execution(TENANT, "fan", None, b"{}")
+    (head,) = await c.leasing.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0))
+    await c.results.complete_task(TENANT, head.token, b"1", "w")
     m0, m1 = sorted(
-        await c.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0)), key=lambda t: t.node.node_id
+        await c.leasing.poll_tasks(TENANT, "w", ["t"], 10, timedelta(0)),
+        key=lambda t: t.node.node_id,
     )
 
     def complete(node_id: str) -> Any:
@@ -182,7 +183,7 @@ async def test_items_of_one_execution_see_each_other_in_a_group(store: SqlStore)
 
         return decide
 
-    fan_def = await c.get_workflow(TENANT, "fan", None)
+    fan_def = await c.definitions.get_workflow(TENANT, "fan", None)
     results = await store.executions.transact_many(
         [(TENANT, execution.id, complete("m0")), (TENANT, execution.id, complete("m1"))]
     )

@@ -248,11 +248,11 @@ async def test_the_sweeper_pages_through_every_workflow_with_a_queue(api: Api) -
         await start(api, name)
         assert (await start(api, name)).queued
     coordinator = api.running.coordinator
-    assert await coordinator.find_queued_workflows(1) == [("default", "page-a")]
-    assert await coordinator.find_queued_workflows(1, ("default", "page-a")) == [
+    assert await coordinator.starts.find_queued_workflows(1) == [("default", "page-a")]
+    assert await coordinator.starts.find_queued_workflows(1, ("default", "page-a")) == [
         ("default", "page-b")
     ]
-    assert await coordinator.find_queued_workflows(1, ("default", "page-b")) == []
+    assert await coordinator.starts.find_queued_workflows(1, ("default", "page-b")) == []
     # A sweeper whose batch is one workflow reaches the second one on its next pass.
     sweeper = Sweeper(coordinator, batch=1)
     assert (await sweeper.start_queued())[0] == 1

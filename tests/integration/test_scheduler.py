@@ -34,7 +34,7 @@ class Clock:
 async def env(store: SqlStore) -> tuple[Coordinator, Schedules, Clock]:
     clock = Clock(T0)
     coordinator = Coordinator(store, clock=clock)
-    await coordinator.register_workflow(
+    await coordinator.definitions.register_workflow(
         WorkflowDef(name="job", nodes=(NodeSpec(id="a", task_type="t"),))
     )
     return coordinator, Schedules(coordinator, store.triggers), clock
@@ -112,7 +112,7 @@ async def test_overlap_skip_records_the_skipped_fire(
     ]
     assert schedule.skipped_fires == 1
     # Once it has ended, the next fire starts.
-    await coordinator.cancel_execution(TENANT, fires[1].execution_id or "", "done")
+    await coordinator.operations.cancel_execution(TENANT, fires[1].execution_id or "", "done")
     clock.now = T0 + timedelta(seconds=30)
     assert await schedules.tick() == 1
     assert len(await keys(coordinator)) == 2
@@ -138,7 +138,7 @@ async def test_overlap_buffer_one_starts_the_pending_fire_when_the_running_one_e
         30: FireOutcome.SKIPPED,
     }
     first = fires[-1].execution_id or ""
-    await coordinator.cancel_execution(TENANT, first, "done")
+    await coordinator.operations.cancel_execution(TENANT, first, "done")
     clock.now = T0 + timedelta(seconds=31)
     assert await schedules.tick() == 1
     schedule, fires = await schedules.get_schedule(TENANT, "b")
@@ -192,7 +192,7 @@ async def test_a_schedule_whose_entry_node_is_a_sub_workflow_starts_the_child(
     from coordinator.service import Sweeper
 
     coordinator, schedules, clock = env
-    await coordinator.register_workflow(
+    await coordinator.definitions.register_workflow(
         WorkflowDef(
             name="parent",
             nodes=(NodeSpec(id="sub", task_type="", kind="workflow", workflow_name="job"),),

@@ -10,7 +10,7 @@ from coordinator.model import (
     BreakerState,
     TaskTypeLimits,
 )
-from coordinator.service._limits import DispatchStatus
+from coordinator.service import DispatchStatus
 from trellis.v1 import dispatch_service_pb2 as dpb
 
 _STATE = {

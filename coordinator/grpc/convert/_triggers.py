@@ -14,7 +14,7 @@ from coordinator.model import (
     WebhookAuth,
     WebhookTrigger,
 )
-from coordinator.service._triggers import PublishResult
+from coordinator.service import PublishResult
 from trellis.v1 import trigger_service_pb2 as tpb
 
 _AUTH = {

@@ -1,0 +1,94 @@
+"""What every use case shares: the settings, the clock, ids, and checks of client input."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from coordinator import engine
+from coordinator.errors import InvalidArgument
+from coordinator.model import NULL_JSON
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    max_payload_bytes: int = 1024 * 1024
+    poll_max_wait: timedelta = timedelta(seconds=30)
+    heartbeat_interval: timedelta = timedelta(seconds=5)
+    # A poll hands out at most as many tasks as fit this reply size at the payload limit.
+    max_reply_bytes: int = 64 * 1024 * 1024
+    # A worker holding leases that sends no heartbeat (nor claims) for this long is lost:
+    # its leases are failed (retryable) at once.
+    worker_liveness_timeout: timedelta = timedelta(seconds=15)
+    limits: engine.Limits = field(default_factory=engine.Limits)
+    # Deepest nesting of sub-workflows (a root execution has depth 0).
+    max_workflow_depth: int = 10
+    # A repeated idempotency key within this window returns the first execution.
+    idempotency_window: timedelta = timedelta(hours=24)
+
+    def check_payload(self, name: str, payload: bytes) -> bytes:
+        """A JSON document within the size limit; empty means null."""
+        if not payload:
+            return NULL_JSON
+        limit = self.max_payload_bytes
+        if len(payload) > limit:
+            raise InvalidArgument(
+                f"{name} is {len(payload)} bytes, over the {limit}-byte limit "
+                "(TRELLIS_MAX_PAYLOAD_BYTES); pass large data by reference"
+            )
+        try:
+            json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"{name} is not valid JSON: {exc}") from exc
+        return payload
+
+
+def check_names(**values: str | Sequence[str] | None) -> None:
+    """Identifiers from clients must not carry NUL characters (stores differ on them)."""
+    for name, value in values.items():
+        items = [value] if isinstance(value, str) else list(value or ())
+        if any("\x00" in item for item in items):
+            raise InvalidArgument(f"{name} contains a NUL character; remove it")
+
+
+def clamp_page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative")
+    return min(requested or 100, 1000)
+
+
+def cursor(created_at: datetime, ident: str) -> str:
+    """A page token: the last row's creation time and id (pages are newest first)."""
+    return f"{int(created_at.timestamp() * 1000)}:{ident}"
+
+
+def decode_cursor(token: str) -> tuple[datetime, str]:
+    try:
+        ms, _, ident = token.partition(":")
+        return datetime.fromtimestamp(int(ms) / 1000, UTC), ident
+    except ValueError as exc:
+        raise InvalidArgument("page_token is malformed; pass next_page_token unchanged") from exc
+
+
+class Draining:
+    """Whether the coordinator is shutting down: polls return empty and new ones are
+    refused, watches end (one flag shared by the use cases that wait)."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+    def __call__(self) -> bool:
+        return self.on
