@@ -9,13 +9,18 @@
   file and PostgreSQL database, and a ``MemoryStore``; closed after the test. A test about
   the SQL store itself (its schema, transactions, SQLite's lock, PostgreSQL's concurrency
   across connections) is marked ``sql_only("why")`` and skipped on the memory store.
+  Its SQLite file starts as a copy of one migrated once per session (``migrated_sqlite``):
+  migrating a new file costs more than most tests that use it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -26,7 +31,7 @@ from sqlalchemy.engine import make_url
 
 from coordinator.dispatch._redis import display_url
 from coordinator.service import Store
-from coordinator.store import MemoryStore, open_store
+from coordinator.store import MemoryStore, migrate, open_store
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -91,6 +96,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return _fresh_db_url(request, tmp_path, request.param)
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty SQLite database at the newest schema, made once per session."""
+    path = tmp_path_factory.mktemp("migrated") / "trellis.db"
+    # On a thread of its own: the first async test that asks for it runs on the event loop.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, migrate(f"sqlite:///{path}")).result()
+    assert not path.with_name(path.name + "-wal").exists()  # all of it is in the one file
+    return path
+
+
 @pytest.fixture(params=[*_SQL, "memory"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """A fresh store: on SQLite, on PostgreSQL, and in memory (``sql_only`` tests skip it)."""
@@ -100,7 +116,11 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             pytest.skip(f"SQL store only: {marker.kwargs.get('reason') or marker.args[0]}")
         opened: Store = MemoryStore()
     else:
-        opened = await open_store(_fresh_db_url(request, tmp_path, request.param))
+        url = _fresh_db_url(request, tmp_path, request.param)
+        if request.param == "sqlite":
+            template: Path = request.getfixturevalue("migrated_sqlite")
+            shutil.copyfile(template, tmp_path / "trellis.db")
+        opened = await open_store(url)
     try:
         yield opened
     finally:
