@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.procs import ROOT
+
+pytestmark = pytest.mark.e2e  # runs the harnesses as processes (some 20 s)
 
 
 def test_bench_run_measures_throughput_on_a_tiny_size(tmp_path: Path) -> None:

@@ -190,6 +190,7 @@ async def test_database_outage_answers_unavailable_then_recovers(
             await store.close()
 
 
+@pytest.mark.slow
 async def test_sqlite_locked_database_answers_unavailable(tmp_path: Path) -> None:
     path = tmp_path / "trellis.db"
     store = await open_store(f"sqlite:///{path}")

@@ -227,6 +227,7 @@ async def _python(script: str, *args: str) -> asyncio.subprocess.Process:
     )
 
 
+@pytest.mark.slow
 async def test_second_process_on_same_sqlite_file_is_refused(tmp_path: Path) -> None:
     db_file = tmp_path / "trellis.db"
     url = f"sqlite:///{db_file}"
@@ -246,6 +247,7 @@ async def test_second_process_on_same_sqlite_file_is_refused(tmp_path: Path) -> 
     assert proc.returncode == 0, out
 
 
+@pytest.mark.slow
 async def test_sqlite_file_held_by_another_process_is_refused_here(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'sub' / 'trellis.db'}"  # the directory is created
     holder = await _python(_HOLD_SCRIPT, url)
