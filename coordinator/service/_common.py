@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol, TypeVar
 
 from coordinator import engine
 from coordinator.errors import InvalidArgument
@@ -70,9 +71,24 @@ def clamp_page_size(requested: int) -> int:
     return min(requested or 100, 1000)
 
 
-def cursor(created_at: datetime, ident: str) -> str:
-    """A page token: the last row's creation time and id (pages are newest first)."""
-    return f"{int(created_at.timestamp() * 1000)}:{ident}"
+class Dated(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
+
+
+D = TypeVar("D", bound=Dated)
+
+
+def page_of(rows: Sequence[D], limit: int) -> tuple[list[D], str]:
+    """A page of ``rows`` read newest first with one row more than ``limit``, and the token
+    of the next page (the last row's creation time and id), empty on the last page."""
+    more = len(rows) > limit
+    kept = list(rows[:limit])
+    if not more:
+        return kept, ""
+    return kept, f"{int(kept[-1].created_at.timestamp() * 1000)}:{kept[-1].id}"
 
 
 def decode_cursor(token: str) -> tuple[datetime, str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from coordinator import engine
 from coordinator.errors import FailedPrecondition, Unavailable
 from coordinator.model import DeadLetter, Event, Execution, ExecutionStatus, NodeRun
-from coordinator.service._common import Draining, clamp_page_size, cursor, decode_cursor
+from coordinator.service._common import Draining, clamp_page_size, decode_cursor, page_of
 from coordinator.service._definitions import Definitions
 from coordinator.service._notifier import Notifier, execution_key
 from coordinator.service._transactions import Transactions, TransitionStep
@@ -62,9 +62,7 @@ class Executions:
         rows = await self._store.list_executions(
             tenant_id, workflow_name=workflow_name, status=status, limit=limit + 1, before=before
         )
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return rows, (cursor(rows[-1].created_at, rows[-1].id) if more else "")
+        return page_of(rows, limit)
 
     async def watch_execution(
         self, tenant_id: str, execution_id: str, after_sequence: int, *, fallback: float = 2.0
@@ -180,9 +178,7 @@ class DeadLetters:
             limit=limit + 1,
             before=decode_cursor(page_token) if page_token else None,
         )
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return rows, (cursor(rows[-1].created_at, rows[-1].id) if more else "")
+        return page_of(rows, limit)
 
     async def get_dead_letter(self, tenant_id: str, dead_letter_id: str) -> DeadLetter:
         return await self._store.get_dead_letter(tenant_id, dead_letter_id)

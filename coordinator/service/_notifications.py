@@ -22,7 +22,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, TrellisError
@@ -39,6 +39,7 @@ from coordinator.model import (
     NotificationRule,
 )
 from coordinator.notify import Backoff, ChannelBreakers, validate_channel
+from coordinator.service._common import clamp_page_size, decode_cursor, page_of
 from coordinator.service._rules import RuleBook, rules_key
 from coordinator.service.ports import NotificationRepository, WakeupChannel
 
@@ -201,9 +202,7 @@ class NotificationService:
         page_size: int,
         page_token: str,
     ) -> tuple[list[Delivery], str]:
-        if page_size < 0:
-            raise InvalidArgument("page_size must not be negative")
-        limit = min(page_size or 100, 1000)
+        limit = clamp_page_size(page_size)
         channel_id = None
         if channel_ref:
             channel_id = (await self.get_channel(tenant_id, channel_ref)).id
@@ -213,20 +212,9 @@ class NotificationService:
             channel_id=channel_id,
             status=status,
             limit=limit + 1,
-            before=_decode_cursor(page_token) if page_token else None,
+            before=decode_cursor(page_token) if page_token else None,
         )
-        more = len(rows) > limit
-        rows = rows[:limit]
-        token = f"{int(rows[-1].created_at.timestamp() * 1000)}:{rows[-1].id}" if more else ""
-        return rows, token
-
-
-def _decode_cursor(token: str) -> tuple[datetime, str]:
-    try:
-        ms, _, ident = token.partition(":")
-        return datetime.fromtimestamp(int(ms) / 1000, UTC), ident
-    except ValueError as exc:
-        raise InvalidArgument("page_token is malformed; pass next_page_token unchanged") from exc
+        return page_of(rows, limit)
 
 
 # -- the delivery loop -----------------------------------------------------------------------
