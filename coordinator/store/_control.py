@@ -1,9 +1,10 @@
-"""Queries for control flow: delayed starts due, and sub-workflow reconciliation; and the
-lookups by key that answer a poll (``get_executions``, ``get_node_outputs``).
+"""The executions' sweep queries: delayed starts due, sub-workflow reconciliation and
+execution timeouts; and the lookups by key that answer a poll (``get_executions``,
+``get_node_outputs``). Run by ``SqlExecutions`` on its transactions.
 
 Statuses are SQL literals (not bound parameters) so the planners match the partial indexes
-``ix_executions_start_at``, ``ix_executions_parent_execution_id`` and
-``ix_node_runs_waiting`` (see ``_tables``).
+``ix_executions_start_at``, ``ix_executions_parent_execution_id``,
+``ix_executions_deadline`` and ``ix_node_runs_waiting`` (see ``_tables``).
 
 The lookups by key are built once with bound parameters (``node_keys_in`` also serves the
 claim's lease): lists bind as arrays on PostgreSQL, one statement text whatever their
@@ -108,6 +109,19 @@ async def find_orphaned_children(conn: AsyncConnection, limit: int) -> list[Exec
     return await _executions(conn, query)
 
 
+async def find_overdue_executions(
+    conn: AsyncConnection, now: datetime, limit: int
+) -> list[Execution]:
+    e = executions
+    query = (
+        sa.select(e)
+        .where(e.c.status.in_(_LIVE), e.c.deadline < _rows.to_ms(now))
+        .order_by(e.c.deadline, e.c.id)
+        .limit(limit)
+    )
+    return await _executions(conn, query)
+
+
 def node_keys_in(postgres: bool) -> sa.ColumnElement[bool]:
     """(execution_id, node_id) of node_runs among the keys bound by ``node_keys_params``:
     two arrays zipped by ``unnest`` on PostgreSQL (one statement text whatever their
@@ -182,7 +196,7 @@ async def get_node_outputs(
     postgres = _postgres(conn)
     params = {"b_tenant_id": tenant_id, **node_keys_params(postgres, sorted(set(keys)))}
     rows = (await conn.execute(_GET_NODE_OUTPUTS[postgres], params)).all()
-    return {(r[0], r[1]): None if r[2] is None else bytes(r[2]) for r in rows}
+    return dict(_rows.node_output_from_row(r) for r in rows)
 
 
 def release_key(tenant_id: str, execution_id: str, key: str) -> sa.Update:

@@ -1,8 +1,9 @@
-"""Dead letters inside a transition: written for dead-lettered nodes, stamped on redrive.
+"""Dead letters: ``SqlDeadLetters`` lists them; transitions write them.
 
-Both run on the transition's connection, after its node runs and events are written, so a
-dead letter's attempts include the failure that exhausted the node, and a refused redrive
-rolls the whole transition back.
+``write_dead_letters`` (for dead-lettered nodes) and ``stamp_redriven`` (on redrive) run on
+the transition's connection, after its node runs and events are written, so a dead letter's
+attempts include the failure that exhausted the node, and a refused redrive rolls the whole
+transition back.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from coordinator import errors
 from coordinator.model import AttemptFailure, DeadLetter, EventType, NodeRun, Transition
 from coordinator.store import _rows
+from coordinator.store._db import Database
 from coordinator.store._tables import dead_letters, events
 
 # The events a dead letter's attempts are built from, and the one that resets them.
@@ -128,3 +130,49 @@ async def stamp_redriven(
     if exists is None:
         raise errors.NotFound(f"dead letter {dead_letter_id!r} not found")
     raise errors.FailedPrecondition(f"dead letter {dead_letter_id!r} was already redriven")
+
+
+class SqlDeadLetters:
+    """The ``DeadLetterRepository`` port."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def list_dead_letters(
+        self,
+        tenant_id: str,
+        *,
+        workflow_name: str | None,
+        task_type: str | None,
+        include_redriven: bool,
+        limit: int,
+        before: tuple[datetime, str] | None,
+    ) -> list[DeadLetter]:
+        d = dead_letters
+        query = (
+            sa.select(d)
+            .where(d.c.tenant_id == tenant_id)
+            .order_by(d.c.created_at.desc(), d.c.id.desc())
+            .limit(limit)
+        )
+        if not include_redriven:
+            query = query.where(d.c.redriven_at.is_(None))
+        if workflow_name is not None:
+            query = query.where(d.c.workflow_name == workflow_name)
+        if task_type is not None:
+            query = query.where(d.c.task_type == task_type)
+        if before is not None:
+            at, last_id = _rows.to_ms(before[0]), before[1]
+            query = query.where(sa.tuple_(d.c.created_at, d.c.id) < sa.tuple_(at, last_id))
+        async with self._db.tx(write=False) as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_rows.dead_letter_from_row(r) for r in rows]
+
+    async def get_dead_letter(self, tenant_id: str, dead_letter_id: str) -> DeadLetter:
+        d = dead_letters
+        query = sa.select(d).where(d.c.tenant_id == tenant_id, d.c.id == dead_letter_id)
+        async with self._db.tx(write=False) as conn:
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise errors.NotFound(f"dead letter {dead_letter_id!r} not found")
+        return _rows.dead_letter_from_row(row)

@@ -1,13 +1,12 @@
-"""Leasing: the claim (with dispatch limits), lease heartbeats and the sweepers' queries
-over leases and deadlines — the part of ``SqlStore`` on the dispatch hot path."""
+"""Leasing: ``SqlLeases``, the claim (with dispatch limits), lease heartbeats and the
+sweepers' queries over leases and deadlines — the store's dispatch hot path."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -19,24 +18,23 @@ from coordinator.model import (
     Candidate,
     Event,
     EventType,
-    Execution,
     LeasedCounts,
     LeaseKey,
     NodeRun,
 )
 from coordinator.service.ports import ClaimPolicy
 from coordinator.store import _control, _rows
-from coordinator.store._tables import LIVE_EXECUTION_STATUSES, executions, node_runs, workers
+from coordinator.store._db import Database
+from coordinator.store._tables import executions, node_runs, workers
+from coordinator.store._workers import touch_worker
+from coordinator.store._writes import insert_events
 
 # Statuses and flags compared in claim and sweep queries are SQL literals, not bound
 # parameters, so the planners can match the partial indexes (WHERE status = 'READY' AND
-# held = false / status = 'LEASED' / status IN (<live>)).
+# held = false / status = 'LEASED').
 _READY: sa.ColumnClause[str] = sa.literal_column("'READY'", sa.Text)
 _LEASED: sa.ColumnClause[str] = sa.literal_column("'LEASED'", sa.Text)
 _NOT_HELD = node_runs.c.held == sa.literal_column("false", sa.Boolean)
-_LIVE_EXECUTION = executions.c.status.in_(
-    [sa.literal_column(f"'{s}'", sa.Text) for s in LIVE_EXECUTION_STATUSES]
-)
 
 
 def _sorted_runs(runs: list[NodeRun]) -> list[NodeRun]:
@@ -187,39 +185,12 @@ _NODE_RUNS_BY_KEY = {
     for postgres in (False, True)
 }
 
-_TOUCH_NOW = sa.bindparam("b_now_ms", type_=sa.BigInteger)
-# last_seen = now for a registered worker; never moves it back (replicas' clocks).
-_TOUCH_WORKER = (
-    sa.update(workers)
-    .where(
-        workers.c.tenant_id == sa.bindparam("b_tenant_id"),
-        workers.c.id == sa.bindparam("b_worker_id"),
-        workers.c.last_seen < _TOUCH_NOW,
-    )
-    .values(last_seen=_TOUCH_NOW)
-)
 
+class SqlLeases:
+    """The ``LeaseRepository`` port."""
 
-async def touch_worker(conn: AsyncConnection, tenant_id: str, worker_id: str, now_ms: int) -> None:
-    """last_seen = now for a registered worker; never moves it back (replicas' clocks)."""
-    await conn.execute(
-        _TOUCH_WORKER, {"b_tenant_id": tenant_id, "b_worker_id": worker_id, "b_now_ms": now_ms}
-    )
-
-
-class LeasingStoreMixin:
-    """Mixed into SqlStore, whose transaction helper and event writer it uses."""
-
-    if TYPE_CHECKING:
-        _postgres: bool
-
-        def _tx(
-            self, *, write: bool
-        ) -> contextlib.AbstractAsyncContextManager[AsyncConnection]: ...
-
-        async def _insert_events(
-            self, conn: AsyncConnection, tenant_id: str, items: Sequence[Event]
-        ) -> None: ...
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     async def claim_tasks(
         self,
@@ -238,7 +209,7 @@ class LeasingStoreMixin:
         taken: list[Admitted] = []
         began = time.monotonic()
         try:
-            async with self._tx(write=True) as conn:
+            async with self._db.tx(write=True) as conn:
                 # Locks in one global order (types, then executions): no deadlock.
                 await self._lock_limits(conn, [f"type:{tenant_id}:{t}" for t in counted])
                 candidates = await self._candidates(
@@ -285,23 +256,14 @@ class LeasingStoreMixin:
             # Merged in dispatch order. Rows past the first ``scan`` stay locked until the
             # claim commits; other claimers skip them meanwhile (SKIP LOCKED), no more.
             rows = sorted(rows, key=lambda r: r.dispatch_rank)[:scan]
-        return [
-            Candidate(
-                execution_id=r.execution_id,
-                node_id=r.node_id,
-                task_type=r.task_type,
-                input=bytes(r.input) if needs_input and r.input is not None else None,
-                execution_max_concurrency=r.max_concurrency,
-            )
-            for r in rows
-        ]
+        return [_rows.candidate_from_row(r, needs_input) for r in rows]
 
     async def _lock_limits(self, conn: AsyncConnection, keys: Sequence[str]) -> None:
         """Serialize the claims that count leased rows of one task type or execution across
         replicas, so that two cannot both see room for the last slot (PostgreSQL
         transaction-scoped advisory locks, in sorted order; SQLite's writer lock already
         serializes claims)."""
-        if not self._postgres:
+        if not self._db.postgres:
             return
         for key in sorted(keys):
             lock_id = sa.func.hashtextextended(f"trellis:{key}", 0)
@@ -312,12 +274,12 @@ class LeasingStoreMixin:
     ) -> LeasedCounts:
         counts = LeasedCounts()
         if types:
-            by_key = _LEASED_BY_TYPE_KEY[self._postgres]
+            by_key = _LEASED_BY_TYPE_KEY[self._db.postgres]
             params = {"b_tenant_id": tenant_id, "task_types": list(types)}
             for task_type, key, count in (await conn.execute(by_key, params)).all():
                 counts.by_type_key[(task_type, key)] = count
         if capped:
-            by_execution = _LEASED_BY_EXECUTION[self._postgres]
+            by_execution = _LEASED_BY_EXECUTION[self._db.postgres]
             params = {"b_execution_ids": list(capped)}
             for execution_id, count in (await conn.execute(by_execution, params)).all():
                 counts.by_execution[execution_id] = count
@@ -335,7 +297,7 @@ class LeasingStoreMixin:
         if not admitted:
             return []
         now_ms = _rows.to_ms(now)
-        statement = _LEASE[self._postgres]
+        statement = _LEASE[self._db.postgres]
         runs: list[NodeRun] = []
         # One statement per distinct concurrency key (usually one in all).
         by_key: dict[str | None, list[tuple[str, str]]] = {}
@@ -345,7 +307,7 @@ class LeasingStoreMixin:
             )
         for key, pks in by_key.items():
             params = {
-                **_control.node_keys_params(self._postgres, pks),
+                **_control.node_keys_params(self._db.postgres, pks),
                 "b_tenant_id": tenant_id,
                 "b_worker_id": worker_id,
                 "b_now_ms": now_ms,
@@ -354,7 +316,7 @@ class LeasingStoreMixin:
             rows = (await conn.execute(statement, params)).mappings().all()
             runs.extend(_rows.node_run_from_row(r) for r in rows)
         runs = _sorted_runs(runs)
-        await self._insert_events(
+        await insert_events(
             conn,
             tenant_id,
             [
@@ -379,13 +341,13 @@ class LeasingStoreMixin:
     ) -> datetime | None:
         if not task_types:
             return None
-        query = _NEXT_AVAILABLE[self._postgres]
+        query = _NEXT_AVAILABLE[self._db.postgres]
         params = {
             "b_tenant_id": tenant_id,
             "task_types": list(task_types),
             "b_now_ms": _rows.to_ms(now),
         }
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             value = await conn.scalar(query, params)
         return _rows.opt_from_ms(value)
 
@@ -408,12 +370,12 @@ class LeasingStoreMixin:
             for k in ordered
         ]
         pairs = sorted({(k.execution_id, k.node_id) for k in ordered})
-        current = _NODE_RUNS_BY_KEY[self._postgres]
+        current = _NODE_RUNS_BY_KEY[self._db.postgres]
         current_params = {
             "b_tenant_id": tenant_id,
-            **_control.node_keys_params(self._postgres, pairs),
+            **_control.node_keys_params(self._db.postgres, pairs),
         }
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             await conn.execute(_TOUCH_LEASE, params)
             rows = (await conn.execute(current, current_params)).mappings().all()
         found = {(r["execution_id"], r["node_id"]): _rows.node_run_from_row(r) for r in rows}
@@ -431,7 +393,7 @@ class LeasingStoreMixin:
             .order_by(n.c.lease_deadline, n.c.execution_id, n.c.node_id)
             .limit(limit)
         )
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_rows.node_run_from_row(r) for r in rows]
 
@@ -443,21 +405,9 @@ class LeasingStoreMixin:
             .order_by(n.c.schedule_deadline, n.c.execution_id, n.c.node_id)
             .limit(limit)
         )
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_rows.node_run_from_row(r) for r in rows]
-
-    async def find_overdue_executions(self, now: datetime, limit: int) -> list[Execution]:
-        e = executions
-        query = (
-            sa.select(e)
-            .where(_LIVE_EXECUTION, e.c.deadline < _rows.to_ms(now))
-            .order_by(e.c.deadline, e.c.id)
-            .limit(limit)
-        )
-        async with self._tx(write=False) as conn:
-            rows = (await conn.execute(query)).mappings().all()
-        return [_rows.execution_from_row(r) for r in rows]
 
     async def find_leases_of_lost_workers(self, cutoff: datetime, limit: int) -> list[NodeRun]:
         n, w = node_runs, workers
@@ -468,7 +418,7 @@ class LeasingStoreMixin:
             .order_by(w.c.last_seen, n.c.execution_id, n.c.node_id)
             .limit(limit)
         )
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_rows.node_run_from_row(r) for r in rows]
 
@@ -477,6 +427,6 @@ class LeasingStoreMixin:
         query = sa.select(n).where(
             n.c.tenant_id == tenant_id, n.c.status == _LEASED, n.c.worker_id == worker_id
         )
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_rows.node_run_from_row(r) for r in rows]

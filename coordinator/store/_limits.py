@@ -1,24 +1,23 @@
 """Task-type limits in SQL (docs/dispatch.md): one row per (tenant, task type).
 
-``LimitsStoreMixin`` gives ``SqlStore`` the ``LimitsStore`` methods over the
-``task_type_limits`` table (migration 0006). A set is an upsert (``INSERT ... ON CONFLICT
-DO UPDATE``, which SQLite and PostgreSQL both have), so concurrent sets of one type never
-fail; the last one wins.
+``SqlLimits`` is the ``LimitsRepository`` port over the ``task_type_limits`` table
+(migration 0006), whose rows become ``TaskTypeLimits`` here, the only module that reads
+them. A set is an upsert (``INSERT ... ON CONFLICT DO UPDATE``, which SQLite and PostgreSQL
+both have), so concurrent sets of one type never fail; the last one wins.
 """
 
 from __future__ import annotations
 
-import contextlib
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator import errors
 from coordinator.model import TaskTypeLimits
 from coordinator.store import _rows
+from coordinator.store._db import Database
 from coordinator.store._tables import task_type_limits
 
 _KEY = ("tenant_id", "task_type")
@@ -62,25 +61,21 @@ def _not_found(task_type: str) -> errors.NotFound:
     )
 
 
-class LimitsStoreMixin:
-    """``LimitsStore`` on ``SqlStore`` (which provides the transaction helper)."""
+class SqlLimits:
+    """The ``LimitsRepository`` port."""
 
-    if TYPE_CHECKING:
-        _postgres: bool
-
-        def _tx(
-            self, *, write: bool
-        ) -> contextlib.AbstractAsyncContextManager[AsyncConnection]: ...
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     async def set_task_type_limits(self, limits: TaskTypeLimits, now: datetime) -> TaskTypeLimits:
         values = limits_values(limits, now)
-        insert = (postgresql.insert if self._postgres else sqlite.insert)(task_type_limits)
+        insert = (postgresql.insert if self._db.postgres else sqlite.insert)(task_type_limits)
         t = task_type_limits
         stmt = insert.values(values).on_conflict_do_update(
             index_elements=[t.c.tenant_id, t.c.task_type],
             set_={k: v for k, v in values.items() if k not in _KEY},
         )
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             await conn.execute(stmt)
         # What a later read returns (updated_at truncated to the millisecond).
         return limits_from_row(values)
@@ -88,7 +83,7 @@ class LimitsStoreMixin:
     async def get_task_type_limits(self, tenant_id: str, task_type: str) -> TaskTypeLimits:
         t = task_type_limits
         query = sa.select(t).where(t.c.tenant_id == tenant_id, t.c.task_type == task_type)
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             row = (await conn.execute(query)).mappings().first()
         if row is None:
             raise _not_found(task_type)
@@ -99,13 +94,13 @@ class LimitsStoreMixin:
         query = sa.select(t).order_by(t.c.tenant_id, t.c.task_type)
         if tenant_id is not None:
             query = query.where(t.c.tenant_id == tenant_id)
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [limits_from_row(r) for r in rows]
 
     async def delete_task_type_limits(self, tenant_id: str, task_type: str) -> None:
         t = task_type_limits
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             result = await conn.execute(
                 sa.delete(t).where(t.c.tenant_id == tenant_id, t.c.task_type == task_type)
             )

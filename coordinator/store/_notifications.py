@@ -1,24 +1,22 @@
 """Notifications in the store: channels, rules, the delivery outbox and its attempts.
 
-- ``NotificationStoreMixin`` gives ``SqlStore`` the ``NotificationStore`` methods.
+- ``SqlNotifications`` is the ``NotificationRepository`` port. Rows of the notification
+  tables become domain objects here (and back), the only module that reads or writes them.
 - ``insert_deliveries`` runs inside a transition's transaction: it inserts the deliveries
   the service decided for an execution that the transition ends (``Transition.deliveries``),
   so a notification exists exactly when the terminal state was committed.
 - The dispatcher claims due deliveries with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (the
   single writer on SQLite) and a ``claimed_until`` lease, so several replicas share the
   outbox and a crashed replica's claims come back once their lease has passed.
-
-The tables are defined here on the shared ``metadata`` (migration 0005 creates them).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -35,113 +33,33 @@ from coordinator.model import (
     ExecutionStatus,
     NotificationRule,
 )
+from coordinator.store._db import Database
 from coordinator.store._rows import from_ms, opt_from_ms, to_ms
-from coordinator.store._tables import metadata
+from coordinator.store._tables import (
+    notification_attempts,
+    notification_channels,
+    notification_deliveries,
+    notification_rules,
+)
 
 log = logging.getLogger(__name__)
 
-# The dispatcher's scan: PENDING deliveries by due time. Queries spell the status as this
-# literal so the planners match the partial index.
-DUE = "status = 'PENDING'"
+# The dispatcher's scan spells the status as this literal so the planners match the
+# partial index ix_notification_deliveries_due.
 _PENDING: sa.ColumnClause[str] = sa.literal_column("'PENDING'", sa.Text)
 
-notification_channels = sa.Table(
-    "notification_channels",
-    metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("tenant_id", sa.Text, nullable=False),
-    sa.Column("name", sa.Text, nullable=False),
-    sa.Column("kind", sa.Text, nullable=False),
-    # JSON object, validated at creation (coordinator.notify.validate_channel).
-    sa.Column("config", sa.Text, nullable=False),
-    sa.Column("created_at", sa.BigInteger, nullable=False),
-    sa.UniqueConstraint("tenant_id", "name"),
-)
-
-notification_rules = sa.Table(
-    "notification_rules",
-    metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("tenant_id", sa.Text, nullable=False),
-    sa.Column(
-        "channel_id",
-        sa.Text,
-        sa.ForeignKey("notification_channels.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
-    # Exactly one of workflow_name (every version) and execution_id is set.
-    sa.Column("workflow_name", sa.Text, nullable=True),
-    sa.Column(
-        "execution_id",
-        sa.Text,
-        sa.ForeignKey("executions.id", ondelete="CASCADE"),
-        nullable=True,
-    ),
-    sa.Column("statuses", sa.Text, nullable=False),  # JSON list of execution statuses
-    sa.Column("created_at", sa.BigInteger, nullable=False),
-    # The lookup when an execution ends: rules on its workflow or on it.
-    sa.Index(None, "tenant_id", "workflow_name"),
-    sa.Index(None, "tenant_id", "execution_id"),
-    sa.Index(None, "channel_id"),
-)
-
-notification_deliveries = sa.Table(
-    "notification_deliveries",
-    metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("tenant_id", sa.Text, nullable=False),
-    sa.Column(
-        "execution_id",
-        sa.Text,
-        sa.ForeignKey("executions.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
-    sa.Column("workflow_name", sa.Text, nullable=False),
-    sa.Column("execution_status", sa.Text, nullable=False),
-    # No foreign keys to channels and rules: the history outlives them.
-    sa.Column("channel_id", sa.Text, nullable=False),
-    sa.Column("rule_id", sa.Text, nullable=False),
-    sa.Column("status", sa.Text, nullable=False),
-    sa.Column("payload", sa.LargeBinary, nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False),
-    sa.Column("created_at", sa.BigInteger, nullable=False),
-    sa.Column("updated_at", sa.BigInteger, nullable=False),
-    sa.Column("next_attempt_at", sa.BigInteger, nullable=False),
-    # A claim: held until this time by the replica sending it; fenced by claim_seq.
-    sa.Column("claimed_until", sa.BigInteger, nullable=True),
-    sa.Column("claim_seq", sa.BigInteger, nullable=False),
-    sa.Column("delivered_at", sa.BigInteger, nullable=True),
-    sa.Column("last_error", sa.Text, nullable=True),
-    sa.Index(
-        "ix_notification_deliveries_due",
-        "next_attempt_at",
-        postgresql_where=sa.text(DUE),
-        sqlite_where=sa.text(DUE),
-    ),
-    sa.Index(None, "tenant_id", "created_at", "id"),
-    sa.Index(None, "tenant_id", "execution_id"),
-    sa.Index(None, "tenant_id", "channel_id", "created_at"),
-)
-
-notification_attempts = sa.Table(
-    "notification_attempts",
-    metadata,
-    sa.Column(
-        "delivery_id",
-        sa.Text,
-        sa.ForeignKey("notification_deliveries.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
-    sa.Column("attempt", sa.Integer, nullable=False),
-    sa.Column("tenant_id", sa.Text, nullable=False),
-    sa.Column("time", sa.BigInteger, nullable=False),
-    sa.Column("ok", sa.Boolean, nullable=False),
-    sa.Column("error", sa.Text, nullable=True),
-    sa.PrimaryKeyConstraint("delivery_id", "attempt"),
-)
-
-
 # -- rows ------------------------------------------------------------------------------------
+
+
+def _channel_values(channel: Channel) -> dict[str, Any]:
+    return {
+        "id": channel.id,
+        "tenant_id": channel.tenant_id,
+        "name": channel.name,
+        "kind": channel.kind.value,
+        "config": json.dumps(dict(channel.config), sort_keys=True),
+        "created_at": to_ms(channel.created_at),
+    }
 
 
 def _channel_from_row(row: Any) -> Channel:
@@ -153,6 +71,18 @@ def _channel_from_row(row: Any) -> Channel:
         created_at=from_ms(row["created_at"]),
         tenant_id=row["tenant_id"],
     )
+
+
+def _rule_values(rule: NotificationRule) -> dict[str, Any]:
+    return {
+        "id": rule.id,
+        "tenant_id": rule.tenant_id,
+        "channel_id": rule.channel_id,
+        "workflow_name": rule.workflow_name,
+        "execution_id": rule.execution_id,
+        "statuses": json.dumps([s.value for s in rule.statuses]),
+        "created_at": to_ms(rule.created_at),
+    }
 
 
 def _rule_from_row(row: Any) -> NotificationRule:
@@ -219,7 +149,6 @@ def _attempt_from_row(row: Any) -> DeliveryAttempt:
 # -- inside a transition ---------------------------------------------------------------------
 
 
-# The rules of an execution that ends: on its workflow or on it (built once).
 async def insert_deliveries(conn: AsyncConnection, deliveries: Sequence[Delivery]) -> None:
     """Insert the deliveries a transition carries (``Transition.deliveries``: decided by the
     service when the transition ends an execution), in the transition's transaction. Never
@@ -240,32 +169,21 @@ async def insert_deliveries(conn: AsyncConnection, deliveries: Sequence[Delivery
         )
 
 
-# -- the mixin -------------------------------------------------------------------------------
+# -- the repository --------------------------------------------------------------------------
 
 
-class NotificationStoreMixin:
-    """``NotificationStore`` on ``SqlStore`` (which provides ``_tx`` and ``_postgres``)."""
+class SqlNotifications:
+    """The ``NotificationRepository`` port."""
 
-    if TYPE_CHECKING:
-        _postgres: bool
-
-        def _tx(
-            self, *, write: bool
-        ) -> contextlib.AbstractAsyncContextManager[AsyncConnection]: ...
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     # -- channels ------------------------------------------------------------------------
 
     async def create_channel(self, channel: Channel) -> Channel:
-        values = {
-            "id": channel.id,
-            "tenant_id": channel.tenant_id,
-            "name": channel.name,
-            "kind": channel.kind.value,
-            "config": json.dumps(dict(channel.config), sort_keys=True),
-            "created_at": to_ms(channel.created_at),
-        }
+        values = _channel_values(channel)
         try:
-            async with self._tx(write=True) as conn:
+            async with self._db.tx(write=True) as conn:
                 await conn.execute(sa.insert(notification_channels).values(values))
         except sa_exc.IntegrityError as exc:
             raise errors.Conflict(
@@ -279,7 +197,7 @@ class NotificationStoreMixin:
         query = sa.select(c).where(
             c.c.tenant_id == tenant_id, sa.or_(c.c.id == ref, c.c.name == ref)
         )
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             row = (await conn.execute(query)).mappings().first()
         if row is None:
             raise errors.NotFound(f"notification channel {ref!r} not found (by id or name)")
@@ -288,13 +206,13 @@ class NotificationStoreMixin:
     async def list_channels(self, tenant_id: str) -> list[Channel]:
         c = notification_channels
         query = sa.select(c).where(c.c.tenant_id == tenant_id).order_by(c.c.name)
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_channel_from_row(r) for r in rows]
 
     async def delete_channel(self, tenant_id: str, channel_id: str, now: datetime) -> None:
         c, r, d = notification_channels, notification_rules, notification_deliveries
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             await conn.execute(
                 sa.delete(r).where(r.c.tenant_id == tenant_id, r.c.channel_id == channel_id)
             )
@@ -317,17 +235,9 @@ class NotificationStoreMixin:
     # -- rules ---------------------------------------------------------------------------
 
     async def create_rule(self, rule: NotificationRule) -> NotificationRule:
-        values = {
-            "id": rule.id,
-            "tenant_id": rule.tenant_id,
-            "channel_id": rule.channel_id,
-            "workflow_name": rule.workflow_name,
-            "execution_id": rule.execution_id,
-            "statuses": json.dumps([s.value for s in rule.statuses]),
-            "created_at": to_ms(rule.created_at),
-        }
+        values = _rule_values(rule)
         try:
-            async with self._tx(write=True) as conn:
+            async with self._db.tx(write=True) as conn:
                 await conn.execute(sa.insert(notification_rules).values(values))
         except sa_exc.IntegrityError as exc:
             # The channel (or execution) was deleted meanwhile.
@@ -352,13 +262,13 @@ class NotificationStoreMixin:
             query = query.where(r.c.workflow_name == workflow_name)
         if execution_id is not None:
             query = query.where(r.c.execution_id == execution_id)
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_rule_from_row(row) for row in rows]
 
     async def delete_rule(self, tenant_id: str, rule_id: str) -> None:
         r = notification_rules
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             result = await conn.execute(
                 sa.delete(r).where(r.c.tenant_id == tenant_id, r.c.id == rule_id)
             )
@@ -402,7 +312,7 @@ class NotificationStoreMixin:
             .select_from(page.outerjoin(a, a.c.delivery_id == page.c.id))
             .order_by(page.c.created_at.desc(), page.c.id.desc(), a.c.attempt)
         )
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         listed: dict[str, tuple[Any, list[DeliveryAttempt]]] = {}
         for row in rows:
@@ -422,7 +332,7 @@ class NotificationStoreMixin:
             sa.or_(d.c.claimed_until.is_(None), d.c.claimed_until < now_ms),
         )
         # A read first: the usual answer is "nothing due", found without a write.
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             if await conn.scalar(sa.select(sa.literal(1)).where(due).limit(1)) is None:
                 return []
         picked = (
@@ -433,7 +343,7 @@ class NotificationStoreMixin:
             .with_for_update(skip_locked=True)
             .cte("picked")
         )
-        if self._postgres:
+        if self._db.postgres:
             # Run once: as a subquery joined to the UPDATE the planner may rescan the pick
             # per outer row, and each rescan locks (and claims) further rows past ``limit``.
             picked = picked.prefix_with("MATERIALIZED")
@@ -447,7 +357,7 @@ class NotificationStoreMixin:
             )
             .returning(*d.c)
         )
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             rows = (await conn.execute(claim)).mappings().all()
             channel_ids = sorted({row["channel_id"] for row in rows})
             channels = {}
@@ -465,7 +375,7 @@ class NotificationStoreMixin:
         self, delivery_id: str, claim_seq: int, until: datetime, now: datetime
     ) -> None:
         d = notification_deliveries
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             await conn.execute(
                 sa.update(d)
                 .where(d.c.id == delivery_id, d.c.status == _PENDING, d.c.claim_seq == claim_seq)
@@ -485,7 +395,7 @@ class NotificationStoreMixin:
         counted: dict[str, Any] = {"attempts": d.c.attempts + 1, "updated_at": now_ms}
         if not attempt.ok:
             counted["last_error"] = attempt.error
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             # Numbered from the row (locked by this update), so concurrent recorders of one
             # delivery — a replica whose lease lapsed and the one that took it over — get
             # distinct numbers.

@@ -183,7 +183,7 @@ def _create_engine(url: URL) -> AsyncEngine:
 
 def _sqlite_on_loop_engine(url: URL) -> sa.Engine:
     """The synchronous engine a SQLite file's transactions run on, on the event loop's own
-    thread (see ``SqlStore``): a statement then costs tens of microseconds, where aiosqlite
+    thread (see ``Database``): a statement then costs tens of microseconds, where aiosqlite
     hands every statement to its thread and back (~0.45 ms each, measured in bench/).
 
     ``max_overflow=-1``: the pool never makes the loop wait for a connection (a wait would

@@ -1,12 +1,13 @@
 """max_running_executions in SQL: capped starts and the overflow queue.
 
-``OverflowStoreMixin`` gives ``SqlStore`` the ``OverflowStore`` methods
-(coordinator/service/_starts.py). A capped start counts the workflow's running executions
-(``ix_executions_running``) in the transaction that writes it. On PostgreSQL that
-transaction first takes ``pg_advisory_xact_lock`` per (tenant, workflow), in sorted order,
-so two replicas never both see room for the last slot; the lock uses the two-key form
-with its own first key, apart from the one-key locks of the claim. SQLite has one writer
-per process and one process per file, which serializes these transactions anyway.
+``SqlQueue`` is the ``QueueRepository`` port; it writes executions through its
+``SqlExecutions`` collaborator, on its own transactions. A capped start counts the
+workflow's running executions (``ix_executions_running``) in the transaction that writes
+it. On PostgreSQL that transaction first takes ``pg_advisory_xact_lock`` per (tenant,
+workflow), in sorted order, so two replicas never both see room for the last slot; the
+lock uses the two-key form with its own first key, apart from the one-key locks of the
+claim. SQLite has one writer per process and one process per file, which serializes these
+transactions anyway.
 
 Statuses and flags are SQL literals so the planners match the partial indexes
 ``ix_executions_running`` and ``ix_executions_queued``.
@@ -14,10 +15,9 @@ Statuses and flags are SQL literals so the planners match the partial indexes
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -29,17 +29,15 @@ from coordinator.model import (
     Execution,
     ExecutionStatus,
     NewExecution,
-    NodeRun,
     OverflowPolicy,
     PendingStart,
     RunningCap,
     Transition,
 )
 from coordinator.store import _rows
+from coordinator.store._db import Database
+from coordinator.store._executions import CREATE_MAX_TRIES, SqlExecutions
 from coordinator.store._tables import executions
-
-# Bounded retries of a creation racing for an idempotency key (as ``create_executions``).
-_CREATE_MAX_TRIES = 10
 
 _RUNNING = [sa.literal_column("'RUNNING'", sa.Text), sa.literal_column("'PAUSED'", sa.Text)]
 _PENDING = sa.literal_column("'PENDING'", sa.Text)
@@ -77,49 +75,15 @@ def _queued(tenant_id: str, workflow_name: str) -> sa.Select[Any]:
     )
 
 
-class OverflowStoreMixin:
-    """``OverflowStore`` on ``SqlStore`` (which provides the transaction helpers)."""
+class SqlQueue:
+    """The ``QueueRepository`` port, with the executions repository that writes the starts."""
 
-    if TYPE_CHECKING:
-        _postgres: bool
-
-        def _tx(
-            self, *, write: bool
-        ) -> contextlib.AbstractAsyncContextManager[AsyncConnection]: ...
-
-        async def _create(
-            self, conn: AsyncConnection, item: NewExecution, cutoff: datetime | None
-        ) -> tuple[Execution, bool]: ...
-
-        async def _by_idempotency_key(
-            self, conn: AsyncConnection, tenant_id: str, key: str
-        ) -> Execution | None: ...
-
-        async def _load_execution(
-            self,
-            conn: AsyncConnection,
-            tenant_id: str,
-            execution_id: str,
-            *,
-            lock: bool = False,
-            skip_locked: bool = False,
-        ) -> Execution: ...
-
-        async def _apply(
-            self,
-            conn: AsyncConnection,
-            tenant_id: str,
-            loaded: Execution,
-            loaded_nodes: Mapping[str, NodeRun],
-            transition: Transition,
-        ) -> bool: ...
-
-        async def _insert_execution(
-            self, conn: AsyncConnection, transition: Transition
-        ) -> None: ...
+    def __init__(self, db: Database, executions: SqlExecutions) -> None:
+        self._db = db
+        self._executions = executions
 
     async def _lock_workflows(self, conn: AsyncConnection, workflows: Iterable[Workflow]) -> None:
-        if not self._postgres:
+        if not self._db.postgres:
             return  # one writer per process, one process per file
         for tenant_id, name in sorted(set(workflows)):
             await conn.execute(_LOCK, {"key": f"{tenant_id}/{name}"})
@@ -131,19 +95,19 @@ class OverflowStoreMixin:
     ) -> list[tuple[Execution, bool]]:
         keyed = any(s.item.transition.execution.idempotency_key for s in starts)
         capped = [_workflow(s.item.transition.execution) for s in starts if s.cap is not None]
-        for attempt in range(1, _CREATE_MAX_TRIES + 1):
+        for attempt in range(1, CREATE_MAX_TRIES + 1):
             try:
-                async with self._tx(write=True) as conn:
+                async with self._db.tx(write=True) as conn:
                     await self._lock_workflows(conn, capped)
                     room = _Room(conn)
                     out = []
                     for start in starts:
                         item = await self._admit(conn, start, room, idempotency_cutoff)
-                        out.append(await self._create(conn, item, idempotency_cutoff))
+                        out.append(await self._executions.create_in(conn, item, idempotency_cutoff))
                     return out
             except sa_exc.IntegrityError as exc:
                 # Lost a race for an idempotency key: the retry finds the winner.
-                if keyed and attempt < _CREATE_MAX_TRIES:
+                if keyed and attempt < CREATE_MAX_TRIES:
                     continue
                 ids = ", ".join(repr(s.item.transition.execution.id) for s in starts[:3])
                 raise errors.Conflict(f"execution {ids} already exists") from exc
@@ -159,9 +123,9 @@ class OverflowStoreMixin:
             return start.item
         key = execution.idempotency_key
         if key is not None:
-            holder = await self._by_idempotency_key(conn, execution.tenant_id, key)
+            holder = await self._executions.by_idempotency_key(conn, execution.tenant_id, key)
             if holder is not None and (cutoff is None or holder.created_at >= cutoff):
-                return start.item  # ``_create`` returns the holder
+                return start.item  # ``create_in`` returns the holder
         workflow = _workflow(execution)
         running = await room.running(workflow)
         if cap.policy is OverflowPolicy.REJECT:
@@ -185,12 +149,12 @@ class OverflowStoreMixin:
         when_full: Transition | None,
     ) -> PendingStart:
         tenant_id = execution.tenant_id
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             if cap is not None:
                 await self._lock_workflows(conn, [_workflow(execution)])
             try:
-                loaded = await self._load_execution(
-                    conn, tenant_id, execution.id, lock=self._postgres, skip_locked=True
+                loaded = await self._executions.load_execution(
+                    conn, tenant_id, execution.id, lock=self._db.postgres, skip_locked=True
                 )
             except errors.NotFound:
                 return PendingStart.SKIPPED  # gone, or another transaction holds it
@@ -205,16 +169,16 @@ class OverflowStoreMixin:
                 if full:
                     if when_full is None:
                         return PendingStart.FULL
-                    if not await self._apply(conn, tenant_id, loaded, {}, when_full):
+                    if not await self._executions.apply(conn, tenant_id, loaded, {}, when_full):
                         await conn.rollback()
                         return PendingStart.SKIPPED
                     return PendingStart.DEFERRED
-            if not await self._apply(conn, tenant_id, loaded, {}, start.transition):
+            if not await self._executions.apply(conn, tenant_id, loaded, {}, start.transition):
                 await conn.rollback()
                 return PendingStart.SKIPPED
             try:
                 for child in start.children:
-                    await self._insert_execution(conn, child)
+                    await self._executions.insert_execution(conn, child)
             except sa_exc.IntegrityError as exc:
                 raise errors.Conflict(
                     f"execution {execution.id!r}: a child execution id is taken; retry"
@@ -224,7 +188,7 @@ class OverflowStoreMixin:
     # -- queries --------------------------------------------------------------------------
 
     async def count_running(self, tenant_id: str, workflow_name: str) -> int:
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             return int(await conn.scalar(_running(tenant_id, workflow_name)) or 0)
 
     async def find_queued_workflows(
@@ -243,7 +207,7 @@ class OverflowStoreMixin:
             .order_by(e.c.tenant_id, e.c.workflow_name)
             .limit(limit)
         )
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).all()
         return [(r[0], r[1]) for r in rows]
 
@@ -262,7 +226,7 @@ class OverflowStoreMixin:
             .order_by(e.c.created_at, e.c.id)
             .limit(limit)
         )
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_rows.execution_from_row(r) for r in rows]
 

@@ -1,4 +1,8 @@
-"""Domain objects ⇄ table rows: the one place where rows become model objects and back.
+"""Domain objects ⇄ table rows: the one place where rows become model objects and back,
+for workflow definitions, the execution aggregate (executions, node runs, events, claim
+candidates, dead letters) and workers, which several repositories read and write. Limits,
+notifications and triggers convert their rows in their repository module, the only one
+that reads or writes them.
 
 Timestamps are stored as epoch milliseconds and come back as aware UTC datetimes, so a value
 read back is its written value truncated to the millisecond. Objects returned by the store
@@ -15,6 +19,7 @@ from typing import Any
 
 from coordinator.model import (
     AttemptFailure,
+    Candidate,
     DeadLetter,
     ErrorInfo,
     Event,
@@ -294,6 +299,23 @@ def node_run_from_row(row: Row) -> NodeRun:
         retry_base=row["retry_base"],
         role=NodeRole(row["role"]),
         child_execution_id=row["child_execution_id"],
+    )
+
+
+def node_output_from_row(row: Any) -> tuple[tuple[str, str], bytes | None]:
+    """A node run's key and output, from a row of (execution_id, node_id, output)."""
+    return (row[0], row[1]), _bytes(row[2])
+
+
+def candidate_from_row(row: Any, needs_input: bool) -> Candidate:
+    """A claimable node run, from a row of the claim's candidate scan (with ``input`` when
+    ``needs_input``)."""
+    return Candidate(
+        execution_id=row.execution_id,
+        node_id=row.node_id,
+        task_type=row.task_type,
+        input=bytes(row.input) if needs_input and row.input is not None else None,
+        execution_max_concurrency=row.max_concurrency,
     )
 
 

@@ -339,3 +339,181 @@ task_type_limits = sa.Table(
     sa.Column("updated_at", sa.BigInteger, nullable=False),
     sa.PrimaryKeyConstraint("tenant_id", "task_type"),
 )
+
+# -- notifications (migration 0005) -------------------------------------------------------
+
+# The dispatcher's scan: PENDING deliveries by due time. Queries spell the status as this
+# literal so the planners match the partial index.
+DELIVERY_DUE = "status = 'PENDING'"
+
+notification_channels = sa.Table(
+    "notification_channels",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    # JSON object, validated at creation (coordinator.notify.validate_channel).
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint("tenant_id", "name"),
+)
+
+notification_rules = sa.Table(
+    "notification_rules",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column(
+        "channel_id",
+        sa.Text,
+        sa.ForeignKey("notification_channels.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    # Exactly one of workflow_name (every version) and execution_id is set.
+    sa.Column("workflow_name", sa.Text, nullable=True),
+    sa.Column(
+        "execution_id",
+        sa.Text,
+        sa.ForeignKey("executions.id", ondelete="CASCADE"),
+        nullable=True,
+    ),
+    sa.Column("statuses", sa.Text, nullable=False),  # JSON list of execution statuses
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    # The lookup when an execution ends: rules on its workflow or on it.
+    sa.Index(None, "tenant_id", "workflow_name"),
+    sa.Index(None, "tenant_id", "execution_id"),
+    sa.Index(None, "channel_id"),
+)
+
+notification_deliveries = sa.Table(
+    "notification_deliveries",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column(
+        "execution_id",
+        sa.Text,
+        sa.ForeignKey("executions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("workflow_name", sa.Text, nullable=False),
+    sa.Column("execution_status", sa.Text, nullable=False),
+    # No foreign keys to channels and rules: the history outlives them.
+    sa.Column("channel_id", sa.Text, nullable=False),
+    sa.Column("rule_id", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.Column("next_attempt_at", sa.BigInteger, nullable=False),
+    # A claim: held until this time by the replica sending it; fenced by claim_seq.
+    sa.Column("claimed_until", sa.BigInteger, nullable=True),
+    sa.Column("claim_seq", sa.BigInteger, nullable=False),
+    sa.Column("delivered_at", sa.BigInteger, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Index(
+        "ix_notification_deliveries_due",
+        "next_attempt_at",
+        postgresql_where=sa.text(DELIVERY_DUE),
+        sqlite_where=sa.text(DELIVERY_DUE),
+    ),
+    sa.Index(None, "tenant_id", "created_at", "id"),
+    sa.Index(None, "tenant_id", "execution_id"),
+    sa.Index(None, "tenant_id", "channel_id", "created_at"),
+)
+
+notification_attempts = sa.Table(
+    "notification_attempts",
+    metadata,
+    sa.Column(
+        "delivery_id",
+        sa.Text,
+        sa.ForeignKey("notification_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("time", sa.BigInteger, nullable=False),
+    sa.Column("ok", sa.Boolean, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.PrimaryKeyConstraint("delivery_id", "attempt"),
+)
+
+
+# -- triggers (migration 0004) ------------------------------------------------------------
+
+webhook_triggers = sa.Table(
+    "webhook_triggers",
+    metadata,
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("workflow_name", sa.Text, nullable=False),
+    sa.Column("workflow_version", sa.Integer, nullable=False),
+    sa.Column("auth", sa.Text, nullable=False),
+    # The HMAC key, or the SHA-256 hex digest of the bearer token.
+    sa.Column("secret", sa.Text, nullable=False),
+    sa.Column("tolerance_ms", sa.BigInteger, nullable=False),
+    sa.Column("idempotency_expr", sa.Text, nullable=False),
+    sa.Column("input_expr", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("tenant_id", "path"),
+)
+
+event_triggers = sa.Table(
+    "event_triggers",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("event_name", sa.Text, nullable=False),
+    sa.Column("workflow_name", sa.Text, nullable=False),
+    sa.Column("workflow_version", sa.Integer, nullable=False),
+    sa.Column("filter_expr", sa.Text, nullable=False),
+    sa.Column("input_expr", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Index(None, "tenant_id", "event_name"),
+)
+
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("id", sa.Text, nullable=False),
+    sa.Column("cron", sa.Text, nullable=False),
+    sa.Column("timezone", sa.Text, nullable=False),
+    sa.Column("workflow_name", sa.Text, nullable=False),
+    sa.Column("workflow_version", sa.Integer, nullable=False),
+    sa.Column("input", sa.LargeBinary, nullable=False),
+    sa.Column("overlap", sa.Text, nullable=False),
+    sa.Column("catchup", sa.Text, nullable=False),
+    sa.Column("max_catchup", sa.Integer, nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False),
+    # NULL while paused; the scheduler claims rows with next_fire_at <= now.
+    sa.Column("next_fire_at", sa.BigInteger, nullable=True),
+    sa.Column("last_fire_at", sa.BigInteger, nullable=True),
+    sa.Column("last_execution_id", sa.Text, nullable=True),
+    sa.Column("buffered_fire_at", sa.BigInteger, nullable=True),
+    sa.Column("started_fires", sa.BigInteger, nullable=False),
+    sa.Column("skipped_fires", sa.BigInteger, nullable=False),
+    sa.Column("missed_fires", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("tenant_id", "id"),
+    sa.Index(None, "next_fire_at"),
+    sa.Index(None, "buffered_fire_at"),
+)
+
+# One row per fire time acted on: the primary key makes a second fire of the same time
+# impossible, whatever the replicas do.
+schedule_fires = sa.Table(
+    "schedule_fires",
+    metadata,
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("schedule_id", sa.Text, nullable=False),
+    sa.Column("fire_at", sa.BigInteger, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("execution_id", sa.Text, nullable=True),
+    sa.Column("recorded_at", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("tenant_id", "schedule_id", "fire_at"),
+)

@@ -1,7 +1,9 @@
 """Triggers in SQL: webhook and event triggers, schedules and their fires.
 
-The tables share ``_tables.metadata`` (migration 0004 creates them; the schema test
-compares both). ``TriggerStoreMixin`` gives ``SqlStore`` the ``TriggerStore`` methods.
+``SqlTriggers`` is the ``TriggerRepository`` port; rows of the trigger tables become domain
+objects here (and back), the only module that reads or writes them. The executions a
+schedule starts are written by its ``SqlExecutions`` collaborator.
+
 A scheduler step (``fire_schedule``) locks the schedule row with ``FOR UPDATE SKIP LOCKED``
 on PostgreSQL, so replicas stepping at once never act on one schedule twice; on SQLite the
 single writer serializes them.
@@ -10,9 +12,9 @@ single writer serializes them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -25,7 +27,6 @@ from coordinator.model import (
     Execution,
     FireOutcome,
     FiringResult,
-    NodeRun,
     OverlapPolicy,
     Schedule,
     ScheduleFire,
@@ -34,84 +35,26 @@ from coordinator.model import (
     WebhookTrigger,
 )
 from coordinator.store import _rows
-from coordinator.store._tables import executions, metadata
-
-webhook_triggers = sa.Table(
-    "webhook_triggers",
-    metadata,
-    sa.Column("tenant_id", sa.Text, nullable=False),
-    sa.Column("path", sa.Text, nullable=False),
-    sa.Column("workflow_name", sa.Text, nullable=False),
-    sa.Column("workflow_version", sa.Integer, nullable=False),
-    sa.Column("auth", sa.Text, nullable=False),
-    # The HMAC key, or the SHA-256 hex digest of the bearer token.
-    sa.Column("secret", sa.Text, nullable=False),
-    sa.Column("tolerance_ms", sa.BigInteger, nullable=False),
-    sa.Column("idempotency_expr", sa.Text, nullable=False),
-    sa.Column("input_expr", sa.Text, nullable=False),
-    sa.Column("created_at", sa.BigInteger, nullable=False),
-    sa.PrimaryKeyConstraint("tenant_id", "path"),
-)
-
-event_triggers = sa.Table(
-    "event_triggers",
-    metadata,
-    sa.Column("id", sa.Text, primary_key=True),
-    sa.Column("tenant_id", sa.Text, nullable=False),
-    sa.Column("event_name", sa.Text, nullable=False),
-    sa.Column("workflow_name", sa.Text, nullable=False),
-    sa.Column("workflow_version", sa.Integer, nullable=False),
-    sa.Column("filter_expr", sa.Text, nullable=False),
-    sa.Column("input_expr", sa.Text, nullable=False),
-    sa.Column("created_at", sa.BigInteger, nullable=False),
-    sa.Index(None, "tenant_id", "event_name"),
-)
-
-schedules = sa.Table(
-    "schedules",
-    metadata,
-    sa.Column("tenant_id", sa.Text, nullable=False),
-    sa.Column("id", sa.Text, nullable=False),
-    sa.Column("cron", sa.Text, nullable=False),
-    sa.Column("timezone", sa.Text, nullable=False),
-    sa.Column("workflow_name", sa.Text, nullable=False),
-    sa.Column("workflow_version", sa.Integer, nullable=False),
-    sa.Column("input", sa.LargeBinary, nullable=False),
-    sa.Column("overlap", sa.Text, nullable=False),
-    sa.Column("catchup", sa.Text, nullable=False),
-    sa.Column("max_catchup", sa.Integer, nullable=False),
-    sa.Column("paused", sa.Boolean, nullable=False),
-    # NULL while paused; the scheduler claims rows with next_fire_at <= now.
-    sa.Column("next_fire_at", sa.BigInteger, nullable=True),
-    sa.Column("last_fire_at", sa.BigInteger, nullable=True),
-    sa.Column("last_execution_id", sa.Text, nullable=True),
-    sa.Column("buffered_fire_at", sa.BigInteger, nullable=True),
-    sa.Column("started_fires", sa.BigInteger, nullable=False),
-    sa.Column("skipped_fires", sa.BigInteger, nullable=False),
-    sa.Column("missed_fires", sa.BigInteger, nullable=False),
-    sa.Column("created_at", sa.BigInteger, nullable=False),
-    sa.Column("updated_at", sa.BigInteger, nullable=False),
-    sa.PrimaryKeyConstraint("tenant_id", "id"),
-    sa.Index(None, "next_fire_at"),
-    sa.Index(None, "buffered_fire_at"),
-)
-
-# One row per fire time acted on: the primary key makes a second fire of the same time
-# impossible, whatever the replicas do.
-schedule_fires = sa.Table(
-    "schedule_fires",
-    metadata,
-    sa.Column("tenant_id", sa.Text, nullable=False),
-    sa.Column("schedule_id", sa.Text, nullable=False),
-    sa.Column("fire_at", sa.BigInteger, nullable=False),
-    sa.Column("outcome", sa.Text, nullable=False),
-    sa.Column("execution_id", sa.Text, nullable=True),
-    sa.Column("recorded_at", sa.BigInteger, nullable=False),
-    sa.PrimaryKeyConstraint("tenant_id", "schedule_id", "fire_at"),
-)
-
+from coordinator.store._db import Database
+from coordinator.store._executions import SqlExecutions
+from coordinator.store._tables import event_triggers, schedule_fires, schedules, webhook_triggers
 
 # -- rows ---------------------------------------------------------------------------------
+
+
+def _webhook_values(trigger: WebhookTrigger) -> dict[str, Any]:
+    return {
+        "tenant_id": trigger.tenant_id,
+        "path": trigger.path,
+        "workflow_name": trigger.workflow_name,
+        "workflow_version": trigger.workflow_version,
+        "auth": trigger.auth.value,
+        "secret": trigger.secret,
+        "tolerance_ms": _rows.duration_ms(trigger.signature_tolerance),
+        "idempotency_expr": trigger.idempotency_expr,
+        "input_expr": trigger.input_expr,
+        "created_at": _rows.to_ms(trigger.created_at),
+    }
 
 
 def _webhook_from_row(r: Any) -> WebhookTrigger:
@@ -127,6 +70,19 @@ def _webhook_from_row(r: Any) -> WebhookTrigger:
         input_expr=r["input_expr"],
         tenant_id=r["tenant_id"],
     )
+
+
+def _event_values(trigger: EventTrigger) -> dict[str, Any]:
+    return {
+        "id": trigger.id,
+        "tenant_id": trigger.tenant_id,
+        "event_name": trigger.event_name,
+        "workflow_name": trigger.workflow_name,
+        "workflow_version": trigger.workflow_version,
+        "filter_expr": trigger.filter_expr,
+        "input_expr": trigger.input_expr,
+        "created_at": _rows.to_ms(trigger.created_at),
+    }
 
 
 def _event_from_row(r: Any) -> EventTrigger:
@@ -206,49 +162,20 @@ def _fire_from_row(r: Any) -> ScheduleFire:
 _NOT_PAUSED = schedules.c.paused == sa.literal_column("false", sa.Boolean)
 
 
-class TriggerStoreMixin:
-    """``TriggerStore`` on ``SqlStore`` (which provides the transaction helpers)."""
+class SqlTriggers:
+    """The ``TriggerRepository`` port, with the executions repository that writes the
+    executions a schedule starts."""
 
-    if TYPE_CHECKING:
-        _postgres: bool
-
-        def _tx(
-            self, *, write: bool
-        ) -> contextlib.AbstractAsyncContextManager[AsyncConnection]: ...
-
-        async def _by_idempotency_key(
-            self, conn: AsyncConnection, tenant_id: str, key: str
-        ) -> Execution | None: ...
-
-        async def _insert_nodes(
-            self,
-            conn: AsyncConnection,
-            tenant_id: str,
-            execution_id: str,
-            runs: Sequence[NodeRun],
-        ) -> None: ...
-
-        async def _insert_events(
-            self, conn: AsyncConnection, tenant_id: str, items: Sequence[Any]
-        ) -> None: ...
+    def __init__(self, db: Database, executions: SqlExecutions) -> None:
+        self._db = db
+        self._executions = executions
 
     # -- webhooks -------------------------------------------------------------------------
 
     async def create_webhook_trigger(self, trigger: WebhookTrigger) -> None:
-        values = {
-            "tenant_id": trigger.tenant_id,
-            "path": trigger.path,
-            "workflow_name": trigger.workflow_name,
-            "workflow_version": trigger.workflow_version,
-            "auth": trigger.auth.value,
-            "secret": trigger.secret,
-            "tolerance_ms": _rows.duration_ms(trigger.signature_tolerance),
-            "idempotency_expr": trigger.idempotency_expr,
-            "input_expr": trigger.input_expr,
-            "created_at": _rows.to_ms(trigger.created_at),
-        }
+        values = _webhook_values(trigger)
         try:
-            async with self._tx(write=True) as conn:
+            async with self._db.tx(write=True) as conn:
                 await conn.execute(sa.insert(webhook_triggers).values(values))
         except sa_exc.IntegrityError as exc:
             raise errors.AlreadyExists(
@@ -259,7 +186,7 @@ class TriggerStoreMixin:
     async def get_webhook_trigger(self, tenant_id: str, path: str) -> WebhookTrigger:
         t = webhook_triggers
         query = sa.select(t).where(t.c.tenant_id == tenant_id, t.c.path == path)
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             row = (await conn.execute(query)).mappings().first()
         if row is None:
             raise errors.NotFound(f"webhook trigger {path!r} not found")
@@ -268,13 +195,13 @@ class TriggerStoreMixin:
     async def list_webhook_triggers(self, tenant_id: str) -> list[WebhookTrigger]:
         t = webhook_triggers
         query = sa.select(t).where(t.c.tenant_id == tenant_id).order_by(t.c.path)
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_webhook_from_row(r) for r in rows]
 
     async def delete_webhook_trigger(self, tenant_id: str, path: str) -> None:
         t = webhook_triggers
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             result = await conn.execute(
                 sa.delete(t).where(t.c.tenant_id == tenant_id, t.c.path == path)
             )
@@ -284,19 +211,8 @@ class TriggerStoreMixin:
     # -- events ---------------------------------------------------------------------------
 
     async def create_event_trigger(self, trigger: EventTrigger) -> None:
-        async with self._tx(write=True) as conn:
-            await conn.execute(
-                sa.insert(event_triggers).values(
-                    id=trigger.id,
-                    tenant_id=trigger.tenant_id,
-                    event_name=trigger.event_name,
-                    workflow_name=trigger.workflow_name,
-                    workflow_version=trigger.workflow_version,
-                    filter_expr=trigger.filter_expr,
-                    input_expr=trigger.input_expr,
-                    created_at=_rows.to_ms(trigger.created_at),
-                )
-            )
+        async with self._db.tx(write=True) as conn:
+            await conn.execute(sa.insert(event_triggers).values(_event_values(trigger)))
 
     async def list_event_triggers(
         self, tenant_id: str, event_name: str | None
@@ -309,13 +225,13 @@ class TriggerStoreMixin:
         )
         if event_name is not None:
             query = query.where(t.c.event_name == event_name)
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_event_from_row(r) for r in rows]
 
     async def delete_event_trigger(self, tenant_id: str, trigger_id: str) -> None:
         t = event_triggers
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             result = await conn.execute(
                 sa.delete(t).where(t.c.tenant_id == tenant_id, t.c.id == trigger_id)
             )
@@ -326,7 +242,7 @@ class TriggerStoreMixin:
 
     async def create_schedule(self, schedule: Schedule) -> None:
         try:
-            async with self._tx(write=True) as conn:
+            async with self._db.tx(write=True) as conn:
                 await conn.execute(sa.insert(schedules).values(_schedule_values(schedule)))
         except sa_exc.IntegrityError as exc:
             raise errors.AlreadyExists(
@@ -334,7 +250,7 @@ class TriggerStoreMixin:
             ) from exc
 
     async def get_schedule(self, tenant_id: str, schedule_id: str) -> Schedule:
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             found = await self._load_schedule(conn, tenant_id, schedule_id)
         if found is None:
             raise errors.NotFound(f"schedule {schedule_id!r} not found")
@@ -351,7 +267,7 @@ class TriggerStoreMixin:
     ) -> Schedule | None:
         s = schedules
         query = sa.select(s).where(s.c.tenant_id == tenant_id, s.c.id == schedule_id)
-        if lock and self._postgres:
+        if lock and self._db.postgres:
             query = query.with_for_update(skip_locked=skip_locked)
         row = (await conn.execute(query)).mappings().first()
         return None if row is None else _schedule_from_row(row)
@@ -359,14 +275,14 @@ class TriggerStoreMixin:
     async def list_schedules(self, tenant_id: str) -> list[Schedule]:
         s = schedules
         query = sa.select(s).where(s.c.tenant_id == tenant_id).order_by(s.c.id)
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_schedule_from_row(r) for r in rows]
 
     async def update_schedule(
         self, tenant_id: str, schedule_id: str, change: Callable[[Schedule], Schedule]
     ) -> Schedule:
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             found = await self._load_schedule(conn, tenant_id, schedule_id, lock=True)
             if found is None:
                 raise errors.NotFound(f"schedule {schedule_id!r} not found")
@@ -388,7 +304,7 @@ class TriggerStoreMixin:
 
     async def delete_schedule(self, tenant_id: str, schedule_id: str) -> None:
         s, f = schedules, schedule_fires
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             result = await conn.execute(
                 sa.delete(s).where(s.c.tenant_id == tenant_id, s.c.id == schedule_id)
             )
@@ -408,7 +324,7 @@ class TriggerStoreMixin:
             .order_by(f.c.fire_at.desc())
             .limit(limit)
         )
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_fire_from_row(r) for r in rows]
 
@@ -423,21 +339,21 @@ class TriggerStoreMixin:
             .order_by(s.c.next_fire_at, s.c.tenant_id, s.c.id)
             .limit(limit)
         )
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
         return [_schedule_from_row(r) for r in rows]
 
     async def next_schedule_fire_at(self) -> datetime | None:
         s = schedules
         query = sa.select(sa.func.min(s.c.next_fire_at)).where(_NOT_PAUSED)
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             value = await conn.scalar(query)
         return _rows.opt_from_ms(value)
 
     async def has_buffered_fires(self) -> bool:
         s = schedules
         query = sa.select(s.c.id).where(_NOT_PAUSED, s.c.buffered_fire_at.is_not(None)).limit(1)
-        async with self._tx(write=False) as conn:
+        async with self._db.tx(write=False) as conn:
             return (await conn.scalar(query)) is not None
 
     async def fire_schedule(
@@ -446,7 +362,7 @@ class TriggerStoreMixin:
         schedule_id: str,
         decide: Callable[[Schedule, Execution | None], FiringResult | None],
     ) -> FiringResult | None:
-        async with self._tx(write=True) as conn:
+        async with self._db.tx(write=True) as conn:
             found = await self._load_schedule(
                 conn, tenant_id, schedule_id, lock=True, skip_locked=True
             )
@@ -454,19 +370,10 @@ class TriggerStoreMixin:
                 return None  # deleted, or another replica is stepping it right now
             last = None
             if found.last_execution_id is not None:
-                e = executions
-                row = (
-                    (
-                        await conn.execute(
-                            sa.select(e).where(
-                                e.c.tenant_id == tenant_id, e.c.id == found.last_execution_id
-                            )
-                        )
+                with contextlib.suppress(errors.NotFound):
+                    last = await self._executions.load_execution(
+                        conn, tenant_id, found.last_execution_id
                     )
-                    .mappings()
-                    .first()
-                )
-                last = None if row is None else _rows.execution_from_row(row)
             result = decide(found, last)
             if result is None:
                 return None
@@ -480,14 +387,14 @@ class TriggerStoreMixin:
         return FiringResult(result.schedule, tuple(inserted), result.fires)
 
     async def _insert_start(self, conn: AsyncConnection, transition: Transition) -> bool:
+        """Insert a start of the schedule, unless its idempotency key is taken (at any age)."""
         execution = transition.execution
-        tenant = execution.tenant_id
         key = execution.idempotency_key
-        if key is not None and await self._by_idempotency_key(conn, tenant, key) is not None:
-            return False
-        await conn.execute(sa.insert(executions).values(_rows.execution_values(execution)))
-        await self._insert_nodes(conn, tenant, execution.id, transition.nodes)
-        await self._insert_events(conn, tenant, transition.events)
+        if key is not None:
+            holder = await self._executions.by_idempotency_key(conn, execution.tenant_id, key)
+            if holder is not None:
+                return False
+        await self._executions.insert_execution(conn, transition)
         return True
 
     async def _record_fire(self, conn: AsyncConnection, fire: ScheduleFire) -> None:
@@ -513,12 +420,3 @@ class TriggerStoreMixin:
                     tenant_id=fire.tenant_id, schedule_id=fire.schedule_id, fire_at=at, **values
                 )
             )
-
-
-__all__ = [
-    "TriggerStoreMixin",
-    "event_triggers",
-    "schedule_fires",
-    "schedules",
-    "webhook_triggers",
-]

@@ -1,7 +1,8 @@
-"""Cross-replica wake-ups over PostgreSQL LISTEN/NOTIFY.
+"""Cross-replica wake-ups over PostgreSQL LISTEN/NOTIFY: ``SqlWakeups``.
 
 A replica that makes work ready publishes the notifier keys (``task:<type>``,
-``exec:<id>``) on one channel; every replica listens on a dedicated connection and hands
+``exec:<id>``) on one channel (``Database.notify``, with the transaction that made the work
+ready, or ``publish_wakeups``); every replica listens on a dedicated connection and hands
 the keys to its in-process notifier, so a long-poll on one replica is woken by work made
 ready on another without polling the database. After (re)connecting the listener wakes
 everyone once, since notifications sent while it was away are lost.
@@ -16,17 +17,40 @@ from collections.abc import Callable, Sequence
 
 import psycopg
 
+from coordinator.store._db import CHANNEL, WAKE_ALL, Database
+
 log = logging.getLogger(__name__)
 
-CHANNEL = "trellis_wakeups"
-WAKE_ALL = "*"
-# PostgreSQL caps a NOTIFY payload below 8000 bytes; larger key sets wake everyone.
-_MAX_PAYLOAD = 7000
 
+class SqlWakeups:
+    """The ``WakeupChannel`` port: NOTIFY to publish, a ``PgListener`` to listen (PostgreSQL);
+    nothing to do on SQLite, which serves one process."""
 
-def payload_for(keys: Sequence[str]) -> str:
-    text = "\n".join(dict.fromkeys(keys))
-    return text if len(text.encode()) <= _MAX_PAYLOAD else WAKE_ALL
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._listener: PgListener | None = None
+
+    async def publish_wakeups(self, keys: Sequence[str]) -> None:
+        if not self._db.postgres or not keys:
+            return  # SQLite serves one process: the in-process notifier is enough
+        async with self._db.tx(write=True) as conn:
+            await self._db.notify(conn, keys)
+
+    @property
+    def listening(self) -> bool:
+        """True while the cross-replica wake-up listener is connected (PostgreSQL)."""
+        return self._listener is not None and self._listener.connected.is_set()
+
+    async def listen_wakeups(self, on_keys: Callable[[list[str]], None]) -> None:
+        if not self._db.postgres or self._listener is not None:
+            return
+        url = self._db.engine.url.set(drivername="postgresql")
+        self._listener = PgListener(url.render_as_string(hide_password=False))
+        self._listener.start(on_keys)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
 
 
 class PgListener:

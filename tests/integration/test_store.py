@@ -132,7 +132,7 @@ async def test_open_without_migrate_refuses_an_old_schema(db_url: str) -> None:
 async def test_replicas_starting_together_migrate_once(fresh_postgres_url: str) -> None:
     stores = await asyncio.gather(*(open_store(fresh_postgres_url) for _ in range(4)))
     try:
-        assert await stores[0].list_workflows(T, 10, None) == []
+        assert await stores[0].workflows.list_workflows(T, 10, None) == []
     finally:
         for store in stores:
             await store.close()

@@ -1,0 +1,165 @@
+"""``Database``: the one database handle the store's repositories share.
+
+It owns the engine, the dialect, the process lock, the transaction helper ``tx`` (which
+converts database failures into coordinator errors), the PostgreSQL NOTIFY sent with a
+transaction (its channel and payload; ``_wakeups`` listens on the other end), and the
+settings every repository writes with (``priority_aging_ms``).
+
+Concurrency model:
+
+- PostgreSQL: many replicas share the database. Execution rows are guarded by optimistic
+  concurrency (``version``); a transition also re-checks the ``(status, lease_seq)`` of every
+  node run it replaces, so a claim that slipped in between load and write makes the
+  transition reload and decide again instead of overwriting the lease. Claims take rows with
+  ``FOR UPDATE SKIP LOCKED`` in one statement.
+- SQLite: one coordinator process per file (see ``ProcessLock``), and inside it one writer: an
+  ``asyncio.Lock`` is held around every write transaction. WAL lets reads run beside it.
+  An in-memory database has a single connection, so every transaction takes the lock.
+  A SQLite file's transactions run on a synchronous engine on the event loop's thread
+  (``on_loop``), wrapped as an ``AsyncConnection`` so the store's code is the same for both
+  stores: SQLite answers in microseconds, and aiosqlite's thread hand-off per statement
+  cost ten times the statement itself. Only a busy database (another process writing the
+  file, which the process lock rules out) could block the loop, for at most busy_timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import StaticPool
+
+from coordinator import errors
+from coordinator.store import _rows
+from coordinator.store._lock import ProcessLock
+from coordinator.store._on_loop import OnLoopConnection
+
+R = TypeVar("R")
+
+_UNAVAILABLE_ERRORS = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    OSError,
+)
+
+# Wake-ups across replicas: notifier keys (``task:<type>``, ``exec:<id>``) on one channel,
+# one per line; ``WAKE_ALL`` wakes every listener.
+CHANNEL = "trellis_wakeups"
+WAKE_ALL = "*"
+# PostgreSQL caps a NOTIFY payload below 8000 bytes; larger key sets wake everyone.
+_MAX_PAYLOAD = 7000
+_NOTIFY = sa.text("SELECT pg_notify(:channel, :payload)")
+
+
+def payload_for(keys: Sequence[str]) -> str:
+    text = "\n".join(dict.fromkeys(keys))
+    return text if len(text.encode()) <= _MAX_PAYLOAD else WAKE_ALL
+
+
+class LostRace(errors.Conflict):
+    """PostgreSQL aborted the transaction (deadlock, serialization failure): retryable."""
+
+
+def _describe(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _missing_table(exc: sa_exc.DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate == "42P01" or "no such table" in str(exc.orig)
+
+
+def _convert(exc: BaseException) -> errors.TrellisError:
+    """A foreign database exception as the coordinator error it means."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if isinstance(sqlstate, str) and sqlstate.startswith("40"):
+        # Serialization failure or deadlock: the transaction lost a race, retrying is right.
+        return LostRace(f"concurrent update, retry: {_describe(exc)}")
+    return errors.Unavailable(f"database unavailable: {_describe(exc)}; retry")
+
+
+class Database:
+    """An async engine (and, for a SQLite file, its on-loop twin) with the locks and
+    settings of one store. Built by ``open_store``; closed by ``SqlStore.close``."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        process_lock: ProcessLock | None = None,
+        priority_aging_ms: int = _rows.DEFAULT_PRIORITY_AGING_MS,
+        on_loop: sa.Engine | None = None,
+    ) -> None:
+        self.engine = engine
+        # SQLite file: a synchronous engine run on the loop's thread (see the module doc).
+        self._on_loop = on_loop
+        # Dispatch order with ageing (see node_runs.dispatch_rank).
+        self.priority_aging_ms = priority_aging_ms
+        self._process_lock = process_lock
+        self.dialect = engine.dialect.name
+        self.postgres = self.dialect == "postgresql"
+        memory = self.dialect == "sqlite" and isinstance(engine.pool, StaticPool)
+        self._writer = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._reader = self._writer if memory else None
+
+    @contextlib.asynccontextmanager
+    async def tx(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
+        """A transaction, committed when the block ends; database failures converted."""
+        lock = self._writer if write else self._reader
+        guard: contextlib.AbstractAsyncContextManager[Any] = (
+            lock if lock is not None else contextlib.nullcontext()
+        )
+        try:
+            if self._on_loop is not None:
+                async with guard:
+                    with self._on_loop.begin() as sync_conn:
+                        yield OnLoopConnection(self.engine, sync_conn)
+            else:
+                async with guard, self.engine.begin() as conn:
+                    yield conn
+        except sa_exc.DataError as exc:
+            # e.g. a NUL character, which PostgreSQL text cannot hold: the caller's input.
+            raise errors.InvalidArgument(
+                f"the database refused a value ({_describe(exc)}); "
+                "remove NUL characters and out-of-range numbers from the request"
+            ) from exc
+        except (sa_exc.OperationalError, sa_exc.ProgrammingError) as exc:
+            if _missing_table(exc):
+                raise errors.FailedPrecondition(
+                    f"the database has no Trellis schema ({_describe(exc)}): run "
+                    "`trellis migrate`, or start the coordinator with TRELLIS_AUTO_MIGRATE=true"
+                ) from exc
+            if isinstance(exc, sa_exc.ProgrammingError):
+                raise
+            raise _convert(exc) from exc
+        except _UNAVAILABLE_ERRORS as exc:
+            raise _convert(exc) from exc
+
+    async def run_sync(self, fn: Callable[[sa.Connection], R], *, write: bool) -> R:
+        """Run ``fn`` (e.g. an Alembic upgrade) on a synchronous view of one connection, in
+        one transaction."""
+        async with self.tx(write=write) as conn:
+            return await conn.run_sync(fn)
+
+    async def notify(self, conn: AsyncConnection, keys: Sequence[str]) -> None:
+        """Wake-ups for the other replicas, sent when ``conn``'s transaction commits."""
+        if self.postgres and keys:
+            await conn.execute(_NOTIFY, {"channel": CHANNEL, "payload": payload_for(keys)})
+
+    async def close(self) -> None:
+        """Dispose of the engines and release the process lock (even when disposing fails)."""
+        try:
+            await self.engine.dispose()
+            if self._on_loop is not None:
+                self._on_loop.dispose()
+        finally:
+            if self._process_lock is not None:
+                self._process_lock.release()
