@@ -2,7 +2,7 @@
 
 Secrets stay here: the gateway hands over the path, the headers and the raw body
 (``fire_webhook``) and gets back an execution or an error (``Unauthenticated``,
-``NotFound``, ``InvalidArgument``). Executions start through ``Coordinator.start_execution``.
+``NotFound``, ``InvalidArgument``). Executions start through ``Starts.start_execution``.
 
 Expressions are CEL (``coordinator.engine``), compiled when the trigger is created:
 webhooks see ``body`` (the parsed JSON) and ``headers`` (lower-cased names); event
