@@ -1,28 +1,18 @@
-"""NotificationService over gRPC, and the delivery loop's lifecycle in the server.
-
-The servicer decodes (with ``coordinator.grpc.convert``), calls
-``coordinator.service.NotificationService`` and encodes (with ``convert`` again).
-``add_notifications`` wires the servicer and the delivery loop into a server.
-"""
+"""NotificationService over gRPC: the servicer decodes (with ``coordinator.grpc.convert``),
+calls ``coordinator.service.NotificationService`` and encodes (with ``convert`` again).
+The delivery loop is wired and run by the server module."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
 import grpc
 
-from coordinator.config import CoordinatorConfig
 from coordinator.grpc import convert
 from coordinator.grpc.status import unary
 from coordinator.model import DEFAULT_TENANT
-from coordinator.notify import Backoff, Deliverer
 from coordinator.service import (
-    Coordinator,
-    DeliverySettings,
-    NotificationDispatcher,
     NotificationService,
 )
 from trellis.v1 import notification_service_pb2 as npb
@@ -118,66 +108,3 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
         return npb.ListDeliveriesResponse(
             deliveries=[convert.delivery_to_proto(d) for d in rows], next_page_token=token
         )
-
-
-# -- wiring --------------------------------------------------------------------------------
-
-
-def delivery_settings(config: CoordinatorConfig) -> DeliverySettings:
-    return DeliverySettings(
-        poll_interval=config.notify_poll_interval,
-        max_attempts=config.notify_max_attempts,
-        max_age=config.notify_max_age,
-        backoff=Backoff(
-            initial=config.notify_backoff_initial,
-            maximum=config.notify_backoff_max,
-            multiplier=config.notify_backoff_multiplier,
-            jitter=config.notify_backoff_jitter,
-        ),
-        breaker_threshold=config.notify_breaker_threshold,
-        breaker_reset=config.notify_breaker_reset,
-        send_timeout=config.notify_send_timeout,
-    )
-
-
-class NotificationRuntime:
-    """The delivery loop of one coordinator process: ``start`` after serving, ``stop``
-    before closing the store. A delivery being sent when it stops is claimed until its
-    lease passes, then sent again (by any replica)."""
-
-    def __init__(self, dispatcher: NotificationDispatcher, deliverer: Deliverer) -> None:
-        self.dispatcher = dispatcher
-        self._deliverer = deliverer
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self.dispatcher.run(), name="notifications")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._deliverer.aclose()
-
-
-def add_notifications(
-    server: grpc.aio.Server, coordinator: Coordinator, config: CoordinatorConfig
-) -> NotificationRuntime:
-    """Serve NotificationService on ``server``; the returned runtime runs the delivery loop."""
-    store = coordinator.store.notifications
-    service = NotificationService(
-        store,
-        coordinator.store.executions,
-        coordinator.store.workflows,
-        clock=coordinator.clock,
-        rules=coordinator.rules,
-        wakeups=coordinator.store.wakeups,
-    )
-    ngrpc.add_NotificationServiceServicer_to_server(NotificationServicer(service), server)
-    settings = delivery_settings(config)
-    deliverer = Deliverer(timeout=settings.send_timeout.total_seconds())
-    dispatcher = NotificationDispatcher(store, deliverer, settings, clock=coordinator.clock)
-    return NotificationRuntime(dispatcher, deliverer)

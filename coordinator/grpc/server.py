@@ -19,9 +19,12 @@ from coordinator.errors import TrellisError
 from coordinator.grpc import dispatch_servicer, notification_servicer
 from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
 from coordinator.grpc.trigger_servicer import TriggerServicer
+from coordinator.notify import Backoff, Deliverer
 from coordinator.service import (
     Coordinator,
+    DeliverySettings,
     LimitsAdmin,
+    NotificationDispatcher,
     PollWaiters,
     Scheduler,
     Schedules,
@@ -33,6 +36,7 @@ from coordinator.service import (
     utcnow,
 )
 from trellis.v1 import (
+    notification_service_pb2_grpc,
     trigger_service_pb2,
     trigger_service_pb2_grpc,
     worker_service_pb2,
@@ -70,7 +74,7 @@ class RunningServer:
     # The cron scheduler loop (coordinator/service/_schedules.py).
     scheduler: asyncio.Task[None] | None = None
     # The notification delivery loop (coordinator/grpc/notification_servicer.py).
-    notifications: notification_servicer.NotificationRuntime | None = None
+    notifications: NotificationRuntime | None = None
 
     async def stop(self) -> None:
         """Drain: refuse new polls, answer waiting ones, finish in-flight calls, then stop."""
@@ -139,7 +143,10 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     trigger_service_pb2_grpc.add_TriggerServiceServicer_to_server(
         TriggerServicer(Triggers(coordinator, store.triggers), schedules), server
     )
-    notifications = notification_servicer.add_notifications(server, coordinator, config)
+    notification_service_pb2_grpc.add_NotificationServiceServicer_to_server(
+        notification_servicer.NotificationServicer(coordinator.notifications), server
+    )
+    notifications = _delivery_loop(coordinator, config)
     dispatch_servicer.add_dispatch(server, LimitsAdmin(store.limits, dispatch, coordinator.clock))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -190,6 +197,55 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
         scheduler=scheduler,
         notifications=notifications,
     )
+
+
+def delivery_settings(config: CoordinatorConfig) -> DeliverySettings:
+    return DeliverySettings(
+        poll_interval=config.notify_poll_interval,
+        max_attempts=config.notify_max_attempts,
+        max_age=config.notify_max_age,
+        backoff=Backoff(
+            initial=config.notify_backoff_initial,
+            maximum=config.notify_backoff_max,
+            multiplier=config.notify_backoff_multiplier,
+            jitter=config.notify_backoff_jitter,
+        ),
+        breaker_threshold=config.notify_breaker_threshold,
+        breaker_reset=config.notify_breaker_reset,
+        send_timeout=config.notify_send_timeout,
+    )
+
+
+class NotificationRuntime:
+    """The delivery loop of one coordinator process: ``start`` after serving, ``stop``
+    before closing the store. A delivery being sent when it stops is claimed until its
+    lease passes, then sent again (by any replica)."""
+
+    def __init__(self, dispatcher: NotificationDispatcher, deliverer: Deliverer) -> None:
+        self.dispatcher = dispatcher
+        self._deliverer = deliverer
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.dispatcher.run(), name="notifications")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._deliverer.aclose()
+
+
+def _delivery_loop(coordinator: Coordinator, config: CoordinatorConfig) -> NotificationRuntime:
+    settings = delivery_settings(config)
+    deliverer = Deliverer(timeout=settings.send_timeout.total_seconds())
+    dispatcher = NotificationDispatcher(
+        coordinator.store.notifications, deliverer, settings, clock=coordinator.clock
+    )
+    return NotificationRuntime(dispatcher, deliverer)
 
 
 async def _sweep(sweeper: Sweeper, interval: float) -> None:

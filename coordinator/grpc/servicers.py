@@ -10,16 +10,13 @@ import grpc
 
 from coordinator.errors import TrellisError
 from coordinator.grpc import convert
-from coordinator.grpc.status import retry_hint, status_for, stream, unary
+from coordinator.grpc.status import stream, unary
 from coordinator.model import DEFAULT_TENANT, Execution
 from coordinator.service import (
     Completion,
     Coordinator,
-    ExecutionView,
     Failure,
-    ResultOutcome,
 )
-from trellis.v1 import common_pb2
 from trellis.v1 import (
     worker_service_pb2 as wpb,
 )
@@ -137,24 +134,9 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
             request.max_next_tasks,
         )
         return wpb.ReportResultsResponse(
-            results=[_result_status(o) for o in outcomes],
+            results=[convert.result_status_to_proto(o) for o in outcomes],
             next_tasks=[convert.task_to_proto(t) for t in tasks],
         )
-
-
-def _result_status(outcome: ResultOutcome) -> wpb.ResultStatus:
-    status = wpb.ResultStatus(duplicate=outcome.duplicate, will_retry=outcome.will_retry)
-    exc = outcome.error
-    if isinstance(exc, TrellisError):
-        status.code = status_for(exc).value[0]
-        status.message = str(exc)
-        hint = retry_hint(exc)
-        if hint is not None:
-            status.retry_after.FromTimedelta(timedelta(seconds=hint))
-    elif exc is not None:
-        status.code = grpc.StatusCode.INTERNAL.value[0]
-        status.message = "internal error; see the coordinator's log"
-    return status
 
 
 class WorkflowServicer(fgrpc.WorkflowServiceServicer):
@@ -238,7 +220,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.GetExecutionRequest, context: Ctx
     ) -> fpb.GetExecutionResponse:
         view = await self._c.executions.get_execution(TENANT, request.execution_id)
-        return fpb.GetExecutionResponse(execution=_view(view))
+        return fpb.GetExecutionResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def ListExecutions(
@@ -276,7 +258,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         view = await self._c.operations.cancel_execution(
             TENANT, request.execution_id, request.reason
         )
-        return fpb.CancelExecutionResponse(execution=_view(view))
+        return fpb.CancelExecutionResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def CancelNode(
@@ -285,33 +267,33 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         view = await self._c.operations.cancel_node(
             TENANT, request.execution_id, request.node_id, request.reason
         )
-        return fpb.CancelNodeResponse(execution=_view(view))
+        return fpb.CancelNodeResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def PauseExecution(
         self, request: fpb.PauseExecutionRequest, context: Ctx
     ) -> fpb.PauseExecutionResponse:
         view = await self._c.operations.pause_execution(TENANT, request.execution_id)
-        return fpb.PauseExecutionResponse(execution=_view(view))
+        return fpb.PauseExecutionResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def ResumeExecution(
         self, request: fpb.ResumeExecutionRequest, context: Ctx
     ) -> fpb.ResumeExecutionResponse:
         view = await self._c.operations.resume_execution(TENANT, request.execution_id)
-        return fpb.ResumeExecutionResponse(execution=_view(view))
+        return fpb.ResumeExecutionResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def PauseNode(self, request: fpb.PauseNodeRequest, context: Ctx) -> fpb.PauseNodeResponse:
         view = await self._c.operations.pause_node(TENANT, request.execution_id, request.node_id)
-        return fpb.PauseNodeResponse(execution=_view(view))
+        return fpb.PauseNodeResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def ResumeNode(
         self, request: fpb.ResumeNodeRequest, context: Ctx
     ) -> fpb.ResumeNodeResponse:
         view = await self._c.operations.resume_node(TENANT, request.execution_id, request.node_id)
-        return fpb.ResumeNodeResponse(execution=_view(view))
+        return fpb.ResumeNodeResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def ListDeadLetters(
@@ -341,8 +323,4 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.RedriveDeadLetterRequest, context: Ctx
     ) -> fpb.RedriveDeadLetterResponse:
         view = await self._c.dead_letters.redrive_dead_letter(TENANT, request.id)
-        return fpb.RedriveDeadLetterResponse(execution=_view(view))
-
-
-def _view(view: ExecutionView) -> common_pb2.Execution:
-    return convert.execution_to_proto(view.execution, view.nodes)
+        return fpb.RedriveDeadLetterResponse(execution=convert.execution_view_to_proto(view))

@@ -19,6 +19,7 @@ from coordinator.service._executions import DeadLetters, Executions, Operations
 from coordinator.service._group import GroupCommit
 from coordinator.service._heartbeats import Heartbeats
 from coordinator.service._leasing import Leasing
+from coordinator.service._notifications import NotificationService
 from coordinator.service._notifier import Notifier
 from coordinator.service._results import Results
 from coordinator.service._rules import RuleBook
@@ -88,6 +89,14 @@ class Coordinator:
         self.executions = Executions(store.executions, self.definitions, notifier, draining)
         self.operations = Operations(tx, self.executions)
         self.dead_letters = DeadLetters(store.dead_letters, tx, self.executions)
+        self.notifications = NotificationService(
+            store.notifications,
+            store.executions,
+            store.workflows,
+            clock=clock,
+            rules=self.rules,
+            wakeups=store.wakeups,
+        )
 
         # What runs after every commit of a transition, in this order:
         tx.after_commit = (

@@ -4,16 +4,20 @@ failures and batched results in."""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
+
+import grpc
 
 from coordinator import engine
-from coordinator.errors import InvalidArgument
+from coordinator.errors import InvalidArgument, TrellisError
 from coordinator.grpc.convert._common import (
     duration_to_proto,
     node_from_proto,
     timestamp_to_proto,
 )
+from coordinator.grpc.status import retry_hint, status_for
 from coordinator.model import ErrorInfo
-from coordinator.service import Completion, Failure, LeasedTask
+from coordinator.service import Completion, Failure, LeasedTask, ResultOutcome
 from trellis.v1 import worker_service_pb2
 
 # -- tasks --------------------------------------------------------------------------------
@@ -89,3 +93,21 @@ def result_from_proto(msg: worker_service_pb2.TaskResult, index: int) -> Complet
         error, retryable = task_error_from_proto(msg.failed.error)
         return Failure(msg.failed.lease_token, error, retryable)
     raise InvalidArgument(f"results[{index}] is empty; set 'completed' or 'failed'")
+
+
+def result_status_to_proto(outcome: ResultOutcome) -> worker_service_pb2.ResultStatus:
+    """One result of a batch: accepted, or refused with the status its own call would get."""
+    status = worker_service_pb2.ResultStatus(
+        duplicate=outcome.duplicate, will_retry=outcome.will_retry
+    )
+    exc = outcome.error
+    if isinstance(exc, TrellisError):
+        status.code = status_for(exc).value[0]
+        status.message = str(exc)
+        hint = retry_hint(exc)
+        if hint is not None:
+            status.retry_after.FromTimedelta(timedelta(seconds=hint))
+    elif exc is not None:
+        status.code = grpc.StatusCode.INTERNAL.value[0]
+        status.message = "internal error; see the coordinator's log"
+    return status

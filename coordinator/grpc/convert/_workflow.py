@@ -26,7 +26,7 @@ from coordinator.model import (
     WorkflowDef,
     WorkflowSummary,
 )
-from coordinator.service import StartRequest
+from coordinator.service import ExecutionView, StartRequest
 from trellis.v1 import common_pb2, workflow_service_pb2
 
 # -- definitions --------------------------------------------------------------------------
@@ -222,3 +222,8 @@ def dead_letter_to_proto(letter: DeadLetter) -> common_pb2.DeadLetter:
         create_time=timestamp_to_proto(letter.created_at),
         redrive_time=timestamp_to_proto(letter.redriven_at),
     )
+
+
+def execution_view_to_proto(view: ExecutionView) -> common_pb2.Execution:
+    """An execution with its node runs, in definition order."""
+    return execution_to_proto(view.execution, view.nodes)
