@@ -5,6 +5,7 @@
 - ``_starts``: executions to insert, the running-executions cap and its overflow.
 - ``_triggers``: webhook and event triggers, schedules and their fires.
 - ``_notifications``: channels, rules, deliveries and the notification document.
+- ``_identity``: principals, credentials, roles, permissions and grants.
 
 Every package of the coordinator imports these types from here, never from the private
 modules.
@@ -54,6 +55,19 @@ from coordinator.model._core import (
     node_from_document,
     node_to_document,
 )
+from coordinator.model._identity import (
+    BUILTIN_ROLES,
+    SYSTEM_TENANT,
+    Credential,
+    CredentialKind,
+    Grant,
+    Permission,
+    Principal,
+    Role,
+    Tenant,
+    grants_of,
+    parse_grants,
+)
 from coordinator.model._notifications import (
     MAX_INLINE_OUTPUT,
     TERMINAL_STATUSES,
@@ -89,6 +103,7 @@ from coordinator.model._triggers import (
 )
 
 __all__ = [
+    "BUILTIN_ROLES",
     "COMPENSATION_SUFFIX",
     "DEFAULT_BREAKER_RESET",
     "DEFAULT_MAX_CATCHUP",
@@ -96,6 +111,7 @@ __all__ = [
     "DEFAULT_TENANT",
     "MAX_INLINE_OUTPUT",
     "NULL_JSON",
+    "SYSTEM_TENANT",
     "TERMINAL_STATUSES",
     "UNLIMITED",
     "Admitted",
@@ -109,6 +125,8 @@ __all__ = [
     "ChannelKind",
     "ChildStart",
     "ClaimedDelivery",
+    "Credential",
+    "CredentialKind",
     "DeadLetter",
     "Delivery",
     "DeliveryAttempt",
@@ -121,6 +139,7 @@ __all__ = [
     "ExecutionStatus",
     "FireOutcome",
     "FiringResult",
+    "Grant",
     "LeaseKey",
     "LeasedCounts",
     "NewExecution",
@@ -133,12 +152,16 @@ __all__ = [
     "OverflowPolicy",
     "OverlapPolicy",
     "PendingStart",
+    "Permission",
+    "Principal",
     "RetryPolicy",
+    "Role",
     "RunningCap",
     "Schedule",
     "ScheduleFire",
     "SwitchCase",
     "TaskTypeLimits",
+    "Tenant",
     "Transition",
     "TriggerRule",
     "Unlimited",
@@ -152,8 +175,10 @@ __all__ = [
     "definition_from_document",
     "definition_to_document",
     "deliveries_for",
+    "grants_of",
     "node_from_document",
     "node_to_document",
     "notification_document",
+    "parse_grants",
     "running_cap",
 ]

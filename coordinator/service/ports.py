@@ -20,6 +20,7 @@ from coordinator.model import (
     CappedStart,
     Channel,
     ClaimedDelivery,
+    Credential,
     DeadLetter,
     Delivery,
     DeliveryAttempt,
@@ -35,10 +36,12 @@ from coordinator.model import (
     NodeRun,
     NotificationRule,
     PendingStart,
+    Role,
     RunningCap,
     Schedule,
     ScheduleFire,
     TaskTypeLimits,
+    Tenant,
     Transition,
     WebhookTrigger,
     WorkerInfo,
@@ -568,6 +571,46 @@ class NotificationRepository(Protocol):
         ...
 
 
+class IdentityRepository(Protocol):
+    """Tenants, credentials (API keys and certificate names), custom roles, and the
+    coordinator's generated secret (docs/security.md)."""
+
+    async def create_tenant(self, tenant: Tenant) -> None:
+        """AlreadyExists when a tenant with that id exists."""
+        ...
+
+    async def list_tenants(self) -> list[Tenant]: ...
+    async def tenant_exists(self, tenant_id: str) -> bool: ...
+    async def create_credential(self, credential: Credential) -> None:
+        """AlreadyExists when a certificate credential of that subject exists."""
+        ...
+
+    async def get_credential(self, credential_id: str) -> Credential:
+        """Any tenant's credential by id (its id is what a key presents); NotFound."""
+        ...
+
+    async def find_certificate(self, subject: str) -> Credential:
+        """The certificate credential for a client certificate's common name; NotFound."""
+        ...
+
+    async def list_credentials(self, tenant_id: str) -> list[Credential]: ...
+    async def revoke_credential(self, tenant_id: str, credential_id: str, now: datetime) -> None:
+        """NotFound unless the tenant has that credential."""
+        ...
+
+    async def touch_credential(self, credential_id: str, now: datetime) -> None: ...
+    async def put_role(self, role: Role) -> None: ...
+    async def list_roles(self, tenant_id: str) -> list[Role]: ...
+    async def delete_role(self, tenant_id: str, name: str) -> None:
+        """NotFound unless the tenant has that role."""
+        ...
+
+    async def server_secret(self, candidate: str) -> str:
+        """The coordinator's generated secret: ``candidate`` if none was stored yet (the
+        first replica to ask stores it), else the stored one."""
+        ...
+
+
 class Store(Protocol):
     """Persistent state: one repository per aggregate over one database handle. Every
     method is tenant-scoped except the cross-tenant sweeps. Use cases take the narrow
@@ -602,6 +645,9 @@ class Store(Protocol):
 
     @property
     def notifications(self) -> NotificationRepository: ...
+
+    @property
+    def identity(self) -> IdentityRepository: ...
 
     @property
     def group_commit(self) -> bool:
