@@ -58,6 +58,8 @@ from coordinator.model._core import (
 from coordinator.model._identity import (
     BUILTIN_ROLES,
     SYSTEM_TENANT,
+    AuditEntry,
+    AuditRecord,
     Credential,
     CredentialKind,
     Grant,
@@ -65,6 +67,7 @@ from coordinator.model._identity import (
     Principal,
     Role,
     Tenant,
+    audit_hash,
     grants_of,
     parse_grants,
 )
@@ -116,6 +119,8 @@ __all__ = [
     "UNLIMITED",
     "Admitted",
     "AttemptFailure",
+    "AuditEntry",
+    "AuditRecord",
     "BreakerInfo",
     "BreakerState",
     "Candidate",
@@ -171,6 +176,7 @@ __all__ = [
     "WorkflowDef",
     "WorkflowSummary",
     "admit",
+    "audit_hash",
     "compose_object",
     "definition_from_document",
     "definition_to_document",

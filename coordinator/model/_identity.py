@@ -13,6 +13,8 @@ Pure data and pure rules: the service resolves credentials and roles, the gRPC l
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -260,3 +262,51 @@ class Tenant:
     id: str
     created_at: datetime
     created_by: str = ""
+
+
+@dataclass
+class AuditEntry:
+    """One mutating call to record: who, in which tenant, did what to what, and how it
+    ended. The gRPC layer opens one per call; the store appends it in the transaction that
+    carries the call's effect (``written`` then turns True), or on its own afterwards."""
+
+    tenant_id: str
+    actor: str  # the principal's subject
+    credential: str
+    action: str  # the RPC's name, e.g. "CancelExecution"
+    target: str  # what it acted on, e.g. "execution/8f2c..." ("" when nothing in particular)
+    request_id: str
+    outcome: str = "ok"  # ok | denied | error: <status code name>
+    written: bool = False
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """A stored ``AuditEntry``: numbered per tenant and chained by hash to the one before
+    (``hash = sha256(prev_hash + canonical fields)``), so that a changed, removed or
+    inserted row breaks the chain (``trellis audit verify``)."""
+
+    tenant_id: str
+    seq: int
+    at: datetime
+    actor: str
+    credential: str
+    action: str
+    target: str
+    outcome: str
+    request_id: str
+    prev_hash: str
+    hash: str
+
+
+def audit_hash(
+    prev_hash: str,
+    tenant_id: str,
+    seq: int,
+    at_ms: int,
+    entry_fields: tuple[str, str, str, str, str, str],
+) -> str:
+    """The chain hash of one record: its predecessor's hash and its own fields
+    (actor, credential, action, target, outcome, request_id) with its time in epoch ms."""
+    body = json.dumps([prev_hash, tenant_id, seq, at_ms, *entry_fields], separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()

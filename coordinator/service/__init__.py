@@ -3,6 +3,7 @@ SQLAlchemy). ``Coordinator`` is their composition root; every other package impo
 service's types from here, never from its private modules."""
 
 from coordinator.model import LeaseKey, NewExecution
+from coordinator.service._audit import PENDING_AUDIT, take_pending_audit
 from coordinator.service._backpressure import PollWaiters, StartRate
 from coordinator.service._common import Clock, Draining, ServiceSettings, utcnow
 from coordinator.service._coordinator import Coordinator
@@ -23,12 +24,19 @@ from coordinator.service._starts import MAX_BATCH_START, MAX_START_DELAY, StartR
 from coordinator.service._sweeps import Sweeper
 from coordinator.service._tokens import LeaseToken
 from coordinator.service._triggers import PublishResult, Triggers
-from coordinator.service.ports import Decision, Store
+from coordinator.service.ports import (
+    AuditRepository,
+    Decision,
+    IdentityRepository,
+    Store,
+)
 
 __all__ = [
     "MAX_BATCH_START",
     "MAX_REPORT_BATCH",
     "MAX_START_DELAY",
+    "PENDING_AUDIT",
+    "AuditRepository",
     "Clock",
     "Completion",
     "Coordinator",
@@ -39,6 +47,7 @@ __all__ = [
     "ExecutionView",
     "Failure",
     "HeartbeatResult",
+    "IdentityRepository",
     "LeaseKey",
     "LeaseToken",
     "LeasedTask",
@@ -59,6 +68,7 @@ __all__ = [
     "Store",
     "Sweeper",
     "Triggers",
+    "take_pending_audit",
     "utcnow",
     "with_deliveries",
 ]

@@ -16,6 +16,8 @@ from coordinator.errors import TrellisError
 from coordinator.model import (
     UNLIMITED,
     Admitted,
+    AuditEntry,
+    AuditRecord,
     Candidate,
     CappedStart,
     Channel,
@@ -611,6 +613,34 @@ class IdentityRepository(Protocol):
         ...
 
 
+class AuditRepository(Protocol):
+    """The hash-chained audit trail, one chain per tenant (docs/security.md).
+
+    Appends are serialized per tenant (a chain head row locked in the appending
+    transaction). A write transaction of any repository that runs while
+    ``service.PENDING_AUDIT`` holds an unwritten entry appends it in that same transaction
+    and marks it written, so a mutating call's record commits (or rolls back) with its
+    effect; ``append`` records what wrote nothing (a refusal, an error)."""
+
+    async def append(self, entry: AuditEntry, now: datetime) -> None: ...
+    async def list_records(
+        self,
+        tenant_id: str,
+        *,
+        since: datetime | None = None,
+        actor: str | None = None,
+        after_seq: int = 0,
+        limit: int = 100,
+    ) -> list[AuditRecord]:
+        """Oldest first, ``seq > after_seq``."""
+        ...
+
+    async def verify(self, tenant_id: str) -> tuple[int, str | None]:
+        """``(records checked, None)`` when the chain holds, else ``(seq, what is wrong)`` for
+        the first broken link: a changed row, a missing or inserted one, a cut-off end."""
+        ...
+
+
 class Store(Protocol):
     """Persistent state: one repository per aggregate over one database handle. Every
     method is tenant-scoped except the cross-tenant sweeps. Use cases take the narrow
@@ -648,6 +678,9 @@ class Store(Protocol):
 
     @property
     def identity(self) -> IdentityRepository: ...
+
+    @property
+    def audit(self) -> AuditRepository: ...
 
     @property
     def group_commit(self) -> bool:
