@@ -474,6 +474,9 @@ class WorkerInfo:
     sdk_language: str = ""
     sdk_version: str = ""
     identity: str = ""
+    # The credential that registered the worker (``Principal.credential``; "" without
+    # authentication).
+    credential: str = ""
 
 
 # -- JSON helpers -------------------------------------------------------------------------

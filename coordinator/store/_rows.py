@@ -364,6 +364,7 @@ def worker_values(worker: WorkerInfo) -> dict[str, Any]:
         "sdk_version": worker.sdk_version,
         "identity": worker.identity,
         "last_seen": to_ms(worker.last_seen),
+        "credential": worker.credential,
     }
 
 
@@ -378,6 +379,7 @@ def worker_from_row(row: Row) -> WorkerInfo:
         sdk_version=row["sdk_version"],
         identity=row["identity"],
         last_seen=from_ms(row["last_seen"]),
+        credential=row["credential"],
     )
 
 

@@ -3,7 +3,9 @@
 Alembic owns the schema in the database: ``migrations/versions`` creates these tables with
 hand-written operations, and a test checks that the two agree. Conventions:
 
-- every table has ``tenant_id`` and every query filters on it;
+- every table has ``tenant_id`` and every query filters on it, except the few above the
+  tenants: ``tenants`` itself, ``server_secrets``, and ``credentials`` looked up by id or
+  certificate subject (what a caller presents, before its tenant is known);
 - timestamps are BIGINT epoch milliseconds (UTC), durations BIGINT milliseconds;
 - payloads (inputs, outputs, details) are JSON documents kept as bytes, small JSON lists and
   maps (task types, labels, definition documents) as text;
@@ -283,6 +285,8 @@ workers = sa.Table(
     sa.Column("sdk_version", sa.Text, nullable=False),
     sa.Column("identity", sa.Text, nullable=False),
     sa.Column("last_seen", sa.BigInteger, nullable=False),
+    # The credential that registered the worker (0007; "" before authentication existed).
+    sa.Column("credential", sa.Text, nullable=False, server_default=""),
     sa.PrimaryKeyConstraint("tenant_id", "id"),
     # The lost-worker sweeper: workers silent since a cutoff.
     sa.Index(None, "last_seen"),
@@ -516,4 +520,102 @@ schedule_fires = sa.Table(
     sa.Column("execution_id", sa.Text, nullable=True),
     sa.Column("recorded_at", sa.BigInteger, nullable=False),
     sa.PrimaryKeyConstraint("tenant_id", "schedule_id", "fire_at"),
+)
+
+
+# -- identity and audit (migration 0007) --------------------------------------------------
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("created_by", sa.Text, nullable=False),
+)
+
+# The predicate of the certificate-subject index: one certificate credential per subject.
+CERTIFICATE = "kind = 'certificate'"
+
+credentials = sa.Table(
+    "credentials",
+    metadata,
+    # Globally unique: an API key presents its id, so it is found before its tenant is known.
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),  # CredentialKind value
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("roles", sa.Text, nullable=False),  # JSON list of role names
+    # API keys: the keyed hash of the secret part and the id of the key that keyed it.
+    sa.Column("secret_hash", sa.Text, nullable=False),
+    sa.Column("hash_key_id", sa.Text, nullable=False),
+    # Certificates: the common name the client certificate carries ("" for API keys).
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("created_by", sa.Text, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=True),
+    sa.Column("last_used_at", sa.BigInteger, nullable=True),
+    sa.Column("revoked_at", sa.BigInteger, nullable=True),
+    sa.Index(None, "tenant_id"),
+    # find_certificate, and at most one certificate credential per subject (revoked or not).
+    sa.Index(
+        "ix_credentials_certificate_subject",
+        "subject",
+        unique=True,
+        postgresql_where=sa.text(CERTIFICATE),
+        sqlite_where=sa.text(CERTIFICATE),
+    ),
+)
+
+# Custom roles; the built-in ones (model.BUILTIN_ROLES) are not stored.
+roles = sa.Table(
+    "roles",
+    metadata,
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    # JSON list of grants in their written form (str(Grant)), sorted; model.parse_grants.
+    sa.Column("grants", sa.Text, nullable=False),
+    sa.PrimaryKeyConstraint("tenant_id", "name"),
+)
+
+# Secrets the coordinator generates for itself (id "main"): the first replica to start
+# stores its candidate, every other one reads it.
+server_secrets = sa.Table(
+    "server_secrets",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("secret", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+# The audit trail: one hash chain per tenant, numbered from 1. Append-only: the store
+# never updates or deletes a record (``trellis audit verify`` finds rows that were).
+audit_records = sa.Table(
+    "audit_records",
+    metadata,
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("at", sa.BigInteger, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),
+    sa.Column("credential", sa.Text, nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("target", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("request_id", sa.Text, nullable=False),
+    # The previous record's hash ("" for record 1) and model.audit_hash of this one.
+    sa.Column("prev_hash", sa.Text, nullable=False),
+    sa.Column("hash", sa.Text, nullable=False),
+    sa.PrimaryKeyConstraint("tenant_id", "seq"),
+    # Listing one actor's records.
+    sa.Index(None, "tenant_id", "actor", "seq"),
+)
+
+# The head of each tenant's chain: its last record's seq and hash. An append locks this
+# row (FOR UPDATE on PostgreSQL; SQLite's single writer), so appends of a tenant queue, and
+# verify finds records removed from the end.
+audit_heads = sa.Table(
+    "audit_heads",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.Text, nullable=False),
 )
