@@ -51,6 +51,12 @@ from coordinator.model import (
     WorkflowSummary,
 )
 
+# The store's side of the audit contract (``AuditRepository``): its write transactions take
+# the call's pending entry with ``take_pending_audit``. Re-exported here, the one service
+# module the stores import.
+from coordinator.service._audit import PENDING_AUDIT as PENDING_AUDIT
+from coordinator.service._audit import take_pending_audit as take_pending_audit
+
 T = TypeVar("T")
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -35,7 +36,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import StaticPool
 
 from coordinator import errors
+from coordinator.model import AuditEntry
+from coordinator.service.ports import PENDING_AUDIT, take_pending_audit
 from coordinator.store import _rows
+from coordinator.store._audit import append_audit
 from coordinator.store._lock import ProcessLock
 from coordinator.store._on_loop import OnLoopConnection
 
@@ -111,20 +115,36 @@ class Database:
         self._reader = self._writer if memory else None
 
     @contextlib.asynccontextmanager
-    async def tx(self, *, write: bool) -> AsyncIterator[AsyncConnection]:
-        """A transaction, committed when the block ends; database failures converted."""
+    async def tx(self, *, write: bool, audit: bool = True) -> AsyncIterator[AsyncConnection]:
+        """A transaction, committed when the block ends; database failures converted.
+
+        A write transaction also appends the served call's pending audit entry
+        (``PENDING_AUDIT``, see ``AuditRepository``) just before it commits, so the record
+        commits with the call's effect. Should the transaction then fail, the entry is
+        marked unwritten again, for the call's next write transaction (a retry) or the gRPC
+        layer's own ``append``. ``audit=False``: leave it to another transaction (an
+        append of its own, bookkeeping that is not the call's effect).
+        """
         lock = self._writer if write else self._reader
         guard: contextlib.AbstractAsyncContextManager[Any] = (
             lock if lock is not None else contextlib.nullcontext()
         )
+        taken: AuditEntry | None = None
         try:
             if self._on_loop is not None:
                 async with guard:
                     with self._on_loop.begin() as sync_conn:
-                        yield OnLoopConnection(self.engine, sync_conn)
+                        on_loop = OnLoopConnection(self.engine, sync_conn)
+                        yield on_loop
+                        # One ContextVar lookup when no call is being audited.
+                        if write and audit and PENDING_AUDIT.get() is not None:
+                            taken = await self._append_pending(on_loop)
             else:
                 async with guard, self.engine.begin() as conn:
                     yield conn
+                    if write and audit and PENDING_AUDIT.get() is not None:
+                        taken = await self._append_pending(conn)
+            taken = None  # committed
         except sa_exc.DataError as exc:
             # e.g. a NUL character, which PostgreSQL text cannot hold: the caller's input.
             raise errors.InvalidArgument(
@@ -142,6 +162,26 @@ class Database:
             raise _convert(exc) from exc
         except _UNAVAILABLE_ERRORS as exc:
             raise _convert(exc) from exc
+        finally:
+            if taken is not None:
+                # Appended, then not committed: the record is gone with the transaction.
+                taken.written = False
+
+    async def _append_pending(self, conn: AsyncConnection) -> AuditEntry | None:
+        """Append the call's pending audit entry on ``conn``, whose block ended without an
+        exception, and return it; None when there is none, or when the block rolled its
+        transaction back itself (it wrote nothing; the entry waits for the next one)."""
+        if not conn.in_transaction():
+            return None
+        entry = take_pending_audit()
+        if entry is None:
+            return None
+        try:
+            await append_audit(conn, self, entry, time.time_ns() // 1_000_000)
+        except BaseException:
+            entry.written = False
+            raise
+        return entry
 
     async def run_sync(self, fn: Callable[[sa.Connection], R], *, write: bool) -> R:
         """Run ``fn`` (e.g. an Alembic upgrade) on a synchronous view of one connection, in

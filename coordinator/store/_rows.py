@@ -1,8 +1,9 @@
 """Domain objects ⇄ table rows: the one place where rows become model objects and back,
 for workflow definitions, the execution aggregate (executions, node runs, events, claim
-candidates, dead letters) and workers, which several repositories read and write. Limits,
-notifications and triggers convert their rows in their repository module, the only one
-that reads or writes them.
+candidates, dead letters) and workers, which several repositories read and write, and
+audit records with the check of their chain, which both stores share. Limits,
+notifications, triggers and identity convert their rows in their repository module, the
+only one that reads or writes them.
 
 Timestamps are stored as epoch milliseconds and come back as aware UTC datetimes, so a value
 read back is its written value truncated to the millisecond. Objects returned by the store
@@ -19,6 +20,8 @@ from typing import Any
 
 from coordinator.model import (
     AttemptFailure,
+    AuditEntry,
+    AuditRecord,
     Candidate,
     DeadLetter,
     ErrorInfo,
@@ -32,6 +35,7 @@ from coordinator.model import (
     WorkerInfo,
     WorkflowDef,
     WorkflowSummary,
+    audit_hash,
     definition_from_document,
     definition_to_document,
 )
@@ -487,3 +491,132 @@ def dead_letter_from_row(row: Row) -> DeadLetter:
         created_at=from_ms(row["created_at"]),
         redriven_at=opt_from_ms(row["redriven_at"]),
     )
+
+
+# -- audit records --------------------------------------------------------------------------
+
+
+def _audit_fields(
+    source: AuditEntry | AuditRecord,
+) -> tuple[str, str, str, str, str, str]:
+    """The fields ``model.audit_hash`` covers besides the chain position and the time."""
+    s = source
+    return (s.actor, s.credential, s.action, s.target, s.outcome, s.request_id)
+
+
+def audit_record(entry: AuditEntry, *, seq: int, prev_hash: str, at_ms: int) -> AuditRecord:
+    """``entry`` as record ``seq`` of its tenant's chain, after the record hashed
+    ``prev_hash`` ("" for record 1)."""
+    fields = _audit_fields(entry)
+    return AuditRecord(
+        tenant_id=entry.tenant_id,
+        seq=seq,
+        at=from_ms(at_ms),
+        actor=entry.actor,
+        credential=entry.credential,
+        action=entry.action,
+        target=entry.target,
+        outcome=entry.outcome,
+        request_id=entry.request_id,
+        prev_hash=prev_hash,
+        hash=audit_hash(prev_hash, entry.tenant_id, seq, at_ms, fields),
+    )
+
+
+def audit_record_values(record: AuditRecord) -> dict[str, Any]:
+    return {
+        "tenant_id": record.tenant_id,
+        "seq": record.seq,
+        "at": to_ms(record.at),
+        "actor": record.actor,
+        "credential": record.credential,
+        "action": record.action,
+        "target": record.target,
+        "outcome": record.outcome,
+        "request_id": record.request_id,
+        "prev_hash": record.prev_hash,
+        "hash": record.hash,
+    }
+
+
+def audit_record_from_row(row: Row) -> AuditRecord:
+    return AuditRecord(
+        tenant_id=row["tenant_id"],
+        seq=row["seq"],
+        at=from_ms(row["at"]),
+        actor=row["actor"],
+        credential=row["credential"],
+        action=row["action"],
+        target=row["target"],
+        outcome=row["outcome"],
+        request_id=row["request_id"],
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
+    )
+
+
+class AuditChainCheck:
+    """The check ``AuditRepository.verify`` makes of one tenant's chain: feed it the records
+    in seq order (``add``, which names the first problem), then its head (``finish``).
+
+    Each record's hash must match its fields, its ``prev_hash`` the previous record's hash
+    ("" for record 1), and the seqs must run 1, 2, 3, ... without a gap; the head (seq and
+    hash of the last record) must name the last record. So a changed row, a missing one,
+    one inserted (its successor no longer links to it), and records removed from the end
+    (the head says more) are all found."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._last_hash = ""
+
+    def add(self, record: AuditRecord) -> tuple[int, str] | None:
+        """None while the chain holds, else ``(seq, what is wrong)``."""
+        expected = self.count + 1
+        seq = record.seq
+        if seq != expected:
+            return expected, f"record {expected} is missing (the next record is {seq})"
+        fields = _audit_fields(record)
+        at_ms = to_ms(record.at)
+        if audit_hash(record.prev_hash, record.tenant_id, seq, at_ms, fields) != record.hash:
+            return seq, f"record {seq} was changed (its hash does not match its fields)"
+        if record.prev_hash != self._last_hash:
+            return seq, (
+                f"record {seq} does not follow record {seq - 1} (its prev_hash is not that "
+                f"record's hash: record {seq - 1} was replaced, or record {seq} inserted)"
+            )
+        self.count = seq
+        self._last_hash = record.hash
+        return None
+
+    def finish(self, head: tuple[int, str] | None) -> tuple[int, str | None]:
+        """``(records checked, None)`` when the head (its seq and hash; None: no head row)
+        names the last record fed, else ``(seq, what is wrong)``."""
+        count = self.count
+        if head is None:
+            if count == 0:
+                return 0, None
+            return count, (
+                f"the chain has {count} records but no head (its audit_heads row was removed)"
+            )
+        head_seq, head_hash = head
+        if count < head_seq:
+            if count == 0:
+                return 1, (
+                    f"the chain has no records but its head says {head_seq} (records were removed)"
+                )
+            return count + 1, (
+                f"the chain ends at record {count} but its head says {head_seq} "
+                "(records were removed from the end)"
+            )
+        if count > head_seq:
+            return head_seq + 1, (
+                f"the chain goes on past its head: record {head_seq + 1} follows record "
+                f"{head_seq}, where the head says the chain ends (records were added "
+                "without the head)"
+            )
+        if head_hash != self._last_hash:
+            return count, (
+                f"record {count} is not the one the chain head names (its hash differs: "
+                "the last record was replaced)"
+            )
+        return count, None

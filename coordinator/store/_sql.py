@@ -4,7 +4,8 @@ One repository per aggregate, each over the one ``Database`` handle (engine, loc
 transactions; see ``_db`` for the concurrency model). A repository that writes another's
 rows is handed that repository (queue and triggers start executions through
 ``SqlExecutions``), or shares a module-level helper that runs on the caller's transaction
-(``_writes``, ``touch_worker``, ``insert_deliveries``).
+(``_writes``, ``touch_worker``, ``insert_deliveries``). ``Database.tx`` itself appends the
+served call's pending audit entry to a write transaction (``_audit.append_audit``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from coordinator.store import _rows
+from coordinator.store._audit import SqlAudit
 from coordinator.store._db import Database
 from coordinator.store._dead_letters import SqlDeadLetters
 from coordinator.store._executions import SqlExecutions
+from coordinator.store._identity import SqlIdentity
 from coordinator.store._leasing import SqlLeases
 from coordinator.store._limits import SqlLimits
 from coordinator.store._lock import ProcessLock
@@ -56,6 +59,8 @@ class SqlStore:
         self.queue = SqlQueue(self.db, self.executions)
         self.triggers = SqlTriggers(self.db, self.executions)
         self.notifications = SqlNotifications(self.db)
+        self.identity = SqlIdentity(self.db)
+        self.audit = SqlAudit(self.db)
         self._closed = False
 
     @property
