@@ -10,7 +10,9 @@ lock, with a repository per aggregate over it:
 - ``_records``: definitions, workers, task-type limits, dead letters;
 - ``_queue``: capped starts and the overflow queue;
 - ``_triggers``: webhook and event triggers, schedules and their fires;
-- ``_notifications``: channels, rules and the delivery outbox.
+- ``_notifications``: channels, rules and the delivery outbox;
+- ``_identity``: tenants, credentials, custom roles, the server secret and the audit trail
+  (whose chain ``_state`` appends to, also for the served call's pending entry).
 """
 
 from coordinator.store._memory._store import MemoryStore, MemoryWakeups

@@ -18,13 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, Protocol, TypeVar
 
 from coordinator.model import (
+    DEFAULT_TENANT,
+    AuditEntry,
+    AuditRecord,
     Channel,
+    Credential,
     DeadLetter,
     Delivery,
     Event,
@@ -34,13 +39,16 @@ from coordinator.model import (
     NodeRun,
     NodeStatus,
     NotificationRule,
+    Role,
     Schedule,
     ScheduleFire,
     TaskTypeLimits,
+    Tenant,
     WebhookTrigger,
     WorkerInfo,
     WorkflowDef,
 )
+from coordinator.service.ports import PENDING_AUDIT, take_pending_audit
 from coordinator.store import _rows
 
 K = TypeVar("K")
@@ -169,6 +177,10 @@ def newest_first(rows: list[R], before: tuple[datetime, str] | None, limit: int)
     return rows[:limit]
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 _LIVE = frozenset({ExecutionStatus.PENDING, ExecutionStatus.RUNNING, ExecutionStatus.PAUSED})
 
 
@@ -213,6 +225,16 @@ class State:
         self.channels: Table[str, Channel] = Table(j)
         self.rules: Table[str, NotificationRule] = Table(j)
         self.deliveries: Table[str, DeliveryRow] = Table(j)
+        self.tenants: Table[str, Tenant] = Table(j)
+        self.credentials: Table[str, Credential] = Table(j)
+        self.roles: Table[tuple[str, str], Role] = Table(j)
+        self.server_secrets: Table[str, str] = Table(j)
+        # (tenant, seq) -> record; tenant -> its chain's head: (last seq, last hash)
+        self.audit_records: Table[tuple[str, int], AuditRecord] = Table(j)
+        self.audit_heads: Table[str, tuple[int, str]] = Table(j)
+        # The tenant every call acted in before authentication (the SQL store's migration
+        # 0007 inserts it too).
+        self.tenants.put(DEFAULT_TENANT, Tenant(DEFAULT_TENANT, _rows.from_ms(_now_ms())))
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -223,11 +245,29 @@ class State:
             yield
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[None]:
-        """An atomic write: on an exception every change made inside is undone."""
+    async def write(self, *, audit: bool = True) -> AsyncIterator[None]:
+        """An atomic write: on an exception every change made inside is undone.
+
+        A write that completes also appends the served call's pending audit entry
+        (``PENDING_AUDIT``, see ``AuditRepository``), as part of the same atomic change, as
+        the SQL store does just before a commit. ``audit=False``: leave it to another write
+        (an append of its own, bookkeeping that is not the call's effect)."""
         async with self.lock:
             with self.journal.atomic():
                 yield
+                # One ContextVar lookup when no call is being audited.
+                if audit and PENDING_AUDIT.get() is not None:
+                    entry = take_pending_audit()
+                    if entry is not None:
+                        self.append_audit(entry, _now_ms())
+
+    def append_audit(self, entry: AuditEntry, at_ms: int) -> AuditRecord:
+        """Append ``entry`` to its tenant's chain (inside a write)."""
+        seq, prev_hash = self.audit_heads.get(entry.tenant_id) or (0, "")
+        record = _rows.audit_record(entry, seq=seq + 1, prev_hash=prev_hash, at_ms=at_ms)
+        self.audit_records.put((entry.tenant_id, record.seq), record)
+        self.audit_heads.put(entry.tenant_id, (record.seq, record.hash))
+        return record
 
     def next_sequence(self) -> int:
         """The next event sequence number (never reused, even by a rolled-back write)."""

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 
 from coordinator.store import _rows
 from coordinator.store._memory._executions import MemoryExecutions
+from coordinator.store._memory._identity import MemoryAudit, MemoryIdentity
 from coordinator.store._memory._leases import MemoryLeases
 from coordinator.store._memory._notifications import MemoryNotifications
 from coordinator.store._memory._queue import MemoryQueue
@@ -50,6 +51,8 @@ class MemoryStore:
         self._queue = MemoryQueue(self._state)
         self._triggers = MemoryTriggers(self._state)
         self._notifications = MemoryNotifications(self._state)
+        self._identity = MemoryIdentity(self._state)
+        self._audit = MemoryAudit(self._state)
 
     @property
     def priority_aging_ms(self) -> int:
@@ -100,6 +103,14 @@ class MemoryStore:
     @property
     def notifications(self) -> MemoryNotifications:
         return self._notifications
+
+    @property
+    def identity(self) -> MemoryIdentity:
+        return self._identity
+
+    @property
+    def audit(self) -> MemoryAudit:
+        return self._audit
 
     @property
     def group_commit(self) -> bool:
