@@ -104,5 +104,5 @@ class SqlLimits:
             result = await conn.execute(
                 sa.delete(t).where(t.c.tenant_id == tenant_id, t.c.task_type == task_type)
             )
-        if result.rowcount == 0:
-            raise _not_found(task_type)
+            if result.rowcount == 0:
+                raise _not_found(task_type)

@@ -272,8 +272,8 @@ class SqlNotifications:
             result = await conn.execute(
                 sa.delete(r).where(r.c.tenant_id == tenant_id, r.c.id == rule_id)
             )
-        if result.rowcount != 1:
-            raise errors.NotFound(f"notification rule {rule_id!r} not found")
+            if result.rowcount != 1:
+                raise errors.NotFound(f"notification rule {rule_id!r} not found")
 
     # -- deliveries ----------------------------------------------------------------------
 

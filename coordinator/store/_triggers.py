@@ -205,8 +205,8 @@ class SqlTriggers:
             result = await conn.execute(
                 sa.delete(t).where(t.c.tenant_id == tenant_id, t.c.path == path)
             )
-        if result.rowcount == 0:
-            raise errors.NotFound(f"webhook trigger {path!r} not found")
+            if result.rowcount == 0:
+                raise errors.NotFound(f"webhook trigger {path!r} not found")
 
     # -- events ---------------------------------------------------------------------------
 
@@ -235,8 +235,8 @@ class SqlTriggers:
             result = await conn.execute(
                 sa.delete(t).where(t.c.tenant_id == tenant_id, t.c.id == trigger_id)
             )
-        if result.rowcount == 0:
-            raise errors.NotFound(f"event trigger {trigger_id!r} not found")
+            if result.rowcount == 0:
+                raise errors.NotFound(f"event trigger {trigger_id!r} not found")
 
     # -- schedules ------------------------------------------------------------------------
 
@@ -308,11 +308,11 @@ class SqlTriggers:
             result = await conn.execute(
                 sa.delete(s).where(s.c.tenant_id == tenant_id, s.c.id == schedule_id)
             )
+            if result.rowcount == 0:
+                raise errors.NotFound(f"schedule {schedule_id!r} not found")
             await conn.execute(
                 sa.delete(f).where(f.c.tenant_id == tenant_id, f.c.schedule_id == schedule_id)
             )
-        if result.rowcount == 0:
-            raise errors.NotFound(f"schedule {schedule_id!r} not found")
 
     async def list_schedule_fires(
         self, tenant_id: str, schedule_id: str, limit: int
