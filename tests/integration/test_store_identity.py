@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 
 from coordinator import errors
 from coordinator.model import (
@@ -28,6 +29,7 @@ from coordinator.model import (
 )
 from coordinator.service import PENDING_AUDIT, Store
 from coordinator.store import SqlStore, open_store
+from coordinator.store._open import alembic_config
 from tests.support.store_builders import NOW, T
 
 
@@ -249,6 +251,32 @@ async def test_replicas_agree_on_the_server_secret(store: SqlStore) -> None:
 
 
 # -- workers keep the credential that registered them ----------------------------------------
+
+
+async def test_migration_0007_downgrades_and_upgrades_keeping_workers(db_url: str) -> None:
+    store = await open_store(db_url)
+    try:
+        await store.workers.upsert_worker(worker("w1", credential="k1"))
+        await store.audit.append(entry(), NOW)
+
+        def down_and_up(connection: sa.Connection) -> tuple[list[str], list[str]]:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0006")
+            inspector = sa.inspect(connection)
+            tables = inspector.get_table_names()
+            columns = [c["name"] for c in inspector.get_columns("workers")]
+            command.upgrade(config, "head")
+            return tables, columns
+
+        tables, columns = await store.run_sync(down_and_up, write=True)
+        assert "credential" not in columns and "audit_records" not in tables
+        # The worker survives (its credential forgotten); the upgrade seeds the default tenant.
+        assert (await store.workers.get_worker(T, "w1")).credential == ""
+        assert [t.id for t in await store.identity.list_tenants()] == [T]
+        assert await store.audit.verify(T) == (0, None)
+    finally:
+        await store.close()
 
 
 async def test_a_worker_keeps_the_credential_that_registered_it(store: Store) -> None:
