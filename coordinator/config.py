@@ -112,6 +112,33 @@ class CoordinatorConfig:
     max_poll_waiters: int = 1000
     max_start_rate: float = 0.0
     start_burst: int = 100
+    # Transport (docs/security.md): TLS from these PEM files, re-read when they change;
+    # with a client CA, mutual TLS (clients must present a certificate it signed).
+    # Plaintext must be chosen (`coordinator serve` refuses to start with neither).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    plaintext: bool = False
+    # Authentication: every RPC needs a credential unless insecure_open (local experiments
+    # only: every caller acts as an admin of the default tenant).
+    insecure_open: bool = False
+    # An admin key of the system tenant that is never stored (first setup, `trellis dev`).
+    bootstrap_admin_key: str = ""
+    # "kid:secret,kid:secret" (first = current): API-key hashes and lease-token signatures.
+    # Empty: a secret generated once and kept in the database.
+    secret_keys: str = ""
+    # A resolved credential is trusted this long (revocation reaches other replicas within).
+    auth_cache_ttl: timedelta = timedelta(seconds=5)
+    # gRPC server reflection (needs a credential too).
+    reflection: bool = False
+    # JWT bearer tokens from an OIDC issuer: its issuer and audience, and its keys from a
+    # JWKS URL or a PEM file; the tenant and roles from these claims.
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    oidc_jwks_url: str = ""
+    oidc_public_key_file: str = ""
+    oidc_tenant_claim: str = "trellis_tenant"
+    oidc_roles_claim: str = "trellis_roles"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> CoordinatorConfig:
@@ -159,6 +186,7 @@ class CoordinatorConfig:
         if self.poll_max_wait <= timedelta(0) or self.sweep_interval <= timedelta(0):
             raise ConfigError("TRELLIS_POLL_MAX_WAIT and TRELLIS_SWEEP_INTERVAL must be positive")
         self._check_notify()
+        self._check_security()
         if self.idempotency_window <= timedelta(0):
             raise ConfigError(
                 f"TRELLIS_IDEMPOTENCY_WINDOW={self.idempotency_window} must be positive (e.g. 24h)"
@@ -167,6 +195,32 @@ class CoordinatorConfig:
             raise ConfigError(
                 f"TRELLIS_MAX_WORKFLOW_DEPTH={self.max_workflow_depth} must be between 1 "
                 f"and {MAX_WORKFLOW_DEPTH_CEILING}"
+            )
+
+    def _check_security(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("TRELLIS_TLS_CERT_FILE and TRELLIS_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError(
+                "TRELLIS_TLS_CLIENT_CA_FILE (mutual TLS) needs TRELLIS_TLS_CERT_FILE and "
+                "TRELLIS_TLS_KEY_FILE"
+            )
+        if self.tls_cert_file and self.plaintext:
+            raise ConfigError("choose TLS (TRELLIS_TLS_CERT_FILE) or TRELLIS_PLAINTEXT, not both")
+        if self.oidc_issuer and not (
+            self.oidc_audience and (self.oidc_jwks_url or self.oidc_public_key_file)
+        ):
+            raise ConfigError(
+                "TRELLIS_OIDC_ISSUER needs TRELLIS_OIDC_AUDIENCE and TRELLIS_OIDC_JWKS_URL (or "
+                "TRELLIS_OIDC_PUBLIC_KEY_FILE)"
+            )
+
+    def check_serving(self) -> None:
+        """What `coordinator serve` insists on: TLS, or plaintext chosen explicitly."""
+        if not self.tls_cert_file and not self.plaintext:
+            raise ConfigError(
+                "the coordinator serves TLS: set TRELLIS_TLS_CERT_FILE and TRELLIS_TLS_KEY_FILE, "
+                "or TRELLIS_PLAINTEXT=true to serve plaintext (only inside a trusted network)"
             )
 
     def _check_notify(self) -> None:
@@ -191,5 +245,16 @@ class CoordinatorConfig:
 
 
 # Variables read by other entry points (the CLI's client commands, the gateway).
-_OTHER_SETTINGS = frozenset({"TRELLIS_ADDRESS"})
+_OTHER_SETTINGS = frozenset(
+    {
+        "TRELLIS_ADDRESS",
+        "TRELLIS_API_KEY",
+        "TRELLIS_CA_FILE",
+        "TRELLIS_CLIENT_CERT_FILE",
+        "TRELLIS_CLIENT_KEY_FILE",
+        "TRELLIS_TLS_SERVER_NAME",
+        "TRELLIS_TLS",
+        "TRELLIS_INSECURE",
+    }
+)
 _GATEWAY = "TRELLIS_GATEWAY_"

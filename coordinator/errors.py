@@ -10,7 +10,8 @@
     │  └─ AlreadyExists    → ALREADY_EXISTS     (a trigger or schedule with that name)
     ├─ ResourceExhausted   → RESOURCE_EXHAUSTED (backpressure, rate limit)
     ├─ Unavailable         → UNAVAILABLE        (store down, shutting down)
-    └─ Unauthenticated     → UNAUTHENTICATED    (bad webhook signature or token)
+    ├─ Unauthenticated     → UNAUTHENTICATED    (missing or bad credentials, signature)
+    └─ PermissionDenied    → PERMISSION_DENIED  (the caller may not do this)
 
 Messages say what was wrong and what to do; they reach users verbatim.
 ResourceExhausted and Unavailable may carry ``retry_after`` (seconds), sent to clients as
@@ -65,3 +66,8 @@ class AlreadyExists(Conflict):
 
 class Unauthenticated(TrellisError):
     """The caller's credentials (a webhook signature or token) are missing or wrong."""
+
+
+class PermissionDenied(TrellisError):
+    """The caller is authenticated but may not do this; the message names the permission
+    (or the role) it lacks."""

@@ -14,7 +14,9 @@
 Errors answer JSON ``{"error": "..."}``: 413 over ``TRELLIS_GATEWAY_MAX_BODY_BYTES``, 400
 for a body that is not JSON, 401 for a bad signature or token, 404 for an unknown path,
 503 with ``Retry-After`` when the coordinator cannot be reached. The gateway talks to the
-coordinator over gRPC only.
+coordinator over gRPC only, with its own credential (``TRELLIS_GATEWAY_API_KEY``, a key with
+the ``gateway`` role: fire webhooks, publish events) and over TLS when
+``TRELLIS_GATEWAY_CA_FILE`` is set.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from trellis.v1 import (
     trigger_service_pb2,
     trigger_service_pb2_grpc,
 )
+from worker_sdk._channel import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ def create_app(config: GatewayConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state["channel"] = grpc.aio.insecure_channel(config.coordinator_address)
+        state["channel"] = open_channel(config.connection)
         log.info("gateway up; coordinator at %s", config.coordinator_address)
         try:
             yield

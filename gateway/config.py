@@ -6,6 +6,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
+from worker_sdk._settings import ConnectionSettings, TlsSettings
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$")
 
 
@@ -29,6 +31,15 @@ class GatewayConfig:
     events_token: str = field(default="", repr=False)
     # How long a webhook or event call to the coordinator may take, in seconds.
     rpc_timeout: float = 10.0
+    # The gateway's own credential at the coordinator (an API key with the `gateway` role).
+    api_key: str = field(default="", repr=False)
+    # TLS to the coordinator: its CA, and a client certificate for mutual TLS.
+    ca_file: str = ""
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    tls_server_name: str = ""
+    # Plaintext to a coordinator that is not on this machine, chosen explicitly.
+    coordinator_insecure: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> GatewayConfig:
@@ -66,6 +77,30 @@ class GatewayConfig:
             if ":" not in value:
                 raise GatewayConfigError(f"{env_name}={value!r} must be HOST:PORT")
         return config
+
+    @property
+    def connection(self) -> ConnectionSettings:
+        """How the gateway reaches the coordinator (the SDK's settings; ``check`` refuses
+        plaintext across a network unless ``coordinator_insecure``)."""
+        tls = None
+        if self.ca_file or self.client_cert_file:
+            tls = TlsSettings(
+                ca_file=self.ca_file or None,
+                cert_file=self.client_cert_file or None,
+                key_file=self.client_key_file or None,
+                server_name=self.tls_server_name or None,
+            )
+        settings = ConnectionSettings(
+            self.coordinator_address,
+            api_key=self.api_key,
+            tls=tls,
+            insecure=self.coordinator_insecure.lower() in {"1", "true", "yes", "on"},
+        )
+        try:
+            settings.check()
+        except ValueError as exc:
+            raise GatewayConfigError(str(exc).replace("TRELLIS_", "TRELLIS_GATEWAY_")) from None
+        return settings
 
     @property
     def host_port(self) -> tuple[str, int]:

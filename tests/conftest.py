@@ -32,6 +32,11 @@ from sqlalchemy.engine import make_url
 from coordinator.dispatch._redis import display_url
 from coordinator.service import Store
 from coordinator.store import MemoryStore, migrate, open_store
+from tests.support.procs import ADMIN_KEY
+
+# Clients the tests build in this process (the SDK's Worker and Client, the CLI's main)
+# send the test coordinators' admin key unless a test says otherwise.
+os.environ["TRELLIS_API_KEY"] = ADMIN_KEY
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"

@@ -9,13 +9,15 @@ current limits, applies the flags and writes the result back.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from google.protobuf import json_format
 
 from trellis._cli_rpc import Usage, runner
+from trellis._cli_rpc import doc as _doc
+from trellis._cli_rpc import output_flag as _output
+from trellis._cli_rpc import print_json as _print_json
+from trellis._cli_rpc import table as _table
 from trellis.v1 import dispatch_service_pb2 as dpb
 from trellis.v1 import dispatch_service_pb2_grpc as dgrpc
 from worker_sdk._duration import parse_duration
@@ -28,17 +30,6 @@ if TYPE_CHECKING:
 
 _Usage = Usage
 _run = runner(dgrpc.DispatchServiceStub)
-
-
-def _doc(message: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
-    return doc
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))
 
 
 def _seconds(duration: Any) -> str:
@@ -74,12 +65,6 @@ def _show_limits(limits: dpb.TaskTypeLimits) -> None:
     print(f"breaker      {_breaker(limits)}")
     if limits.HasField("update_time"):
         print(f"updated      {limits.update_time.ToJsonString()}")
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 # -- limits -----------------------------------------------------------------------------------
@@ -238,10 +223,6 @@ async def _breakers_reset(stub: Stub, a: argparse.Namespace) -> int:
     else:
         _table(_BREAKER_HEADER, [_breaker_row(reply.breaker)])
     return 0
-
-
-def _output(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", choices=["text", "json"], default="text")
 
 
 def add_parser(sub: Any) -> None:

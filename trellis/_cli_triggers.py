@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import json_format
 
+from trellis._cli_rpc import channel_to
 from trellis.v1 import trigger_service_pb2 as tpb
 from trellis.v1 import trigger_service_pb2_grpc as tgrpc
 from worker_sdk import RpcError
@@ -47,7 +48,7 @@ def _call(
     action: Callable[[Stub, argparse.Namespace], Awaitable[Any]],
 ) -> Callable[[argparse.Namespace], Awaitable[int]]:
     async def run(args: argparse.Namespace) -> int:
-        async with grpc.aio.insecure_channel(args.address) as channel:
+        async with channel_to(args.address) as channel:
             try:
                 reply = await action(tgrpc.TriggerServiceStub(channel), args)
             except grpc.aio.AioRpcError as exc:

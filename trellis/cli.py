@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trellis import _cli_limits, _cli_notifications, _cli_triggers
+from trellis import _cli_identity, _cli_limits, _cli_notifications, _cli_triggers
 from worker_sdk import (
     Client,
     DeadLetter,
@@ -31,6 +32,7 @@ from worker_sdk._settings import ConnectionSettings
 
 EXIT_FAILED = 1
 DEV_DATABASE = ".trellis/dev.db"
+DEV_ADMIN_KEY = ".trellis/dev-admin-key"
 
 
 class CliError(Exception):
@@ -322,17 +324,43 @@ async def _serve(config: Any) -> int:
     return 0
 
 
+def _dev_admin_key(environ: Mapping[str, str], path: Path) -> str:
+    """The dev coordinator's admin key: TRELLIS_BOOTSTRAP_ADMIN_KEY, else the one kept in
+    ``path`` (made on the first run, readable by its owner only)."""
+    given = environ.get("TRELLIS_BOOTSTRAP_ADMIN_KEY", "").strip()
+    if given:
+        return given
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "dev-" + secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
+
+
 async def _dev(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     database = args.database_url or env.get("TRELLIS_DATABASE_URL")
     if not database:
         Path(DEV_DATABASE).parent.mkdir(parents=True, exist_ok=True)
         database = f"sqlite:///{DEV_DATABASE}"
+    key = _dev_admin_key(env, Path(args.admin_key_file))
     config = _coordinator_config(
-        env, {"database_url": database, "listen": args.listen, "auto_migrate": True}
+        env,
+        {
+            "database_url": database,
+            "listen": args.listen,
+            "auto_migrate": True,
+            "plaintext": True,
+            "bootstrap_admin_key": key,
+        },
     )
     print(
-        f"trellis dev: coordinator on {config.listen}, database {config.database_url}",
+        f"trellis dev: coordinator on {config.listen} (plaintext), database "
+        f"{config.database_url}\n"
+        f"trellis dev: admin key of the default tenant (kept in {args.admin_key_file}):\n"
+        f"    export TRELLIS_API_KEY={key}",
         file=sys.stderr,
     )
     return await _serve(config)
@@ -389,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="run a coordinator on SQLite in the foreground")
     dev.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:7400)")
+    dev.add_argument(
+        "--admin-key-file",
+        default=DEV_ADMIN_KEY,
+        help=f"where the admin key is kept between runs (default {DEV_ADMIN_KEY})",
+    )
     dev.add_argument("--database-url", help=f"default sqlite:///{DEV_DATABASE}")
     dev.set_defaults(func=_dev)
 
@@ -490,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_triggers.add_commands(sub)
     _cli_notifications.add_parser(sub)
     _cli_limits.add_parser(sub)
+    _cli_identity.add_parser(sub)
     return parser
 
 

@@ -39,7 +39,7 @@ from worker_sdk._errors import (
 )
 from worker_sdk._nodes import Case, MapNode, SwitchNode, TaskNode, WorkflowNode
 from worker_sdk._result import Result
-from worker_sdk._settings import DEFAULT_ADDRESS
+from worker_sdk._settings import DEFAULT_ADDRESS, TlsSettings
 from worker_sdk._task import Task, TaskContext, task
 from worker_sdk._types import (
     AttemptFailure,
@@ -77,6 +77,7 @@ __all__ = [
     "Task",
     "TaskContext",
     "TaskNode",
+    "TlsSettings",
     "TrellisError",
     "UnavailableError",
     "Worker",

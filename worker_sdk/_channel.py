@@ -21,8 +21,58 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 
 def open_channel(settings: ConnectionSettings) -> grpc.aio.Channel:
-    """A channel to the coordinator with the SDK's options (call inside the event loop)."""
-    return grpc.aio.insecure_channel(settings.address, options=CHANNEL_OPTIONS)
+    """A channel to the coordinator with the SDK's options, TLS and credential (call inside
+    the event loop).
+
+    The credential rides as call credentials (``authorization: Bearer``), added by gRPC's
+    core: over TLS, or over plaintext to a loopback address (local credentials); across a
+    network in plaintext (``insecure``) a client interceptor adds it instead."""
+    options = list(CHANNEL_OPTIONS)
+    tls = settings.tls
+    if tls is not None:
+        channel_creds = grpc.ssl_channel_credentials(
+            root_certificates=_read(tls.ca_file),
+            private_key=_read(tls.key_file),
+            certificate_chain=_read(tls.cert_file),
+        )
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+    elif settings.loopback:
+        channel_creds = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    else:
+        interceptors = [_Bearer(settings.api_key)] if settings.api_key else None
+        return grpc.aio.insecure_channel(
+            settings.address, options=options, interceptors=interceptors
+        )
+    if settings.api_key:
+        channel_creds = grpc.composite_channel_credentials(
+            channel_creds, grpc.access_token_call_credentials(settings.api_key)
+        )
+    return grpc.aio.secure_channel(settings.address, channel_creds, options=options)
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class _Bearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <key>`` to every call (plaintext across a network)."""
+
+    def __init__(self, key: str) -> None:
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _with_header(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._header]
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_header(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_header(details), request)
 
 
 # Failures that say "not now" rather than "never": retried with backoff.

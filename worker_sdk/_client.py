@@ -25,7 +25,7 @@ from worker_sdk._convert import (
 from worker_sdk._definition import Workflow, load_workflow
 from worker_sdk._duration import Duration
 from worker_sdk._errors import RpcError, rpc_error
-from worker_sdk._settings import connection_settings
+from worker_sdk._settings import TlsSettings, connection_settings
 from worker_sdk._types import DeadLetter, Event, Execution, RegisteredWorkflow, WorkflowSummary
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ class Client:
             done = await client.wait_for_execution(run.id, timeout=60)
 
     ``address`` is the coordinator's HOST:PORT; without it, ``TRELLIS_ADDRESS`` or else
-    ``127.0.0.1:7400`` (as for the ``trellis`` CLI and the Worker).
+    ``127.0.0.1:7400`` (as for the ``trellis`` CLI and the Worker). ``api_key`` and
+    ``tls`` as for the Worker (else ``TRELLIS_API_KEY``, ``TRELLIS_CA_FILE`` ...).
     ``timeout`` is the deadline of each unary call in seconds (None: none).
     Failed calls raise ``RpcError`` (or a subclass such as ``NotFoundError``).
     A start refused by the coordinator's backpressure (RESOURCE_EXHAUSTED with a
@@ -60,10 +61,12 @@ class Client:
         *,
         timeout: float | None = 30.0,
         backpressure_wait: float = 30.0,
+        api_key: str | None = None,
+        tls: TlsSettings | None = None,
     ) -> None:
         if not backpressure_wait >= 0:
             raise ValueError(f"backpressure_wait must not be negative, got {backpressure_wait!r}")
-        self._settings = connection_settings(address)
+        self._settings = connection_settings(address, api_key=api_key, tls=tls)
         self._timeout = timeout
         self._backpressure_wait = backpressure_wait
         self._channel: grpc.aio.Channel | None = None

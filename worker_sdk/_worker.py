@@ -22,7 +22,7 @@ from worker_sdk._errors import rpc_error
 from worker_sdk._heartbeater import DEFAULT_HEARTBEAT_INTERVAL, MIN_HEARTBEAT_INTERVAL, Heartbeater
 from worker_sdk._poller import Poller, being_cancelled
 from worker_sdk._runner import Runner
-from worker_sdk._settings import connection_settings
+from worker_sdk._settings import TlsSettings, connection_settings
 from worker_sdk._slots import Slots
 from worker_sdk._task import Task
 
@@ -59,7 +59,9 @@ class Worker:
         Worker(tasks=[send_email, resize_image]).run()
 
     ``address`` is the coordinator's HOST:PORT; without it, ``TRELLIS_ADDRESS`` or else
-    ``127.0.0.1:7400`` (as for the ``trellis`` CLI and the Client).
+    ``127.0.0.1:7400`` (as for the ``trellis`` CLI and the Client). ``api_key`` (else
+    ``TRELLIS_API_KEY``) is its credential, ``tls`` (else ``TRELLIS_CA_FILE`` and friends)
+    how it checks the coordinator and, for mutual TLS, proves itself (``TlsSettings``).
     At most ``concurrency`` handlers run at once (async handlers on the event
     loop, sync handlers in a thread pool of that size). ``poll_wait`` is how long
     one long-poll waits for work. ``stop()`` (or SIGTERM/SIGINT under ``run()``)
@@ -87,6 +89,8 @@ class Worker:
         identity: str | None = None,
         drain_timeout: float | None = 60.0,
         eager_dispatch: bool = True,
+        api_key: str | None = None,
+        tls: TlsSettings | None = None,
     ) -> None:
         by_name: dict[str, Task] = {}
         for t in tasks:
@@ -105,7 +109,7 @@ class Worker:
             raise ValueError(f"drain_timeout must not be negative, got {drain_timeout!r}")
         self._tasks = by_name
         self._task_types = sorted(by_name)
-        self._settings = connection_settings(address)
+        self._settings = connection_settings(address, api_key=api_key, tls=tls)
         self._concurrency = concurrency
         self._eager = eager_dispatch
         self._worker_id = worker_id or ""

@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 
 from coordinator.grpc import convert
+from coordinator.grpc.auth import tenant
 from coordinator.grpc.status import unary
-from coordinator.model import DEFAULT_TENANT
 from coordinator.service import (
     NotificationService,
 )
@@ -21,7 +21,7 @@ from trellis.v1 import notification_service_pb2_grpc as ngrpc
 log = logging.getLogger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-TENANT = DEFAULT_TENANT
+
 SERVICE_NAME = npb.DESCRIPTOR.services_by_name["NotificationService"].full_name
 
 # -- servicer ------------------------------------------------------------------------------
@@ -36,28 +36,28 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
         self, request: npb.CreateChannelRequest, context: Ctx
     ) -> npb.CreateChannelResponse:
         kind, settings = convert.channel_settings_from_proto(request.channel)
-        channel = await self._s.create_channel(TENANT, request.channel.name, kind, settings)
+        channel = await self._s.create_channel(tenant(), request.channel.name, kind, settings)
         return npb.CreateChannelResponse(channel=convert.channel_to_proto(channel))
 
     @unary
     async def GetChannel(
         self, request: npb.GetChannelRequest, context: Ctx
     ) -> npb.GetChannelResponse:
-        channel = await self._s.get_channel(TENANT, request.channel)
+        channel = await self._s.get_channel(tenant(), request.channel)
         return npb.GetChannelResponse(channel=convert.channel_to_proto(channel))
 
     @unary
     async def ListChannels(
         self, request: npb.ListChannelsRequest, context: Ctx
     ) -> npb.ListChannelsResponse:
-        channels = await self._s.list_channels(TENANT)
+        channels = await self._s.list_channels(tenant())
         return npb.ListChannelsResponse(channels=[convert.channel_to_proto(c) for c in channels])
 
     @unary
     async def DeleteChannel(
         self, request: npb.DeleteChannelRequest, context: Ctx
     ) -> npb.DeleteChannelResponse:
-        await self._s.delete_channel(TENANT, request.channel)
+        await self._s.delete_channel(tenant(), request.channel)
         return npb.DeleteChannelResponse()
 
     @unary
@@ -66,7 +66,7 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
     ) -> npb.CreateNotificationRuleResponse:
         statuses = convert.rule_statuses_from_proto(request.statuses)
         rule = await self._s.create_rule(
-            TENANT,
+            tenant(),
             request.channel,
             workflow_name=request.workflow_name or None,
             execution_id=request.execution_id or None,
@@ -79,7 +79,7 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
         self, request: npb.ListNotificationRulesRequest, context: Ctx
     ) -> npb.ListNotificationRulesResponse:
         rules = await self._s.list_rules(
-            TENANT,
+            tenant(),
             channel_ref=request.channel or None,
             workflow_name=request.workflow_name or None,
             execution_id=request.execution_id or None,
@@ -90,7 +90,7 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
     async def DeleteNotificationRule(
         self, request: npb.DeleteNotificationRuleRequest, context: Ctx
     ) -> npb.DeleteNotificationRuleResponse:
-        await self._s.delete_rule(TENANT, request.id)
+        await self._s.delete_rule(tenant(), request.id)
         return npb.DeleteNotificationRuleResponse()
 
     @unary
@@ -98,7 +98,7 @@ class NotificationServicer(ngrpc.NotificationServiceServicer):
         self, request: npb.ListDeliveriesRequest, context: Ctx
     ) -> npb.ListDeliveriesResponse:
         rows, token = await self._s.list_deliveries(
-            TENANT,
+            tenant(),
             execution_id=request.execution_id or None,
             channel_ref=request.channel or None,
             status=convert.delivery_status_from_proto(request.status),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,13 +18,20 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.config import CoordinatorConfig
 from coordinator.dispatch import DispatchControl, RedisLink
 from coordinator.errors import TrellisError
-from coordinator.grpc import dispatch_servicer, notification_servicer
+from coordinator.grpc import dispatch_servicer, identity_servicer, notification_servicer
+from coordinator.grpc.auth import AuthInterceptor
+from coordinator.grpc.identity_servicer import IdentityServicer
 from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
+from coordinator.grpc.tls import server_credentials
 from coordinator.grpc.trigger_servicer import TriggerServicer
+from coordinator.model import BUILTIN_ROLES, SYSTEM_TENANT, Principal
 from coordinator.notify import Backoff, Deliverer
+from coordinator.oidc import JwtSettings, JwtVerifier
 from coordinator.service import (
+    Authenticator,
     Coordinator,
     DeliverySettings,
+    KeyRing,
     LimitsAdmin,
     NotificationDispatcher,
     PollWaiters,
@@ -36,6 +45,7 @@ from coordinator.service import (
     utcnow,
 )
 from trellis.v1 import (
+    identity_service_pb2_grpc,
     notification_service_pb2_grpc,
     trigger_service_pb2,
     trigger_service_pb2_grpc,
@@ -57,6 +67,7 @@ SERVICE_NAMES = (
     trigger_service_pb2.DESCRIPTOR.services_by_name["TriggerService"].full_name,
     notification_servicer.SERVICE_NAME,
     dispatch_servicer.SERVICE_NAME,
+    identity_servicer.SERVICE_NAME,
 )
 
 
@@ -112,6 +123,19 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
         refresh=config.limits_refresh,
         claim_scan=config.claim_scan,
     )
+    keyring = (
+        KeyRing.parse(config.secret_keys)
+        if config.secret_keys.strip()
+        else KeyRing([("db", await store.identity.server_secret(secrets.token_urlsafe(32)))])
+    )
+    authenticator = Authenticator(
+        store.identity,
+        keyring,
+        utcnow,
+        bootstrap_key=config.bootstrap_admin_key,
+        jwt=_jwt_verifier(config),
+        cache_ttl=config.auth_cache_ttl.total_seconds(),
+    )
     coordinator = Coordinator(
         store,
         ServiceSettings(
@@ -126,13 +150,25 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
         dispatch=dispatch,
         poll_waiters=PollWaiters(config.max_poll_waiters),
         start_rate=StartRate(config.max_start_rate, config.start_burst),
+        keyring=keyring,
+        authenticator=authenticator,
+    )
+    if config.insecure_open:
+        log.warning(
+            "AUTHENTICATION IS OFF (TRELLIS_INSECURE_OPEN): anyone who reaches %s acts as an "
+            "admin of the default tenant",
+            config.listen,
+        )
+    interceptor = AuthInterceptor(
+        authenticator, coordinator, open_as=OPEN_PRINCIPAL if config.insecure_open else None
     )
     max_message = max(MAX_REPLY_BYTES, config.max_payload_bytes * 4 + 1024 * 1024)
     server = grpc.aio.server(
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
-        ]
+        ],
     )
     worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(coordinator), server)
     workflow_service_pb2_grpc.add_WorkflowServiceServicer_to_server(
@@ -146,15 +182,22 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     notification_service_pb2_grpc.add_NotificationServiceServicer_to_server(
         notification_servicer.NotificationServicer(coordinator.notifications), server
     )
+    identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(
+        IdentityServicer(coordinator), server
+    )
     notifications = _delivery_loop(coordinator, config)
     dispatch_servicer.add_dispatch(server, LimitsAdmin(store.limits, dispatch, coordinator.clock))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if config.reflection:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     try:
-        port = server.add_insecure_port(config.listen)
+        if config.tls_cert_file:
+            port = server.add_secure_port(config.listen, server_credentials(config))
+        else:
+            port = server.add_insecure_port(config.listen)
     except RuntimeError as exc:
         port = 0
         cause: Exception | None = exc
@@ -196,6 +239,28 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
         config.shutdown_grace.total_seconds(),
         scheduler=scheduler,
         notifications=notifications,
+    )
+
+
+# Who every caller is when authentication is off (TRELLIS_INSECURE_OPEN).
+OPEN_PRINCIPAL = Principal(
+    SYSTEM_TENANT, "anonymous", "open", frozenset({"admin"}), BUILTIN_ROLES["admin"]
+)
+
+
+def _jwt_verifier(config: CoordinatorConfig) -> JwtVerifier | None:
+    if not config.oidc_issuer:
+        return None
+    keys = (Path(config.oidc_public_key_file).read_text(),) if config.oidc_public_key_file else ()
+    return JwtVerifier(
+        JwtSettings(
+            issuer=config.oidc_issuer,
+            audience=config.oidc_audience,
+            jwks_url=config.oidc_jwks_url,
+            public_keys=keys,
+            tenant_claim=config.oidc_tenant_claim,
+            roles_claim=config.oidc_roles_claim,
+        )
     )
 
 
@@ -266,6 +331,7 @@ async def serve(
     """Run until SIGTERM or SIGINT, then drain gracefully."""
     from coordinator.store import open_store
 
+    config.check_serving()
     store = await open_store(
         config.database_url, migrate=config.auto_migrate, priority_aging=config.priority_aging
     )

@@ -10,8 +10,9 @@ import grpc
 
 from coordinator.errors import TrellisError
 from coordinator.grpc import convert
+from coordinator.grpc.auth import caller, tenant
 from coordinator.grpc.status import stream, unary
-from coordinator.model import DEFAULT_TENANT, Execution
+from coordinator.model import Execution
 from coordinator.service import (
     Completion,
     Coordinator,
@@ -32,8 +33,6 @@ from trellis.v1 import (
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-# Until authentication exists every call acts in the default tenant (DESIGN §2).
-TENANT = DEFAULT_TENANT
 
 # Reply this much before the caller's deadline so an empty poll is an answer, not an error.
 _DEADLINE_MARGIN = 0.5
@@ -48,7 +47,7 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
         self, request: wpb.RegisterWorkerRequest, context: Ctx
     ) -> wpb.RegisterWorkerResponse:
         worker_id = await self._c.leasing.register_worker(
-            TENANT,
+            tenant(),
             request.worker_id,
             list(request.task_types),
             request.capacity,
@@ -56,6 +55,7 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
             sdk_language=request.sdk_language,
             sdk_version=request.sdk_version,
             identity=request.identity,
+            credential=caller().credential,
         )
         reply = wpb.RegisterWorkerResponse(worker_id=worker_id)
         reply.heartbeat_interval.FromTimedelta(self._c.settings.heartbeat_interval)
@@ -73,14 +73,22 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
         if remaining is not None:
             wait = min(wait, timedelta(seconds=max(remaining - _DEADLINE_MARGIN, 0.0)))
         tasks = await self._c.leasing.poll_tasks(
-            TENANT, request.worker_id, list(request.task_types), request.max_tasks or 1, wait
+            tenant(),
+            request.worker_id,
+            list(request.task_types),
+            request.max_tasks or 1,
+            wait,
+            credential=caller().credential,
         )
         return wpb.PollTasksResponse(tasks=[convert.task_to_proto(t) for t in tasks])
 
     @unary
     async def Heartbeat(self, request: wpb.HeartbeatRequest, context: Ctx) -> wpb.HeartbeatResponse:
         result = await self._c.heartbeats.heartbeat(
-            TENANT, request.worker_id, [lease.lease_token for lease in request.leases]
+            tenant(),
+            request.worker_id,
+            [lease.lease_token for lease in request.leases],
+            credential=caller().credential,
         )
         reply = wpb.HeartbeatResponse(
             cancelled_lease_tokens=result.cancelled, lost_lease_tokens=result.lost
@@ -94,7 +102,7 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
     ) -> wpb.CompleteTaskResponse:
         taken, expansion = convert.complete_options_from_proto(request)
         duplicate, tasks = await self._c.results.complete_task(
-            TENANT,
+            tenant(),
             request.lease_token,
             request.output,
             request.worker_id,
@@ -102,6 +110,7 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
             expansion=expansion,
             task_types=list(request.task_types),
             max_next=request.max_next_tasks,
+            credential=caller().credential,
         )
         return wpb.CompleteTaskResponse(
             duplicate=duplicate, next_tasks=[convert.task_to_proto(t) for t in tasks]
@@ -111,7 +120,12 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
     async def FailTask(self, request: wpb.FailTaskRequest, context: Ctx) -> wpb.FailTaskResponse:
         error, retryable = convert.task_error_from_proto(request.error)
         will_retry, duplicate = await self._c.results.fail_task(
-            TENANT, request.lease_token, error, retryable
+            tenant(),
+            request.lease_token,
+            error,
+            retryable,
+            worker_id=request.worker_id,
+            credential=caller().credential,
         )
         return wpb.FailTaskResponse(will_retry=will_retry, duplicate=duplicate)
 
@@ -127,11 +141,12 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
             except TrellisError as exc:
                 results.append(exc)
         outcomes, tasks = await self._c.results.report_results(
-            TENANT,
+            tenant(),
             request.worker_id,
             results,
             list(request.task_types),
             request.max_next_tasks,
+            credential=caller().credential,
         )
         return wpb.ReportResultsResponse(
             results=[convert.result_status_to_proto(o) for o in outcomes],
@@ -147,7 +162,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def RegisterWorkflow(
         self, request: fpb.RegisterWorkflowRequest, context: Ctx
     ) -> fpb.RegisterWorkflowResponse:
-        defn = convert.definition_from_proto(request.definition, TENANT)
+        defn = convert.definition_from_proto(request.definition, tenant())
         stored, created = await self._c.definitions.register_workflow(defn)
         return fpb.RegisterWorkflowResponse(
             definition=convert.definition_to_proto(stored), created=created
@@ -157,7 +172,9 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def GetWorkflow(
         self, request: fpb.GetWorkflowRequest, context: Ctx
     ) -> fpb.GetWorkflowResponse:
-        defn = await self._c.definitions.get_workflow(TENANT, request.name, request.version or None)
+        defn = await self._c.definitions.get_workflow(
+            tenant(), request.name, request.version or None
+        )
         return fpb.GetWorkflowResponse(definition=convert.definition_to_proto(defn))
 
     @unary
@@ -165,7 +182,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.ListWorkflowsRequest, context: Ctx
     ) -> fpb.ListWorkflowsResponse:
         rows, token = await self._c.definitions.list_workflows(
-            TENANT, request.page_size, request.page_token
+            tenant(), request.page_size, request.page_token
         )
         return fpb.ListWorkflowsResponse(
             workflows=[convert.summary_to_proto(s) for s in rows], next_page_token=token
@@ -175,7 +192,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def ListWorkflowVersions(
         self, request: fpb.ListWorkflowVersionsRequest, context: Ctx
     ) -> fpb.ListWorkflowVersionsResponse:
-        versions = await self._c.definitions.list_workflow_versions(TENANT, request.name)
+        versions = await self._c.definitions.list_workflow_versions(tenant(), request.name)
         return fpb.ListWorkflowVersionsResponse(
             definitions=[convert.definition_to_proto(d) for d in versions]
         )
@@ -186,7 +203,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     ) -> fpb.StartExecutionResponse:
         start = convert.start_request_from_proto(request)
         execution, created = await self._c.starts.start_execution(
-            TENANT,
+            tenant(),
             start.workflow_name,
             start.workflow_version,
             start.input,
@@ -205,7 +222,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.BatchStartExecutionsRequest, context: Ctx
     ) -> fpb.BatchStartExecutionsResponse:
         starts = [convert.start_request_from_proto(r) for r in request.requests]
-        results = await self._c.starts.batch_start_executions(TENANT, starts)
+        results = await self._c.starts.batch_start_executions(tenant(), starts)
         return fpb.BatchStartExecutionsResponse(
             results=[
                 fpb.StartExecutionResponse(
@@ -219,7 +236,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def GetExecution(
         self, request: fpb.GetExecutionRequest, context: Ctx
     ) -> fpb.GetExecutionResponse:
-        view = await self._c.executions.get_execution(TENANT, request.execution_id)
+        view = await self._c.executions.get_execution(tenant(), request.execution_id)
         return fpb.GetExecutionResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
@@ -227,7 +244,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.ListExecutionsRequest, context: Ctx
     ) -> fpb.ListExecutionsResponse:
         rows, token = await self._c.executions.list_executions(
-            TENANT,
+            tenant(),
             workflow_name=request.workflow_name or None,
             status=convert.execution_status_from_proto(request.status),
             page_size=request.page_size,
@@ -242,7 +259,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.WatchExecutionRequest, context: Ctx
     ) -> AsyncIterator[fpb.WatchExecutionResponse]:
         async for item in self._c.executions.watch_execution(
-            TENANT, request.execution_id, request.after_sequence
+            tenant(), request.execution_id, request.after_sequence
         ):
             if isinstance(item, Execution):
                 yield fpb.WatchExecutionResponse(execution=convert.execution_to_proto(item))
@@ -256,7 +273,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.CancelExecutionRequest, context: Ctx
     ) -> fpb.CancelExecutionResponse:
         view = await self._c.operations.cancel_execution(
-            TENANT, request.execution_id, request.reason
+            tenant(), request.execution_id, request.reason
         )
         return fpb.CancelExecutionResponse(execution=convert.execution_view_to_proto(view))
 
@@ -265,7 +282,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.CancelNodeRequest, context: Ctx
     ) -> fpb.CancelNodeResponse:
         view = await self._c.operations.cancel_node(
-            TENANT, request.execution_id, request.node_id, request.reason
+            tenant(), request.execution_id, request.node_id, request.reason
         )
         return fpb.CancelNodeResponse(execution=convert.execution_view_to_proto(view))
 
@@ -273,26 +290,26 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def PauseExecution(
         self, request: fpb.PauseExecutionRequest, context: Ctx
     ) -> fpb.PauseExecutionResponse:
-        view = await self._c.operations.pause_execution(TENANT, request.execution_id)
+        view = await self._c.operations.pause_execution(tenant(), request.execution_id)
         return fpb.PauseExecutionResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def ResumeExecution(
         self, request: fpb.ResumeExecutionRequest, context: Ctx
     ) -> fpb.ResumeExecutionResponse:
-        view = await self._c.operations.resume_execution(TENANT, request.execution_id)
+        view = await self._c.operations.resume_execution(tenant(), request.execution_id)
         return fpb.ResumeExecutionResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def PauseNode(self, request: fpb.PauseNodeRequest, context: Ctx) -> fpb.PauseNodeResponse:
-        view = await self._c.operations.pause_node(TENANT, request.execution_id, request.node_id)
+        view = await self._c.operations.pause_node(tenant(), request.execution_id, request.node_id)
         return fpb.PauseNodeResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def ResumeNode(
         self, request: fpb.ResumeNodeRequest, context: Ctx
     ) -> fpb.ResumeNodeResponse:
-        view = await self._c.operations.resume_node(TENANT, request.execution_id, request.node_id)
+        view = await self._c.operations.resume_node(tenant(), request.execution_id, request.node_id)
         return fpb.ResumeNodeResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
@@ -300,7 +317,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
         self, request: fpb.ListDeadLettersRequest, context: Ctx
     ) -> fpb.ListDeadLettersResponse:
         rows, token = await self._c.dead_letters.list_dead_letters(
-            TENANT,
+            tenant(),
             workflow_name=request.workflow_name or None,
             task_type=request.task_type or None,
             include_redriven=request.include_redriven,
@@ -315,12 +332,12 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def GetDeadLetter(
         self, request: fpb.GetDeadLetterRequest, context: Ctx
     ) -> fpb.GetDeadLetterResponse:
-        letter = await self._c.dead_letters.get_dead_letter(TENANT, request.id)
+        letter = await self._c.dead_letters.get_dead_letter(tenant(), request.id)
         return fpb.GetDeadLetterResponse(dead_letter=convert.dead_letter_to_proto(letter))
 
     @unary
     async def RedriveDeadLetter(
         self, request: fpb.RedriveDeadLetterRequest, context: Ctx
     ) -> fpb.RedriveDeadLetterResponse:
-        view = await self._c.dead_letters.redrive_dead_letter(TENANT, request.id)
+        view = await self._c.dead_letters.redrive_dead_letter(tenant(), request.id)
         return fpb.RedriveDeadLetterResponse(execution=convert.execution_view_to_proto(view))

@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -16,6 +17,7 @@ from coordinator.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     TrellisError,
     Unauthenticated,
@@ -33,6 +35,7 @@ STATUS_TABLE: tuple[tuple[type[TrellisError], grpc.StatusCode], ...] = (
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 
@@ -66,9 +69,20 @@ Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
+# What must happen before a call's error status leaves (``abort`` sends it at once): the
+# auth interceptor's audit record of the failed call. Set per call; awaited with the code.
+BEFORE_ERROR: ContextVar[Callable[[grpc.StatusCode], Awaitable[None]] | None] = ContextVar(
+    "trellis_before_error", default=None
+)
+
+
 async def _abort(context: Ctx, exc: Exception, method: str) -> NoReturn:
+    code = status_for(exc) if isinstance(exc, TrellisError) else grpc.StatusCode.INTERNAL
+    hook = BEFORE_ERROR.get()
+    if hook is not None:
+        await hook(code)
     if isinstance(exc, TrellisError):
-        await context.abort(status_for(exc), str(exc), trailers_for(exc))
+        await context.abort(code, str(exc), trailers_for(exc))
     log.exception("unexpected error in %s", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the coordinator's log")
 
@@ -109,6 +123,7 @@ def stream(
 
 
 __all__ = [
+    "BEFORE_ERROR",
     "RETRY_AFTER_KEY",
     "STATUS_TABLE",
     "retry_hint",

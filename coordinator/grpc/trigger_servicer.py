@@ -8,16 +8,13 @@ from typing import Any
 import grpc
 
 from coordinator.grpc import convert
+from coordinator.grpc.auth import tenant
 from coordinator.grpc.status import unary
-from coordinator.model import DEFAULT_TENANT
 from coordinator.service import Schedules, Triggers
 from trellis.v1 import trigger_service_pb2 as tpb
 from trellis.v1 import trigger_service_pb2_grpc as tgrpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-
-# Until authentication exists every call acts in the default tenant (DESIGN §2).
-TENANT = DEFAULT_TENANT
 
 
 class TriggerServicer(tgrpc.TriggerServiceServicer):
@@ -33,7 +30,7 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
     ) -> tpb.CreateWebhookTriggerResponse:
         tolerance = convert.duration_or_none(request, "signature_tolerance")
         trigger = await self._t.create_webhook_trigger(
-            TENANT,
+            tenant(),
             request.path,
             request.workflow_name,
             request.workflow_version,
@@ -49,14 +46,14 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
     async def ListWebhookTriggers(
         self, request: tpb.ListWebhookTriggersRequest, context: Ctx
     ) -> tpb.ListWebhookTriggersResponse:
-        rows = await self._t.list_webhook_triggers(TENANT)
+        rows = await self._t.list_webhook_triggers(tenant())
         return tpb.ListWebhookTriggersResponse(triggers=[convert.webhook_to_proto(t) for t in rows])
 
     @unary
     async def DeleteWebhookTrigger(
         self, request: tpb.DeleteWebhookTriggerRequest, context: Ctx
     ) -> tpb.DeleteWebhookTriggerResponse:
-        await self._t.delete_webhook_trigger(TENANT, request.path)
+        await self._t.delete_webhook_trigger(tenant(), request.path)
         return tpb.DeleteWebhookTriggerResponse()
 
     @unary
@@ -64,7 +61,7 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
         self, request: tpb.FireWebhookRequest, context: Ctx
     ) -> tpb.FireWebhookResponse:
         execution, created = await self._t.fire_webhook(
-            TENANT, request.path, dict(request.headers), request.body
+            tenant(), request.path, dict(request.headers), request.body
         )
         return tpb.FireWebhookResponse(execution_id=execution.id, created=created)
 
@@ -75,7 +72,7 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
         self, request: tpb.CreateScheduleRequest, context: Ctx
     ) -> tpb.CreateScheduleResponse:
         schedule = await self._s.create_schedule(
-            TENANT,
+            tenant(),
             request.id,
             request.cron,
             request.timezone,
@@ -93,35 +90,35 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
     async def GetSchedule(
         self, request: tpb.GetScheduleRequest, context: Ctx
     ) -> tpb.GetScheduleResponse:
-        schedule, fires = await self._s.get_schedule(TENANT, request.id)
+        schedule, fires = await self._s.get_schedule(tenant(), request.id)
         return tpb.GetScheduleResponse(schedule=convert.schedule_to_proto(schedule, fires))
 
     @unary
     async def ListSchedules(
         self, request: tpb.ListSchedulesRequest, context: Ctx
     ) -> tpb.ListSchedulesResponse:
-        rows = await self._s.list_schedules(TENANT)
+        rows = await self._s.list_schedules(tenant())
         return tpb.ListSchedulesResponse(schedules=[convert.schedule_to_proto(s) for s in rows])
 
     @unary
     async def PauseSchedule(
         self, request: tpb.PauseScheduleRequest, context: Ctx
     ) -> tpb.PauseScheduleResponse:
-        schedule = await self._s.pause_schedule(TENANT, request.id)
+        schedule = await self._s.pause_schedule(tenant(), request.id)
         return tpb.PauseScheduleResponse(schedule=convert.schedule_to_proto(schedule))
 
     @unary
     async def ResumeSchedule(
         self, request: tpb.ResumeScheduleRequest, context: Ctx
     ) -> tpb.ResumeScheduleResponse:
-        schedule = await self._s.resume_schedule(TENANT, request.id)
+        schedule = await self._s.resume_schedule(tenant(), request.id)
         return tpb.ResumeScheduleResponse(schedule=convert.schedule_to_proto(schedule))
 
     @unary
     async def DeleteSchedule(
         self, request: tpb.DeleteScheduleRequest, context: Ctx
     ) -> tpb.DeleteScheduleResponse:
-        await self._s.delete_schedule(TENANT, request.id)
+        await self._s.delete_schedule(tenant(), request.id)
         return tpb.DeleteScheduleResponse()
 
     # -- events
@@ -131,7 +128,7 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
         self, request: tpb.CreateEventTriggerRequest, context: Ctx
     ) -> tpb.CreateEventTriggerResponse:
         trigger = await self._t.create_event_trigger(
-            TENANT,
+            tenant(),
             request.event_name,
             request.workflow_name,
             request.workflow_version,
@@ -144,7 +141,7 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
     async def ListEventTriggers(
         self, request: tpb.ListEventTriggersRequest, context: Ctx
     ) -> tpb.ListEventTriggersResponse:
-        rows = await self._t.list_event_triggers(TENANT, request.event_name or None)
+        rows = await self._t.list_event_triggers(tenant(), request.event_name or None)
         return tpb.ListEventTriggersResponse(
             triggers=[convert.event_trigger_to_proto(t) for t in rows]
         )
@@ -153,7 +150,7 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
     async def DeleteEventTrigger(
         self, request: tpb.DeleteEventTriggerRequest, context: Ctx
     ) -> tpb.DeleteEventTriggerResponse:
-        await self._t.delete_event_trigger(TENANT, request.id)
+        await self._t.delete_event_trigger(tenant(), request.id)
         return tpb.DeleteEventTriggerResponse()
 
     @unary
@@ -161,6 +158,6 @@ class TriggerServicer(tgrpc.TriggerServiceServicer):
         self, request: tpb.PublishEventRequest, context: Ctx
     ) -> tpb.PublishEventResponse:
         result = await self._t.publish_event(
-            TENANT, request.name, request.payload, request.idempotency_key
+            tenant(), request.name, request.payload, request.idempotency_key
         )
         return convert.publish_result_to_proto(result)

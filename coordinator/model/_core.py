@@ -474,8 +474,7 @@ class WorkerInfo:
     sdk_language: str = ""
     sdk_version: str = ""
     identity: str = ""
-    # The credential that registered the worker (``Principal.credential``; "" without
-    # authentication).
+    # The credential that registered the worker id: only it may use the id (heartbeats).
     credential: str = ""
 
 

@@ -9,6 +9,13 @@ from coordinator.service._common import Clock, Draining, ServiceSettings, utcnow
 from coordinator.service._coordinator import Coordinator
 from coordinator.service._executions import ExecutionView
 from coordinator.service._heartbeats import HeartbeatResult
+from coordinator.service._identity import (
+    API_KEY_PREFIX,
+    Authenticator,
+    IdentityAdmin,
+    KeyRing,
+    NewApiKey,
+)
 from coordinator.service._leasing import LeasedTask
 from coordinator.service._limits import DispatchStatus, LimitsAdmin
 from coordinator.service._notifications import (
@@ -22,21 +29,25 @@ from coordinator.service._rules import RuleBook, with_deliveries
 from coordinator.service._schedules import Scheduler, Schedules
 from coordinator.service._starts import MAX_BATCH_START, MAX_START_DELAY, StartRequest
 from coordinator.service._sweeps import Sweeper
-from coordinator.service._tokens import LeaseToken
+from coordinator.service._tokens import Holder, LeaseSigner, LeaseToken
 from coordinator.service._triggers import PublishResult, Triggers
 from coordinator.service.ports import (
     AuditRepository,
+    BearerVerifier,
     Decision,
     IdentityRepository,
     Store,
 )
 
 __all__ = [
+    "API_KEY_PREFIX",
     "MAX_BATCH_START",
     "MAX_REPORT_BATCH",
     "MAX_START_DELAY",
     "PENDING_AUDIT",
     "AuditRepository",
+    "Authenticator",
+    "BearerVerifier",
     "Clock",
     "Completion",
     "Coordinator",
@@ -47,11 +58,16 @@ __all__ = [
     "ExecutionView",
     "Failure",
     "HeartbeatResult",
+    "Holder",
+    "IdentityAdmin",
     "IdentityRepository",
+    "KeyRing",
     "LeaseKey",
+    "LeaseSigner",
     "LeaseToken",
     "LeasedTask",
     "LimitsAdmin",
+    "NewApiKey",
     "NewExecution",
     "NotificationDispatcher",
     "NotificationService",

@@ -8,6 +8,7 @@ Every gRPC servicer, the sweepers and the schedulers reach the use cases through
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -18,12 +19,14 @@ from coordinator.service._definitions import Definitions
 from coordinator.service._executions import DeadLetters, Executions, Operations
 from coordinator.service._group import GroupCommit
 from coordinator.service._heartbeats import Heartbeats
+from coordinator.service._identity import Authenticator, IdentityAdmin, KeyRing
 from coordinator.service._leasing import Leasing
 from coordinator.service._notifications import NotificationService
 from coordinator.service._notifier import Notifier
 from coordinator.service._results import Results
 from coordinator.service._rules import RuleBook
 from coordinator.service._starting import Starts
+from coordinator.service._tokens import LeaseSigner
 from coordinator.service._transactions import Transactions, WakeKeys, WakeUp
 from coordinator.service.ports import DispatchPolicy, NoDispatchLimits, Store
 
@@ -45,8 +48,17 @@ class Coordinator:
         dispatch: DispatchPolicy | None = None,
         poll_waiters: PollWaiters | None = None,
         start_rate: StartRate | None = None,
+        keyring: KeyRing | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.store = store
+        # The coordinator's secrets: API-key hashes and lease-token signatures. Without one
+        # (tests, embedding) a random key: tokens do not outlive the process.
+        self.keyring = keyring = keyring or KeyRing([("local", secrets.token_urlsafe(32))])
+        signer = LeaseSigner(keyring)
+        self.authenticator = authenticator = authenticator or Authenticator(
+            store.identity, keyring, clock
+        )
         self.settings = settings = settings or ServiceSettings()
         self.notifier = notifier = notifier or Notifier()
         self.dispatch = dispatch = dispatch or NoDispatchLimits()
@@ -82,10 +94,14 @@ class Coordinator:
             settings,
             clock,
             draining,
+            signer,
             poll_waiters=poll_waiters,
         )
-        self.results = Results(tx, self.definitions, self.leasing, dispatch, settings)
-        self.heartbeats = Heartbeats(store.leases, store.workers, self.results, settings, clock)
+        self.results = Results(tx, self.definitions, self.leasing, dispatch, settings, signer)
+        self.heartbeats = Heartbeats(
+            store.leases, store.workers, self.results, settings, clock, signer
+        )
+        self.identity = IdentityAdmin(store.identity, store.audit, keyring, authenticator, clock)
         self.executions = Executions(store.executions, self.definitions, notifier, draining)
         self.operations = Operations(tx, self.executions)
         self.dead_letters = DeadLetters(store.dead_letters, tx, self.executions)

@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from coordinator.errors import TrellisError
 from coordinator.model import Execution, NodeRun
+from coordinator.service._audit import PENDING_AUDIT
 from coordinator.service.ports import Decision, ExecutionRepository
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class GroupCommit:
         return await done
 
     async def _run(self) -> None:
+        # This task was started by one caller and carries its context: none of the group's
+        # transactions is that caller's alone, so none takes its pending audit entry.
+        PENDING_AUDIT.set(None)
         while self._queue:
             group, self._queue = self._queue[: self._max], self._queue[self._max :]
             live = [item for item in group if not item.done.done()]  # not cancelled

@@ -9,10 +9,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from coordinator.errors import NotFound, PermissionDenied
 from coordinator.model import ErrorInfo, NodeStatus
 from coordinator.service._common import Clock, ServiceSettings
 from coordinator.service._results import Results
-from coordinator.service._tokens import LeaseToken
+from coordinator.service._tokens import Holder, LeaseSigner, LeaseToken
 from coordinator.service.ports import LeaseRepository, WorkerRepository
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ class Heartbeats:
         results: Results,
         settings: ServiceSettings,
         clock: Clock,
+        signer: LeaseSigner,
     ) -> None:
+        self._signer = signer
         self._leases = leases
         self._workers = workers
         self._results = results
@@ -40,12 +43,15 @@ class Heartbeats:
         self._clock = clock
 
     async def heartbeat(
-        self, tenant_id: str, worker_id: str, tokens: Sequence[str]
+        self, tenant_id: str, worker_id: str, tokens: Sequence[str], *, credential: str = ""
     ) -> HeartbeatResult:
-        """Extend the leases the worker reports; say which it must drop."""
-        decoded = {t: LeaseToken.decode(t) for t in tokens}
+        """Extend the leases the worker reports; say which it must drop. Only the
+        credential that registered ``worker_id`` may speak for it, and only of its leases."""
+        holder = Holder(worker_id, credential)
+        decoded = {t: self._signer.decode(t, holder) for t in tokens}
         now = self._clock()
         if worker_id:
+            await self._check_owner(tenant_id, worker_id, credential)
             await self._workers.touch_worker(tenant_id, worker_id, now)
             await self._release_unreported(tenant_id, worker_id, decoded.values(), now)
         if not decoded:
@@ -63,6 +69,17 @@ class Heartbeats:
                     continue
             lost.append(raw)
         return HeartbeatResult(tuple(cancelled), tuple(lost))
+
+    async def _check_owner(self, tenant_id: str, worker_id: str, credential: str) -> None:
+        try:
+            worker = await self._workers.get_worker(tenant_id, worker_id)
+        except NotFound:
+            return  # not registered (yet): it holds no leases to release
+        if worker.credential != credential:
+            raise PermissionDenied(
+                f"worker id '{worker_id}' is registered with another credential; a worker "
+                "may heartbeat only for itself"
+            )
 
     async def _release_unreported(
         self, tenant_id: str, worker_id: str, reported: Iterable[LeaseToken], now: datetime

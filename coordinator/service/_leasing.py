@@ -12,12 +12,18 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from coordinator import engine
-from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from coordinator.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from coordinator.model import (
     COMPENSATION_SUFFIX,
     NULL_JSON,
@@ -29,7 +35,7 @@ from coordinator.service._backpressure import PollWaiters
 from coordinator.service._common import Clock, Draining, ServiceSettings, check_names
 from coordinator.service._definitions import Definitions
 from coordinator.service._notifier import Notifier, task_key
-from coordinator.service._tokens import LeaseToken
+from coordinator.service._tokens import LeaseSigner, LeaseToken
 from coordinator.service.ports import (
     ClaimPolicy,
     DispatchPolicy,
@@ -67,9 +73,11 @@ class Leasing:
         settings: ServiceSettings,
         clock: Clock,
         draining: Draining,
+        signer: LeaseSigner,
         *,
         poll_waiters: PollWaiters | None = None,
     ) -> None:
+        self._signer = signer
         self._leases = leases
         self._workers = workers
         self._executions = executions
@@ -96,6 +104,7 @@ class Leasing:
         sdk_language: str = "",
         sdk_version: str = "",
         identity: str = "",
+        credential: str = "",
     ) -> str:
         if not task_types:
             raise InvalidArgument("task_types is empty; name at least one task type to serve")
@@ -107,10 +116,16 @@ class Leasing:
         except NotFound:
             pass
         else:
+            if known.credential != credential:
+                # Whatever the other worker's state: an id stays with its credential.
+                raise PermissionDenied(
+                    f"worker id '{worker_id}' is registered with another credential; give "
+                    "each worker process its own worker_id (or leave it empty for one)"
+                )
             alive = now - known.last_seen < self._settings.worker_liveness_timeout
             if alive and identity and known.identity and known.identity != identity:
                 raise FailedPrecondition(
-                    f"worker id '{worker_id}' is in use by {known.identity} (seen "
+                    f"worker id '{worker_id}' is in use by another live process (seen "
                     f"{(now - known.last_seen).total_seconds():.0f}s ago); give each worker "
                     "process its own worker_id"
                 )
@@ -125,6 +140,7 @@ class Leasing:
                 sdk_language=sdk_language,
                 sdk_version=sdk_version,
                 identity=identity,
+                credential=credential,
             )
         )
         return worker_id
@@ -136,21 +152,27 @@ class Leasing:
         task_types: Sequence[str],
         max_tasks: int,
         wait: timedelta,
+        *,
+        credential: str = "",
     ) -> list[LeasedTask]:
         """Long-poll: claim up to ``max_tasks``; if none, sleep until woken or ``wait`` ends.
         Admission: while ``poll_waiters`` is full, a poll that would wait is refused
         (``ResourceExhausted`` with a retry hint) unless it finds work at once."""
+
+        def poll(wait: timedelta) -> Awaitable[list[LeasedTask]]:
+            return self._poll(tenant_id, worker_id, task_types, max_tasks, wait, credential)
+
         waiters = self._waiters
         if waiters is None or wait <= timedelta(0):
-            return await self._poll(tenant_id, worker_id, task_types, max_tasks, wait)
+            return await poll(wait)
         if waiters.waiting < waiters.limit:
             with waiters.admit():
-                return await self._poll(tenant_id, worker_id, task_types, max_tasks, wait)
-        tasks = await self._poll(tenant_id, worker_id, task_types, max_tasks, timedelta(0))
+                return await poll(wait)
+        tasks = await poll(timedelta(0))
         if tasks:
             return tasks
         with waiters.admit():  # RESOURCE_EXHAUSTED with a retry hint
-            return await self._poll(tenant_id, worker_id, task_types, max_tasks, wait)
+            return await poll(wait)
 
     async def _poll(
         self,
@@ -159,6 +181,7 @@ class Leasing:
         task_types: Sequence[str],
         max_tasks: int,
         wait: timedelta,
+        credential: str,
     ) -> list[LeasedTask]:
         max_tasks = self.check_claim(worker_id, task_types, max_tasks, "poll")
         if self._draining():
@@ -171,7 +194,7 @@ class Leasing:
                 wake.clear()
                 claimed, plan, now = await self.claim(tenant_id, worker_id, task_types, max_tasks)
                 if claimed:
-                    return await self.handout(tenant_id, claimed)
+                    return await self.handout(tenant_id, claimed, credential)
                 remaining = deadline - loop.time()
                 if remaining <= 0 or self._draining():
                     return []
@@ -207,7 +230,9 @@ class Leasing:
         )
         return claimed, plan, now
 
-    async def handout(self, tenant_id: str, claimed: Sequence[NodeRun]) -> list[LeasedTask]:
+    async def handout(
+        self, tenant_id: str, claimed: Sequence[NodeRun], credential: str
+    ) -> list[LeasedTask]:
         """The claimed rows with their configuration and execution context (two reads for
         the whole poll: the executions, and the outputs of the nodes' parents)."""
         executions = await self._executions.get_executions(
@@ -238,7 +263,7 @@ class Leasing:
             execution = executions.get(node.execution_id)
             tasks.append(
                 LeasedTask(
-                    LeaseToken.of(node).encode(),
+                    self._signer.encode(LeaseToken.of(node, credential)),
                     node,
                     specs[key],
                     execution_start_time=None

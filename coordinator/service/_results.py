@@ -17,7 +17,7 @@ from coordinator.model import ErrorInfo, Execution, NodeRun, NodeStatus, Transit
 from coordinator.service._common import ServiceSettings
 from coordinator.service._definitions import Definitions
 from coordinator.service._leasing import LeasedTask, Leasing
-from coordinator.service._tokens import LeaseToken
+from coordinator.service._tokens import Holder, LeaseSigner, LeaseToken
 from coordinator.service._transactions import Transactions, Verdict
 from coordinator.service.ports import DispatchPolicy
 
@@ -75,7 +75,9 @@ class Results:
         leasing: Leasing,
         dispatch: DispatchPolicy,
         settings: ServiceSettings,
+        signer: LeaseSigner,
     ) -> None:
+        self._signer = signer
         self._tx = transactions
         self._definitions = definitions
         self._leasing = leasing
@@ -93,6 +95,7 @@ class Results:
         expansion: engine.Expansion | None = None,
         task_types: Sequence[str] = (),
         max_next: int = 0,
+        credential: str = "",
     ) -> tuple[bool, list[LeasedTask]]:
         """Record a result, with the children to take (``next``) and nodes to add
         (``expansion``). Returns whether it was a duplicate of an accepted result, and, when
@@ -101,10 +104,11 @@ class Results:
         nothing (the lease is still held)."""
         if max_next > 0:
             self._leasing.check_claim(worker_id, task_types, 1, "eager dispatch")
+        holder = Holder(worker_id, credential)
         duplicate, transition = await self._complete(
-            tenant_id, token_text, output, next=next, expansion=expansion
+            tenant_id, token_text, output, holder, next=next, expansion=expansion
         )
-        return duplicate, await self.eager(tenant_id, worker_id, task_types, max_next, [transition])
+        return duplicate, await self.eager(tenant_id, holder, task_types, max_next, [transition])
 
     async def report_results(
         self,
@@ -113,6 +117,7 @@ class Results:
         results: Sequence[Completion | Failure | TrellisError],
         task_types: Sequence[str] = (),
         max_next: int = 0,
+        credential: str = "",
     ) -> tuple[list[ResultOutcome], list[LeasedTask]]:
         """Several results at once, each handled as ``complete_task`` or ``fail_task`` handles
         it. They run concurrently, so they share group commits. A refused result does not
@@ -125,6 +130,7 @@ class Results:
             )
         if max_next > 0:
             self._leasing.check_claim(worker_id, task_types, 1, "eager dispatch")
+        holder = Holder(worker_id, credential)
         transitions: list[Transition | None] = []
         first: dict[str, int] = {}
         for index, result in enumerate(results):
@@ -145,13 +151,19 @@ class Results:
                         tenant_id,
                         result.token,
                         result.output,
+                        holder,
                         next=result.next,
                         expansion=result.expansion,
                     )
                     transitions.append(transition)
                     return ResultOutcome(duplicate=duplicate)
                 will_retry, duplicate = await self.fail_task(
-                    tenant_id, result.token, result.error, result.retryable
+                    tenant_id,
+                    result.token,
+                    result.error,
+                    result.retryable,
+                    worker_id=worker_id,
+                    credential=credential,
                 )
                 return ResultOutcome(duplicate=duplicate, will_retry=will_retry)
             except TrellisError as exc:
@@ -162,13 +174,13 @@ class Results:
 
         outcomes = await asyncio.gather(*(one(i, r) for i, r in enumerate(results)))
         return list(outcomes), await self.eager(
-            tenant_id, worker_id, task_types, max_next, transitions
+            tenant_id, holder, task_types, max_next, transitions
         )
 
     async def eager(
         self,
         tenant_id: str,
-        worker_id: str,
+        holder: Holder,
         task_types: Sequence[str],
         max_next: int,
         transitions: Iterable[Transition | None],
@@ -184,9 +196,12 @@ class Results:
             # per claim; an eager claim per completion would cost one claim per task.
             return []
         try:
+            worker_id = holder.worker_id
             max_next = self._leasing.check_claim(worker_id, task_types, max_next, "eager dispatch")
             claimed, _, _ = await self._leasing.claim(tenant_id, worker_id, task_types, max_next)
-            return await self._leasing.handout(tenant_id, claimed) if claimed else []
+            if not claimed:
+                return []
+            return await self._leasing.handout(tenant_id, claimed, holder.credential)
         except TrellisError as exc:
             log.debug("eager dispatch skipped: %s", exc)
             return []
@@ -196,11 +211,12 @@ class Results:
         tenant_id: str,
         token_text: str,
         output: bytes,
+        holder: Holder,
         *,
         next: Sequence[str] | None,
         expansion: engine.Expansion | None,
     ) -> tuple[bool, Transition | None]:
-        token = LeaseToken.decode(token_text)
+        token = self._signer.decode(token_text, holder)
         payload = self._settings.check_payload("output", output)
         defn = await self._definitions.get_workflow(
             tenant_id, token.workflow_name, token.workflow_version
@@ -225,10 +241,17 @@ class Results:
         return applied.value.duplicate, applied.transition
 
     async def fail_task(
-        self, tenant_id: str, token_text: str, error: ErrorInfo, retryable: bool
+        self,
+        tenant_id: str,
+        token_text: str,
+        error: ErrorInfo,
+        retryable: bool,
+        *,
+        worker_id: str = "",
+        credential: str = "",
     ) -> tuple[bool, bool]:
         """Record a failed attempt. Returns ``(will_retry, duplicate)``."""
-        token = LeaseToken.decode(token_text)
+        token = self._signer.decode(token_text, Holder(worker_id, credential))
         if error.details:
             self._settings.check_payload("error.details", error.details)
         # Error text is copied into events, the execution and dead letters: keep it bounded.

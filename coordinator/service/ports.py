@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from coordinator.errors import TrellisError
 from coordinator.model import (
@@ -577,6 +577,17 @@ class NotificationRepository(Protocol):
         ``retry_at``, or FAILED when ``retry_at`` is None — both only while ``claim_seq``
         is still the row's. Returns the attempt's number."""
         ...
+
+
+class BearerVerifier(Protocol):
+    """Checks a bearer token that is not an API key (a JWT; ``coordinator.oidc``): returns
+    its claims, or raises Unauthenticated. The tenant and roles are read from the claims
+    named ``tenant_claim`` and ``roles_claim``."""
+
+    tenant_claim: str
+    roles_claim: str
+
+    async def verify(self, token: str) -> dict[str, Any]: ...
 
 
 class IdentityRepository(Protocol):

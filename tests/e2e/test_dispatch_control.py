@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import psycopg
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from tests.support.grpc_api import channel_to
 from tests.support.procs import ROOT, Proc, free_port, spawn_coordinator, spawn_worker
 from tests.support.wait import wait_for, wait_for_sync
 from trellis.v1 import dispatch_service_pb2 as pb
@@ -41,7 +41,7 @@ class Cluster:
     workers: list[Proc]
 
     async def set_limits(self, limits: pb.TaskTypeLimits) -> None:
-        async with grpc.aio.insecure_channel(self.addresses[0]) as channel:
+        async with channel_to(self.addresses[0]) as channel:
             stub = dispatch_service_pb2_grpc.DispatchServiceStub(channel)
             await stub.SetTaskTypeLimits(pb.SetTaskTypeLimitsRequest(limits=limits), timeout=10)
         # Other replicas re-read the limits every TRELLIS_LIMITS_REFRESH (LIMITS_REFRESH here).
@@ -50,7 +50,7 @@ class Cluster:
         await asyncio.sleep(3 * LIMITS_REFRESH)
 
     async def dispatch_status(self, index: int = 0) -> pb.GetDispatchStatusResponse:
-        async with grpc.aio.insecure_channel(self.addresses[index]) as channel:
+        async with channel_to(self.addresses[index]) as channel:
             stub = dispatch_service_pb2_grpc.DispatchServiceStub(channel)
             reply: pb.GetDispatchStatusResponse = await stub.GetDispatchStatus(
                 pb.GetDispatchStatusRequest(), timeout=10
@@ -58,7 +58,7 @@ class Cluster:
             return reply
 
     async def breaker(self, task_type: str) -> pb.Breaker:
-        async with grpc.aio.insecure_channel(self.addresses[-1]) as channel:
+        async with channel_to(self.addresses[-1]) as channel:
             stub = dispatch_service_pb2_grpc.DispatchServiceStub(channel)
             reply = await stub.ListBreakers(pb.ListBreakersRequest(), timeout=10)
         return next(b for b in reply.breakers if b.task_type == task_type)

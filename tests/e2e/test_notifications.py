@@ -14,13 +14,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from aiosmtpd.controller import Controller
 
 from coordinator.notify import SIGNATURE_HEADER, verify
 from tests.support.cli import trellis_cli
 from tests.support.faults import FAULT_WORKER
+from tests.support.grpc_api import channel_to
 from tests.support.procs import free_port, spawn_coordinator, spawn_worker
 from tests.support.wait import wait_for
 from trellis.v1 import notification_service_pb2 as npb
@@ -127,7 +127,7 @@ async def test_a_failing_workflow_notifies_by_mail_and_by_webhook_after_it_recov
         FAULT_TASKS="boom",
         RECORD_FILE=str(tmp_path / "calls.txt"),
     )
-    channel = grpc.aio.insecure_channel(address)
+    channel = channel_to(address)
     stub = ngrpc.NotificationServiceStub(channel)
     try:
         async with Client(address) as client:

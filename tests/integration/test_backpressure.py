@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
 from coordinator.service import Coordinator, PollWaiters, ServiceSettings, StartRate, Store
 from coordinator.store import open_store
+from tests.support.grpc_api import channel_to, open_interceptor
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
@@ -61,7 +62,7 @@ class serve:
             poll_waiters=waiters,
             start_rate=rate,
         )
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=[open_interceptor(self.coordinator)])
         wgrpc.add_WorkerServiceServicer_to_server(WorkerServicer(self.coordinator), self.server)
         fgrpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(self.coordinator), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -69,7 +70,7 @@ class serve:
 
     async def __aenter__(self) -> Served:
         await self.server.start()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        self.channel = channel_to(f"127.0.0.1:{self.port}")
         return Served(
             self.coordinator,
             fgrpc.WorkflowServiceStub(self.channel),

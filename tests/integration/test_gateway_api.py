@@ -11,6 +11,7 @@ import pytest
 from coordinator.signing import sign
 from gateway import GatewayConfig, create_app
 from tests.support.grpc_api import DIAMOND, Api, register
+from tests.support.procs import ADMIN_KEY
 from trellis.v1 import trigger_service_pb2 as tpb
 from trellis.v1 import trigger_service_pb2_grpc as tgrpc
 from trellis.v1 import workflow_service_pb2 as fpb
@@ -19,7 +20,11 @@ TOKEN = "events-token-0123456789"
 
 
 async def gateway(api: Api, **settings: object) -> AsyncIterator[httpx.AsyncClient]:
-    config = GatewayConfig(coordinator_address=api.address, **settings)  # type: ignore[arg-type]
+    config = GatewayConfig(
+        coordinator_address=api.address,
+        api_key=ADMIN_KEY,
+        **settings,  # type: ignore[arg-type]
+    )
     app = create_app(config)
     async with (
         app.router.lifespan_context(app),

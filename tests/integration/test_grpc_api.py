@@ -332,6 +332,7 @@ async def test_a_second_process_cannot_take_a_live_worker_id(api: Api) -> None:
     await api.workers.RegisterWorker(first)
     await api.workers.RegisterWorker(first)  # the same process reconnecting is fine
     other = wpb.RegisterWorkerRequest(worker_id="emails", task_types=["t"], identity="host-b:2")
-    await expect_status(
-        api.workers.RegisterWorker(other), grpc.StatusCode.FAILED_PRECONDITION, "host-a:1"
+    details = await expect_status(
+        api.workers.RegisterWorker(other), grpc.StatusCode.FAILED_PRECONDITION, "in use"
     )
+    assert "host-a" not in details  # the other process's identity is not revealed

@@ -20,9 +20,10 @@ from google.protobuf import duration_pb2
 from coordinator.dispatch import RedisLink
 from coordinator.grpc.dispatch_servicer import SERVICE_NAME, add_dispatch
 from coordinator.model import BreakerInfo, BreakerState, TaskTypeLimits
+from coordinator.service import Coordinator
 from coordinator.service._limits import LimitsAdmin
 from coordinator.store import SqlStore
-from tests.support.grpc_api import expect_status
+from tests.support.grpc_api import channel_to, expect_status, open_interceptor
 from trellis.v1 import dispatch_service_pb2 as dpb
 from trellis.v1 import dispatch_service_pb2_grpc as dgrpc
 
@@ -90,11 +91,11 @@ class Dispatch:
 @pytest.fixture
 async def dispatch(store: SqlStore) -> AsyncIterator[Dispatch]:
     fake = FakeDispatch()
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[open_interceptor(Coordinator(store))])
     add_dispatch(server, LimitsAdmin(store.limits, fake, clock=lambda: NOW))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = channel_to(f"127.0.0.1:{port}")
     try:
         yield Dispatch(dgrpc.DispatchServiceStub(channel), fake, store)
     finally:

@@ -7,13 +7,13 @@ import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
-import grpc
 import pytest
 
 from coordinator.config import CoordinatorConfig
 from coordinator.grpc.server import RunningServer, start
 from coordinator.store import SqlStore, open_store
-from tests.support.grpc_api import DIAMOND
+from tests.support.grpc_api import DIAMOND, channel_to
+from tests.support.procs import ADMIN_KEY
 from tests.support.wait import wait_for
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import worker_service_pb2_grpc, workflow_service_pb2_grpc
@@ -24,7 +24,9 @@ pytestmark = pytest.mark.postgres
 
 @pytest.fixture
 async def replicas(fresh_postgres_url: str) -> AsyncIterator[list[tuple[RunningServer, SqlStore]]]:
-    config = CoordinatorConfig(listen="127.0.0.1:0", poll_max_wait=timedelta(seconds=30))
+    config = CoordinatorConfig(
+        listen="127.0.0.1:0", poll_max_wait=timedelta(seconds=30), bootstrap_admin_key=ADMIN_KEY
+    )
     running: list[tuple[RunningServer, SqlStore]] = []
     try:
         for _ in range(2):
@@ -42,8 +44,8 @@ async def test_a_poll_on_one_replica_is_woken_by_work_made_ready_on_another(
     (a, store_a), (b, store_b) = replicas
     await wait_for(lambda: store_a.listening and store_b.listening)
     async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{a.port}") as chan_a,
-        grpc.aio.insecure_channel(f"127.0.0.1:{b.port}") as chan_b,
+        channel_to(f"127.0.0.1:{a.port}") as chan_a,
+        channel_to(f"127.0.0.1:{b.port}") as chan_b,
     ):
         workers_a = worker_service_pb2_grpc.WorkerServiceStub(chan_a)
         workflows_b = workflow_service_pb2_grpc.WorkflowServiceStub(chan_b)

@@ -18,12 +18,16 @@ import pytest
 from google.protobuf import duration_pb2
 
 from coordinator.config import CoordinatorConfig
-from coordinator.grpc.server import RunningServer
+from coordinator.grpc.auth import AuthInterceptor
+from coordinator.grpc.server import OPEN_PRINCIPAL, RunningServer
 from coordinator.grpc.server import start as start_server
-from coordinator.service import Store
+from coordinator.service import Coordinator, Store
+from tests.support.procs import ADMIN_KEY
 from trellis.v1 import common_pb2, worker_service_pb2_grpc, workflow_service_pb2_grpc
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import workflow_service_pb2 as fpb
+from worker_sdk._channel import open_channel
+from worker_sdk._settings import ConnectionSettings
 
 PAYLOAD_LIMIT = 64 * 1024
 
@@ -37,18 +41,31 @@ class Api:
     workers: worker_service_pb2_grpc.WorkerServiceStub
 
 
+def channel_to(address: str, key: str | None = ADMIN_KEY) -> grpc.aio.Channel:
+    """A channel to a test coordinator that sends ``key`` (default: the admin key; None:
+    no credential at all), as the SDK does."""
+    return open_channel(ConnectionSettings(address, api_key=key or ""))
+
+
+def open_interceptor(coordinator: Coordinator) -> AuthInterceptor:
+    """The interceptor of a test server built from servicers alone: every caller acts as an
+    admin of the default tenant (what the servicers need: a caller)."""
+    return AuthInterceptor(coordinator.authenticator, coordinator, open_as=OPEN_PRINCIPAL)
+
+
 @contextlib.asynccontextmanager
 async def serve_api(store: Store) -> AsyncIterator[Api]:
     """A coordinator over ``store`` on 127.0.0.1 (a free port), and a channel to it."""
     config = CoordinatorConfig(
         listen="127.0.0.1:0",
+        bootstrap_admin_key=ADMIN_KEY,
         max_payload_bytes=PAYLOAD_LIMIT,
         sweep_interval=timedelta(milliseconds=100),
         shutdown_grace=timedelta(seconds=2),
     )
     running = await start_server(config, store)
     address = f"127.0.0.1:{running.port}"
-    channel = grpc.aio.insecure_channel(address)
+    channel = channel_to(address)
     try:
         yield Api(
             address,

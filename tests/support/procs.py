@@ -26,9 +26,16 @@ def free_port() -> int:
         return port
 
 
+# The admin key of every coordinator the tests start (the bootstrap key: never stored), and
+# the credential every process they start (workers, the CLI, the gateway) sends by default.
+ADMIN_KEY = "trellis-test-admin-key-0123456789"
+
+
 def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRELLIS_")}
     env["PYTHONPATH"] = str(ROOT)
+    env["TRELLIS_API_KEY"] = ADMIN_KEY
+    env["TRELLIS_GATEWAY_API_KEY"] = ADMIN_KEY
     env.update(extra or {})
     return env
 
@@ -71,6 +78,8 @@ def spawn_coordinator(
         {
             "TRELLIS_DATABASE_URL": database_url,
             "TRELLIS_LISTEN": address,
+            "TRELLIS_PLAINTEXT": "true",
+            "TRELLIS_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
             **{f"TRELLIS_{k.upper()}": v for k, v in settings.items()},
         }
     )

@@ -14,7 +14,7 @@ from coordinator import errors
 from coordinator.config import ConfigError
 from coordinator.grpc.convert import definition_from_proto, definition_to_proto
 from coordinator.grpc.status import status_for
-from coordinator.service import LeaseToken, Notifier
+from coordinator.service import Holder, KeyRing, LeaseSigner, LeaseToken, Notifier
 from trellis.v1 import common_pb2
 
 
@@ -80,11 +80,36 @@ def test_unset_retry_policy_means_one_attempt() -> None:
 
 
 def test_lease_token_round_trip_and_malformed_tokens() -> None:
-    token = LeaseToken("e-1", "node.with:odd/chars", 7, "wf", 2)
-    assert LeaseToken.decode(token.encode()) == token
-    for bad in ("", "not-base64!!", "bnVsbA", token.encode()[:-3]):
+    signer = LeaseSigner(KeyRing([("k1", "a-secret-of-enough-length")]))
+    token = LeaseToken("e-1", "node.with:odd/chars", 7, "wf", 2, "w-1", "key-1")
+    holder = Holder("w-1", "key-1")
+    assert signer.decode(signer.encode(token), holder) == token
+    for bad in ("", "not-base64!!", "bnVsbA"):
         with pytest.raises(errors.InvalidArgument, match="lease_token is malformed"):
-            LeaseToken.decode(bad)
+            signer.decode(bad, holder)
+
+
+def test_lease_tokens_are_signed_and_bound_to_their_holder() -> None:
+    ring = KeyRing([("k1", "a-secret-of-enough-length")])
+    signer = LeaseSigner(ring)
+    text = signer.encode(LeaseToken("e-1", "a", 1, "wf", 1, "w-1", "key-1"))
+    body, kid, mac = text.split(".")
+    # A token built from public fields, or altered, does not verify.
+    forged = LeaseToken("e-1", "a", 2, "wf", 1, "w-1", "key-1")
+    forged_body = signer.encode(forged).split(".")[0]
+    for bad in (f"{forged_body}.{kid}.{mac}", f"{body}.k9.{mac}", f"{body}.{kid}.{'0' * 64}"):
+        with pytest.raises(errors.PermissionDenied, match="not signed by this coordinator"):
+            signer.decode(bad, Holder("w-1", "key-1"))
+    # Another worker id or another credential may not use it.
+    for other in (Holder("w-2", "key-1"), Holder("w-1", "key-2")):
+        with pytest.raises(errors.PermissionDenied, match="leased by another worker"):
+            signer.decode(text, other)
+    # Rotation: a new current key still accepts tokens signed under the old one.
+    rotated = LeaseSigner(
+        KeyRing([("k2", "the-next-secret-of-length"), ("k1", "a-secret-of-enough-length")])
+    )
+    assert rotated.decode(text, Holder("w-1", "key-1")).lease_seq == 1
+    assert rotated.encode(forged).split(".")[1] == "k2"
 
 
 async def test_notifier_wakes_only_matching_listeners() -> None:

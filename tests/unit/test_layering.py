@@ -94,5 +94,6 @@ def test_base_install_is_grpcio_and_protobuf_only() -> None:
 
 
 def test_gateway_talks_to_the_coordinator_over_grpc_only() -> None:
-    allowed = ("grpc", "grpc_health", "starlette", "uvicorn", "gateway", "trellis.v1")
+    # worker_sdk: the SDK's channel (TLS and the gateway's credential), gRPC too.
+    allowed = ("grpc", "grpc_health", "starlette", "uvicorn", "gateway", "trellis.v1", "worker_sdk")
     assert offenders("gateway", allowed) == []

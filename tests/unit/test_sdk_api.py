@@ -51,6 +51,7 @@ def test_public_api_is_pinned() -> None:
         "Task",
         "TaskContext",
         "TaskNode",
+        "TlsSettings",
         "TrellisError",
         "UnavailableError",
         "Worker",

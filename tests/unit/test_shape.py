@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors"},
     "cron": {"errors"},
     "signing": set(),
+    "oidc": {"errors"},
     "logs": set(),
     "breakers": {"model"},
     "engine": {"model", "errors"},
@@ -47,6 +48,7 @@ ALLOWED: dict[str, set[str]] = {
         "dispatch",
         "notify",
         "store",
+        "oidc",
     },
 }
 

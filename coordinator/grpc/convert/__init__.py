@@ -10,6 +10,7 @@ service; the servicers decode a request with it, call the service and encode the
 - ``_triggers``: TriggerService: webhook and event triggers, schedules, published events.
 - ``_notifications``: NotificationService: channels, rules and deliveries.
 - ``_dispatch``: DispatchService: task-type limits, breakers and the sharing status.
+- ``_identity``: IdentityService: tenants, credentials, roles, audit records, the caller.
 
 Callers import from here (``from coordinator.grpc import convert``), never from the
 private modules.
@@ -32,6 +33,13 @@ from coordinator.grpc.convert._dispatch import (
     dispatch_status_to_proto,
     limits_from_proto,
     limits_to_proto,
+)
+from coordinator.grpc.convert._identity import (
+    audit_record_to_proto,
+    credential_to_proto,
+    principal_to_proto,
+    role_to_proto,
+    tenant_to_proto,
 )
 from coordinator.grpc.convert._notifications import (
     channel_settings_from_proto,
@@ -74,11 +82,13 @@ from coordinator.grpc.convert._workflow import (
 )
 
 __all__ = [
+    "audit_record_to_proto",
     "breaker_to_proto",
     "catchup_from_proto",
     "channel_settings_from_proto",
     "channel_to_proto",
     "complete_options_from_proto",
+    "credential_to_proto",
     "dead_letter_to_proto",
     "definition_from_proto",
     "definition_to_proto",
@@ -104,11 +114,13 @@ __all__ = [
     "node_to_proto_definition",
     "overflow_policy_from_proto",
     "overlap_from_proto",
+    "principal_to_proto",
     "publish_result_to_proto",
     "result_from_proto",
     "result_status_to_proto",
     "retry_from_proto",
     "retry_to_proto",
+    "role_to_proto",
     "rule_statuses_from_proto",
     "rule_to_proto",
     "schedule_to_proto",
@@ -116,6 +128,7 @@ __all__ = [
     "summary_to_proto",
     "task_error_from_proto",
     "task_to_proto",
+    "tenant_to_proto",
     "timestamp_to_proto",
     "trigger_rule_from_proto",
     "webhook_to_proto",
