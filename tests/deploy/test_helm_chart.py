@@ -7,7 +7,8 @@ same SDK. Every rendered manifest is validated against the Kubernetes 1.30 OpenA
 strict mode (kubernetes-validate ships them; unknown fields are errors), except the
 ServiceMonitor, a CRD with no schema there, whose shape is checked by hand. Then the things that
 matter are asserted: probes on the real ports and paths, settings the processes accept, the
-migration hook, non-root pods, the production shape, and bad values refused with a clear message.
+migration hook, non-root pods, the production shape, TLS files mounted where the settings point,
+credentials only from Secrets, the NetworkPolicy, and bad values refused with a clear message.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import yaml
 from coordinator.config import CoordinatorConfig, parse_duration
 from gateway.config import GatewayConfig
 from tests.deploy import _dockerfile
+from worker_sdk._settings import ConnectionSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "trellis"
@@ -44,6 +46,7 @@ GATEWAY = f"{FULLNAME}-gateway"
 MIGRATE = f"{FULLNAME}-migrate"
 # Stands in for the URL of a Secret the chart does not render (database.existingSecret).
 EXTERNAL_DATABASE_URL = "postgresql://trellis@db.example.internal:5432/trellis"
+WORKER = f"{FULLNAME}-worker"
 HOOK_ANNOTATIONS = {
     "helm.sh/hook": "pre-install,pre-upgrade",
     "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
@@ -73,6 +76,46 @@ WORKER_ON = {
         "env": [{"name": "TRELLIS_LOG_LEVEL", "value": "DEBUG"}],
     }
 }
+# TLS and credentials come from Secrets made outside the chart (these names stand in for them).
+TLS_SECRET = "trellis-coordinator-tls"
+TLS_ON: dict[str, Any] = {"tls": {"enabled": True, "existingSecret": TLS_SECRET}}
+MTLS_ON: dict[str, Any] = merged(
+    TLS_ON,
+    {
+        "tls": {
+            "clientCA": {
+                "enabled": True,
+                "existingSecret": "trellis-client-ca",
+                "gatewaySecret": "trellis-gateway-cert",
+                "workerSecret": "trellis-worker-cert",
+            }
+        }
+    },
+)
+AUTH_SECRETS: dict[str, Any] = {
+    "auth": {
+        "bootstrapAdminKey": {"existingSecret": "trellis-auth", "key": "bootstrap-admin-key"},
+        "secretKeys": {"existingSecret": "trellis-auth", "key": "secret-keys"},
+        "gatewayApiKey": {"existingSecret": "trellis-gateway-key", "key": "api-key"},
+        "workerApiKey": {"existingSecret": "trellis-worker-key", "key": "api-key"},
+    }
+}
+# Each credential the chart passes on, with the Secret and key it must come from.
+CREDENTIALS = {
+    "TRELLIS_BOOTSTRAP_ADMIN_KEY": ("coordinator", "trellis-auth", "bootstrap-admin-key"),
+    "TRELLIS_SECRET_KEYS": ("coordinator", "trellis-auth", "secret-keys"),
+    "TRELLIS_GATEWAY_API_KEY": ("gateway", "trellis-gateway-key", "api-key"),
+    "TRELLIS_API_KEY": ("worker", "trellis-worker-key", "api-key"),
+}
+OIDC_ON = {
+    "auth": {
+        "oidc": {
+            "issuer": "https://login.example.com/",
+            "audience": "trellis",
+            "jwksUrl": "https://login.example.com/.well-known/jwks.json",
+        }
+    }
+}
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "production": PRODUCTION,
@@ -97,6 +140,40 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sqlite-persistent": {
         "database": {"sqlite": {"persistence": {"enabled": True, "storageClassName": "fast"}}}
     },
+    "tls": merged(TLS_ON, WORKER_ON),
+    "tls-server-name": merged(
+        TLS_ON,
+        {"tls": {"serverName": f"{FULLNAME}-coordinator.{NAMESPACE}.svc", "caSecret": "ca"}},
+    ),
+    "mtls": merged(MTLS_ON, WORKER_ON),
+    "auth-secrets": merged(AUTH_SECRETS, WORKER_ON),
+    "oidc": OIDC_ON,
+    "insecure-open": {"auth": {"insecureOpen": True, "reflection": True}},
+    "network-policy-off": {"networkPolicy": {"enabled": False}},
+    "network-policy-custom": merged(
+        WORKER_ON,
+        {
+            "networkPolicy": {
+                "workers": [
+                    {
+                        "podSelector": {"matchLabels": {"app": "billing-worker"}},
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": "billing"}
+                        },
+                    }
+                ],
+                "extraFrom": [
+                    {"ipBlock": {"cidr": "10.20.0.0/16"}},
+                    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ci"}}},
+                ],
+            }
+        },
+    ),
+    # The production file with everything security switched on.
+    "production-secure": merged(
+        merged(PRODUCTION, {**WORKER_ON, "database": {"url": "", "existingSecret": "trellis-db"}}),
+        merged(merged(MTLS_ON, AUTH_SECRETS), OIDC_ON),
+    ),
 }
 
 
@@ -189,11 +266,37 @@ def container_env(rendered: Rendered, c: dict[str, Any]) -> dict[str, str]:
         ref = item["valueFrom"]["secretKeyRef"]
         secret = rendered.find("Secret", ref["name"])
         if secret is None:  # an existingSecret, made outside the chart
-            env[item["name"]] = EXTERNAL_DATABASE_URL
+            env[item["name"]] = (
+                EXTERNAL_DATABASE_URL
+                if item["name"] == "TRELLIS_DATABASE_URL"
+                else f"{ref['name']}/{ref['key']}"
+            )
         else:
             assert ref["key"] in secret["data"], f"Secret {ref['name']} has no key {ref['key']}"
             env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
     return env
+
+
+def mounted_files(pod_owner: dict[str, Any], c: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Every file a container sees from a Secret: its path -> (Secret name, key)."""
+    volumes = {v["name"]: v for v in pod_owner["spec"]["template"]["spec"]["volumes"]}
+    files: dict[str, tuple[str, str]] = {}
+    for mount in c.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        if "projected" in volume:
+            sources = [s["secret"] for s in volume["projected"]["sources"] if "secret" in s]
+        elif "secret" in volume:
+            sources = [{"name": volume["secret"]["secretName"], **volume["secret"]}]
+        else:
+            continue
+        # A subPath mount is never updated when the Secret changes (no in-place renewal).
+        assert "subPath" not in mount, mount
+        assert mount.get("readOnly") is True, mount
+        for source in sources:
+            assert source.get("items"), f"{mount['name']}: name the keys, so a missing one fails"
+            for item in source["items"]:
+                files[f"{mount['mountPath']}/{item['path']}"] = (source["name"], item["key"])
+    return files
 
 
 # -- Chart.yaml and lint ---------------------------------------------------------------------
@@ -214,7 +317,9 @@ def test_chart_metadata_is_complete_and_tracks_the_package_version() -> None:
     assert schema["additionalProperties"] is False
 
 
-@pytest.mark.parametrize("variant", ["default", "production", "production-everything"])
+@pytest.mark.parametrize(
+    "variant", ["default", "production", "production-everything", "production-secure"]
+)
 def test_helm_lint_strict_passes(variant: str) -> None:
     report = helm.lint(CHART, VARIANTS[variant], strict=True, kube_version=f"v{KUBE_VERSION}")
     # Severity 1 is INFO (e.g. "icon is recommended"); --strict fails on WARNING (2) and ERROR (3).
@@ -251,6 +356,7 @@ def test_default_install_renders_the_development_set(default: Rendered) -> None:
         ("ConfigMap", GATEWAY),
         ("Deployment", COORDINATOR),
         ("Deployment", GATEWAY),
+        ("NetworkPolicy", COORDINATOR),
         ("PodDisruptionBudget", COORDINATOR),
         ("PodDisruptionBudget", GATEWAY),
         ("Service", COORDINATOR),
@@ -352,7 +458,7 @@ def test_coordinator_and_migration_env_is_accepted_by_coordinator_config(
         )
 
 
-@pytest.mark.parametrize("variant", ["default", "production"])
+@pytest.mark.parametrize("variant", ["default", "production", "tls", "mtls", "auth-secrets"])
 def test_gateway_env_is_accepted_by_gateway_config(chart: helm.Chart, variant: str) -> None:
     rendered = render(chart, VARIANTS[variant])
     c = container(rendered.one("Deployment", GATEWAY), "gateway")
@@ -511,6 +617,312 @@ def test_secrets_stay_out_of_config_maps(production: Rendered) -> None:
     ]
 
 
+# -- transport: TLS or plaintext, chosen explicitly ------------------------------------------
+
+
+def tls_enabled(values: dict[str, Any]) -> bool:
+    return bool(values.get("tls", {}).get("enabled"))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_process_would_start_with_its_transport_settings(
+    chart: helm.Chart, variant: str
+) -> None:
+    """What `coordinator serve`, `gateway serve` and the worker SDK check before they connect:
+    TLS whose files are mounted from the right Secret keys, or plaintext chosen explicitly.
+    The settings are read by the config classes themselves, so a renamed variable fails here."""
+    values = VARIANTS[variant]
+    rendered = render(chart, values)
+    tls = tls_enabled(values)
+    deployment = rendered.one("Deployment", COORDINATOR)
+    coordinator = container(deployment, "coordinator")
+    config = CoordinatorConfig.from_env(container_env(rendered, coordinator))
+    config.check_serving()
+    assert config.plaintext is (not tls)
+    files = mounted_files(deployment, coordinator)
+    if tls:
+        secret = values["tls"]["existingSecret"]
+        assert files[config.tls_cert_file] == (secret, "tls.crt")
+        assert files[config.tls_key_file] == (secret, "tls.key")
+    else:
+        assert (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file) == (
+            "",
+            "",
+            "",
+        )
+        assert files == {}
+
+    gateway = rendered.find("Deployment", GATEWAY)
+    if gateway is not None:
+        c = container(gateway, "gateway")
+        connection = GatewayConfig.from_env(container_env(rendered, c)).connection
+        assert connection.address == f"{COORDINATOR}:7400"
+        _check_client_files(values, connection, mounted_files(gateway, c), "gatewaySecret")
+
+    worker = rendered.find("Deployment", WORKER)
+    if worker is not None:
+        c = container(worker, "worker")
+        settings = ConnectionSettings.from_env(container_env(rendered, c))
+        settings.check()
+        assert settings.address == f"{COORDINATOR}:7400"
+        _check_client_files(values, settings, mounted_files(worker, c), "workerSecret")
+
+
+def _check_client_files(
+    values: dict[str, Any],
+    settings: ConnectionSettings,
+    files: dict[str, tuple[str, str]],
+    client_secret: str,
+) -> None:
+    if not tls_enabled(values):
+        assert settings.tls is None and settings.insecure is True
+        assert files == {}
+        return
+    tls = values["tls"]
+    assert settings.tls is not None and settings.insecure is False
+    assert settings.tls.ca_file is not None
+    ca_secret = tls.get("caSecret") or tls["existingSecret"]
+    assert files[settings.tls.ca_file] == (ca_secret, tls.get("caKey", "ca.crt"))
+    assert settings.tls.server_name == (tls.get("serverName") or None)
+    client_ca = tls.get("clientCA", {})
+    if client_ca.get("enabled"):
+        assert settings.tls.cert_file is not None and settings.tls.key_file is not None
+        assert files[settings.tls.cert_file] == (client_ca[client_secret], "tls.crt")
+        assert files[settings.tls.key_file] == (client_ca[client_secret], "tls.key")
+    else:
+        assert settings.tls.cert_file is None and settings.tls.key_file is None
+
+
+def test_default_serves_plaintext_explicitly(default: Rendered) -> None:
+    coordinator = container(default.one("Deployment", COORDINATOR), "coordinator")
+    assert container_env(default, coordinator)["TRELLIS_PLAINTEXT"] == "true"
+    gateway = container(default.one("Deployment", GATEWAY), "gateway")
+    assert container_env(default, gateway)["TRELLIS_GATEWAY_COORDINATOR_INSECURE"] == "true"
+    assert "PLAINTEXT" in default.notes
+
+
+def test_tls_mounts_the_secret_read_only_without_sub_path(chart: helm.Chart) -> None:
+    rendered = render(chart, VARIANTS["tls"])
+    deployment = rendered.one("Deployment", COORDINATOR)
+    c = container(deployment, "coordinator")
+    env = container_env(rendered, c)
+    assert "TRELLIS_PLAINTEXT" not in env
+    assert "TRELLIS_TLS_CLIENT_CA_FILE" not in env
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+    # A projected volume: Kubernetes swaps the files in place when the Secret is renewed, and
+    # the coordinator reloads them before the next handshake. subPath would freeze them.
+    assert mount == {"name": "tls", "mountPath": "/etc/trellis/tls", "readOnly": True}
+    projected = volumes["tls"]["projected"]
+    assert projected["defaultMode"] == 0o440  # readable by the pod's group (fsGroup) only
+    assert [s["secret"]["name"] for s in projected["sources"]] == [TLS_SECRET]
+    assert env["TRELLIS_TLS_CERT_FILE"] == "/etc/trellis/tls/tls.crt"
+    # Only the TLS mount changes: the certificate reaches no one else.
+    gateway = rendered.one("Deployment", GATEWAY)
+    gateway_files = mounted_files(gateway, container(gateway, "gateway"))
+    assert set(gateway_files.values()) == {(TLS_SECRET, "ca.crt")}
+
+
+def test_tls_replaces_the_grpc_probes_with_tcp_probes(chart: helm.Chart) -> None:
+    """The kubelet's gRPC probe has no TLS: against a TLS port it would fail for ever."""
+    c = container(render(chart, VARIANTS["tls"]).one("Deployment", COORDINATOR), "coordinator")
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "grpc" not in c[probe], probe
+        assert port_number(c, c[probe]["tcpSocket"]["port"]) == 7400, probe
+
+
+def test_mutual_tls_mounts_the_client_ca_and_each_clients_certificate(chart: helm.Chart) -> None:
+    rendered = render(chart, VARIANTS["mtls"])
+    deployment = rendered.one("Deployment", COORDINATOR)
+    c = container(deployment, "coordinator")
+    config = CoordinatorConfig.from_env(container_env(rendered, c))
+    assert mounted_files(deployment, c)[config.tls_client_ca_file] == (
+        "trellis-client-ca",
+        "ca.crt",
+    )
+    # Checked per client by test_every_process_would_start_with_its_transport_settings; here:
+    # the gateway and the worker each get their own certificate, never the server's key.
+    for name, component, secret in (
+        (GATEWAY, "gateway", "trellis-gateway-cert"),
+        (WORKER, "worker", "trellis-worker-cert"),
+    ):
+        owner = rendered.one("Deployment", name)
+        files = mounted_files(owner, container(owner, component))
+        assert {key for _, key in files.values()} == {"ca.crt", "tls.crt", "tls.key"}
+        assert {s for s, key in files.values() if key != "ca.crt"} == {secret}
+    assert "mutual TLS" in rendered.notes
+
+
+# -- authentication: credentials only from Secrets -------------------------------------------
+
+
+def test_credentials_come_from_secret_key_refs_never_literal_values(chart: helm.Chart) -> None:
+    rendered = render(chart, VARIANTS["auth-secrets"])
+    owners = {"coordinator": COORDINATOR, "gateway": GATEWAY, "worker": WORKER}
+    for variable, (component, secret, key) in CREDENTIALS.items():
+        c = container(rendered.one("Deployment", owners[component]), component)
+        entries = [e for e in c.get("env", []) if e["name"] == variable]
+        assert entries == [
+            {"name": variable, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        ], variable
+    # The chart renders no Secret of its own for them, and no ConfigMap names them.
+    assert rendered.all("Secret") == []
+    for config_map in rendered.all("ConfigMap"):
+        assert not set(config_map["data"]) & set(CREDENTIALS), config_map["metadata"]["name"]
+    # The variable names are the ones the processes read.
+    coordinator = container(rendered.one("Deployment", COORDINATOR), "coordinator")
+    config = CoordinatorConfig.from_env(container_env(rendered, coordinator))
+    assert config.bootstrap_admin_key == "trellis-auth/bootstrap-admin-key"
+    assert config.secret_keys == "trellis-auth/secret-keys"
+    gateway = container(rendered.one("Deployment", GATEWAY), "gateway")
+    assert GatewayConfig.from_env(container_env(rendered, gateway)).api_key == (
+        "trellis-gateway-key/api-key"
+    )
+    worker = container(rendered.one("Deployment", WORKER), "worker")
+    assert ConnectionSettings.from_env(container_env(rendered, worker)).api_key == (
+        "trellis-worker-key/api-key"
+    )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_no_credential_is_ever_a_literal(chart: helm.Chart, variant: str) -> None:
+    rendered = render(chart, VARIANTS[variant])
+    for where, spec in rendered.pod_specs():
+        for c in spec["containers"]:
+            for entry in c.get("env", []):
+                if entry["name"] in CREDENTIALS:
+                    assert "value" not in entry, f"{where}: {entry['name']}"
+
+
+def test_default_sets_no_credential_and_keeps_authentication_on(default: Rendered) -> None:
+    c = container(default.one("Deployment", COORDINATOR), "coordinator")
+    env = container_env(default, c)
+    assert not set(env) & set(CREDENTIALS)
+    config = CoordinatorConfig.from_env(env)
+    assert config.insecure_open is False
+    assert config.reflection is False
+    assert "WARNING" not in default.notes
+    # The gateway has no key yet: the notes say how to give it one.
+    assert "auth.gatewayApiKey" in default.notes
+
+
+def test_insecure_open_is_passed_on_with_a_loud_warning(chart: helm.Chart) -> None:
+    rendered = render(chart, VARIANTS["insecure-open"])
+    c = container(rendered.one("Deployment", COORDINATOR), "coordinator")
+    config = CoordinatorConfig.from_env(container_env(rendered, c))
+    assert config.insecure_open is True
+    assert config.reflection is True
+    first_lines = rendered.notes.lstrip().splitlines()[:3]
+    assert any("WARNING" in line and "AUTHENTICATION IS OFF" in line for line in first_lines)
+    assert "ADMIN" in rendered.notes
+
+
+def test_oidc_settings_reach_the_coordinator(chart: helm.Chart) -> None:
+    rendered = render(chart, VARIANTS["oidc"])
+    c = container(rendered.one("Deployment", COORDINATOR), "coordinator")
+    config = CoordinatorConfig.from_env(container_env(rendered, c))
+    oidc = OIDC_ON["auth"]["oidc"]
+    assert (config.oidc_issuer, config.oidc_audience, config.oidc_jwks_url) == (
+        oidc["issuer"],
+        oidc["audience"],
+        oidc["jwksUrl"],
+    )
+    assert (config.oidc_tenant_claim, config.oidc_roles_claim) == (
+        "trellis_tenant",
+        "trellis_roles",
+    )
+    default_env = container_env(render(chart), c)
+    assert not any(name.startswith("TRELLIS_OIDC_") for name in default_env)
+
+
+# -- NetworkPolicy ---------------------------------------------------------------------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels are evaluated here"
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
+
+
+def _pod_labels(rendered: Rendered, name: str) -> dict[str, str]:
+    labels: dict[str, str] = rendered.one("Deployment", name)["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    return labels
+
+
+def test_network_policy_admits_only_the_gateway_and_workers_on_the_grpc_port(
+    default: Rendered,
+) -> None:
+    policy = default.one("NetworkPolicy", COORDINATOR)
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    coordinator = default.one("Deployment", COORDINATOR)
+    assert spec["podSelector"]["matchLabels"] == coordinator["spec"]["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress"]  # egress (database, webhooks) is not restricted
+    (rule,) = spec["ingress"]
+    c = container(coordinator, "coordinator")
+    assert rule["ports"] == [{"port": c["ports"][0]["containerPort"], "protocol": "TCP"}]
+    peers = rule["from"]
+    # The chart's gateway pods, and nothing else of the release (not the coordinator itself).
+    assert any(_selects(p["podSelector"], _pod_labels(default, GATEWAY)) for p in peers)
+    assert not any(
+        _selects(p["podSelector"], _pod_labels(default, COORDINATOR))
+        for p in peers
+        if "podSelector" in p
+    )
+    # Workers: labelled trellis.dev/role=worker, in this namespace only (no namespaceSelector).
+    assert {"podSelector": {"matchLabels": {"trellis.dev/role": "worker"}}} in peers
+    assert all("namespaceSelector" not in p and "ipBlock" not in p for p in peers)
+
+
+def test_network_policy_admits_the_example_worker(chart: helm.Chart) -> None:
+    for variant in ("tls", "network-policy-custom"):
+        rendered = render(chart, VARIANTS[variant])
+        labels = _pod_labels(rendered, WORKER)
+        (rule,) = rendered.one("NetworkPolicy", COORDINATOR)["spec"]["ingress"]
+        same_namespace = [p for p in rule["from"] if set(p) == {"podSelector"}]
+        assert any(_selects(p["podSelector"], labels) for p in same_namespace), variant
+    # ... and carries the documented worker label.
+    assert _pod_labels(render(chart, WORKER_ON), WORKER)["trellis.dev/role"] == "worker"
+
+
+def test_network_policy_takes_worker_selectors_and_extra_peers(chart: helm.Chart) -> None:
+    values = VARIANTS["network-policy-custom"]["networkPolicy"]
+    rendered = render(chart, VARIANTS["network-policy-custom"])
+    (rule,) = rendered.one("NetworkPolicy", COORDINATOR)["spec"]["ingress"]
+    # The chart's gateway and example worker, then the given workers (replacing the default
+    # label, not merged with it: a list) and the extra peers, in order.
+    assert rule["from"][2:] == values["workers"] + values["extraFrom"]
+    assert {"podSelector": {"matchLabels": {"trellis.dev/role": "worker"}}} not in rule["from"]
+    # {} means every namespace, and is kept as such.
+    every_namespace = [
+        {"podSelector": {"matchLabels": {"trellis.dev/role": "worker"}}, "namespaceSelector": {}}
+    ]
+    rendered = render(chart, {"networkPolicy": {"workers": every_namespace}})
+    (rule,) = rendered.one("NetworkPolicy", COORDINATOR)["spec"]["ingress"]
+    assert rule["from"][1:] == every_namespace
+
+
+def test_network_policy_without_any_client_admits_nothing(chart: helm.Chart) -> None:
+    """An ingress rule without `from` would admit every source: there must be no rule."""
+    rendered = render(chart, {"gateway": {"enabled": False}, "networkPolicy": {"workers": []}})
+    spec = rendered.one("NetworkPolicy", COORDINATOR)["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["ingress"] == []
+
+
+def test_network_policy_can_be_disabled(chart: helm.Chart) -> None:
+    rendered = render(chart, VARIANTS["network-policy-off"])
+    assert rendered.all("NetworkPolicy") == []
+    assert "NetworkPolicy" not in rendered.notes
+
+
+def test_network_policy_without_gateway_admits_workers_only(chart: helm.Chart) -> None:
+    rendered = render(chart, {"gateway": {"enabled": False}})
+    (rule,) = rendered.one("NetworkPolicy", COORDINATOR)["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"trellis.dev/role": "worker"}}}]
+
+
 # -- production shape ------------------------------------------------------------------------
 
 
@@ -625,6 +1037,16 @@ def test_notes_say_how_to_reach_it(default: Rendered, production: Rendered) -> N
         ({"worker": {"enabled": True}}, ["/worker/image/repository"]),
         ({"gateway": {"ingress": {"enabled": True, "hosts": []}}}, ["/gateway/ingress/hosts"]),
         ({"autoscaling": {"targetCPUUtilizationPercentage": 150}}, ["targetCPUUtilization"]),
+        # A secret value itself is refused: only a reference to a Secret is accepted.
+        ({"auth": {"bootstrapAdminKey": "hunter2hunter2hunter2"}}, ["/auth/bootstrapAdminKey"]),
+        (
+            {"auth": {"secretKeys": {"existingSecret": "s", "key": "k", "value": "k1:x"}}},
+            ["/auth/secretKeys", "additional properties 'value'"],
+        ),
+        ({"auth": {"gatewayApiKey": {"value": "trk_..."}}}, ["/auth/gatewayApiKey"]),
+        ({"auth": {"insecureOpen": "yes"}}, ["/auth/insecureOpen", "want boolean"]),
+        ({"tls": {"existingSecret": "Not A Name"}}, ["/tls/existingSecret"]),
+        ({"networkPolicy": {"extraFrom": [{}]}}, ["/networkPolicy/extraFrom/0"]),
     ],
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else None,
 )
@@ -661,6 +1083,23 @@ def test_schema_rejects_bad_values_with_the_path(
         ),
         ({"gateway": {"enabled": False, "ingress": {"enabled": True}}}, "needs gateway.enabled"),
         ({"pdb": {"minAvailable": 1}}, "not both"),
+        ({"tls": {"enabled": True}}, "tls.enabled needs tls.existingSecret"),
+        ({"tls": {"clientCA": {"enabled": True}}}, "tls.clientCA.enabled (mutual TLS) needs tls."),
+        (
+            merged(TLS_ON, {"tls": {"clientCA": {"enabled": True}}}),
+            "tls.clientCA.enabled needs tls.clientCA.gatewaySecret",
+        ),
+        (
+            merged(
+                merged(TLS_ON, WORKER_ON),
+                {"tls": {"clientCA": {"enabled": True, "gatewaySecret": "gw"}}},
+            ),
+            "tls.clientCA.enabled needs tls.clientCA.workerSecret",
+        ),
+        (
+            {"auth": {"oidc": {"issuer": "https://login.example.com/"}}},
+            "auth.oidc.issuer needs auth.oidc.audience and auth.oidc.jwksUrl",
+        ),
     ],
 )
 def test_inconsistent_values_fail_the_render_with_a_message(

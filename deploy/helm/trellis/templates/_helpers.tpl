@@ -167,6 +167,94 @@ securityContext:
 {{- end }}
 
 {{/*
+TLS. The coordinator's certificate, key and client CA are mounted on trellis.tlsDir; the CA and
+client certificate its clients (gateway, example worker) use on trellis.clientTlsDir. Projected
+volumes, never subPath: Kubernetes then updates the files in place when the Secrets change.
+*/}}
+{{- define "trellis.tlsDir" -}}/etc/trellis/tls{{- end }}
+{{- define "trellis.clientTlsDir" -}}/etc/trellis/coordinator-tls{{- end }}
+
+{{/* The coordinator's TLS volume: tls.crt and tls.key, and client-ca.crt for mutual TLS. */}}
+{{- define "trellis.coordinatorTlsVolume" -}}
+{{- $tls := .Values.tls -}}
+- name: tls
+  projected:
+    defaultMode: 0440
+    sources:
+      - secret:
+          name: {{ $tls.existingSecret }}
+          items:
+            - key: tls.crt
+              path: tls.crt
+            - key: tls.key
+              path: tls.key
+      {{- if $tls.clientCA.enabled }}
+      - secret:
+          name: {{ default $tls.existingSecret $tls.clientCA.existingSecret }}
+          items:
+            - key: {{ $tls.clientCA.key }}
+              path: client-ca.crt
+      {{- end }}
+{{- end }}
+
+{{/*
+A client's TLS volume: ca.crt (the CA that signed the coordinator's certificate) and, for
+mutual TLS, the client's own tls.crt and tls.key from the Secret given as the second argument:
+include "trellis.clientTlsVolume" (list $ .Values.tls.clientCA.gatewaySecret)
+*/}}
+{{- define "trellis.clientTlsVolume" -}}
+{{- $root := index . 0 }}
+{{- $clientSecret := index . 1 }}
+{{- $tls := $root.Values.tls -}}
+- name: coordinator-tls
+  projected:
+    defaultMode: 0440
+    sources:
+      - secret:
+          name: {{ default $tls.existingSecret $tls.caSecret }}
+          items:
+            - key: {{ $tls.caKey }}
+              path: ca.crt
+      {{- if $tls.clientCA.enabled }}
+      - secret:
+          name: {{ $clientSecret }}
+          items:
+            - key: tls.crt
+              path: tls.crt
+            - key: tls.key
+              path: tls.key
+      {{- end }}
+{{- end }}
+
+{{/* Read-only mounts of those volumes. */}}
+{{- define "trellis.coordinatorTlsMount" -}}
+- name: tls
+  mountPath: {{ include "trellis.tlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- define "trellis.clientTlsMount" -}}
+- name: coordinator-tls
+  mountPath: {{ include "trellis.clientTlsDir" . }}
+  readOnly: true
+{{- end }}
+
+{{/*
+An env entry read from an existing Secret: include "trellis.secretEnv" (list "NAME" .Values.auth.x)
+where x is {existingSecret, key}; nothing when existingSecret is empty.
+*/}}
+{{- define "trellis.secretEnv" -}}
+{{- $name := index . 0 }}
+{{- $ref := index . 1 }}
+{{- if $ref.existingSecret -}}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ref.existingSecret }}
+      key: {{ $ref.key }}
+{{- end }}
+{{- end }}
+
+{{/*
 Checks that need more than one value; values.schema.json checks the rest. Rendered by
 configmap.yaml, so every install and upgrade runs them.
 */}}
@@ -209,6 +297,23 @@ configmap.yaml, so every install and upgrade runs them.
 {{- end }}
 {{- if and $v.serviceMonitor.enabled (not $v.gateway.enabled) }}
 {{- fail "serviceMonitor.enabled needs gateway.enabled (it scrapes the gateway's HTTP port)" }}
+{{- end }}
+{{- if and $v.tls.enabled (not $v.tls.existingSecret) }}
+{{- fail "tls.enabled needs tls.existingSecret: a Secret with tls.crt and tls.key (and ca.crt for the gateway), see values.yaml" }}
+{{- end }}
+{{- if and $v.tls.clientCA.enabled (not $v.tls.enabled) }}
+{{- fail "tls.clientCA.enabled (mutual TLS) needs tls.enabled" }}
+{{- end }}
+{{- if and $v.tls.clientCA.enabled $v.gateway.enabled (not $v.tls.clientCA.gatewaySecret) }}
+{{- fail "tls.clientCA.enabled needs tls.clientCA.gatewaySecret: with mutual TLS the coordinator refuses the gateway without a client certificate (a kubernetes.io/tls Secret)" }}
+{{- end }}
+{{- if and $v.tls.clientCA.enabled $v.worker.enabled (not $v.tls.clientCA.workerSecret) }}
+{{- fail "tls.clientCA.enabled needs tls.clientCA.workerSecret: with mutual TLS the coordinator refuses the example worker without a client certificate (a kubernetes.io/tls Secret)" }}
+{{- end }}
+{{- with $v.auth.oidc }}
+{{- if and .issuer (not (and .audience .jwksUrl)) }}
+{{- fail "auth.oidc.issuer needs auth.oidc.audience and auth.oidc.jwksUrl" }}
+{{- end }}
 {{- end }}
 {{- if and $v.gateway.enabled (ge (int $v.gateway.preStopSleepSeconds) (int $v.gateway.terminationGracePeriodSeconds)) }}
 {{- fail (printf "gateway.terminationGracePeriodSeconds (%d) must exceed gateway.preStopSleepSeconds (%d)" (int $v.gateway.terminationGracePeriodSeconds) (int $v.gateway.preStopSleepSeconds)) }}
