@@ -29,7 +29,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.support.procs import ROOT, Proc, spawn_coordinator, spawn_worker
+from tests.support.procs import ADMIN_KEY, ROOT, Proc, spawn_coordinator, spawn_worker
 from worker_sdk import Client, Workflow
 
 PG_ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -54,6 +54,39 @@ class Sizes:
 
 FULL = Sizes(2000, 30, 5, 50, 100_000, 600.0, 900.0)
 QUICK = Sizes(300, 10, 3, 20, 10_000, 180.0, 300.0)
+
+
+# ---------------------------------------------------------------------------- security
+
+
+@dataclass
+class Security:
+    """What ``--security`` turns on: ``key`` (the default deployment: every call carries an
+    API key, plaintext), ``open`` (no authentication: TRELLIS_INSECURE_OPEN), ``tls`` (API
+    key over TLS). Settings for the coordinator and for clients (workers, this process)."""
+
+    mode: str = "key"
+    coordinator: dict[str, str] = field(default_factory=dict)
+    client: dict[str, str] = field(default_factory=dict)
+
+    def configure(self, mode: str, root: Path) -> None:
+        self.mode = mode
+        if mode == "open":
+            self.coordinator = {"insecure_open": "true"}
+        elif mode == "tls":
+            from tests.support.certs import Ca
+
+            ca = Ca.create(root)
+            server = ca.issue(root, "coordinator", server=True)
+            self.coordinator = {
+                "tls_cert_file": str(server.cert),
+                "tls_key_file": str(server.key),
+            }
+            self.client = {"TRELLIS_CA_FILE": str(ca.cert)}
+        os.environ.update(self.client)  # the load generator's Client
+
+
+SECURITY = Security()
 
 
 # ---------------------------------------------------------------------------- processes
@@ -87,13 +120,16 @@ class Env:
 
     def coordinator(self, **settings: str) -> tuple[Proc, str]:
         settings.setdefault("log_level", "WARNING")
-        proc, address = spawn_coordinator(self.url, self.tmp, **settings)
+        settings.update(SECURITY.coordinator)
+        proc, address = spawn_coordinator(
+            self.url, self.tmp, ca_file=SECURITY.client.get("TRELLIS_CA_FILE"), **settings
+        )
         self.procs.append(proc)
         self.coordinators.append((proc, address))
         return proc, address
 
     def worker(self, address: str, concurrency: int, record: Path | None = None) -> Proc:
-        extra = {"WORKER_CONCURRENCY": str(concurrency)}
+        extra = {"WORKER_CONCURRENCY": str(concurrency), **SECURITY.client}
         if record is not None:
             extra["RECORD_FILE"] = str(record)
         proc = spawn_worker(WORKER_SCRIPT, address, self.tmp, f"worker-{len(self.procs)}", **extra)
@@ -481,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pyspy-seconds", default="15")
     parser.add_argument("--throughput-n", type=int, help="override N for scenario (a)")
+    parser.add_argument(
+        "--security",
+        choices=["key", "open", "tls"],
+        default="key",
+        help="key: API key, plaintext (default); open: no authentication; tls: API key over TLS",
+    )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.throughput_n:
@@ -499,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     results: list[dict[str, Any]] = []
     root = Path(tempfile.mkdtemp(prefix="trellis-bench-"))
+    os.environ["TRELLIS_API_KEY"] = ADMIN_KEY
+    SECURITY.configure(args.security, root)
+    machine["security"] = args.security
+    print(f"security: {args.security}")
     try:
         for name, db, fn in scenarios(args, sizes):
             if only and name.split()[0].rstrip("'") not in only and name.split()[0] not in only:

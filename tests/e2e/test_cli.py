@@ -96,7 +96,9 @@ def test_errors_print_one_line(coordinator: tuple[Proc, str], tmp_path: Path) ->
 def test_second_coordinator_on_the_same_sqlite_file_is_refused(
     coordinator: tuple[Proc, str], tmp_path: Path
 ) -> None:
-    env = base_env({"TRELLIS_DATABASE_URL": f"sqlite:///{tmp_path}/trellis.db"})
+    env = base_env(
+        {"TRELLIS_DATABASE_URL": f"sqlite:///{tmp_path}/trellis.db", "TRELLIS_PLAINTEXT": "true"}
+    )
     second = subprocess.run(
         [sys.executable, "-m", "trellis.cli", "coordinator", "serve", "--listen", "127.0.0.1:0"],
         env=env,
