@@ -9,7 +9,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { DEFAULT_ADDRESS, NonRetryableError, Worker, consoleLogger } from './worker.js';
+import { NonRetryableError, Worker, connectionFromEnv, consoleLogger } from './worker.js';
 
 /** A failure worth retrying (the node's retry policy decides how often). */
 export class TransientError extends Error {
@@ -64,7 +64,7 @@ async function main(env) {
   const handlers = wanted.length ? Object.fromEntries(wanted.map((name) => [name, all[name]])) : all;
   const worker = new Worker({
     handlers,
-    address: env.TRELLIS_ADDRESS || DEFAULT_ADDRESS,
+    ...connectionFromEnv(env), // address, apiKey, tls, insecure
     concurrency: Number(env.WORKER_CONCURRENCY || 16),
     workerId: env.WORKER_ID || '',
     pollWaitMs: Number(env.POLL_WAIT_MS || 20_000),

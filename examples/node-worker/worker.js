@@ -36,6 +36,97 @@ const LEASE_GONE = new Set([S.FAILED_PRECONDITION, S.NOT_FOUND]);
 /** The worker is misconfigured: the first registration gives up. */
 const FATAL = new Set([S.INVALID_ARGUMENT, S.UNIMPLEMENTED, S.PERMISSION_DENIED, S.UNAUTHENTICATED]);
 
+const TRUE = new Set(['1', 'true', 'yes', 'on']);
+const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '::1', '[::1]']);
+
+/**
+ * @typedef {object} TlsOptions  TLS to the coordinator
+ * @property {string} [caFile]  the CA bundle (PEM) that signs the coordinator's certificate;
+ *   unset: Node's default CAs
+ * @property {string} [certFile]  a client certificate (PEM) for mutual TLS, with `keyFile`
+ * @property {string} [keyFile]
+ * @property {string} [serverName]  the name to check the certificate against when it differs
+ *   from the address's host
+ */
+/**
+ * @typedef {object} Connection  how to reach the coordinator
+ * @property {string} address  host:port
+ * @property {string} apiKey  sent as `authorization: Bearer <key>` on every call ('' : none)
+ * @property {TlsOptions|null} tls  null: plaintext
+ * @property {boolean} insecure  plaintext to an address that is not loopback, chosen explicitly
+ */
+
+/**
+ * The connection named by the `TRELLIS_*` variables of `env`, the same ones the Python SDK
+ * reads: TRELLIS_ADDRESS, TRELLIS_API_KEY, TRELLIS_CA_FILE, TRELLIS_CLIENT_CERT_FILE,
+ * TRELLIS_CLIENT_KEY_FILE, TRELLIS_TLS_SERVER_NAME, TRELLIS_TLS (TLS with the default CAs)
+ * and TRELLIS_INSECURE. Unset and empty are alike.
+ * @returns {Connection}
+ */
+export function connectionFromEnv(env) {
+  const get = (name) => (env[name] ?? '').trim();
+  const flag = (name) => TRUE.has(get(name).toLowerCase());
+  const [caFile, certFile] = [get('TRELLIS_CA_FILE'), get('TRELLIS_CLIENT_CERT_FILE')];
+  const tls = caFile || certFile || flag('TRELLIS_TLS')
+    ? { caFile, certFile, keyFile: get('TRELLIS_CLIENT_KEY_FILE'), serverName: get('TRELLIS_TLS_SERVER_NAME') }
+    : null;
+  return {
+    address: get('TRELLIS_ADDRESS') || DEFAULT_ADDRESS, apiKey: get('TRELLIS_API_KEY'), tls, insecure: flag('TRELLIS_INSECURE'),
+  };
+}
+
+/**
+ * The channel credentials and client options for a connection; throws when it would send
+ * plaintext to an address that is not loopback unasked (the Python SDK's rule), or names
+ * half a client certificate.
+ *
+ * The API key rides as call credentials over TLS. grpc-js refuses to compose call credentials
+ * onto insecure channel credentials, so in plaintext a client interceptor adds the header.
+ * @param {{address: string, apiKey?: string, tls?: TlsOptions|null, insecure?: boolean}} connection
+ * @returns {{credentials: grpc.ChannelCredentials, options: object}}
+ */
+export function channelSetup({ address, apiKey = '', tls = null, insecure = false }) {
+  const options = { ...CHANNEL_OPTIONS };
+  if (tls) {
+    if (Boolean(tls.certFile) !== Boolean(tls.keyFile)) {
+      throw new Error('mutual TLS needs both TRELLIS_CLIENT_CERT_FILE and TRELLIS_CLIENT_KEY_FILE');
+    }
+    const read = (file) => (file ? readFileSync(file) : null);
+    let credentials = grpc.credentials.createSsl(read(tls.caFile), read(tls.keyFile), read(tls.certFile));
+    if (tls.serverName) options['grpc.ssl_target_name_override'] = tls.serverName;
+    if (apiKey) {
+      const bearer = grpc.credentials.createFromMetadataGenerator((_params, callback) => {
+        const metadata = new grpc.Metadata();
+        metadata.set('authorization', `Bearer ${apiKey}`);
+        callback(null, metadata);
+      });
+      credentials = grpc.credentials.combineChannelCredentials(credentials, bearer);
+    }
+    return { credentials, options };
+  }
+  if (!isLoopback(address) && !insecure) {
+    throw new Error(`refusing plaintext to ${address}: set TRELLIS_CA_FILE (or TRELLIS_TLS=true) to connect `
+      + 'over TLS, or TRELLIS_INSECURE=true to choose plaintext');
+  }
+  if (apiKey) options.interceptors = [bearerInterceptor(apiKey)];
+  return { credentials: grpc.credentials.createInsecure(), options };
+}
+
+/** A client interceptor adding `authorization: Bearer <key>` to every call's metadata. */
+function bearerInterceptor(apiKey) {
+  return (options, nextCall) => new grpc.InterceptingCall(nextCall(options), {
+    start(metadata, listener, next) {
+      metadata.set('authorization', `Bearer ${apiKey}`);
+      next(metadata, listener);
+    },
+  });
+}
+
+function isLoopback(address) {
+  const colon = address.lastIndexOf(':');
+  return LOOPBACK_HOSTS.has(colon < 0 ? address : address.slice(0, colon));
+}
+
 /** Throw this (or any error with `nonRetryable = true`) to fail the node without retries. */
 export class NonRetryableError extends Error {
   constructor(message, options) {
@@ -97,6 +188,11 @@ export class Worker {
    * @param {object} options
    * @param {Record<string, Handler>} options.handlers
    * @param {string} [options.address]  host:port of the coordinator
+   * @param {string} [options.apiKey]  the credential, sent as `authorization: Bearer` (with mutual
+   *   TLS a client certificate whose common name an admin registered may stand in for it)
+   * @param {TlsOptions|null} [options.tls]  TLS to the coordinator (null: plaintext, which only
+   *   a loopback address gets unless `insecure`)
+   * @param {boolean} [options.insecure]  plaintext to an address that is not loopback
    * @param {number} [options.concurrency]  handlers run at once (and leases held at once)
    * @param {string} [options.workerId]  a stable id; the coordinator assigns one when empty
    * @param {number} [options.pollWaitMs]  how long one long-poll waits for work
@@ -104,8 +200,8 @@ export class Worker {
    * @param {Logger} [options.logger]
    */
   constructor({
-    handlers, address = DEFAULT_ADDRESS, concurrency = 10, workerId = '', pollWaitMs = 20_000, labels = {},
-    logger = consoleLogger(),
+    handlers, address = DEFAULT_ADDRESS, apiKey = '', tls = null, insecure = false, concurrency = 10, workerId = '',
+    pollWaitMs = 20_000, labels = {}, logger = consoleLogger(),
   }) {
     this.taskTypes = Object.keys(handlers ?? {}).sort();
     if (!this.taskTypes.length) throw new TypeError('a Worker needs at least one handler');
@@ -117,6 +213,7 @@ export class Worker {
     }
     if (!(pollWaitMs > 0)) throw new RangeError(`pollWaitMs must be positive, got ${pollWaitMs}`);
     Object.assign(this, { handlers, address, concurrency, workerId, pollWaitMs, labels, log: logger });
+    this.channel = channelSetup({ address, apiKey, tls, insecure }); // throws on a refused setup
     const definition = protoLoader.loadSync('trellis/v1/worker_service.proto', {
       includeDirs: [PROTO_ROOT], keepCase: true, longs: Number, enums: String, defaults: true,
     });
@@ -148,7 +245,7 @@ export class Worker {
   /** Serves until stop(); resolves once in-flight tasks have finished and been delivered. */
   async serve() {
     Object.assign(this, { stopping: false, closed: false, registered: false });
-    this.client = new this.Service(this.address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+    this.client = new this.Service(this.address, this.channel.credentials, this.channel.options);
     try {
       if (!(await this.register(true))) return;
       this.scheduleHeartbeat();

@@ -9,10 +9,7 @@ missing or older than package-lock.json. Without Node.js these tests skip, unles
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,13 +18,13 @@ import pytest
 from coordinator.model import DEFAULT_TENANT
 from coordinator.store import open_store
 from tests.support.faults import history, of_node
-from tests.support.procs import ROOT, Proc, base_env, spawn, spawn_coordinator, spawn_worker
+from tests.support.node import node_with_dependencies, spawn_node_worker
+from tests.support.procs import ROOT, Proc, spawn_coordinator, spawn_worker
 from tests.support.wait import wait_for
 from worker_sdk import Client, Workflow
 
 pytestmark = pytest.mark.e2e
 
-NODE_DIR = ROOT / "examples/node-worker"
 PYTHON_PART = ROOT / "tests/e2e/diamond_part_worker.py"
 DIAMONDS = 20
 # Liveness settings under which a SIGKILLed worker's leases are failed within seconds.
@@ -41,39 +38,7 @@ FAST_LIVENESS = {
 @pytest.fixture(scope="session")
 def node() -> str:
     """The ``node`` executable, with examples/node-worker's dependencies installed."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        message = (
-            "the Node worker tests need Node.js 18+ and npm on PATH (examples/node-worker); "
-            "CI=true makes them mandatory"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    installed = NODE_DIR / "node_modules/.package-lock.json"
-    lock = NODE_DIR / "package-lock.json"
-    if not installed.exists() or installed.stat().st_mtime < lock.stat().st_mtime:
-        result = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_DIR,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        if result.returncode != 0:
-            pytest.fail(f"npm ci in {NODE_DIR} failed:\n{result.stdout}\n{result.stderr}")
-    return node
-
-
-def spawn_node_worker(node: str, address: str, log_dir: Path, name: str, **env: str) -> Proc:
-    """``node examples/node-worker/main.js`` with ``WORKER_ID=name`` and ``env``."""
-    return spawn(
-        name,
-        [node, str(NODE_DIR / "main.js")],
-        base_env({"TRELLIS_ADDRESS": address, "WORKER_ID": name, **env}),
-        log_dir,
-    )
+    return node_with_dependencies()
 
 
 async def logged(proc: Proc, text: str, count: int = 1, within: float = 20) -> None:

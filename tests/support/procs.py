@@ -70,32 +70,56 @@ def spawn(name: str, args: list[str], env: Mapping[str, str], log_dir: Path) -> 
 
 
 def spawn_coordinator(
-    database_url: str, log_dir: Path, *, port: int | None = None, **settings: str
+    database_url: str,
+    log_dir: Path,
+    *,
+    port: int | None = None,
+    tls: grpc.ChannelCredentials | None = None,
+    tls_server_name: str = "",
+    **settings: str,
 ) -> tuple[Proc, str]:
+    """A coordinator serving plaintext on 127.0.0.1, or with ``tls`` (the credentials the
+    readiness check connects with, checking the certificate against ``tls_server_name`` when
+    given) TLS: the TLS settings are then the caller's, e.g. ``tls_cert_file=...,
+    tls_key_file=...``."""
     port = port or free_port()
     address = f"127.0.0.1:{port}"
     env = base_env(
         {
             "TRELLIS_DATABASE_URL": database_url,
             "TRELLIS_LISTEN": address,
-            "TRELLIS_PLAINTEXT": "true",
             "TRELLIS_BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
             **{f"TRELLIS_{k.upper()}": v for k, v in settings.items()},
         }
     )
+    if tls is None:
+        env["TRELLIS_PLAINTEXT"] = "true"
     proc = spawn(
         f"coordinator-{port}",
         [sys.executable, "-m", "trellis.cli", "coordinator", "serve"],
         env,
         log_dir,
     )
-    wait_serving(address, proc)
+    wait_serving(address, proc, tls=tls, tls_server_name=tls_server_name)
     return proc, address
 
 
-def wait_serving(address: str, proc: Proc, timeout: float = 30.0) -> None:
-    """Block until the coordinator's gRPC health service answers SERVING."""
-    with grpc.insecure_channel(address) as channel:
+def wait_serving(
+    address: str,
+    proc: Proc,
+    timeout: float = 30.0,
+    *,
+    tls: grpc.ChannelCredentials | None = None,
+    tls_server_name: str = "",
+) -> None:
+    """Block until the coordinator's gRPC health service answers SERVING (over TLS with
+    these credentials when given)."""
+    if tls is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        names = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        channel = grpc.secure_channel(address, tls, options=names)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
 
         def serving() -> bool:
