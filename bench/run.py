@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import sqlalchemy as sa
 
 from tests.support.procs import ADMIN_KEY, ROOT, Proc, spawn_coordinator, spawn_worker
@@ -66,6 +67,7 @@ class Security:
     key over TLS). Settings for the coordinator and for clients (workers, this process)."""
 
     mode: str = "key"
+    ca_pem: bytes = b""
     coordinator: dict[str, str] = field(default_factory=dict)
     client: dict[str, str] = field(default_factory=dict)
 
@@ -74,15 +76,16 @@ class Security:
         if mode == "open":
             self.coordinator = {"insecure_open": "true"}
         elif mode == "tls":
-            from tests.support.certs import Ca
+            from tests.support.certs import CertificateAuthority
 
-            ca = Ca.create(root)
-            server = ca.issue(root, "coordinator", server=True)
+            ca = CertificateAuthority("bench CA")
+            server = ca.issue_server().write(root, "coordinator")
             self.coordinator = {
                 "tls_cert_file": str(server.cert),
                 "tls_key_file": str(server.key),
             }
-            self.client = {"TRELLIS_CA_FILE": str(ca.cert)}
+            self.ca_pem = ca.cert_pem
+            self.client = {"TRELLIS_CA_FILE": str(ca.write(root, "ca"))}
         os.environ.update(self.client)  # the load generator's Client
 
 
@@ -121,9 +124,8 @@ class Env:
     def coordinator(self, **settings: str) -> tuple[Proc, str]:
         settings.setdefault("log_level", "WARNING")
         settings.update(SECURITY.coordinator)
-        proc, address = spawn_coordinator(
-            self.url, self.tmp, ca_file=SECURITY.client.get("TRELLIS_CA_FILE"), **settings
-        )
+        tls = grpc.ssl_channel_credentials(SECURITY.ca_pem) if SECURITY.ca_pem else None
+        proc, address = spawn_coordinator(self.url, self.tmp, tls=tls, **settings)
         self.procs.append(proc)
         self.coordinators.append((proc, address))
         return proc, address
