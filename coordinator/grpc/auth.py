@@ -311,23 +311,26 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _stream(self, behaviour: Any, rule: Rule, action: str) -> Any:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            principal = await self._admit(request, context, rule, action)
-            token = _CALLER.set(principal)
-            try:
-                async for item in behaviour(request, context):
-                    yield item
-            finally:
-                _CALLER.reset(token)
+        async def admit(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+            return await self._admit(request, context, rule, action)
 
-        return wrapped
+        return self._streaming(behaviour, admit)
 
     def _stream_stream(self, behaviour: Any, rule: Rule) -> Any:
-        async def wrapped(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            principal = await self._authenticate(context)
-            token = _CALLER.set(principal)
+        async def admit(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+            return await self._authenticate(context)
+
+        return self._streaming(behaviour, admit)
+
+    @staticmethod
+    def _streaming(behaviour: Any, admit: Any) -> Any:
+        """A streaming behaviour run as the principal ``admit`` returns (not audited: the
+        streaming RPCs read)."""
+
+        async def wrapped(arg: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            token = _CALLER.set(await admit(arg, context))
             try:
-                async for item in behaviour(requests, context):
+                async for item in behaviour(arg, context):
                     yield item
             finally:
                 _CALLER.reset(token)
