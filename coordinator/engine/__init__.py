@@ -6,6 +6,14 @@ passes ``effective_definition(defn, execution)`` (the definition with the execut
 dynamic expansion merged in) to every transition.
 """
 
+from coordinator.engine._approvals import (
+    APPROVAL_REJECTED,
+    APPROVAL_TIMEOUT,
+    approval_role,
+    approve_node,
+    reject_node,
+    time_out_approval,
+)
 from coordinator.engine._backoff import (
     backoff_delay,
     exponential_delay,
@@ -45,6 +53,8 @@ from coordinator.engine._validate import (
 # Plainly sorted (a test pins it), not in ruff's constants-first order.
 __all__ = [  # noqa: RUF022
     "ALLOWED_KINDS",
+    "APPROVAL_REJECTED",
+    "APPROVAL_TIMEOUT",
     "Expansion",
     "Expression",
     "ExpressionError",
@@ -52,6 +62,8 @@ __all__ = [  # noqa: RUF022
     "Limits",
     "NODE_VARIABLES",
     "OUTPUT_VARIABLES",
+    "approval_role",
+    "approve_node",
     "backoff_delay",
     "cancel_execution",
     "cancel_node",
@@ -67,11 +79,13 @@ __all__ = [  # noqa: RUF022
     "pause_execution",
     "pause_node",
     "redrive",
+    "reject_node",
     "resume_execution",
     "resume_node",
     "retry_delay",
     "should_retry",
     "start_execution",
+    "time_out_approval",
     "time_out_execution",
     "time_out_unstarted",
     "validate_definition",

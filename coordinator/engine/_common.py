@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from coordinator.errors import FailedPrecondition, NotFound
@@ -365,6 +365,11 @@ def encode(doc: Mapping[str, object] | None) -> bytes | None:
 
 def seconds(value: timedelta | None) -> str:
     return "?" if value is None else f"{value.total_seconds():g}s"
+
+
+def rfc3339(value: datetime) -> str:
+    """``2030-01-31T09:00:00.000Z``: a time in UTC, to the millisecond (as stored)."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # -- preconditions -----------------------------------------------------------------------------

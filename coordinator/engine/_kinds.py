@@ -1,4 +1,5 @@
-"""The node kinds the coordinator runs itself: switch, workflow and map nodes (pure).
+"""The node kinds the coordinator runs itself: switch, workflow, map and approval nodes
+(pure).
 
 - A **switch** is evaluated the moment it is ready: it SUCCEEDS with its input as output
   (event details ``{"taken": [...]}``); the children it does not take are SKIPPED.
@@ -8,6 +9,9 @@
   ``"<id>[<i>]"``) per element, at most ``max_concurrency`` READY or LEASED at once, while
   it is WAITING. When all have succeeded it SUCCEEDS with the list of their outputs in
   index order (composed without re-parsing); the first element failing for good fails it.
+- An **approval** node is WAITING (no worker, no lease) for a person's decision, until its
+  ``approval_timeout`` when it has one (the deadline is the row's ``schedule_deadline``);
+  ``_approvals`` ends it.
 
 Functions here evaluate every expression before changing anything, so an
 ``ExpressionError`` they raise leaves the step untouched.
@@ -26,6 +30,7 @@ from coordinator.engine._common import (
     item_id,
     make_ready,
     new_run,
+    rfc3339,
     split_item_id,
 )
 from coordinator.engine._exprs import NodeVars
@@ -77,6 +82,28 @@ def start_child(step: Step, run: NodeRun, payload: bytes) -> None:
             priority=run.priority,
         )
     )
+
+
+def wait_for_approval(step: Step, run: NodeRun, payload: bytes) -> None:
+    """A ready approval node WAITs for a decision (``NODE_WAITING`` with its role, prompt
+    and deadline)."""
+    spec = step.defn.node_map[run.node_id]
+    timeout = spec.approval_timeout
+    deadline = None if timeout is None else step.now + timeout
+    waiting = replace(
+        run,
+        status=NodeStatus.WAITING,
+        input=payload,
+        held=False,
+        available_at=None,
+        schedule_deadline=deadline,
+    )
+    details: dict[str, object] = {"required_role": spec.required_role}
+    if spec.prompt:
+        details["prompt"] = spec.prompt
+    if deadline is not None:
+        details["deadline"] = rfc3339(deadline)
+    step.put(waiting, EventType.NODE_WAITING, details)
 
 
 def start_map(step: Step, run: NodeRun, variables: NodeVars) -> list[str]:

@@ -21,7 +21,8 @@ all_failed                      all finished, all failed    all finished, otherw
 
 A node that runs first gets its input (``input_expr`` or the default data passing), then
 ``skip_if`` may skip it; a task node is then READY, a switch is evaluated, a workflow node
-WAITs for its child execution and a map node starts its elements (``_kinds``).
+WAITs for its child execution, a map node starts its elements and an approval node WAITs
+for a decision (``_kinds``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import replace
 from coordinator.engine._cel import ExpressionError
 from coordinator.engine._common import Step, end_node, make_ready
 from coordinator.engine._exprs import NodeVars
-from coordinator.engine._kinds import run_switch, start_child, start_map
+from coordinator.engine._kinds import run_switch, start_child, start_map, wait_for_approval
 from coordinator.engine._routing import expression_failed
 from coordinator.model import EventType, NodeKind, NodeStatus, TriggerRule
 
@@ -146,6 +147,8 @@ def activate(step: Step, node_id: str) -> list[str]:
         return [node_id]
     if spec.kind == NodeKind.WORKFLOW:
         start_child(step, run, payload)
+    elif spec.kind == NodeKind.APPROVAL:
+        wait_for_approval(step, run, payload)
     else:
         make_ready(step, run, input=payload, available_at=step.now)
     return []

@@ -30,6 +30,7 @@ class Limits:
     max_name_length: int = 128  # workflow names
     max_config_bytes: int = 64 * 1024
     max_map_items: int = 10000  # elements one map node fans out over
+    max_prompt_length: int = 4096  # an approval node's prompt, in characters
 
 
 def validate_definition(defn: WorkflowDef, limits: Limits = Limits()) -> None:
@@ -39,8 +40,9 @@ def validate_definition(defn: WorkflowDef, limits: Limits = Limits()) -> None:
     configs (valid JSON within the size limit), retry policies (jitter a fraction in
     [0, 1]) and timeouts (positive when set), edges (known nodes, no self or duplicate
     edges), on_failure handlers (an existing other node with no edges, no handler or
-    compensation of its own) and that the graph is acyclic; size limits come from
-    ``limits``.
+    compensation of its own), approval nodes (a valid required_role, a positive
+    approval_timeout when set, none of a worker's settings) and that the graph is acyclic;
+    size limits come from ``limits``.
     """
     _check_name(defn.name, limits)
     wf = f"workflow '{defn.name}'"
@@ -103,7 +105,9 @@ def _check_node(node: NodeSpec, limits: Limits) -> None:
     if node.kind not in ALLOWED_KINDS:
         allowed = ", ".join(repr(k) for k in ALLOWED_KINDS)
         raise InvalidArgument(f"{where} has unknown kind {node.kind!r}; allowed kinds: {allowed}")
-    if node.task_type or node.kind in (NodeKind.TASK, NodeKind.MAP):
+    if node.kind != NodeKind.APPROVAL and (
+        node.task_type or node.kind in (NodeKind.TASK, NodeKind.MAP)
+    ):
         _check_task_type(node, limits)
     _check_kind_fields(node, limits)
     _check_expressions(node)
@@ -156,6 +160,20 @@ _KIND_FIELDS: tuple[tuple[str, NodeKind], ...] = (
     ("workflow_version", NodeKind.WORKFLOW),
     ("items_expr", NodeKind.MAP),
     ("max_concurrency", NodeKind.MAP),
+    ("required_role", NodeKind.APPROVAL),
+    ("approval_timeout", NodeKind.APPROVAL),
+    ("prompt", NodeKind.APPROVAL),
+)
+
+# What only nodes run by workers use: an approval node (decided by people) refuses them.
+_WORKER_FIELDS = (
+    "task_type",
+    "config",
+    "retry_policy",
+    "start_to_close_timeout",
+    "heartbeat_timeout",
+    "schedule_to_start_timeout",
+    "pause_before",
 )
 
 
@@ -203,6 +221,35 @@ def _check_kind_fields(node: NodeSpec, limits: Limits) -> None:
             raise InvalidArgument(
                 f"{where} has max_concurrency {node.max_concurrency}; use 0 (no limit) or more"
             )
+    if node.kind == NodeKind.APPROVAL:
+        _check_approval(node, limits)
+
+
+def _check_approval(node: NodeSpec, limits: Limits) -> None:
+    where = f"node '{node.id}'"
+    for name in _WORKER_FIELDS:
+        if getattr(node, name):
+            raise InvalidArgument(
+                f"{where} is an approval node and sets {name}, which only applies to nodes "
+                "run by workers; remove it (an approval node's own limit is approval_timeout)"
+            )
+    role = node.required_role
+    if not role:
+        raise InvalidArgument(
+            f"{where} is an approval node with no required_role; name the role a person "
+            "needs to approve or reject it, such as operator"
+        )
+    if len(role) > limits.max_id_length or not _NAME_RE.fullmatch(role):
+        raise InvalidArgument(
+            f"{where} required_role {role[:32]!r} is invalid; use at most "
+            f"{limits.max_id_length} characters: {_NAME_CHARSET}"
+        )
+    _check_timeout(node.approval_timeout, f"{where} approval_timeout")
+    if len(node.prompt) > limits.max_prompt_length:
+        raise InvalidArgument(
+            f"{where} prompt is {len(node.prompt)} characters long; use at most "
+            f"{limits.max_prompt_length} (link to longer instructions instead)"
+        )
 
 
 def _check_expressions(node: NodeSpec) -> None:

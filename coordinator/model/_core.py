@@ -96,8 +96,13 @@ class EventType(enum.StrEnum):
     NODE_RELEASED = "NODE_RELEASED"
     NODE_DEAD_LETTERED = "NODE_DEAD_LETTERED"
     NODE_REDRIVEN = "NODE_REDRIVEN"
-    # A workflow node waits for its child execution, a map node for its elements.
+    # A workflow node waits for its child execution, a map node for its elements, an
+    # approval node for a decision.
     NODE_WAITING = "NODE_WAITING"
+    # An approval node's decision (details: who, when, the comment); NODE_SUCCEEDED or
+    # NODE_FAILED follows.
+    NODE_APPROVED = "NODE_APPROVED"
+    NODE_REJECTED = "NODE_REJECTED"
 
 
 class NodeRole(enum.StrEnum):
@@ -121,6 +126,9 @@ class NodeKind(enum.StrEnum):
     # One task of ``task_type`` per element of the list ``items_expr`` gives; output: the list
     # of their outputs, in order.
     MAP = "map"
+    # Human in the loop: WAITs (no worker held) until someone with ``required_role``
+    # approves it (it SUCCEEDS with the decision) or rejects it (it FAILS, not retried).
+    APPROVAL = "approval"
 
 
 class TriggerRule(enum.StrEnum):
@@ -190,6 +198,12 @@ class NodeSpec:
     # elements READY or LEASED at once (0 = no limit).
     items_expr: str = ""
     max_concurrency: int = 0
+    # kind approval: the role a decider must hold ("admin" may always decide), how long
+    # the node waits for a decision before it is TIMED_OUT (None: no limit), and the text
+    # shown to approvers.
+    required_role: str = ""
+    approval_timeout: timedelta | None = None
+    prompt: str = ""
 
 
 @dataclass(frozen=True)
@@ -358,7 +372,8 @@ class NodeRun:
     worker_id: str | None = None
     lease_deadline: datetime | None = None
     heartbeat_deadline: datetime | None = None
-    # READY rows still unleased at this time are TIMED_OUT (schedule-to-start).
+    # READY rows still unleased at this time are TIMED_OUT (schedule-to-start); a WAITING
+    # approval node still undecided at this time is TIMED_OUT (its approval_timeout).
     schedule_deadline: datetime | None = None
     schedule_to_start_timeout: timedelta | None = None
     # Held rows are not dispatched: held = execution PAUSED or node_paused.
@@ -527,7 +542,15 @@ def _control_doc(node: NodeSpec) -> dict[str, Any]:
     doc: dict[str, Any] = {}
     if node.trigger_rule is not TriggerRule.ALL_SUCCESS:
         doc["trigger_rule"] = node.trigger_rule.value
-    for key in ("skip_if", "input_expr", "output_expr", "workflow_name", "items_expr"):
+    for key in (
+        "skip_if",
+        "input_expr",
+        "output_expr",
+        "workflow_name",
+        "items_expr",
+        "required_role",
+        "prompt",
+    ):
         if getattr(node, key):
             doc[key] = getattr(node, key)
     if node.cases:
@@ -540,6 +563,8 @@ def _control_doc(node: NodeSpec) -> dict[str, Any]:
         doc["workflow_version"] = node.workflow_version
     if node.max_concurrency:
         doc["max_concurrency"] = node.max_concurrency
+    if node.approval_timeout is not None:
+        doc["approval_timeout"] = _td(node.approval_timeout)
     return doc
 
 
@@ -559,6 +584,9 @@ def _control_from_doc(doc: dict[str, Any]) -> dict[str, Any]:
         "workflow_version": doc.get("workflow_version", 0),
         "items_expr": doc.get("items_expr", ""),
         "max_concurrency": doc.get("max_concurrency", 0),
+        "required_role": doc.get("required_role", ""),
+        "approval_timeout": _from_td(doc.get("approval_timeout")),
+        "prompt": doc.get("prompt", ""),
     }
 
 

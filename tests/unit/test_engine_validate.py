@@ -106,9 +106,9 @@ def test_node_id_too_long() -> None:
 
 def test_unknown_kind_lists_allowed_kinds() -> None:
     msg = invalid(wf(nodes=(node("a", kind="timer"),)))
-    assert (
-        msg
-        == "node 'a' has unknown kind 'timer'; allowed kinds: 'task', 'switch', 'workflow', 'map'"
+    assert msg == (
+        "node 'a' has unknown kind 'timer'; allowed kinds: 'task', 'switch', 'workflow', 'map', "
+        "'approval'"
     )
 
 
