@@ -3,6 +3,7 @@ SQLAlchemy). ``Coordinator`` is their composition root; every other package impo
 service's types from here, never from its private modules."""
 
 from coordinator.model import LeaseKey, NewExecution
+from coordinator.service._approvals import ADMIN_ROLE, Approvals
 from coordinator.service._audit import PENDING_AUDIT, take_pending_audit
 from coordinator.service._backpressure import PollWaiters, StartRate
 from coordinator.service._common import Clock, Draining, ServiceSettings, utcnow
@@ -40,11 +41,13 @@ from coordinator.service.ports import (
 )
 
 __all__ = [
+    "ADMIN_ROLE",
     "API_KEY_PREFIX",
     "MAX_BATCH_START",
     "MAX_REPORT_BATCH",
     "MAX_START_DELAY",
     "PENDING_AUDIT",
+    "Approvals",
     "AuditRepository",
     "Authenticator",
     "BearerVerifier",

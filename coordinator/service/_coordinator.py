@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Sequence
 from datetime import datetime
 
+from coordinator.service._approvals import Approvals
 from coordinator.service._backpressure import PollWaiters, StartRate
 from coordinator.service._children import SubWorkflows
 from coordinator.service._common import Clock, Draining, ServiceSettings, utcnow
@@ -104,6 +105,7 @@ class Coordinator:
         self.identity = IdentityAdmin(store.identity, store.audit, keyring, authenticator, clock)
         self.executions = Executions(store.executions, self.definitions, notifier, draining)
         self.operations = Operations(tx, self.executions)
+        self.approvals = Approvals(tx, self.executions)
         self.dead_letters = DeadLetters(store.dead_letters, tx, self.executions)
         self.notifications = NotificationService(
             store.notifications,

@@ -1,5 +1,6 @@
-"""Sweepers: lease expiry, lost workers, schedule-to-start and execution timeouts, delayed
-starts, the overflow queue (max_running_executions), and sub-workflow reconciliation.
+"""Sweepers: lease expiry, lost workers, schedule-to-start, approval and execution timeouts,
+delayed starts, the overflow queue (max_running_executions), and sub-workflow
+reconciliation.
 
 Every replica runs them at once; each verdict is a fenced transition (a lease's
 ``lease_seq``, an execution's ``version``), so two replicas cannot both apply it. A row
@@ -34,6 +35,16 @@ def _time_out_unstarted(
     return engine.time_out_unstarted(defn, execution, nodes, node_id, now)
 
 
+def _time_out_approval(
+    node_id: str,
+    defn: WorkflowDef,
+    execution: Execution,
+    nodes: Mapping[str, NodeRun],
+    now: datetime,
+) -> Transition:
+    return engine.time_out_approval(defn, execution, nodes, node_id, now)
+
+
 class Sweeper:
     def __init__(self, coordinator: Coordinator, batch: int = 100) -> None:
         self._c = coordinator
@@ -50,6 +61,7 @@ class Sweeper:
             self.expire_leases,
             self.release_lost_workers,
             self.time_out_unstarted,
+            self.time_out_approvals,
             self.time_out_executions,
             self.start_due,
             self.start_queued,
@@ -202,6 +214,24 @@ class Sweeper:
             )
             log.warning(
                 "node not started in time",
+                extra={"execution_id": node.execution_id, "node_id": node.node_id},
+            )
+            return True
+
+        return await self._each(overdue, verdict)
+
+    async def time_out_approvals(self) -> tuple[int, int]:
+        """WAITING approval nodes past their approval_timeout become TIMED_OUT."""
+        overdue = await self._c.store.executions.find_waiting_overdue(self._now(), self._batch)
+
+        async def verdict(node: NodeRun) -> bool:
+            await self._c.transactions.run_step(
+                node.tenant_id,
+                node.execution_id,
+                functools.partial(_time_out_approval, node.node_id),
+            )
+            log.warning(
+                "approval node timed out",
                 extra={"execution_id": node.execution_id, "node_id": node.node_id},
             )
             return True

@@ -282,6 +282,11 @@ class ExecutionRepository(Protocol):
         """Non-terminal executions (any tenant) whose deadline < now."""
         ...
 
+    async def find_waiting_overdue(self, now: datetime, limit: int) -> list[NodeRun]:
+        """WAITING node runs (any tenant) whose schedule_deadline < now: approval nodes
+        past their approval_timeout."""
+        ...
+
 
 class LeaseRepository(Protocol):
     """The queue: claiming READY node runs and keeping leases alive."""

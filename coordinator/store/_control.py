@@ -1,6 +1,6 @@
-"""The executions' sweep queries: delayed starts due, sub-workflow reconciliation and
-execution timeouts; and the lookups by key that answer a poll (``get_executions``,
-``get_node_outputs``). Run by ``SqlExecutions`` on its transactions.
+"""The executions' sweep queries: delayed starts due, sub-workflow reconciliation,
+execution timeouts and approval timeouts; and the lookups by key that answer a poll
+(``get_executions``, ``get_node_outputs``). Run by ``SqlExecutions`` on its transactions.
 
 Statuses are SQL literals (not bound parameters) so the planners match the partial indexes
 ``ix_executions_start_at``, ``ix_executions_parent_execution_id``,
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from coordinator.model import Execution, ExecutionStatus
+from coordinator.model import Execution, ExecutionStatus, NodeRun
 from coordinator.store import _rows
 from coordinator.store._tables import LIVE_EXECUTION_STATUSES, executions, node_runs
 
@@ -120,6 +120,20 @@ async def find_overdue_executions(
         .limit(limit)
     )
     return await _executions(conn, query)
+
+
+async def find_waiting_overdue(conn: AsyncConnection, now: datetime, limit: int) -> list[NodeRun]:
+    """WAITING node runs past their deadline (approval nodes): few rows, within the partial
+    index of WAITING rows."""
+    n = node_runs
+    query = (
+        sa.select(n)
+        .where(n.c.status == _WAITING, n.c.schedule_deadline < _rows.to_ms(now))
+        .order_by(n.c.schedule_deadline, n.c.execution_id, n.c.node_id)
+        .limit(limit)
+    )
+    rows = (await conn.execute(query)).mappings().all()
+    return [_rows.node_run_from_row(r) for r in rows]
 
 
 def node_keys_in(postgres: bool) -> sa.ColumnElement[bool]:

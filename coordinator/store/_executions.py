@@ -233,6 +233,10 @@ class SqlExecutions:
         async with self._db.tx(write=False) as conn:
             return await _control.find_overdue_executions(conn, now, limit)
 
+    async def find_waiting_overdue(self, now: datetime, limit: int) -> list[NodeRun]:
+        async with self._db.tx(write=False) as conn:
+            return await _control.find_waiting_overdue(conn, now, limit)
+
     async def by_idempotency_key(
         self, conn: AsyncConnection, tenant_id: str, key: str
     ) -> Execution | None:

@@ -236,7 +236,8 @@ node_runs = sa.Table(
         postgresql_where=sa.text("status = 'LEASED'"),
         sqlite_where=sa.text("status = 'LEASED'"),
     ),
-    # Sub-workflow reconciliation: workflow nodes WAITING on a child execution.
+    # WAITING rows: sub-workflow reconciliation (workflow nodes WAITING on a child
+    # execution), and approval nodes past their deadline (schedule_deadline) for the sweeper.
     sa.Index(
         "ix_node_runs_waiting",
         "child_execution_id",

@@ -197,6 +197,31 @@ async def test_children_to_reconcile(store: SqlStore) -> None:
     assert [e.id for e in await store.executions.find_orphaned_children(10)] == ["orphan"]
 
 
+async def test_waiting_nodes_past_their_deadline(store: SqlStore) -> None:
+    def waiting(node_id: str, deadline: timedelta | None) -> NodeRun:
+        return dataclasses.replace(
+            make_node("a", node_id, status=NodeStatus.WAITING, available_at=None),
+            schedule_deadline=None if deadline is None else NOW + deadline,
+        )
+
+    ready = dataclasses.replace(make_node("a", "ready"), schedule_deadline=NOW - timedelta(hours=1))
+    await start(
+        store,
+        make_execution("a"),
+        (
+            waiting("late", -timedelta(seconds=1)),
+            waiting("later", timedelta(seconds=5)),
+            waiting("open", None),
+            ready,
+        ),
+    )
+    assert [n.node_id for n in await store.executions.find_waiting_overdue(NOW, 10)] == ["late"]
+    overdue = await store.executions.find_waiting_overdue(NOW + timedelta(minutes=1), 10)
+    assert [n.node_id for n in overdue] == ["late", "later"]
+    assert overdue[0].schedule_deadline == NOW - timedelta(seconds=1)
+    assert len(await store.executions.find_waiting_overdue(NOW + timedelta(minutes=1), 1)) == 1
+
+
 async def test_claim_transact_skips_unknown_executions(store: SqlStore) -> None:
     def decide(e: Execution, nodes: Mapping[str, NodeRun]) -> Decision[str]:
         return Decision(None, "decided")

@@ -263,3 +263,17 @@ class MemoryExecutions:
             ]
         overdue.sort(key=lambda e: (e.deadline, e.id))
         return overdue[:limit]
+
+    async def find_waiting_overdue(self, now: datetime, limit: int) -> list[NodeRun]:
+        at = _copies.ms(now)
+        state = self._state
+        async with state.read():
+            overdue = [
+                row.run
+                for key in state.waiting
+                if (row := state.nodes.get(key)) is not None
+                and row.run.schedule_deadline is not None
+                and row.run.schedule_deadline < at
+            ]
+        overdue.sort(key=lambda r: (r.schedule_deadline, r.execution_id, r.node_id))
+        return overdue[:limit]
