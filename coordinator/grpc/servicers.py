@@ -14,6 +14,7 @@ from coordinator.grpc.auth import caller, tenant
 from coordinator.grpc.status import stream, unary
 from coordinator.model import Execution
 from coordinator.service import (
+    ADMIN_ROLE,
     Completion,
     Coordinator,
     Failure,
@@ -32,6 +33,14 @@ from trellis.v1 import (
 )
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def _decider(context: Ctx) -> tuple[str, frozenset[str]]:
+    """Who makes a call that decides an approval node, and the roles they hold.
+
+    For now every decider is an anonymous admin; this is the one place to take the
+    principal and its roles from the call (``caller()``) instead."""
+    return "anonymous", frozenset({ADMIN_ROLE})
 
 
 # Reply this much before the caller's deadline so an empty poll is an answer, not an error.
@@ -311,6 +320,36 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     ) -> fpb.ResumeNodeResponse:
         view = await self._c.operations.resume_node(tenant(), request.execution_id, request.node_id)
         return fpb.ResumeNodeResponse(execution=convert.execution_view_to_proto(view))
+
+    @unary
+    async def ApproveNode(
+        self, request: fpb.ApproveNodeRequest, context: Ctx
+    ) -> fpb.ApproveNodeResponse:
+        by, roles = _decider(context)
+        view = await self._c.approvals.approve(
+            tenant(),
+            request.execution_id,
+            request.node_id,
+            by=by,
+            roles=roles,
+            comment=request.comment,
+        )
+        return fpb.ApproveNodeResponse(execution=convert.execution_view_to_proto(view))
+
+    @unary
+    async def RejectNode(
+        self, request: fpb.RejectNodeRequest, context: Ctx
+    ) -> fpb.RejectNodeResponse:
+        by, roles = _decider(context)
+        view = await self._c.approvals.reject(
+            tenant(),
+            request.execution_id,
+            request.node_id,
+            by=by,
+            roles=roles,
+            comment=request.comment,
+        )
+        return fpb.RejectNodeResponse(execution=convert.execution_view_to_proto(view))
 
     @unary
     async def ListDeadLetters(

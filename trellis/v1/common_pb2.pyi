@@ -179,12 +179,16 @@ class NodeDefinition(_message.Message):
     WORKFLOW_VERSION_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    REQUIRED_ROLE_FIELD_NUMBER: _builtins.int
+    APPROVAL_TIMEOUT_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique within the definition: letters, digits, '_', '-' and '.'."""
     kind: _builtins.str
     """"task" (the default when empty): run by a worker serving task_type. "switch": evaluated
     by the coordinator (cases). "workflow": runs a child execution of workflow_name.
-    "map": one task of task_type per element of the list items gives.
+    "map": one task of task_type per element of the list items gives. "approval": waits,
+    with no worker, for a person to approve or reject it (ApproveNode, RejectNode).
     """
     task_type: _builtins.str
     priority: _builtins.int
@@ -222,6 +226,12 @@ class NodeDefinition(_message.Message):
     """kind "map": CEL giving the list to fan out over."""
     max_concurrency: _builtins.int
     """kind "map": at most this many elements ready or running at once; 0 means no limit."""
+    required_role: _builtins.str
+    """kind "approval": the role a person needs to approve or reject the node (required;
+    "admin" may always decide).
+    """
+    prompt: _builtins.str
+    """kind "approval": text shown to approvers (what to check before deciding)."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Static configuration handed to the worker with every attempt (as Task.config)."""
@@ -246,6 +256,12 @@ class NodeDefinition(_message.Message):
 
     @_builtins.property
     def default_targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def approval_timeout(self) -> _duration_pb2.Duration:
+        """kind "approval": longest the node waits for a decision; then it is TIMED_OUT (error
+        type "ApprovalTimeout"). Unset means no limit.
+        """
+
     def __init__(
         self,
         *,
@@ -272,10 +288,13 @@ class NodeDefinition(_message.Message):
         workflow_version: _builtins.int = ...,
         items: _builtins.str = ...,
         max_concurrency: _builtins.int = ...,
+        required_role: _builtins.str = ...,
+        approval_timeout: _duration_pb2.Duration | None = ...,
+        prompt: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_timeout", b"approval_timeout", "config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cases", b"cases", "compensation_task_type", b"compensation_task_type", "config", b"config", "default_targets", b"default_targets", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input", b"input", "items", b"items", "kind", b"kind", "match_all", b"match_all", "max_concurrency", b"max_concurrency", "on_failure", b"on_failure", "output", b"output", "pause_before", b"pause_before", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "skip_if", b"skip_if", "start_to_close_timeout", b"start_to_close_timeout", "task_type", b"task_type", "trigger_rule", b"trigger_rule", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_timeout", b"approval_timeout", "cases", b"cases", "compensation_task_type", b"compensation_task_type", "config", b"config", "default_targets", b"default_targets", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input", b"input", "items", b"items", "kind", b"kind", "match_all", b"match_all", "max_concurrency", b"max_concurrency", "on_failure", b"on_failure", "output", b"output", "pause_before", b"pause_before", "priority", b"priority", "prompt", b"prompt", "required_role", b"required_role", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "skip_if", b"skip_if", "start_to_close_timeout", b"start_to_close_timeout", "task_type", b"task_type", "trigger_rule", b"trigger_rule", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

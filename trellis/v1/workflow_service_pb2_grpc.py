@@ -125,6 +125,16 @@ class WorkflowServiceStub:
                 request_serializer=trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterRequest.SerializeToString,
                 response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterResponse.FromString,
                 _registered_method=True)
+        self.ApproveNode = channel.unary_unary(
+                '/trellis.v1.WorkflowService/ApproveNode',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.ApproveNodeRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.ApproveNodeResponse.FromString,
+                _registered_method=True)
+        self.RejectNode = channel.unary_unary(
+                '/trellis.v1.WorkflowService/RejectNode',
+                request_serializer=trellis_dot_v1_dot_workflow__service__pb2.RejectNodeRequest.SerializeToString,
+                response_deserializer=trellis_dot_v1_dot_workflow__service__pb2.RejectNodeResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -247,6 +257,24 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveNode(self, request, context):
+        """Approves a WAITING approval node: it succeeds with the decision as its output
+        ({"approved": true, "by", "at", "comment"}) and the execution goes on.
+        FAILED_PRECONDITION unless the node is a WAITING approval node; PERMISSION_DENIED
+        when the caller lacks the node's required_role.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectNode(self, request, context):
+        """Rejects a WAITING approval node: it fails, not retried, with error type
+        "ApprovalRejected" and the comment as message. Refused as ApproveNode is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -339,6 +367,16 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.RedriveDeadLetter,
                     request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterRequest.FromString,
                     response_serializer=trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterResponse.SerializeToString,
+            ),
+            'ApproveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveNode,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.ApproveNodeRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.ApproveNodeResponse.SerializeToString,
+            ),
+            'RejectNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectNode,
+                    request_deserializer=trellis_dot_v1_dot_workflow__service__pb2.RejectNodeRequest.FromString,
+                    response_serializer=trellis_dot_v1_dot_workflow__service__pb2.RejectNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -828,6 +866,60 @@ class WorkflowService:
             '/trellis.v1.WorkflowService/RedriveDeadLetter',
             trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterRequest.SerializeToString,
             trellis_dot_v1_dot_workflow__service__pb2.RedriveDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/ApproveNode',
+            trellis_dot_v1_dot_workflow__service__pb2.ApproveNodeRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.ApproveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trellis.v1.WorkflowService/RejectNode',
+            trellis_dot_v1_dot_workflow__service__pb2.RejectNodeRequest.SerializeToString,
+            trellis_dot_v1_dot_workflow__service__pb2.RejectNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,16 @@ class WorkflowServiceStub:
     GetDeadLetter: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.GetDeadLetterRequest, _workflow_service_pb2.GetDeadLetterResponse]
     RedriveDeadLetter: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.RedriveDeadLetterRequest, _workflow_service_pb2.RedriveDeadLetterResponse]
     """Runs the node again with a fresh attempt budget; the execution continues from there."""
+    ApproveNode: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ApproveNodeRequest, _workflow_service_pb2.ApproveNodeResponse]
+    """Approves a WAITING approval node: it succeeds with the decision as its output
+    ({"approved": true, "by", "at", "comment"}) and the execution goes on.
+    FAILED_PRECONDITION unless the node is a WAITING approval node; PERMISSION_DENIED
+    when the caller lacks the node's required_role.
+    """
+    RejectNode: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.RejectNodeRequest, _workflow_service_pb2.RejectNodeResponse]
+    """Rejects a WAITING approval node: it fails, not retried, with error type
+    "ApprovalRejected" and the comment as message. Refused as ApproveNode is.
+    """
 
 @_typing.type_check_only
 class WorkflowServiceAsyncStub(WorkflowServiceStub):
@@ -91,6 +101,16 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     GetDeadLetter: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.GetDeadLetterRequest, _workflow_service_pb2.GetDeadLetterResponse]  # type: ignore[assignment]
     RedriveDeadLetter: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.RedriveDeadLetterRequest, _workflow_service_pb2.RedriveDeadLetterResponse]  # type: ignore[assignment]
     """Runs the node again with a fresh attempt budget; the execution continues from there."""
+    ApproveNode: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ApproveNodeRequest, _workflow_service_pb2.ApproveNodeResponse]  # type: ignore[assignment]
+    """Approves a WAITING approval node: it succeeds with the decision as its output
+    ({"approved": true, "by", "at", "comment"}) and the execution goes on.
+    FAILED_PRECONDITION unless the node is a WAITING approval node; PERMISSION_DENIED
+    when the caller lacks the node's required_role.
+    """
+    RejectNode: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.RejectNodeRequest, _workflow_service_pb2.RejectNodeResponse]  # type: ignore[assignment]
+    """Rejects a WAITING approval node: it fails, not retried, with error type
+    "ApprovalRejected" and the comment as message. Refused as ApproveNode is.
+    """
 
 class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     """Definitions and executions, for clients and operators."""
@@ -228,5 +248,27 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_workflow_service_pb2.RedriveDeadLetterResponse, _abc.Awaitable[_workflow_service_pb2.RedriveDeadLetterResponse]]:
         """Runs the node again with a fresh attempt budget; the execution continues from there."""
+
+    @_abc_1.abstractmethod
+    def ApproveNode(
+        self,
+        request: _workflow_service_pb2.ApproveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.ApproveNodeResponse, _abc.Awaitable[_workflow_service_pb2.ApproveNodeResponse]]:
+        """Approves a WAITING approval node: it succeeds with the decision as its output
+        ({"approved": true, "by", "at", "comment"}) and the execution goes on.
+        FAILED_PRECONDITION unless the node is a WAITING approval node; PERMISSION_DENIED
+        when the caller lacks the node's required_role.
+        """
+
+    @_abc_1.abstractmethod
+    def RejectNode(
+        self,
+        request: _workflow_service_pb2.RejectNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.RejectNodeResponse, _abc.Awaitable[_workflow_service_pb2.RejectNodeResponse]]:
+        """Rejects a WAITING approval node: it fails, not retried, with error type
+        "ApprovalRejected" and the comment as message. Refused as ApproveNode is.
+        """
 
 def add_WorkflowServiceServicer_to_server(servicer: WorkflowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

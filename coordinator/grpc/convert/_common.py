@@ -147,6 +147,9 @@ def node_from_proto(n: common_pb2.NodeDefinition) -> NodeSpec:
         workflow_version=n.workflow_version,
         items_expr=n.items,
         max_concurrency=n.max_concurrency,
+        required_role=n.required_role,
+        approval_timeout=duration_or_none(n, "approval_timeout"),
+        prompt=n.prompt,
     )
 
 
@@ -175,6 +178,9 @@ def node_to_proto_definition(n: NodeSpec) -> common_pb2.NodeDefinition:
         workflow_version=n.workflow_version,
         items=n.items_expr,
         max_concurrency=n.max_concurrency,
+        required_role=n.required_role,
+        approval_timeout=duration_to_proto(n.approval_timeout),
+        prompt=n.prompt,
     )
     if n.config:
         struct = struct_pb2.Struct()
