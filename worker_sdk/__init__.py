@@ -37,7 +37,7 @@ from worker_sdk._errors import (
     TrellisError,
     UnavailableError,
 )
-from worker_sdk._nodes import Case, MapNode, SwitchNode, TaskNode, WorkflowNode
+from worker_sdk._nodes import ApprovalNode, Case, MapNode, SwitchNode, TaskNode, WorkflowNode
 from worker_sdk._result import Result
 from worker_sdk._settings import DEFAULT_ADDRESS, TlsSettings
 from worker_sdk._task import Task, TaskContext, task
@@ -55,6 +55,7 @@ from worker_sdk._worker import Worker
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "ApprovalNode",
     "AttemptFailure",
     "Case",
     "Client",

@@ -461,6 +461,35 @@ class Client:
         )
         return execution_from_proto(response.execution)
 
+    async def approve_node(self, execution_id: str, node_id: str, comment: str = "") -> Execution:
+        """Approves a WAITING approval node: it succeeds with the decision as its output and
+        the execution goes on. Raises ``FailedPreconditionError`` unless it is a WAITING
+        approval node, an ``RpcError`` with PERMISSION_DENIED without the node's role."""
+        response = await self._rpc(
+            "ApproveNode",
+            self._stub().ApproveNode(
+                workflow_service_pb2.ApproveNodeRequest(
+                    execution_id=execution_id, node_id=node_id, comment=comment
+                ),
+                timeout=self._timeout,
+            ),
+        )
+        return execution_from_proto(response.execution)
+
+    async def reject_node(self, execution_id: str, node_id: str, comment: str = "") -> Execution:
+        """Rejects a WAITING approval node: it fails, not retried, with error type
+        ``ApprovalRejected`` and ``comment`` as the reason. Raises as ``approve_node``."""
+        response = await self._rpc(
+            "RejectNode",
+            self._stub().RejectNode(
+                workflow_service_pb2.RejectNodeRequest(
+                    execution_id=execution_id, node_id=node_id, comment=comment
+                ),
+                timeout=self._timeout,
+            ),
+        )
+        return execution_from_proto(response.execution)
+
     async def list_dead_letters(
         self,
         *,

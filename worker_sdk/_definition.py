@@ -18,6 +18,7 @@ from worker_sdk._nodes import (
     NODE_KINDS,
     NODE_TYPES,
     TRIGGER_RULES,
+    ApprovalNode,
     Case,
     MapNode,
     Node,
@@ -45,9 +46,9 @@ class Workflow:
         wf.node("ship", ship_task, after=[b, c], config={"carrier": "ups"})
         await client.register_workflow(wf)
 
-    ``node`` (and ``switch``, ``subworkflow``, ``map``, ``add``) returns the node id,
-    so dependencies read naturally; a node may only depend on nodes added before it
-    (switch targets may name nodes added later). A node that runs a ``Task`` object
+    ``node`` (and ``switch``, ``subworkflow``, ``map``, ``approval``, ``add``) returns the
+    node id, so dependencies read naturally; a node may only depend on nodes added before
+    it (switch targets may name nodes added later). A node that runs a ``Task`` object
     takes the task's timeout and retries unless it sets its own. Semantic validation
     (references, cycles, CEL types, limits) happens on the coordinator at registration.
 
@@ -122,8 +123,8 @@ class Workflow:
         """
         if not isinstance(node, NODE_TYPES):
             raise DefinitionError(
-                f"workflow {self.name!r}: add() takes a TaskNode, SwitchNode, WorkflowNode or "
-                f"MapNode, got {node!r}"
+                f"workflow {self.name!r}: add() takes a TaskNode, SwitchNode, WorkflowNode, "
+                f"MapNode or ApprovalNode, got {node!r}"
             )
         where = f"workflow {self.name!r}, node {node.id!r}"
         if node.id in self._nodes:
@@ -299,6 +300,38 @@ class Workflow:
             task,
             items=items,
             max_concurrency=max_concurrency,
+            after=after,
+            **options,
+        )
+
+    def approval(
+        self,
+        id: str,
+        required_role: str,
+        *,
+        timeout: Duration | None = None,
+        prompt: str = "",
+        after: str | Iterable[str] = (),
+        **options: Any,
+    ) -> str:
+        """Adds an approval node: it waits, with no worker, for a person holding
+        ``required_role`` (or ``admin``) to approve or reject it, and returns its id::
+
+            review = wf.approval("review", required_role="operator", timeout="24h",
+                                 prompt="Check the amount", after=check)
+
+        Approved, it succeeds with the decision as output and its children run; rejected,
+        it fails (not retried) with the comment as reason; ``timeout`` (none when unset)
+        fails it as TIMED_OUT when nobody decided in time. ``options`` are ``input``,
+        ``output``, ``trigger_rule``, ``skip_if``, ``priority``, ``on_failure``,
+        ``compensation``. See ``ApprovalNode``.
+        """
+        return self._build(
+            ApprovalNode,
+            id,
+            required_role,
+            timeout=timeout,
+            prompt=prompt,
             after=after,
             **options,
         )

@@ -1,10 +1,11 @@
-"""Node types of a workflow definition: ``TaskNode``, ``SwitchNode``, ``WorkflowNode``, ``MapNode``.
+"""Node types of a workflow definition: ``TaskNode``, ``SwitchNode``, ``WorkflowNode``,
+``MapNode``, ``ApprovalNode``.
 
 They are frozen dataclasses, checked for obvious mistakes when built (a bad id,
 an unknown trigger rule, a malformed duration); whether the graph is sound
 (references, cycles, CEL types, limits) is checked by the coordinator at
 registration. ``Workflow`` builds them for you (``wf.node``, ``wf.switch``,
-``wf.subworkflow``, ``wf.map``); a handler passes them to ``Result(add_nodes=...)``
+``wf.subworkflow``, ``wf.map``, ``wf.approval``); a handler passes them to ``Result(add_nodes=...)``
 to grow its execution.
 """
 
@@ -24,6 +25,7 @@ from worker_sdk._errors import DefinitionError
 from worker_sdk._task import Task
 
 NODE_ID = re.compile(r"[A-Za-z0-9_.\-]+")
+ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
 TRIGGER_RULES = (
     "all_success",
@@ -34,7 +36,7 @@ TRIGGER_RULES = (
 )
 """When a node runs given how its parents ended (docs/control-flow.md); "" is all_success."""
 
-NODE_KINDS = ("task", "switch", "workflow", "map")
+NODE_KINDS = ("task", "switch", "workflow", "map", "approval")
 
 
 def one_line(text: str) -> str:
@@ -396,7 +398,62 @@ class WorkflowNode(_Node):
         msg.workflow_version = self.version
 
 
-Node: TypeAlias = TaskNode | SwitchNode | WorkflowNode | MapNode
+@dataclass(frozen=True)
+class ApprovalNode(_Node):
+    """Waits for a person holding ``required_role`` to approve or reject it; no worker::
+
+        ApprovalNode("review", "operator", timeout="24h", prompt="Check the amount")
+
+    The node is WAITING until someone approves it (``trellis approve``,
+    ``Client.approve_node``): it then succeeds with the decision as its output,
+    ``{"approved": true, "by": ..., "at": ..., "comment": ...}`` (mapped by ``output``,
+    which also sees ``input``), and its children run. A rejection fails it, not retried,
+    with error type ``ApprovalRejected`` and the comment as message. ``timeout`` (none
+    when unset) fails it as TIMED_OUT (``ApprovalTimeout``) when nobody decided in time;
+    ``prompt`` is shown to approvers. Holders of the ``admin`` role may always decide.
+    Also takes ``on_failure`` (a handler run with the rejection) and ``compensation``.
+    """
+
+    required_role: str
+    _: KW_ONLY
+    timeout: Duration | None = None
+    prompt: str = ""
+    on_failure: str | None = None
+    compensation: str | Task | None = None
+
+    kind: ClassVar[str] = "approval"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        where = self._where
+        role = self.required_role
+        if not isinstance(role, str) or not ROLE_NAME.fullmatch(role):
+            raise DefinitionError(
+                f"{where}: required_role must be a role name (letters, digits, '_', '-' and "
+                f"'.'), such as 'operator', got {role!r}"
+            )
+        if self.timeout is not None:
+            object.__setattr__(self, "timeout", check_duration(self.timeout, f"{where}: timeout"))
+        if not isinstance(self.prompt, str):
+            raise DefinitionError(f"{where}: prompt must be a string, got {self.prompt!r}")
+
+    def _fill(self, msg: common_pb2.NodeDefinition) -> None:
+        msg.required_role = self.required_role
+        if self.timeout is not None:
+            msg.approval_timeout.CopyFrom(
+                _duration_proto(check_duration(self.timeout, "approval timeout"))
+            )
+        msg.prompt = self.prompt
+        if self.on_failure is not None:
+            msg.on_failure = self.on_failure
+        compensation = self.compensation
+        if compensation is not None:
+            msg.compensation_task_type = (
+                compensation.name if isinstance(compensation, Task) else compensation
+            )
+
+
+Node: TypeAlias = TaskNode | SwitchNode | WorkflowNode | MapNode | ApprovalNode
 """Any node a ``Workflow`` or a ``Result`` carries."""
 
-NODE_TYPES = (TaskNode, SwitchNode, WorkflowNode, MapNode)
+NODE_TYPES = (TaskNode, SwitchNode, WorkflowNode, MapNode, ApprovalNode)

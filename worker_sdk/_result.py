@@ -26,7 +26,7 @@ class Result:
     ``next`` names the children of this node that run; the other children are SKIPPED
     (None: all run; it cannot be empty: to run none, give the children a ``skip_if``).
     ``add_nodes`` (``TaskNode``,
-    ``SwitchNode``, ``WorkflowNode``, ``MapNode``) and ``add_edges`` (``(source,
+    ``SwitchNode``, ``WorkflowNode``, ``MapNode``, ``ApprovalNode``) and ``add_edges`` (``(source,
     target)`` pairs, which may start at this node or at any node not yet started) grow
     this execution; the coordinator checks them like a definition (unique ids, no
     cycle, limits, CEL) and, when it refuses them, the node fails (not retried) with
@@ -55,8 +55,8 @@ class Result:
         for node in nodes:
             if not isinstance(node, NODE_TYPES):
                 raise DefinitionError(
-                    "Result.add_nodes takes TaskNode, SwitchNode, WorkflowNode or MapNode "
-                    f"objects, got {node!r}"
+                    "Result.add_nodes takes TaskNode, SwitchNode, WorkflowNode, MapNode or "
+                    f"ApprovalNode objects, got {node!r}"
                 )
         object.__setattr__(self, "add_nodes", nodes)
         object.__setattr__(self, "add_edges", _edges(self.add_edges))

@@ -35,7 +35,9 @@ class NodeState:
     CANCELLED, TIMED_OUT, WAITING; ``attempt`` is the current or last attempt
     (0 before the first lease); ``output`` is decoded JSON. A workflow node's
     ``child_execution_id`` is the child execution it started; the elements of a map
-    node appear as ``"<map id>[<index>]"``.
+    node appear as ``"<map id>[<index>]"``. An approval node is WAITING until decided;
+    the decision (``approved``, ``by``, ``at``, ``comment``) is then its ``output``, or
+    its ``error.details`` when rejected.
     """
 
     node_id: str

@@ -29,6 +29,7 @@ from worker_sdk._errors import rpc_error
 def test_public_api_is_pinned() -> None:
     assert worker_sdk.__all__ == [
         "DEFAULT_ADDRESS",
+        "ApprovalNode",
         "AttemptFailure",
         "Case",
         "Client",

@@ -12,6 +12,7 @@ from google.protobuf import json_format
 
 from trellis.v1 import common_pb2, worker_service_pb2
 from worker_sdk import (
+    ApprovalNode,
     Case,
     DefinitionError,
     MapNode,
@@ -191,6 +192,82 @@ def test_example_order_yaml_loads() -> None:
     assert kinds["route"] == "switch"
     join = next(n for n in msg.nodes if n.id == "join")
     assert join.trigger_rule == "none_failed_min_one_success"
+
+
+# Approval nodes --------------------------------------------------------------------------
+
+APPROVAL_YAML = """\
+name: refund
+nodes:
+  - {id: check, task_type: check-refund}
+  - id: review
+    kind: approval
+    required_role: finance
+    approval_timeout: 86400s
+    prompt: Refunds over 1000 need a second pair of eyes
+    output: "{'approved': output.approved, 'refund': input}"
+    on_failure: notify
+  - {id: pay, task_type: pay-refund}
+  - {id: notify, task_type: notify}
+edges:
+  - {source: check, target: review}
+  - {source: review, target: pay}
+"""
+
+
+def refund_workflow() -> Workflow:
+    wf = Workflow("refund")
+    check = wf.node("check", "check-refund")
+    review = wf.approval(
+        "review",
+        required_role="finance",
+        timeout="24h",
+        prompt="Refunds over 1000 need a second pair of eyes",
+        output="{'approved': output.approved, 'refund': input}",
+        on_failure="notify",
+        after=check,
+    )
+    wf.node("pay", "pay-refund", after=review)
+    wf.node("notify", "notify")
+    return wf
+
+
+def test_approval_builder_to_proto_and_yaml_agree(tmp_path: Path) -> None:
+    review = refund_workflow().to_proto().nodes[1]
+    assert (review.kind, review.task_type, review.required_role) == ("approval", "", "finance")
+    assert review.approval_timeout.ToTimedelta() == timedelta(hours=24)
+    assert review.prompt == "Refunds over 1000 need a second pair of eyes"
+    assert review.on_failure == "notify"
+    assert not review.HasField("retry_policy") and not review.HasField("start_to_close_timeout")
+    path = tmp_path / "refund.yaml"
+    path.write_text(APPROVAL_YAML)
+    assert load_workflow(path) == refund_workflow().to_proto()
+
+
+def test_an_approval_node_by_hand_and_in_an_expansion() -> None:
+    node = ApprovalNode("ok", "operator")
+    msg = node.to_proto()
+    assert (msg.kind, msg.required_role, msg.prompt) == ("approval", "operator", "")
+    assert not msg.HasField("approval_timeout")
+    request = worker_service_pb2.CompleteTaskRequest()
+    fill_completion(request, Result(None, add_nodes=[node], add_edges=[("a", "ok")]))
+    assert request.expansion.nodes[0].kind == "approval"
+
+
+@pytest.mark.parametrize(
+    ("build", "problem"),
+    [
+        (lambda: ApprovalNode("r", ""), "required_role must be a role name"),
+        (lambda: ApprovalNode("r", "two words"), "required_role must be a role name"),
+        (lambda: ApprovalNode("r", "ops", timeout="0s"), "must be greater than zero"),
+        (lambda: ApprovalNode("r", "ops", prompt=3), "prompt must be a string"),  # type: ignore[arg-type]
+    ],
+)
+def test_approval_mistakes_are_refused_locally(build: Any, problem: str) -> None:
+    with pytest.raises(DefinitionError, match=problem):
+        build()
+    with pytest.raises(DefinitionError, match="workflow 'w': node 'r': required_role"):
+        Workflow("w").approval("r", required_role="")
 
 
 # Result ----------------------------------------------------------------------------------
