@@ -233,6 +233,20 @@ async def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _approve(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        execution = await client.approve_node(args.execution_id, args.node_id, args.comment or "")
+    _show(args, execution)
+    return 0
+
+
+async def _reject(args: argparse.Namespace) -> int:
+    async with Client(args.address) as client:
+        execution = await client.reject_node(args.execution_id, args.node_id, args.comment or "")
+    _show(args, execution)
+    return 0
+
+
 def _show(args: argparse.Namespace, execution: Execution) -> None:
     if args.output == "json":
         _print_json(_execution_doc(execution))
@@ -499,6 +513,19 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--node", help="act on this node only")
         if name == "cancel":
             cmd.add_argument("--reason", help="recorded in the event history")
+        cmd.add_argument("--output", choices=["text", "json"], default="text")
+        cmd.set_defaults(func=func)
+
+    for name, func, text in (
+        ("approve", _approve, "approve a waiting approval node; the execution goes on"),
+        ("reject", _reject, "reject a waiting approval node; it fails with the comment"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("execution_id")
+        cmd.add_argument("node_id", help="the approval node")
+        cmd.add_argument(
+            "--comment", metavar="TEXT", help="recorded with the decision (a rejection's reason)"
+        )
         cmd.add_argument("--output", choices=["text", "json"], default="text")
         cmd.set_defaults(func=func)
 
