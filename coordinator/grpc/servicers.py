@@ -14,7 +14,6 @@ from coordinator.grpc.auth import caller, tenant
 from coordinator.grpc.status import stream, unary
 from coordinator.model import Execution
 from coordinator.service import (
-    ADMIN_ROLE,
     Completion,
     Coordinator,
     Failure,
@@ -35,12 +34,11 @@ from trellis.v1 import (
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-def _decider(context: Ctx) -> tuple[str, frozenset[str]]:
-    """Who makes a call that decides an approval node, and the roles they hold.
-
-    For now every decider is an anonymous admin; this is the one place to take the
-    principal and its roles from the call (``caller()``) instead."""
-    return "anonymous", frozenset({ADMIN_ROLE})
+def _decider() -> tuple[str, frozenset[str]]:
+    """Who decides an approval node: the authenticated caller (its subject: an API key's
+    name, a certificate's common name, a JWT's sub) and the roles it holds."""
+    principal = caller()
+    return principal.subject, principal.roles
 
 
 # Reply this much before the caller's deadline so an empty poll is an answer, not an error.
@@ -325,7 +323,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def ApproveNode(
         self, request: fpb.ApproveNodeRequest, context: Ctx
     ) -> fpb.ApproveNodeResponse:
-        by, roles = _decider(context)
+        by, roles = _decider()
         view = await self._c.approvals.approve(
             tenant(),
             request.execution_id,
@@ -340,7 +338,7 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def RejectNode(
         self, request: fpb.RejectNodeRequest, context: Ctx
     ) -> fpb.RejectNodeResponse:
-        by, roles = _decider(context)
+        by, roles = _decider()
         view = await self._c.approvals.reject(
             tenant(),
             request.execution_id,

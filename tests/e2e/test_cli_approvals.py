@@ -1,4 +1,5 @@
-"""`trellis approve` and `trellis reject` against a real coordinator process."""
+"""`trellis approve` and `trellis reject` against a real coordinator process (the CLI sends
+the tests' admin key: decisions are recorded as made by bootstrap-admin)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_approve_and_reject_from_the_command_line(address: str, tmp_path: Path) 
     assert ["sign_off", "SUCCEEDED"] in rows and ["go_live", "WAITING"] in rows, approved
     decision = nodes(status(address, execution_id))["sign_off"]["output"]
     assert isinstance(decision, dict) and decision.pop("at")
-    assert decision == {"approved": True, "by": "anonymous", "comment": "notes are up"}
+    assert decision == {"approved": True, "by": "bootstrap-admin", "comment": "notes are up"}
 
     rejected = trellis(
         address,
@@ -74,7 +75,9 @@ def test_approve_and_reject_from_the_command_line(address: str, tmp_path: Path) 
     doc = json.loads(rejected.stdout)
     assert doc["status"] == "FAILED"
     assert doc["error"]["type"] == "ApprovalRejected"
-    assert doc["error"]["message"] == "node 'go_live' was rejected by anonymous: not on a Friday"
+    assert doc["error"]["message"] == (
+        "node 'go_live' was rejected by bootstrap-admin: not on a Friday"
+    )
     go_live = nodes(doc)["go_live"]
     assert (go_live["status"], go_live["error"]) == ("FAILED", "not on a Friday")
 

@@ -1,5 +1,6 @@
 """Approval nodes through the gRPC surface and the service, on SQLite, PostgreSQL and the
-memory store: waiting, ApproveNode, RejectNode, who may decide, refusals, timeouts."""
+memory store: waiting, ApproveNode, RejectNode, who may decide (the caller's roles),
+refusals, timeouts."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ import pytest
 from google.protobuf import duration_pb2
 
 from coordinator.errors import PermissionDenied
-from tests.support.grpc_api import Api, events_of, expect_status, poll, register
+from tests.support.grpc_api import Api, channel_to, events_of, expect_status, poll, register
 from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
+from trellis.v1 import identity_service_pb2 as ipb
+from trellis.v1 import identity_service_pb2_grpc as igrpc
 from trellis.v1 import worker_service_pb2 as wpb
 from trellis.v1 import workflow_service_pb2 as fpb
+from trellis.v1 import workflow_service_pb2_grpc as fgrpc
 
 TENANT = "default"
+# The subject of the admin key the test channel sends (the bootstrap key).
+ADMIN = "bootstrap-admin"
 WAITING = common_pb2.NODE_STATUS_WAITING
 
 
@@ -24,13 +30,8 @@ def review_flow(name: str = "orders", **review: object) -> common_pb2.WorkflowDe
     """prepare (task) -> review (approval, role operator) -> ship (task)."""
     msg = common_pb2.WorkflowDefinition(name=name)
     msg.nodes.add(id="prepare", task_type="t")
-    msg.nodes.add(
-        id="review",
-        kind="approval",
-        required_role="operator",
-        prompt="Check the amount",
-        **review,  # type: ignore[arg-type]
-    )
+    review.setdefault("required_role", "operator")
+    msg.nodes.add(id="review", kind="approval", prompt="Check the amount", **review)  # type: ignore[arg-type]
     msg.nodes.add(id="ship", task_type="t")
     msg.edges.add(source="prepare", target="review")
     msg.edges.add(source="review", target="ship")
@@ -55,11 +56,11 @@ async def complete(api: Api, output: object) -> wpb.Task:
     return task
 
 
-async def awaiting_review(api: Api, **review: object) -> str:
+async def awaiting_review(api: Api, name: str = "orders", **review: object) -> str:
     """An execution of ``review_flow`` whose review node is WAITING."""
-    await register(api, review_flow(**review))
+    await register(api, review_flow(name, **review))
     reply = await api.workflows.StartExecution(
-        fpb.StartExecutionRequest(workflow_name="orders", input=b'{"order": 7}')
+        fpb.StartExecutionRequest(workflow_name=name, input=b'{"order": 7}')
     )
     execution_id: str = reply.execution.id
     await complete(api, {"amount": 4800})
@@ -90,7 +91,7 @@ async def test_a_waiting_approval_holds_no_worker_and_approving_continues(api: A
     assert review.status == common_pb2.NODE_STATUS_SUCCEEDED
     decision = json.loads(review.output)
     assert decision.pop("at").endswith("Z")
-    assert decision == {"approved": True, "by": "anonymous", "comment": "ok by me"}
+    assert decision == {"approved": True, "by": ADMIN, "comment": "ok by me"}
 
     task = await complete(api, "shipped")
     assert task.node_id == "ship"
@@ -107,7 +108,7 @@ async def test_a_waiting_approval_holds_no_worker_and_approving_continues(api: A
         "prompt": "Check the amount",
     }
     approved = next(e for e in events if e.type == "NODE_APPROVED")
-    assert json.loads(approved.details)["by"] == "anonymous"
+    assert json.loads(approved.details)["by"] == ADMIN
     assert json.loads(approved.details)["comment"] == "ok by me"
 
 
@@ -122,13 +123,13 @@ async def test_rejecting_fails_the_node_with_the_comment_as_reason(api: Api) -> 
     decision = json.loads(review.error.details)
     assert (decision["approved"], decision["by"], decision["comment"]) == (
         False,
-        "anonymous",
+        ADMIN,
         "too much",
     )
     assert node(reply.execution, "ship").status == common_pb2.NODE_STATUS_SKIPPED
     done = await ended(api, execution_id)
     assert done.status == common_pb2.EXECUTION_STATUS_FAILED
-    assert done.error.message == "node 'review' was rejected by anonymous: too much"
+    assert done.error.message == "node 'review' was rejected by bootstrap-admin: too much"
     assert await poll(api) == []
     rejected = [e for e in await events_of(api, execution_id) if e.type == "NODE_REJECTED"]
     assert [json.loads(e.details)["comment"] for e in rejected] == ["too much"]
@@ -165,6 +166,46 @@ async def test_admin_decides_any_approval(api: Api) -> None:
     )
     review = next(n for n in view.nodes if n.node_id == "review")
     assert review.error is not None and review.error.message == "stop"
+
+
+async def test_the_callers_own_roles_decide_over_grpc(api: Api) -> None:
+    identity = igrpc.IdentityServiceStub(api.channel)
+    opened: list[grpc.aio.Channel] = []
+
+    async def as_key(name: str, *roles: str) -> fgrpc.WorkflowServiceStub:
+        reply = await identity.CreateApiKey(
+            ipb.CreateApiKeyRequest(tenant=TENANT, name=name, roles=roles)
+        )
+        opened.append(channel_to(api.address, reply.key))
+        return fgrpc.WorkflowServiceStub(opened[-1])
+
+    try:
+        orders = await awaiting_review(api)  # needs the role operator
+        refunds = await awaiting_review(api, "refunds", required_role="finance")
+        olga = await as_key("olga", "operator")
+        dev = await as_key("dev", "developer")
+        denied = grpc.StatusCode.PERMISSION_DENIED
+
+        # No executions.approve at all: refused before the use case.
+        await expect_status(
+            dev.ApproveNode(fpb.ApproveNodeRequest(execution_id=orders, node_id="review")), denied
+        )
+        # Allowed to approve, but not holding the node's role.
+        await expect_status(
+            olga.RejectNode(fpb.RejectNodeRequest(execution_id=refunds, node_id="review")),
+            denied,
+            "it needs the role 'finance' (or 'admin'); olga has roles: 'operator'",
+        )
+        assert node(await get(api, refunds), "review").status == WAITING
+
+        reply = await olga.ApproveNode(
+            fpb.ApproveNodeRequest(execution_id=orders, node_id="review", comment="fine")
+        )
+        decision = json.loads(node(reply.execution, "review").output)
+        assert (decision["by"], decision["comment"]) == ("olga", "fine")
+    finally:
+        for channel in opened:
+            await channel.close()
 
 
 async def test_deciding_anything_but_a_waiting_approval_node_is_refused(api: Api) -> None:
