@@ -8,12 +8,15 @@ named by ``tenant_claim`` and ``roles_claim`` give the caller's tenant and roles
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
-from coordinator.errors import Unauthenticated
+from coordinator.errors import Unauthenticated, Unavailable
+
+log = logging.getLogger(__name__)
 
 REFUSED = "missing or invalid credentials"
 
@@ -49,7 +52,17 @@ class JwtVerifier:
         keys: list[Any]
         if self._jwks is not None:
             # The JWKS fetch is blocking I/O (cached after the first): off the event loop.
-            keys = [(await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)).key]
+            try:
+                keys = [(await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)).key]
+            except jwt.PyJWKClientConnectionError as exc:
+                log.warning("could not fetch the OIDC issuer's keys from %s: %s", s.jwks_url, exc)
+                raise Unavailable(
+                    "the identity provider's signing keys could not be fetched; retry later"
+                ) from exc
+            except jwt.PyJWTError as exc:
+                # Not a JWT, or no published key has its kid: refused like any bad token
+                # (not an internal error that names the kid it asked for).
+                raise Unauthenticated(REFUSED) from exc
         else:
             keys = list(s.public_keys)
         last: Exception | None = None

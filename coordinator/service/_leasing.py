@@ -157,7 +157,10 @@ class Leasing:
     ) -> list[LeasedTask]:
         """Long-poll: claim up to ``max_tasks``; if none, sleep until woken or ``wait`` ends.
         Admission: while ``poll_waiters`` is full, a poll that would wait is refused
-        (``ResourceExhausted`` with a retry hint) unless it finds work at once."""
+        (``ResourceExhausted`` with a retry hint) unless it finds work at once.
+        Only the credential that registered ``worker_id`` may poll for it (the tasks it
+        leases, and their event history, name that worker)."""
+        await self._check_owner(tenant_id, worker_id, credential)
 
         def poll(wait: timedelta) -> Awaitable[list[LeasedTask]]:
             return self._poll(tenant_id, worker_id, task_types, max_tasks, wait, credential)
@@ -173,6 +176,19 @@ class Leasing:
             return tasks
         with waiters.admit():  # RESOURCE_EXHAUSTED with a retry hint
             return await poll(wait)
+
+    async def _check_owner(self, tenant_id: str, worker_id: str, credential: str) -> None:
+        if not worker_id:
+            return  # check_claim refuses it
+        try:
+            worker = await self._workers.get_worker(tenant_id, worker_id)
+        except NotFound:
+            return  # not registered (yet): RegisterWorker gives the id to the first to come
+        if worker.credential != credential:
+            raise PermissionDenied(
+                f"worker id '{worker_id}' is registered with another credential; a worker "
+                "may poll only for itself"
+            )
 
     async def _poll(
         self,

@@ -303,9 +303,12 @@ async def test_leases_are_signed_and_bound_to_the_worker_that_took_them(world: W
         ),
         # Someone else's heartbeat naming my worker id, without tokens: would fail my leases.
         thief.workers.Heartbeat(wpb.HeartbeatRequest(worker_id="w-mine")),
-        # Taking over my worker id.
+        # Taking over my worker id, or polling under it (its leases would name me).
         thief.workers.RegisterWorker(
             wpb.RegisterWorkerRequest(worker_id="w-mine", task_types=["t"], capacity=1)
+        ),
+        thief.workers.PollTasks(
+            wpb.PollTasksRequest(worker_id="w-mine", task_types=["t"], max_tasks=1)
         ),
     ):
         details = await expect_status(call, DENIED)

@@ -1,6 +1,7 @@
 """The `trellis` command line, run as a real process against a coordinator's address.
 
-- ``trellis(address, *args)``: the finished process (exit code, stdout, stderr);
+- ``trellis(address, *args, api_key=...)``: the finished process (exit code, stdout,
+  stderr), sending the admin key unless ``api_key`` names another credential;
 - ``cli(address, *args)``: the same when it must succeed: its stdout;
 - ``one_line_error(result, *fragments)``: a failure reported on one line of stderr;
 - ``trellis_cli(address, *args)``: ``trellis`` without blocking the event loop.
@@ -16,10 +17,13 @@ from dataclasses import dataclass
 from tests.support.procs import ROOT, base_env
 
 
-def trellis(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+def trellis(
+    address: str, *args: str, api_key: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``api_key``: the credential to send (default: the test coordinators' admin key)."""
     return subprocess.run(
         [sys.executable, "-m", "trellis.cli", "--address", address, *args],
-        env=base_env(),
+        env=base_env({"TRELLIS_API_KEY": api_key} if api_key is not None else None),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -36,8 +40,8 @@ def one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) ->
     return lines[0]
 
 
-def cli(address: str, *args: str) -> str:
-    done = trellis(address, *args)
+def cli(address: str, *args: str, api_key: str | None = None) -> str:
+    done = trellis(address, *args, api_key=api_key)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
