@@ -10,6 +10,11 @@
   gateway); 202 ``{"execution_id", "created"}``.
 - ``POST /api/events/{name}``: ``PublishEvent``, guarded by the bearer token in
   ``TRELLIS_GATEWAY_EVENTS_TOKEN`` (404 when unset).
+- ``POST /api/executions/{execution_id}/nodes/{node_id}/approve`` (or ``/reject``), body
+  ``{"comment": "..."}``: decides an approval node as the caller, whose own Trellis
+  credential (``Authorization: Bearer <key or JWT>``) is passed on to the coordinator,
+  which checks it (401 without one, 403 without the node's role); 200
+  ``{"execution_id", "status", "node_status"}``.
 
 Errors answer JSON ``{"error": "..."}``: 413 over ``TRELLIS_GATEWAY_MAX_BODY_BYTES``, 400
 for a body that is not JSON, 401 for a bad signature or token, 404 for an unknown path,
@@ -26,7 +31,8 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,10 +43,13 @@ from starlette.routing import Route
 
 from gateway.config import GatewayConfig
 from trellis.v1 import (
+    common_pb2,
     dispatch_service_pb2,
     dispatch_service_pb2_grpc,
     trigger_service_pb2,
     trigger_service_pb2_grpc,
+    workflow_service_pb2,
+    workflow_service_pb2_grpc,
 )
 from worker_sdk._channel import open_channel
 
@@ -64,6 +73,9 @@ _HTTP_STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 503,
     grpc.StatusCode.UNIMPLEMENTED: 503,
 }
+
+
+_NODE_PATH = "/api/executions/{execution_id}/nodes/{node_id}"
 
 
 class _TooLarge(Exception):
@@ -105,11 +117,15 @@ def create_app(config: GatewayConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state["channel"] = open_channel(config.connection)
+        # Calls made for a person (approvals) carry that person's credential, not the
+        # gateway's: a channel without one, the caller's sent per call.
+        state["people"] = open_channel(replace(config.connection, api_key=""))
         log.info("gateway up; coordinator at %s", config.coordinator_address)
         try:
             yield
         finally:
             await state["channel"].close()
+            await state["people"].close()
 
     def triggers() -> trigger_service_pb2_grpc.TriggerServiceAsyncStub:
         return trigger_service_pb2_grpc.TriggerServiceStub(state["channel"])
@@ -233,12 +249,72 @@ def create_app(config: GatewayConfig) -> Starlette:
             status_code=202,
         )
 
+    def decide(decision: str) -> Callable[[Request], Awaitable[JSONResponse]]:
+        async def endpoint(request: Request) -> JSONResponse:  # Starlette awaits async defs
+            return await _decide(request, decision)
+
+        return endpoint
+
+    async def _decide(request: Request, decision: str) -> JSONResponse:
+        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            return _error(401, "missing Authorization: Bearer <your Trellis API key or token>")
+        try:
+            body = await _read_body(request, config.max_body_bytes)
+        except _TooLarge:
+            return _error(413, f"the body is larger than {config.max_body_bytes} bytes")
+        except ClientDisconnect:
+            return _error(400, "the client disconnected before sending the whole body")
+        try:
+            doc = json.loads(body) if body.strip() else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, f"the body is not valid JSON: {exc}")
+        comment = doc.get("comment", "") if isinstance(doc, dict) else None
+        if not isinstance(comment, str):
+            return _error(400, 'the body must be a JSON object like {"comment": "..."}')
+        execution_id = request.path_params["execution_id"]
+        node_id = request.path_params["node_id"]
+        stub = workflow_service_pb2_grpc.WorkflowServiceStub(state["people"])
+        metadata = (("authorization", f"Bearer {credential.strip()}"),)
+        reply: workflow_service_pb2.ApproveNodeResponse | workflow_service_pb2.RejectNodeResponse
+        try:
+            if decision == "approve":
+                reply = await stub.ApproveNode(
+                    workflow_service_pb2.ApproveNodeRequest(
+                        execution_id=execution_id, node_id=node_id, comment=comment
+                    ),
+                    timeout=config.rpc_timeout,
+                    metadata=metadata,
+                )
+            else:
+                reply = await stub.RejectNode(
+                    workflow_service_pb2.RejectNodeRequest(
+                        execution_id=execution_id, node_id=node_id, comment=comment
+                    ),
+                    timeout=config.rpc_timeout,
+                    metadata=metadata,
+                )
+        except grpc.aio.AioRpcError as exc:
+            return _rpc_error(exc, f"approval {execution_id}/{node_id}")
+        nodes = {n.node_id: common_pb2.NodeStatus.Name(n.status) for n in reply.execution.nodes}
+        return JSONResponse(
+            {
+                "execution_id": reply.execution.id,
+                "status": common_pb2.ExecutionStatus.Name(reply.execution.status),
+                "node_status": nodes.get(node_id, ""),
+            }
+        )
+
     return Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/api/webhooks/{path:path}", webhook, methods=["POST"]),
             Route("/api/events/{name}", event, methods=["POST"]),
+            *(
+                Route(f"{_NODE_PATH}/{d}", decide(d), methods=["POST"])
+                for d in ("approve", "reject")
+            ),
         ],
         lifespan=lifespan,
     )

@@ -228,11 +228,13 @@ class Authenticator:
     async def _from_jwt(self, token: str) -> Principal:
         assert self.jwt is not None
         claims = await self.jwt.verify(token)
-        tenant = claims.get(self.jwt.tenant_claim) or SYSTEM_TENANT
+        # No tenant claim is no tenant: never the system tenant by default, whose admins
+        # reach every tenant.
+        tenant = claims.get(self.jwt.tenant_claim)
         roles = claims.get(self.jwt.roles_claim) or []
         if isinstance(roles, str):
             roles = roles.split()
-        if not isinstance(tenant, str) or not isinstance(roles, list):
+        if not isinstance(tenant, str) or not tenant or not isinstance(roles, list):
             raise Unauthenticated(REFUSED)
         if not await self.identity.tenant_exists(tenant):
             raise Unauthenticated(REFUSED)

@@ -18,6 +18,17 @@ def get(url: str) -> tuple[int, dict[str, object]]:
         return exc.code, json.loads(exc.read())
 
 
+def post(
+    url: str, body: bytes = b"{}", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def until(url: str, status: int, proc: Proc, within: float = 30.0) -> dict[str, object]:
     """The body of ``url`` once it answers ``status``; fails at once if ``proc`` exits."""
     last: list[tuple[int, object]] = [(0, "no answer yet")]

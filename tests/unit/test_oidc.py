@@ -57,3 +57,43 @@ async def test_an_unreachable_jwks_is_unavailable_and_a_malformed_token_refused(
     # Not a JWT: refused before any fetch.
     with pytest.raises(Unauthenticated, match="missing or invalid credentials"):
         await verifier.verify("a.b.c")
+
+
+class _Claims:
+    """A BearerVerifier that accepts any token with fixed claims."""
+
+    tenant_claim = "trellis_tenant"
+    roles_claim = "trellis_roles"
+
+    def __init__(self, claims: dict[str, object]) -> None:
+        self.claims = claims
+
+    async def verify(self, token: str) -> dict[str, object]:
+        return dict(self.claims)
+
+
+async def test_a_jwt_without_a_tenant_claim_is_refused_not_the_system_tenant() -> None:
+    from datetime import UTC, datetime
+
+    from coordinator.errors import Unauthenticated
+    from coordinator.service import Authenticator, KeyRing
+    from coordinator.store import MemoryStore
+
+    store = MemoryStore()
+    claims: dict[str, object] = {"iss": "https://id", "sub": "mallory", "trellis_roles": ["admin"]}
+    auth = Authenticator(
+        store.identity,
+        KeyRing([("k", "a-secret-of-enough-length")]),
+        lambda: datetime.now(UTC),
+        jwt=_Claims(claims),  # type: ignore[arg-type]
+    )
+    with pytest.raises(Unauthenticated):
+        await auth.authenticate("a.b.c", None)
+    auth = Authenticator(
+        store.identity,
+        KeyRing([("k", "a-secret-of-enough-length")]),
+        lambda: datetime.now(UTC),
+        jwt=_Claims({**claims, "trellis_tenant": "default"}),  # type: ignore[arg-type]
+    )
+    principal = await auth.authenticate("a.b.c", None)
+    assert (principal.tenant_id, principal.subject) == ("default", "mallory")
