@@ -218,7 +218,11 @@ class SqlNotifications:
             )
             await conn.execute(
                 sa.update(d)
-                .where(d.c.channel_id == channel_id, d.c.status == _PENDING)
+                .where(
+                    d.c.tenant_id == tenant_id,
+                    d.c.channel_id == channel_id,
+                    d.c.status == _PENDING,
+                )
                 .values(
                     status=DeliveryStatus.FAILED.value,
                     last_error="its channel was deleted",

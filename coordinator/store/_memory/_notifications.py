@@ -74,21 +74,25 @@ class MemoryNotifications:
         state = self._state
         at = _copies.ms(now)
         async with state.write():
-            # Its rules go with it (the SQL store's foreign key cascades, any tenant's).
+            found = state.channels.get(channel_id)
+            if found is None or found.tenant_id != tenant_id:
+                raise errors.NotFound(f"notification channel {channel_id!r} not found")
+            # Its rules go with it, and its pending deliveries fail (this tenant's: a
+            # channel id belongs to one tenant).
             for rule in state.rules.values():
-                if rule.channel_id == channel_id:
+                if rule.channel_id == channel_id and rule.tenant_id == tenant_id:
                     state.rules.delete(rule.id)
-            # Its pending deliveries (in any tenant, as the SQL store's) fail.
             for row in state.deliveries.values():
                 d = row.delivery
-                if d.channel_id == channel_id and d.status is DeliveryStatus.PENDING:
+                if (
+                    d.channel_id == channel_id
+                    and d.tenant_id == tenant_id
+                    and d.status is DeliveryStatus.PENDING
+                ):
                     failed = dataclasses.replace(
                         d, status=DeliveryStatus.FAILED, last_error="its channel was deleted"
                     )
                     state.deliveries.put(d.id, DeliveryRow(failed, updated_at=at))
-            found = state.channels.get(channel_id)
-            if found is None or found.tenant_id != tenant_id:
-                raise errors.NotFound(f"notification channel {channel_id!r} not found")
             state.channels.delete(channel_id)
 
     # -- rules ----------------------------------------------------------------------------
