@@ -246,6 +246,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._authenticator = authenticator
         self._c = coordinator
         self._open_as = open_as
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -259,6 +260,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method: str = details.method
         if handler is None or method.startswith(_OPEN_PREFIXES):
             return handler
+        # The same registered handler comes back for every call of a method: wrap it once.
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         rule = RULES.get(method, _ANY_PRINCIPAL)
         action = method.rsplit("/", 1)[-1]
         wrapped: grpc.RpcMethodHandler[Any, Any] = handler
@@ -271,6 +276,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             wrapped = tupled._replace(
                 stream_stream=self._stream_stream(handler.stream_stream, rule)
             )
+        self._wrapped[method] = (handler, wrapped)
         return wrapped
 
     # -- wrappers ---------------------------------------------------------------------------
@@ -379,13 +385,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         permission = rule.permission
         if permission is None:
             return
-        if not principal.holds(permission):
+        access = principal.access.get(permission)
+        if access is None:
             raise PermissionDenied(
                 f"permission denied: this call needs '{permission}', which the roles of "
                 f"'{principal.subject}' ({', '.join(sorted(principal.roles)) or 'none'}) do "
                 "not grant"
             )
-        if not principal.narrowed(permission):
+        if access:  # held for every target
             return
         targets = await self._targets(principal, request, rule)
         if not targets:

@@ -13,6 +13,7 @@ Pure data and pure rules: the service resolves credentials and roles, the gRPC l
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -197,6 +198,17 @@ class Principal:
         if permission in SYSTEM_ONLY and self.tenant_id != SYSTEM_TENANT:
             return False
         return any(g.permission is permission for g in self.grants)
+
+    @functools.cached_property
+    def access(self) -> dict[Permission, bool]:
+        """Each permission held: True when for every target, False when only for some
+        (narrowed). What the interceptor asks on every call, computed once per principal."""
+        out: dict[Permission, bool] = {}
+        for grant in self.grants:
+            if grant.permission in SYSTEM_ONLY and self.tenant_id != SYSTEM_TENANT:
+                continue
+            out[grant.permission] = out.get(grant.permission, False) or grant.pattern == "*"
+        return out
 
     def narrowed(self, permission: Permission) -> bool:
         """True when ``permission`` is held only for some targets (so each target must be

@@ -100,7 +100,7 @@ class Coordinator:
         )
         self.results = Results(tx, self.definitions, self.leasing, dispatch, settings, signer)
         self.heartbeats = Heartbeats(
-            store.leases, store.workers, self.results, settings, clock, signer
+            store.leases, store.workers, self.results, settings, clock, signer, self.leasing.owners
         )
         self.identity = IdentityAdmin(store.identity, store.audit, keyring, authenticator, clock)
         self.executions = Executions(store.executions, self.definitions, notifier, draining)

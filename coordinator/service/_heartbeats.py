@@ -9,9 +9,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from coordinator.errors import NotFound, PermissionDenied
 from coordinator.model import ErrorInfo, NodeStatus
 from coordinator.service._common import Clock, ServiceSettings
+from coordinator.service._leasing import WorkerOwners
 from coordinator.service._results import Results
 from coordinator.service._tokens import Holder, LeaseSigner, LeaseToken
 from coordinator.service.ports import LeaseRepository, WorkerRepository
@@ -34,7 +34,9 @@ class Heartbeats:
         settings: ServiceSettings,
         clock: Clock,
         signer: LeaseSigner,
+        owners: WorkerOwners,
     ) -> None:
+        self._owners = owners
         self._signer = signer
         self._leases = leases
         self._workers = workers
@@ -51,7 +53,7 @@ class Heartbeats:
         decoded = {t: self._signer.decode(t, holder) for t in tokens}
         now = self._clock()
         if worker_id:
-            await self._check_owner(tenant_id, worker_id, credential)
+            await self._owners.check(tenant_id, worker_id, credential, "heartbeat")
             await self._workers.touch_worker(tenant_id, worker_id, now)
             await self._release_unreported(tenant_id, worker_id, decoded.values(), now)
         if not decoded:
@@ -69,17 +71,6 @@ class Heartbeats:
                     continue
             lost.append(raw)
         return HeartbeatResult(tuple(cancelled), tuple(lost))
-
-    async def _check_owner(self, tenant_id: str, worker_id: str, credential: str) -> None:
-        try:
-            worker = await self._workers.get_worker(tenant_id, worker_id)
-        except NotFound:
-            return  # not registered (yet): it holds no leases to release
-        if worker.credential != credential:
-            raise PermissionDenied(
-                f"worker id '{worker_id}' is registered with another credential; a worker "
-                "may heartbeat only for itself"
-            )
 
     async def _release_unreported(
         self, tenant_id: str, worker_id: str, reported: Iterable[LeaseToken], now: datetime

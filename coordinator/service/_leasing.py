@@ -47,6 +47,40 @@ from coordinator.service.ports import (
 log = logging.getLogger(__name__)
 
 
+class WorkerOwners:
+    """Which credential registered each worker id: only it may poll, heartbeat or register
+    under the id. Known owners are remembered (an id never changes hands: RegisterWorker
+    refuses another credential), so the hot path reads the workers table once per id."""
+
+    _LIMIT = 100_000
+
+    def __init__(self, workers: WorkerRepository) -> None:
+        self._workers = workers
+        self._known: dict[tuple[str, str], str] = {}
+
+    async def check(self, tenant_id: str, worker_id: str, credential: str, what: str) -> None:
+        """PermissionDenied when another credential registered ``worker_id``; an id nobody
+        registered yet passes (RegisterWorker gives it to the first to come)."""
+        owner = self._known.get((tenant_id, worker_id))
+        if owner is None:
+            try:
+                worker = await self._workers.get_worker(tenant_id, worker_id)
+            except NotFound:
+                return
+            owner = self.remember(tenant_id, worker_id, worker.credential)
+        if owner != credential:
+            raise PermissionDenied(
+                f"worker id '{worker_id}' is registered with another credential; a worker "
+                f"may {what} only for itself"
+            )
+
+    def remember(self, tenant_id: str, worker_id: str, credential: str) -> str:
+        if len(self._known) >= self._LIMIT:
+            self._known.clear()
+        self._known[(tenant_id, worker_id)] = credential
+        return credential
+
+
 @dataclass(frozen=True)
 class LeasedTask:
     """A claimed node run as handed to a worker."""
@@ -78,6 +112,7 @@ class Leasing:
         poll_waiters: PollWaiters | None = None,
     ) -> None:
         self._signer = signer
+        self.owners = WorkerOwners(workers)
         self._leases = leases
         self._workers = workers
         self._executions = executions
@@ -143,6 +178,7 @@ class Leasing:
                 credential=credential,
             )
         )
+        self.owners.remember(tenant_id, worker_id, credential)
         return worker_id
 
     async def poll_tasks(
@@ -178,17 +214,8 @@ class Leasing:
             return await poll(wait)
 
     async def _check_owner(self, tenant_id: str, worker_id: str, credential: str) -> None:
-        if not worker_id:
-            return  # check_claim refuses it
-        try:
-            worker = await self._workers.get_worker(tenant_id, worker_id)
-        except NotFound:
-            return  # not registered (yet): RegisterWorker gives the id to the first to come
-        if worker.credential != credential:
-            raise PermissionDenied(
-                f"worker id '{worker_id}' is registered with another credential; a worker "
-                "may poll only for itself"
-            )
+        if worker_id:  # (check_claim refuses an empty one)
+            await self.owners.check(tenant_id, worker_id, credential, "poll")
 
     async def _poll(
         self,
