@@ -13,7 +13,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from coordinator import engine
 from coordinator.errors import FailedPrecondition, NotFound
@@ -205,35 +205,23 @@ class Sweeper:
     async def time_out_unstarted(self) -> tuple[int, int]:
         """READY nodes not leased within schedule-to-start become TIMED_OUT (not retried)."""
         overdue = await self._c.store.leases.find_unstarted_overdue(self._now(), self._batch)
-
-        async def verdict(node: NodeRun) -> bool:
-            await self._c.transactions.run_step(
-                node.tenant_id,
-                node.execution_id,
-                functools.partial(_time_out_unstarted, node.node_id),
-            )
-            log.warning(
-                "node not started in time",
-                extra={"execution_id": node.execution_id, "node_id": node.node_id},
-            )
-            return True
-
-        return await self._each(overdue, verdict)
+        return await self._time_out(overdue, _time_out_unstarted, "node not started in time")
 
     async def time_out_approvals(self) -> tuple[int, int]:
         """WAITING approval nodes past their approval_timeout become TIMED_OUT."""
         overdue = await self._c.store.executions.find_waiting_overdue(self._now(), self._batch)
+        return await self._time_out(overdue, _time_out_approval, "approval node timed out")
+
+    async def _time_out(
+        self, overdue: list[NodeRun], step: Callable[..., Any], message: str
+    ) -> tuple[int, int]:
+        """Run ``step(node_id, ...)`` on each overdue node's execution, logging ``message``."""
 
         async def verdict(node: NodeRun) -> bool:
             await self._c.transactions.run_step(
-                node.tenant_id,
-                node.execution_id,
-                functools.partial(_time_out_approval, node.node_id),
+                node.tenant_id, node.execution_id, functools.partial(step, node.node_id)
             )
-            log.warning(
-                "approval node timed out",
-                extra={"execution_id": node.execution_id, "node_id": node.node_id},
-            )
+            log.warning(message, extra={"execution_id": node.execution_id, "node_id": node.node_id})
             return True
 
         return await self._each(overdue, verdict)
