@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,19 @@ API_KEY_PREFIX = "tk_"
 # What every refusal says: nothing about which part was wrong.
 REFUSED = "missing or invalid credentials"
 _LAST_USED_EVERY = timedelta(minutes=1)
+# Bounds on what admins name: tenant ids and role names are identifiers; free text (key
+# names, certificate subjects) and lists (roles, permissions) are capped.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+MAX_TEXT = 256
+MAX_LIST = 100
+
+
+def _identifier(what: str, value: str) -> None:
+    if not _IDENTIFIER.fullmatch(value):
+        raise InvalidArgument(
+            f"{what} {value[:80]!r} is not valid: 1 to 63 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
 
 
 class KeyRing:
@@ -298,9 +312,7 @@ class IdentityAdmin:
         return requested
 
     async def create_tenant(self, caller: Principal, tenant_id: str) -> Tenant:
-        check_names(tenant=tenant_id)
-        if not tenant_id:
-            raise InvalidArgument("tenant id is empty; name the tenant to create")
+        _identifier("tenant id", tenant_id)
         tenant = Tenant(tenant_id, self._clock(), caller.subject)
         await self._identity.create_tenant(tenant)
         return tenant
@@ -319,6 +331,8 @@ class IdentityAdmin:
         tenant_id = self.target_tenant(caller, tenant_id)
         await self._check_roles(tenant_id, roles)
         check_names(name=name)
+        if len(name) > MAX_TEXT:
+            raise InvalidArgument(f"key name is {len(name)} characters; at most {MAX_TEXT}")
         key_id, secret, shown = new_api_key()
         now = self._clock()
         mac = self._keyring.mac("api-key", secret.encode())
@@ -342,6 +356,8 @@ class IdentityAdmin:
         self, caller: Principal, tenant_id: str, subject: str, roles: Sequence[str]
     ) -> Credential:
         tenant_id = self.target_tenant(caller, tenant_id)
+        if len(subject) > MAX_TEXT:
+            raise InvalidArgument(f"subject is {len(subject)} characters; at most {MAX_TEXT}")
         if not subject:
             raise InvalidArgument("subject is empty; give the client certificate's common name")
         await self._check_roles(tenant_id, roles)
@@ -370,9 +386,9 @@ class IdentityAdmin:
         self, caller: Principal, tenant_id: str, name: str, grants: Sequence[str]
     ) -> Role:
         tenant_id = self.target_tenant(caller, tenant_id)
-        check_names(role=name)
-        if not name:
-            raise InvalidArgument("role name is empty")
+        _identifier("role name", name)
+        if len(grants) > MAX_LIST:
+            raise InvalidArgument(f"{len(grants)} permissions; a role has at most {MAX_LIST}")
         if name in BUILTIN_ROLES:
             raise InvalidArgument(
                 f"'{name}' is a built-in role and cannot be changed; choose another name"
@@ -422,6 +438,8 @@ class IdentityAdmin:
         return await self._audit.verify(self.target_tenant(caller, tenant_id))
 
     async def _check_roles(self, tenant_id: str, roles: Sequence[str]) -> None:
+        if len(roles) > MAX_LIST:
+            raise InvalidArgument(f"{len(roles)} roles; a credential has at most {MAX_LIST}")
         if not roles:
             raise InvalidArgument(
                 "roles is empty; give at least one role (admin, operator, developer, "

@@ -746,3 +746,34 @@ async def test_mutating_calls_are_audited_with_outcome(world: World) -> None:
     other = world.as_key(await world.key("umbrella", "admin"))
     theirs = await other.identity.ListAuditRecords(ipb.ListAuditRecordsRequest())
     assert all(r.actor != "alice" for r in theirs.records)
+
+
+async def test_identity_admin_refuses_hostile_names_and_changes_nothing(world: World) -> None:
+    admin = world.admin.identity
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    for tenant in ("", "a" * 64, "../etc", "tenant:x", "t\x00"):
+        await expect_status(admin.CreateTenant(ipb.CreateTenantRequest(id=tenant)), bad)
+    await expect_status(
+        admin.PutRole(ipb.PutRoleRequest(name="r x", permissions=["workflows.read"])),
+        bad,
+        "role name",
+    )
+    await expect_status(
+        admin.PutRole(ipb.PutRoleRequest(name="many", permissions=["workflows.read"] * 101)),
+        bad,
+        "at most 100",
+    )
+    await expect_status(
+        admin.CreateApiKey(ipb.CreateApiKeyRequest(name="k" * 257, roles=["viewer"])),
+        bad,
+        "at most 256",
+    )
+    await expect_status(
+        admin.CreateApiKey(ipb.CreateApiKeyRequest(name="k", roles=["viewer"] * 101)), bad
+    )
+    tenants = await admin.ListTenants(ipb.ListTenantsRequest())
+    assert sorted(t.id for t in tenants.tenants) == ["acme", "default", "umbrella"]
+    roles = await admin.ListRoles(ipb.ListRolesRequest())
+    assert {r.name for r in roles.roles if not r.builtin} == set()
+    keys = await admin.ListCredentials(ipb.ListCredentialsRequest())
+    assert list(keys.credentials) == []
