@@ -500,11 +500,13 @@ async def test_poll_failure_backs_off_and_registers_again(fake: FakeWorkerServic
 
 
 async def test_survives_a_coordinator_restart(fake: FakeWorkerService) -> None:
+    started = asyncio.Event()
     release = asyncio.Event()
     finished = asyncio.Event()
 
     @task("gated")
     async def gated(ctx: TaskContext, data: Any) -> Any:
+        started.set()
         await release.wait()
         finished.set()
         return "after restart"
@@ -512,7 +514,7 @@ async def test_survives_a_coordinator_restart(fake: FakeWorkerService) -> None:
     port = int(fake.address.rsplit(":", 1)[1])
     async with serving(Worker([gated], address=fake.address)):
         token = await fake.add_task("gated")
-        await wait_for(lambda: bool(fake.leased))
+        await asyncio.wait_for(started.wait(), 5)
         assert fake.server is not None
         await fake.server.stop(None)  # the coordinator goes away ...
         release.set()
@@ -561,14 +563,18 @@ async def test_stop_drains_in_flight_tasks(fake: FakeWorkerService) -> None:
 
 
 async def test_drain_timeout_hands_unfinished_tasks_back(fake: FakeWorkerService) -> None:
+    started = asyncio.Event()
+
     @task("stuck")
     async def stuck(ctx: TaskContext, data: Any) -> Any:
+        started.set()
         await asyncio.Event().wait()
 
     worker = Worker([stuck], address=fake.address, drain_timeout=0.2)
     serve = asyncio.create_task(worker.serve())
     token = await fake.add_task("stuck")
-    await wait_for(lambda: bool(fake.leased))
+    # The handler runs: the lease reached the worker (not only left the server).
+    await asyncio.wait_for(started.wait(), 5)
     await asyncio.wait_for(worker.stop(), 5)
     await serve
     error = fake.failures[token]
