@@ -31,6 +31,7 @@ from coordinator.service._backpressure import StartRate
 from coordinator.service._children import ends_execution
 from coordinator.service._common import Clock, ServiceSettings, check_names
 from coordinator.service._definitions import Definitions
+from coordinator.service._schemas import check_input
 from coordinator.service._starts import (
     MAX_BATCH_START,
     StartRequest,
@@ -172,6 +173,7 @@ class Starts:
             defn = await self._definitions.get_workflow(tenant_id, *asked)
             if defs is not None:
                 defs[asked] = defn
+        check_input(defn, payload)
         shell = Execution(
             id=str(uuid.uuid4()),
             tenant_id=tenant_id,

@@ -1,0 +1,76 @@
+"""The JSON Schemas of a definition (docs/workflows.md, "Input and output schemas"): vetted
+at registration, an execution input checked on every kind of start, a worker's output
+checked when its attempt completes."""
+
+from __future__ import annotations
+
+import re
+
+from coordinator import schemas
+from coordinator.errors import InvalidArgument
+from coordinator.model import COMPENSATION_SUFFIX, NULL_JSON, NodeSpec, WorkflowDef
+
+# The error type of an attempt whose output does not match its node's output_schema, and
+# of a sub-workflow node or scheduled execution whose input does not match.
+OUTPUT_SCHEMA_VIOLATION = "OutputSchemaViolation"
+INPUT_SCHEMA_VIOLATION = "InputSchemaViolation"
+
+_MAP_ITEM = re.compile(r"(.+)\[\d+\]")
+
+
+def check_definition_schemas(defn: WorkflowDef) -> None:
+    """Raise ``InvalidArgument`` naming the workflow (and node) when a schema is not one."""
+    if defn.input_schema:
+        schemas.check_schema(defn.input_schema, f"workflow '{defn.name}': input_schema")
+    for node in defn.nodes:
+        if node.output_schema:
+            schemas.check_schema(
+                node.output_schema, f"workflow '{defn.name}' node '{node.id}': output_schema"
+            )
+
+
+def input_violation(defn: WorkflowDef, payload: bytes) -> str | None:
+    """Why ``payload`` does not match ``defn``'s input_schema (None: it does, or there is
+    none)."""
+    if not defn.input_schema:
+        return None
+    detail = schemas.violation(defn.input_schema, payload or NULL_JSON)
+    if detail is None:
+        return None
+    return (
+        f"input does not match the input_schema of workflow '{defn.name}' version "
+        f"{defn.version}{detail}"
+    )
+
+
+def check_input(defn: WorkflowDef, payload: bytes) -> None:
+    """Raise ``InvalidArgument`` when ``payload`` does not match ``defn``'s input_schema."""
+    why = input_violation(defn, payload)
+    if why is not None:
+        raise InvalidArgument(f"{why}; fix the input (GetWorkflow shows the schema)")
+
+
+def schema_node(defn: WorkflowDef, node_id: str) -> NodeSpec | None:
+    """The node whose output_schema a worker's result for node run ``node_id`` must match:
+    the node itself, or the map node of an element ("<map>[<index>]"); None for a
+    compensation run (it undoes the node, it does not produce its output) or an unknown
+    id (a node added at run time carries no schema)."""
+    if node_id.endswith(COMPENSATION_SUFFIX):
+        return None
+    spec = defn.node_map.get(node_id)
+    if spec is None:
+        item = _MAP_ITEM.fullmatch(node_id)
+        spec = defn.node_map.get(item.group(1)) if item else None
+    return spec
+
+
+def output_violation(defn: WorkflowDef, node_id: str, payload: bytes) -> str | None:
+    """Why ``payload``, a worker's output for node run ``node_id``, does not match its
+    node's output_schema (None: it does, or there is none)."""
+    spec = schema_node(defn, node_id)
+    if spec is None or not spec.output_schema:
+        return None
+    detail = schemas.violation(spec.output_schema, payload or NULL_JSON)
+    if detail is None:
+        return None
+    return f"output of node '{node_id}' does not match the node's output_schema{detail}"
