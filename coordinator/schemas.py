@@ -12,7 +12,8 @@ Hostile schemas and documents are bounded:
 - ``$ref`` resolves only inside the schema itself (or to the meta-schemas that ship with
   the library): the registry refuses to retrieve anything, so a remote reference is refused
   at registration and never fetched;
-- one check runs within ``CHECK_BUDGET`` seconds: ``pattern`` and ``patternProperties`` are
+- one check runs within ``CHECK_BUDGET`` seconds (the checks of one batch of starts share
+  a budget too, ``shared_budget``): ``pattern`` and ``patternProperties`` are
   matched with the ``regex`` module under a timeout (Python's ``re`` cannot be stopped once
   it backtracks catastrophically), every keyword looks at the clock before it runs, and
   ``uniqueItems`` is linear (the library's is quadratic on objects). A check over the
@@ -28,6 +29,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
 from itertools import islice
@@ -50,8 +52,9 @@ from referencing.exceptions import NoSuchResource, Unresolvable
 from coordinator.errors import InvalidArgument
 
 MAX_SCHEMA_BYTES = 64 * 1024
-# Longest one document is checked against one schema, in seconds.
-CHECK_BUDGET = 0.05
+# Longest one document is checked against one schema, in seconds (the service runs checks
+# in worker threads, so the event loop goes on meanwhile).
+CHECK_BUDGET = 0.25
 # Longest part of a validator's message quoted back (it may repeat the whole value).
 MAX_MESSAGE = 300
 # Errors looked at to choose the one reported.
@@ -96,7 +99,8 @@ def _search(pattern: str, text: str) -> bool:
     except regex.error as exc:
         raise ValidationError(f"pattern {pattern!r} cannot be compiled: {exc}") from None
     try:
-        return compiled.search(text, timeout=_on_time()) is not None
+        # concurrent: the match lets go of the GIL (checks run in worker threads).
+        return compiled.search(text, timeout=_on_time(), concurrent=True) is not None
     except TimeoutError:
         raise SchemaTooSlow from None
 
@@ -121,18 +125,19 @@ def _pattern_properties(
 
 def _hashable(value: Any) -> Any:
     """A key equal for JSON-equal values (1 == 1.0, True != 1, objects by content)."""
-    if isinstance(value, bool) or value is None:
+    kind = type(value)
+    if kind is str:
+        return value  # strings stand for themselves; every other kind is a tuple
+    if kind is bool or value is None:
         return ("b", value)
-    if isinstance(value, int | float):
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            return ("n", int(value))
+    if kind is int:
         return ("n", value)
-    if isinstance(value, str):
-        return ("s", value)
-    if isinstance(value, list):
-        return ("a", tuple(_hashable(v) for v in value))
-    if isinstance(value, dict):
-        return ("o", frozenset((k, _hashable(v)) for k, v in value.items()))
+    if kind is float:
+        return ("n", int(value) if math.isfinite(value) and value.is_integer() else value)
+    if kind is list:
+        return ("a", *map(_hashable, value))
+    if kind is dict:
+        return ("o", frozenset([(k, _hashable(v)) for k, v in value.items()]))
     return ("?", repr(value))
 
 
@@ -271,6 +276,17 @@ def _compiled(schema: bytes) -> Validator:
     return cls(doc, registry=_REGISTRY, format_checker=cls.FORMAT_CHECKER)
 
 
+@contextmanager
+def shared_budget(seconds: float) -> Iterator[None]:
+    """Every check inside (in this context, and in threads and tasks started from it)
+    also ends within ``seconds`` from now, all together: a batch's checks share it."""
+    token = _deadline.set(min(_deadline.get(), time.monotonic() + seconds))
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
 def pointer(path: Iterator[Any] | Any) -> str:
     """The RFC 6901 JSON Pointer of a path of keys and indexes ('' is the whole document)."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
@@ -283,14 +299,14 @@ def violation(schema: bytes, document: bytes, *, budget: float = CHECK_BUDGET) -
     refuses the document."""
     validator = _compiled(schema)
     instance = json.loads(document)
-    token = _deadline.set(time.monotonic() + budget)
+    token = _deadline.set(min(_deadline.get(), time.monotonic() + budget))
     try:
         errors = list(islice(validator.iter_errors(instance), _ERRORS_CONSIDERED))
     except SchemaTooSlow:
         return (
-            f": checking it took over {budget * 1000:.0f} ms, so it was refused (a "
-            "backtracking pattern, or a very large document?); simplify the schema's "
-            "patterns or send a smaller document"
+            f": checking it took over {budget * 1000:.0f} ms (or a batch's shared budget), "
+            "so it was refused (a backtracking pattern, or a very large document?); simplify "
+            "the schema's patterns or send a smaller document"
         )
     except Unresolvable as exc:
         return f": the schema's reference {exc} does not resolve"

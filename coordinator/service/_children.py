@@ -30,7 +30,7 @@ from coordinator.model import (
     Transition,
     WorkflowDef,
 )
-from coordinator.service._schemas import INPUT_SCHEMA_VIOLATION, input_violation
+from coordinator.service._schemas import IN_LOOP_BUDGET, INPUT_SCHEMA_VIOLATION, input_violation
 
 if TYPE_CHECKING:
     from coordinator.service._transactions import Transactions
@@ -139,7 +139,7 @@ def _refusal(
             "(TRELLIS_MAX_WORKFLOW_DEPTH)",
             node_id=start.node_id,
         )
-    why = input_violation(child_defn, start.input)
+    why = input_violation(child_defn, start.input, IN_LOOP_BUDGET)
     if why is not None:
         return ErrorInfo(
             INPUT_SCHEMA_VIOLATION,

@@ -18,7 +18,7 @@ from coordinator.model import ErrorInfo, Execution, NodeRun, NodeStatus, Transit
 from coordinator.service._common import ServiceSettings
 from coordinator.service._definitions import Definitions
 from coordinator.service._leasing import LeasedTask, Leasing
-from coordinator.service._schemas import OUTPUT_SCHEMA_VIOLATION, output_violation
+from coordinator.service._schemas import OUTPUT_SCHEMA_VIOLATION, output_refusal
 from coordinator.service._tokens import Holder, LeaseSigner, LeaseToken
 from coordinator.service._transactions import Transactions, Verdict
 from coordinator.service.ports import DispatchPolicy
@@ -228,7 +228,7 @@ class Results:
                 "a node added at run time (expansion) sets output_schema; only registered "
                 "nodes may carry one: remove it"
             )
-        why = output_violation(defn, token.node_id, payload)
+        why = await output_refusal(defn, token.node_id, payload)
         if why is not None:
             await self._refuse_output(tenant_id, token, why)
         taken = None if next is None else tuple(next)

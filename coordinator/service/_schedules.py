@@ -45,7 +45,7 @@ from coordinator.service._common import Clock
 from coordinator.service._coordinator import Coordinator
 from coordinator.service._notifier import task_key
 from coordinator.service._rules import with_deliveries
-from coordinator.service._schemas import INPUT_SCHEMA_VIOLATION, check_input, input_violation
+from coordinator.service._schemas import INPUT_SCHEMA_VIOLATION, check_input, input_refusal
 from coordinator.service.ports import TriggerRepository
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class Schedules:
         defn = await self._c.definitions.get_workflow(
             tenant_id, workflow_name, workflow_version or None
         )
-        check_input(defn, payload)
+        await check_input(defn, payload)
         now = self.now()
         schedule = Schedule(
             id=schedule_id,
@@ -286,7 +286,7 @@ class Schedules:
         cron = Cron(found.cron, found.timezone)
         # The input was checked when the schedule was created, but against the version of
         # then: a schedule of the latest version may meet a newer schema.
-        refused = input_violation(defn, found.input)
+        refused = await input_refusal(defn, found.input)
 
         rules = await self._c.rules.rules(found.tenant_id)
 

@@ -1,9 +1,17 @@
 """The JSON Schemas of a definition (docs/workflows.md, "Input and output schemas"): vetted
 at registration, an execution input checked on every kind of start, a worker's output
-checked when its attempt completes."""
+checked when its attempt completes.
+
+The asynchronous checks run in a worker thread, so a slow one (up to its budget, see
+``coordinator.schemas``) never holds up the event loop; nothing runs at all for a
+definition or node without a schema. The synchronous ones (``input_violation``) serve
+the pure steps (child starts inside a transaction).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 
 from coordinator import schemas
@@ -29,12 +37,18 @@ def check_definition_schemas(defn: WorkflowDef) -> None:
             )
 
 
-def input_violation(defn: WorkflowDef, payload: bytes) -> str | None:
+# A check on the event loop itself (a child start, decided inside a transaction) gets less.
+IN_LOOP_BUDGET = 0.05
+
+
+def input_violation(
+    defn: WorkflowDef, payload: bytes, budget: float = schemas.CHECK_BUDGET
+) -> str | None:
     """Why ``payload`` does not match ``defn``'s input_schema (None: it does, or there is
     none)."""
     if not defn.input_schema:
         return None
-    detail = schemas.violation(defn.input_schema, payload or NULL_JSON)
+    detail = schemas.violation(defn.input_schema, payload or NULL_JSON, budget=budget)
     if detail is None:
         return None
     return (
@@ -43,9 +57,16 @@ def input_violation(defn: WorkflowDef, payload: bytes) -> str | None:
     )
 
 
-def check_input(defn: WorkflowDef, payload: bytes) -> None:
+async def input_refusal(defn: WorkflowDef, payload: bytes) -> str | None:
+    """``input_violation`` off the event loop (nothing to do without a schema)."""
+    if not defn.input_schema:
+        return None
+    return await asyncio.to_thread(input_violation, defn, payload)
+
+
+async def check_input(defn: WorkflowDef, payload: bytes) -> None:
     """Raise ``InvalidArgument`` when ``payload`` does not match ``defn``'s input_schema."""
-    why = input_violation(defn, payload)
+    why = await input_refusal(defn, payload)
     if why is not None:
         raise InvalidArgument(f"{why}; fix the input (GetWorkflow shows the schema)")
 
@@ -64,13 +85,22 @@ def schema_node(defn: WorkflowDef, node_id: str) -> NodeSpec | None:
     return spec
 
 
-def output_violation(defn: WorkflowDef, node_id: str, payload: bytes) -> str | None:
+async def output_refusal(defn: WorkflowDef, node_id: str, payload: bytes) -> str | None:
     """Why ``payload``, a worker's output for node run ``node_id``, does not match its
-    node's output_schema (None: it does, or there is none)."""
+    node's output_schema (None: it does, or there is none: then at no cost)."""
     spec = schema_node(defn, node_id)
     if spec is None or not spec.output_schema:
         return None
-    detail = schemas.violation(spec.output_schema, payload or NULL_JSON)
+    detail = await asyncio.to_thread(schemas.violation, spec.output_schema, payload or NULL_JSON)
     if detail is None:
         return None
     return f"output of node '{node_id}' does not match the node's output_schema{detail}"
+
+
+# One batch of starts checks its inputs within this, all together (each also within its
+# own budget): a batch of hostile inputs cannot cost a thousand budgets.
+BATCH_BUDGET = 4 * schemas.CHECK_BUDGET
+
+
+def batch_budget() -> contextlib.AbstractContextManager[None]:
+    return schemas.shared_budget(BATCH_BUDGET)
