@@ -390,7 +390,7 @@ async def test_a_matching_output_passes_and_map_elements_are_each_checked(api: A
 
 @pytest.mark.timeout(60)
 async def test_a_backtracking_pattern_is_cut_short_and_refuses_the_input(api: Api) -> None:
-    hostile = orders(schema={"type": "string", "pattern": "^(a+)+$"})
+    hostile = orders(schema={"type": "string", "pattern": "^(a|aa)+$"})
     await register(api, hostile)
     # Unbounded, this backtrack on 5,000 characters outlasts the test's timeout.
     await expect_status(
