@@ -73,8 +73,8 @@ def _dialect(uri: str) -> str:
     return uri.rstrip("#").replace("https://", "http://", 1)
 
 
-class SchemaTooSlow(TimeoutError):  # an internal signal: it never leaves this module
-    """The check went over ``CHECK_BUDGET``."""
+class SchemaTooSlow(TimeoutError):
+    """A check went over its budget (raised by ``violation`` only when asked to)."""
 
 
 _deadline: ContextVar[float] = ContextVar("schema_deadline", default=math.inf)
@@ -287,22 +287,33 @@ def shared_budget(seconds: float) -> Iterator[None]:
         _deadline.reset(token)
 
 
+@lru_cache(maxsize=512)
+def has_patterns(schema: bytes) -> bool:
+    """Whether ``schema`` may match regular expressions (``pattern``, ``patternProperties``;
+    a property of that name counts too: this only chooses where a check runs)."""
+    return b'"pattern' in schema
+
+
 def pointer(path: Iterator[Any] | Any) -> str:
     """The RFC 6901 JSON Pointer of a path of keys and indexes ('' is the whole document)."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
 
 
-def violation(schema: bytes, document: bytes, *, budget: float = CHECK_BUDGET) -> str | None:
+def violation(
+    schema: bytes, document: bytes, *, budget: float = CHECK_BUDGET, slow_raises: bool = False
+) -> str | None:
     """None when ``document`` (JSON) matches ``schema`` (checked by ``check_schema``), else
     why not, to follow "<what> does not match <which schema>": ``" at /customer/email: 'x'
     is not a 'email'"``. The check takes at most about ``budget`` seconds; a longer one
-    refuses the document."""
+    refuses the document (``slow_raises``: raises ``SchemaTooSlow`` instead)."""
     validator = _compiled(schema)
     instance = json.loads(document)
     token = _deadline.set(min(_deadline.get(), time.monotonic() + budget))
     try:
         errors = list(islice(validator.iter_errors(instance), _ERRORS_CONSIDERED))
     except SchemaTooSlow:
+        if slow_raises:
+            raise
         return (
             f": checking it took over {budget * 1000:.0f} ms (or a batch's shared budget), "
             "so it was refused (a backtracking pattern, or a very large document?); simplify "

@@ -58,7 +58,7 @@ class Workflow:
     and ``overflow_policy`` ("queue", the default, or "reject") says what a start beyond
     it does (0: no limit). ``input_schema`` (a JSON Schema, a mapping) is what every
     execution input must match, on every kind of start; a node's ``output_schema`` is what
-    its outputs must match (docs/workflows.md).
+    its outputs must match (docs/control-flow.md).
     """
 
     def __init__(

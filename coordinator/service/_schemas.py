@@ -1,11 +1,13 @@
-"""The JSON Schemas of a definition (docs/workflows.md, "Input and output schemas"): vetted
+"""The JSON Schemas of a definition (docs/control-flow.md, "Input and output schemas"): vetted
 at registration, an execution input checked on every kind of start, a worker's output
 checked when its attempt completes.
 
-The asynchronous checks run in a worker thread, so a slow one (up to its budget, see
-``coordinator.schemas``) never holds up the event loop; nothing runs at all for a
-definition or node without a schema. The synchronous ones (``input_violation``) serve
-the pure steps (child starts inside a transaction).
+The asynchronous checks (``check``) run on the event loop when they are sure to be quick
+(a document of at most ``INLINE_BYTES`` against a schema without patterns, within
+``INLINE_BUDGET``), else, or when that runs out, in a worker thread, so a slow one (up to
+its budget, see ``coordinator.schemas``) never holds up the loop; nothing runs at all
+for a definition or node without a schema. The synchronous ones (``input_violation``)
+serve the pure steps (child starts inside a transaction).
 """
 
 from __future__ import annotations
@@ -49,19 +51,39 @@ def input_violation(
     if not defn.input_schema:
         return None
     detail = schemas.violation(defn.input_schema, payload or NULL_JSON, budget=budget)
-    if detail is None:
-        return None
+    return None if detail is None else _input_message(defn, detail)
+
+
+def _input_message(defn: WorkflowDef, detail: str) -> str:
     return (
         f"input does not match the input_schema of workflow '{defn.name}' version "
         f"{defn.version}{detail}"
     )
 
 
+INLINE_BYTES = 16 * 1024
+INLINE_BUDGET = 0.02
+
+
+async def check(schema: bytes, payload: bytes) -> str | None:
+    """``schemas.violation`` of ``payload`` (JSON, empty: null), where it costs least."""
+    document = payload or NULL_JSON
+    if len(document) <= INLINE_BYTES and not schemas.has_patterns(schema):
+        # A thread round trip costs more than most checks: try here first.
+        with contextlib.suppress(schemas.SchemaTooSlow):
+            return schemas.violation(schema, document, budget=INLINE_BUDGET, slow_raises=True)
+    return await asyncio.to_thread(schemas.violation, schema, document)
+
+
 async def input_refusal(defn: WorkflowDef, payload: bytes) -> str | None:
-    """``input_violation`` off the event loop (nothing to do without a schema)."""
+    """Why ``payload`` does not match ``defn``'s input_schema (None: it does, or there is
+    none: then at no cost)."""
     if not defn.input_schema:
         return None
-    return await asyncio.to_thread(input_violation, defn, payload)
+    detail = await check(defn.input_schema, payload)
+    if detail is None:
+        return None
+    return _input_message(defn, detail)
 
 
 async def check_input(defn: WorkflowDef, payload: bytes) -> None:
@@ -91,7 +113,7 @@ async def output_refusal(defn: WorkflowDef, node_id: str, payload: bytes) -> str
     spec = schema_node(defn, node_id)
     if spec is None or not spec.output_schema:
         return None
-    detail = await asyncio.to_thread(schemas.violation, spec.output_schema, payload or NULL_JSON)
+    detail = await check(spec.output_schema, payload)
     if detail is None:
         return None
     return f"output of node '{node_id}' does not match the node's output_schema{detail}"
