@@ -27,6 +27,7 @@ from worker_sdk._nodes import (
     WorkflowNode,
     check_duration,
     check_retries,
+    json_schema,
     one_line,
 )
 from worker_sdk._task import Task
@@ -55,7 +56,9 @@ class Workflow:
     ``max_concurrency`` caps the nodes of one execution running at once (a start may set
     its own); ``max_running_executions`` caps the running executions of the workflow,
     and ``overflow_policy`` ("queue", the default, or "reject") says what a start beyond
-    it does (0: no limit).
+    it does (0: no limit). ``input_schema`` (a JSON Schema, a mapping) is what every
+    execution input must match, on every kind of start; a node's ``output_schema`` is what
+    its outputs must match (docs/control-flow.md).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class Workflow:
         max_concurrency: int = 0,
         max_running_executions: int = 0,
         overflow_policy: str | None = None,
+        input_schema: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise DefinitionError(f"workflow name must be a non-empty string, got {name!r}")
@@ -85,6 +89,11 @@ class Workflow:
             else overflow_policy_value(overflow_policy, f"workflow {name!r}: overflow_policy")
         )
         self.description = description
+        self._input_schema = (
+            None
+            if input_schema is None
+            else json_schema(input_schema, f"workflow {name!r}: input_schema")
+        )
         self._default_retries = (
             None
             if default_retries is None
@@ -171,6 +180,7 @@ class Workflow:
         skip_if: str = "",
         input: str = "",
         output: str = "",
+        output_schema: Mapping[str, Any] | None = None,
     ) -> str:
         """Adds a node running ``task`` (a task type name or a ``Task``) and returns its id.
 
@@ -182,7 +192,8 @@ class Workflow:
         that undoes this node if the execution fails later (run in reverse order of
         completion); ``pause_before`` holds the node until an operator resumes it.
         ``trigger_rule``, ``skip_if``, ``input`` and ``output`` steer the flow (see
-        ``TaskNode`` and docs/control-flow.md). Raises DefinitionError on a bad argument.
+        ``TaskNode`` and docs/control-flow.md). ``output_schema`` (a JSON Schema) is what
+        the node's outputs must match. Raises DefinitionError on a bad argument.
         """
         if isinstance(non_retryable_errors, str):
             non_retryable_errors = (non_retryable_errors,)
@@ -209,6 +220,7 @@ class Workflow:
             skip_if=skip_if,
             input=input,
             output=output,
+            output_schema=output_schema,
         )
 
     def switch(
@@ -351,6 +363,8 @@ class Workflow:
         msg.max_concurrency = self.max_concurrency
         msg.max_running_executions = self.max_running_executions
         msg.overflow_policy = self._overflow_policy
+        if self._input_schema is not None:
+            msg.input_schema.CopyFrom(self._input_schema)
         return msg
 
 

@@ -86,6 +86,19 @@ def _expression(value: Any, where: str, what: str) -> str:
     return value.strip()
 
 
+def json_schema(schema: Any, where: str) -> Any:
+    """A JSON Schema (a mapping) as the Struct the definition carries; the coordinator
+    checks that it is a valid schema at registration."""
+    if not isinstance(schema, Mapping):
+        raise DefinitionError(f"{where} must be a JSON Schema (a mapping), got {schema!r}")
+    struct = common_pb2.NodeDefinition().output_schema
+    try:
+        struct.update(schema)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DefinitionError(f"{where} is not a JSON object: {one_line(str(exc))}") from None
+    return struct
+
+
 @dataclass(frozen=True)
 class _Node:
     """Options every node kind has (see the concrete classes)."""
@@ -153,7 +166,9 @@ class _Work(_Node):
     on_failure: str | None = None
     compensation: str | Task | None = None
     pause_before: bool = False
+    output_schema: Mapping[str, Any] | None = None
     _config: Any = field(default=None, init=False, repr=False, compare=False)
+    _output_schema: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -172,6 +187,9 @@ class _Work(_Node):
                     f"{where}: config is not a JSON object: {one_line(str(exc))}"
                 ) from None
             object.__setattr__(self, "_config", struct)
+        if self.output_schema is not None:
+            schema = json_schema(self.output_schema, f"{where}: output_schema")
+            object.__setattr__(self, "_output_schema", schema)
         if self.retries is not None:
             check_retries(self.retries, f"{where}: retries")
         for name in (
@@ -209,6 +227,8 @@ class _Work(_Node):
             msg.task_type = task
         if self._config is not None:
             msg.config.CopyFrom(self._config)
+        if self._output_schema is not None:
+            msg.output_schema.CopyFrom(self._output_schema)
         for name, value in (
             ("start_to_close_timeout", timeout),
             ("heartbeat_timeout", self.heartbeat_timeout),
@@ -261,7 +281,9 @@ class TaskNode(_Work):
     (start_to_close); a ``Task``'s own timeout and retries are the defaults.
     ``on_failure`` names a handler node run with this node's failure; ``compensation``
     is the task that undoes it if the execution fails later; ``pause_before`` holds it
-    until an operator resumes it. Raises DefinitionError on a bad argument.
+    until an operator resumes it. ``output_schema`` (a JSON Schema, a mapping) is what
+    every output of the node must match: one that does not fails the attempt, not retried
+    (error type ``OutputSchemaViolation``). Raises DefinitionError on a bad argument.
     """
 
     kind: ClassVar[str] = "task"

@@ -110,6 +110,11 @@ def _check_node(node: NodeSpec, limits: Limits) -> None:
     ):
         _check_task_type(node, limits)
     _check_kind_fields(node, limits)
+    if node.output_schema and node.kind not in (NodeKind.TASK, NodeKind.MAP):
+        raise InvalidArgument(
+            f"{where} sets output_schema but is a {node.kind} node; output_schema applies to "
+            "what workers return (task and map nodes): remove it"
+        )
     _check_expressions(node)
     _check_config(node, limits)
     if node.retry_policy is not None:

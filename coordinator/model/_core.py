@@ -204,6 +204,9 @@ class NodeSpec:
     required_role: str = ""
     approval_timeout: timedelta | None = None
     prompt: str = ""
+    # A JSON Schema (JSON text, canonical: sorted keys) every output a worker returns for
+    # this node must match (kinds task and map: each element's output); empty: none.
+    output_schema: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,9 @@ class WorkflowDef:
     # what a start beyond it does.
     max_running_executions: int = 0
     overflow_policy: OverflowPolicy = OverflowPolicy.QUEUE
+    # A JSON Schema (JSON text, canonical: sorted keys) every execution input must match,
+    # on every kind of start; empty: none.
+    input_schema: bytes = b""
 
     @cached_property
     def handlers(self) -> frozenset[str]:
@@ -565,6 +571,8 @@ def _control_doc(node: NodeSpec) -> dict[str, Any]:
         doc["max_concurrency"] = node.max_concurrency
     if node.approval_timeout is not None:
         doc["approval_timeout"] = _td(node.approval_timeout)
+    if node.output_schema:
+        doc["output_schema"] = node.output_schema.decode()
     return doc
 
 
@@ -587,6 +595,7 @@ def _control_from_doc(doc: dict[str, Any]) -> dict[str, Any]:
         "required_role": doc.get("required_role", ""),
         "approval_timeout": _from_td(doc.get("approval_timeout")),
         "prompt": doc.get("prompt", ""),
+        "output_schema": doc["output_schema"].encode() if doc.get("output_schema") else b"",
     }
 
 
@@ -651,6 +660,7 @@ def definition_to_document(defn: WorkflowDef) -> dict[str, Any]:
             if defn.max_running_executions
             else {}
         ),
+        **({"input_schema": defn.input_schema.decode()} if defn.input_schema else {}),
     }
 
 
@@ -675,6 +685,7 @@ def definition_from_document(
         max_concurrency=doc.get("max_concurrency", 0),
         max_running_executions=doc.get("max_running_executions", 0),
         overflow_policy=OverflowPolicy(doc.get("overflow_policy", OverflowPolicy.QUEUE)),
+        input_schema=doc["input_schema"].encode() if doc.get("input_schema") else b"",
     )
 
 

@@ -30,6 +30,7 @@ from coordinator.model import (
     Transition,
     WorkflowDef,
 )
+from coordinator.service._schemas import IN_LOOP_BUDGET, INPUT_SCHEMA_VIOLATION, input_violation
 
 if TYPE_CHECKING:
     from coordinator.service._transactions import Transactions
@@ -136,6 +137,14 @@ def _refusal(
             "WorkflowDepthExceeded",
             f"sub-workflow nesting depth {depth} exceeds the limit of {max_depth} "
             "(TRELLIS_MAX_WORKFLOW_DEPTH)",
+            node_id=start.node_id,
+        )
+    why = input_violation(child_defn, start.input, IN_LOOP_BUDGET)
+    if why is not None:
+        return ErrorInfo(
+            INPUT_SCHEMA_VIOLATION,
+            f"node '{start.node_id}' could not start its child execution: {why}; fix the "
+            "node's input (its input expression or its parents' outputs)",
             node_id=start.node_id,
         )
     return None

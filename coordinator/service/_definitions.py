@@ -8,6 +8,7 @@ from coordinator.errors import NotFound
 from coordinator.model import Execution, WorkflowDef, WorkflowSummary
 from coordinator.service._common import Clock, ServiceSettings, clamp_page_size
 from coordinator.service._references import check_references
+from coordinator.service._schemas import check_definition_schemas
 from coordinator.service.ports import WorkflowRepository
 
 
@@ -20,6 +21,7 @@ class Definitions:
 
     async def register_workflow(self, defn: WorkflowDef) -> tuple[WorkflowDef, bool]:
         engine.validate_definition(defn, self._settings.limits)
+        check_definition_schemas(defn)
         await check_references(
             defn,
             lambda name, version: self.get_workflow(defn.tenant_id, name, version),

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import NoReturn
 
 from coordinator import engine
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, TrellisError
@@ -17,6 +18,7 @@ from coordinator.model import ErrorInfo, Execution, NodeRun, NodeStatus, Transit
 from coordinator.service._common import ServiceSettings
 from coordinator.service._definitions import Definitions
 from coordinator.service._leasing import LeasedTask, Leasing
+from coordinator.service._schemas import OUTPUT_SCHEMA_VIOLATION, output_refusal
 from coordinator.service._tokens import Holder, LeaseSigner, LeaseToken
 from coordinator.service._transactions import Transactions, Verdict
 from coordinator.service.ports import DispatchPolicy
@@ -221,6 +223,14 @@ class Results:
         defn = await self._definitions.get_workflow(
             tenant_id, token.workflow_name, token.workflow_version
         )
+        if expansion is not None and any(n.output_schema for n in expansion.nodes):
+            raise InvalidArgument(
+                "a node added at run time (expansion) sets output_schema; only registered "
+                "nodes may carry one: remove it"
+            )
+        why = await output_refusal(defn, token.node_id, payload)
+        if why is not None:
+            await self._refuse_output(tenant_id, token, why)
         taken = None if next is None else tuple(next)
 
         def step(
@@ -239,6 +249,20 @@ class Results:
         if not applied.value.duplicate:
             await self._dispatch.record_outcome(tenant_id, applied.value.task_type, ok=True)
         return applied.value.duplicate, applied.transition
+
+    async def _refuse_output(self, tenant_id: str, token: LeaseToken, why: str) -> NoReturn:
+        """An output its node's output_schema refuses: the attempt fails, not retried (the
+        same result sent again finds it failed: a duplicate), and the call says why."""
+        error = ErrorInfo(OUTPUT_SCHEMA_VIOLATION, _clip(why, MAX_ERROR_MESSAGE))
+        _, duplicate = await self._fail(tenant_id, token, error, retryable=False)
+        log.info(
+            "output refused by the node's output_schema; the attempt failed",
+            extra={"execution_id": token.execution_id, "node_id": token.node_id},
+        )
+        raise InvalidArgument(
+            f"{why}; the attempt was failed, not retried (error type "
+            f"{OUTPUT_SCHEMA_VIOLATION}{', reported before' if duplicate else ''})"
+        )
 
     async def fail_task(
         self,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import uuid
@@ -27,6 +28,9 @@ from coordinator.errors import InvalidArgument, TrellisError
 from coordinator.model import (
     DEFAULT_MAX_CATCHUP,
     CatchupPolicy,
+    ErrorInfo,
+    Event,
+    EventType,
     Execution,
     ExecutionStatus,
     FireOutcome,
@@ -41,6 +45,7 @@ from coordinator.service._common import Clock
 from coordinator.service._coordinator import Coordinator
 from coordinator.service._notifier import task_key
 from coordinator.service._rules import with_deliveries
+from coordinator.service._schemas import INPUT_SCHEMA_VIOLATION, check_input, input_refusal
 from coordinator.service.ports import TriggerRepository
 
 log = logging.getLogger(__name__)
@@ -190,7 +195,10 @@ class Schedules:
             )
         cron = Cron.parse(cron_text, timezone)
         payload = self._c.check_payload("input", input)
-        await self._c.definitions.get_workflow(tenant_id, workflow_name, workflow_version or None)
+        defn = await self._c.definitions.get_workflow(
+            tenant_id, workflow_name, workflow_version or None
+        )
+        await check_input(defn, payload)
         now = self.now()
         schedule = Schedule(
             id=schedule_id,
@@ -276,11 +284,14 @@ class Schedules:
             found.tenant_id, found.workflow_name, found.workflow_version or None
         )
         cron = Cron(found.cron, found.timezone)
+        # The input was checked when the schedule was created, but against the version of
+        # then: a schedule of the latest version may meet a newer schema.
+        refused = await input_refusal(defn, found.input)
 
         rules = await self._c.rules.rules(found.tenant_id)
 
         def decide(schedule: Schedule, last: Execution | None) -> FiringResult | None:
-            result = _decide(schedule, last, defn, cron, now)
+            result = _decide(schedule, last, defn, cron, now, refused=refused)
             if result is None:
                 return None
             # An execution that ends as it starts queues its notifications with it.
@@ -313,7 +324,15 @@ class Schedules:
             log.warning("could not publish wake-ups to other replicas: %s", exc)
 
 
-def _start(defn: WorkflowDef, schedule: Schedule, fire_at: datetime, now: datetime) -> Transition:
+def _start(
+    defn: WorkflowDef,
+    schedule: Schedule,
+    fire_at: datetime,
+    now: datetime,
+    refused: str | None = None,
+) -> Transition:
+    """The execution one fire time starts; FAILED at once (error InputSchemaViolation,
+    ``refused`` says why) when the schedule's input does not match the input_schema."""
     shell = Execution(
         id=str(uuid.uuid4()),
         tenant_id=schedule.tenant_id,
@@ -326,6 +345,8 @@ def _start(defn: WorkflowDef, schedule: Schedule, fire_at: datetime, now: dateti
         idempotency_key=fire_key(schedule.id, fire_at),
         max_concurrency=defn.max_concurrency,
     )
+    if refused is not None:
+        return _failed_start(shell, refused, now)
     transition = engine.start_execution(defn, shell, now)
     if transition.start_children or defn.max_running_executions:
         # An entry node runs a sub-workflow (the coordinator's start path creates children),
@@ -335,12 +356,32 @@ def _start(defn: WorkflowDef, schedule: Schedule, fire_at: datetime, now: dateti
     return transition
 
 
+def _failed_start(shell: Execution, why: str, now: datetime) -> Transition:
+    error = ErrorInfo(INPUT_SCHEMA_VIOLATION, f"{why}; fix the schedule's input")
+    failed = replace(
+        shell, status=ExecutionStatus.FAILED, error=error, ended_at=now, updated_at=now
+    )
+    event = Event(
+        execution_id=shell.id,
+        type=EventType.EXECUTION_FAILED,
+        time=now,
+        tenant_id=shell.tenant_id,
+        details=json.dumps(
+            {"error_type": error.type, "message": error.message, "node_id": None},
+            separators=(",", ":"),
+        ).encode(),
+    )
+    return Transition(execution=failed, events=(event,))
+
+
 def _decide(
     schedule: Schedule,
     last: Execution | None,
     defn: WorkflowDef,
     cron: Cron,
     now: datetime,
+    *,
+    refused: str | None = None,
 ) -> FiringResult | None:
     """One scheduler step over a locked schedule (pure): start a buffered fire whose
     predecessor ended, then act on the due fire times."""
@@ -352,7 +393,7 @@ def _decide(
     buffered = schedule.buffered_fire_at
     changed = schedule
     if buffered is not None and not running:
-        t = _start(defn, schedule, buffered, now)
+        t = _start(defn, schedule, buffered, now, refused)
         starts.append(t)
         fires.append(
             ScheduleFire(
@@ -374,7 +415,7 @@ def _decide(
         ):
             execution_id = None
             if outcome is FireOutcome.STARTED:
-                t = _start(defn, schedule, fire_at, now)
+                t = _start(defn, schedule, fire_at, now, refused)
                 starts.append(t)
                 execution_id = t.execution.id
                 changed = replace(

@@ -31,6 +31,7 @@ from coordinator.service._backpressure import StartRate
 from coordinator.service._children import ends_execution
 from coordinator.service._common import Clock, ServiceSettings, check_names
 from coordinator.service._definitions import Definitions
+from coordinator.service._schemas import batch_budget, check_input
 from coordinator.service._starts import (
     MAX_BATCH_START,
     StartRequest,
@@ -130,11 +131,12 @@ class Starts:
         starts: list[CappedStart] = []
         # One lookup per workflow for the whole batch (the latest version is a database read).
         defs: dict[tuple[str, int | None], WorkflowDef] = {}
-        for i, request in enumerate(requests):
-            try:
-                starts.append(await self._prepare(tenant_id, request, now, defs))
-            except (InvalidArgument, NotFound) as exc:
-                raise InvalidArgument(f"requests[{i}]: {exc}; nothing was started") from exc
+        with batch_budget():
+            for i, request in enumerate(requests):
+                try:
+                    starts.append(await self._prepare(tenant_id, request, now, defs))
+                except (InvalidArgument, NotFound) as exc:
+                    raise InvalidArgument(f"requests[{i}]: {exc}; nothing was started") from exc
         if not starts:
             return []
         try:
@@ -172,6 +174,7 @@ class Starts:
             defn = await self._definitions.get_workflow(tenant_id, *asked)
             if defs is not None:
                 defs[asked] = defn
+        await check_input(defn, payload)
         shell = Execution(
             id=str(uuid.uuid4()),
             tenant_id=tenant_id,

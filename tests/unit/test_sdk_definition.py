@@ -203,3 +203,66 @@ def test_builder_carries_fault_tolerance_settings() -> None:
     assert msg.nodes[2].pause_before is True
     with pytest.raises(DefinitionError, match="retry_jitter"):
         wf.node("bad", "t", retry_jitter=2)
+
+
+# -- JSON Schemas ---------------------------------------------------------------------
+
+
+ORDER_SCHEMA = {
+    "type": "object",
+    "required": ["customer"],
+    "properties": {"customer": {"type": "object", "properties": {"email": {"format": "email"}}}},
+}
+
+
+def test_schemas_travel_in_the_definition() -> None:
+    wf = Workflow("orders", input_schema=ORDER_SCHEMA)
+    wf.node("price", "price", output_schema={"type": "object", "required": ["total"]})
+    wf.map("each", "resize", items="input.images", output_schema={"type": "string"})
+    msg = wf.to_proto()
+    assert json_format.MessageToDict(msg.input_schema) == ORDER_SCHEMA
+    assert json_format.MessageToDict(msg.nodes[0].output_schema) == {
+        "type": "object",
+        "required": ["total"],
+    }
+    assert json_format.MessageToDict(msg.nodes[1].output_schema) == {"type": "string"}
+    plain = Workflow("plain")
+    plain.node("a", "t")
+    assert not plain.to_proto().HasField("input_schema")
+    assert not plain.to_proto().nodes[0].HasField("output_schema")
+
+
+def test_a_schema_must_be_a_mapping() -> None:
+    with pytest.raises(DefinitionError, match="workflow 'w': input_schema must be a JSON Schema"):
+        Workflow("w", input_schema=True)  # type: ignore[arg-type]
+    wf = Workflow("w")
+    with pytest.raises(DefinitionError, match="node 'a': output_schema must be a JSON Schema"):
+        wf.node("a", "t", output_schema=["type"])  # type: ignore[arg-type]
+    with pytest.raises(DefinitionError, match="output_schema is not a JSON object"):
+        wf.node("a", "t", output_schema={"const": object()})
+
+
+def test_load_workflow_reads_schemas_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "orders.yaml"
+    path.write_text(
+        """
+name: orders
+input_schema:
+  type: object
+  required: [customer]
+  properties:
+    customer:
+      type: object
+      properties:
+        email: {format: email}
+nodes:
+  - id: price
+    task_type: price
+    outputSchema:
+      type: object
+      required: [total]
+"""
+    )
+    expected = Workflow("orders", input_schema=ORDER_SCHEMA)
+    expected.node("price", "price", output_schema={"type": "object", "required": ["total"]})
+    assert load_workflow(path) == expected.to_proto()

@@ -182,6 +182,7 @@ class NodeDefinition(_message.Message):
     REQUIRED_ROLE_FIELD_NUMBER: _builtins.int
     APPROVAL_TIMEOUT_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
+    OUTPUT_SCHEMA_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique within the definition: letters, digits, '_', '-' and '.'."""
     kind: _builtins.str
@@ -262,6 +263,14 @@ class NodeDefinition(_message.Message):
         type "ApprovalTimeout"). Unset means no limit.
         """
 
+    @_builtins.property
+    def output_schema(self) -> _struct_pb2.Struct:
+        """A JSON Schema (draft 2020-12 unless its "$schema" names another supported draft) that
+        every output a worker returns for this node must match (kind "map": each element's
+        output). A CompleteTask whose output does not match fails the attempt, not retried,
+        with error type "OutputSchemaViolation". Kinds "task" and "map" only; at most 64 KiB.
+        """
+
     def __init__(
         self,
         *,
@@ -291,10 +300,11 @@ class NodeDefinition(_message.Message):
         required_role: _builtins.str = ...,
         approval_timeout: _duration_pb2.Duration | None = ...,
         prompt: _builtins.str = ...,
+        output_schema: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_timeout", b"approval_timeout", "config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_timeout", b"approval_timeout", "config", b"config", "heartbeat_timeout", b"heartbeat_timeout", "output_schema", b"output_schema", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_to_close_timeout", b"start_to_close_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_timeout", b"approval_timeout", "cases", b"cases", "compensation_task_type", b"compensation_task_type", "config", b"config", "default_targets", b"default_targets", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input", b"input", "items", b"items", "kind", b"kind", "match_all", b"match_all", "max_concurrency", b"max_concurrency", "on_failure", b"on_failure", "output", b"output", "pause_before", b"pause_before", "priority", b"priority", "prompt", b"prompt", "required_role", b"required_role", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "skip_if", b"skip_if", "start_to_close_timeout", b"start_to_close_timeout", "task_type", b"task_type", "trigger_rule", b"trigger_rule", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_timeout", b"approval_timeout", "cases", b"cases", "compensation_task_type", b"compensation_task_type", "config", b"config", "default_targets", b"default_targets", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input", b"input", "items", b"items", "kind", b"kind", "match_all", b"match_all", "max_concurrency", b"max_concurrency", "on_failure", b"on_failure", "output", b"output", "output_schema", b"output_schema", "pause_before", b"pause_before", "priority", b"priority", "prompt", b"prompt", "required_role", b"required_role", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "skip_if", b"skip_if", "start_to_close_timeout", b"start_to_close_timeout", "task_type", b"task_type", "trigger_rule", b"trigger_rule", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -372,6 +382,7 @@ class WorkflowDefinition(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     MAX_RUNNING_EXECUTIONS_FIELD_NUMBER: _builtins.int
     OVERFLOW_POLICY_FIELD_NUMBER: _builtins.int
+    INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     """Assigned by the coordinator on registration; 0 in a request."""
@@ -402,6 +413,13 @@ class WorkflowDefinition(_message.Message):
     def default_schedule_to_start_timeout(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def default_heartbeat_timeout(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def input_schema(self) -> _struct_pb2.Struct:
+        """A JSON Schema (draft 2020-12 unless its "$schema" names another supported draft) that
+        every execution input must match, on every kind of start (StartExecution, batches,
+        triggers, schedules, sub-workflow nodes). At most 64 KiB; checked on registration.
+        """
+
     def __init__(
         self,
         *,
@@ -419,10 +437,11 @@ class WorkflowDefinition(_message.Message):
         max_concurrency: _builtins.int = ...,
         max_running_executions: _builtins.int = ...,
         overflow_policy: Global___OverflowPolicy.ValueType = ...,
+        input_schema: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_heartbeat_timeout", b"default_heartbeat_timeout", "default_retry_policy", b"default_retry_policy", "default_schedule_to_start_timeout", b"default_schedule_to_start_timeout", "default_start_to_close_timeout", b"default_start_to_close_timeout", "execution_timeout", b"execution_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_heartbeat_timeout", b"default_heartbeat_timeout", "default_retry_policy", b"default_retry_policy", "default_schedule_to_start_timeout", b"default_schedule_to_start_timeout", "default_start_to_close_timeout", b"default_start_to_close_timeout", "execution_timeout", b"execution_timeout", "input_schema", b"input_schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_heartbeat_timeout", b"default_heartbeat_timeout", "default_retry_policy", b"default_retry_policy", "default_schedule_to_start_timeout", b"default_schedule_to_start_timeout", "default_start_to_close_timeout", b"default_start_to_close_timeout", "description", b"description", "edges", b"edges", "execution_timeout", b"execution_timeout", "max_concurrency", b"max_concurrency", "max_running_executions", b"max_running_executions", "name", b"name", "nodes", b"nodes", "overflow_policy", b"overflow_policy", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "default_heartbeat_timeout", b"default_heartbeat_timeout", "default_retry_policy", b"default_retry_policy", "default_schedule_to_start_timeout", b"default_schedule_to_start_timeout", "default_start_to_close_timeout", b"default_start_to_close_timeout", "description", b"description", "edges", b"edges", "execution_timeout", b"execution_timeout", "input_schema", b"input_schema", "max_concurrency", b"max_concurrency", "max_running_executions", b"max_running_executions", "name", b"name", "nodes", b"nodes", "overflow_policy", b"overflow_policy", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -116,13 +116,26 @@ def trigger_rule_from_proto(value: str, node_id: str) -> TriggerRule:
         ) from None
 
 
+def struct_to_json(msg: object, field: str) -> bytes:
+    """A Struct field as compact JSON text with sorted keys (empty when unset): a Struct is
+    a map whose iteration order differs between processes, and configs and schemas are
+    part of the definition's content hash."""
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return b""
+    doc = _whole_numbers(json_format.MessageToDict(getattr(msg, field)))
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+
+def json_to_struct(text: bytes) -> struct_pb2.Struct | None:
+    if not text:
+        return None
+    struct = struct_pb2.Struct()
+    struct.update(json.loads(text))
+    return struct
+
+
 def node_from_proto(n: common_pb2.NodeDefinition) -> NodeSpec:
-    config = b""
-    if n.HasField("config"):
-        doc = _whole_numbers(json_format.MessageToDict(n.config))
-        # Sorted: a Struct is a map whose iteration order differs between processes, and
-        # the config is part of the definition's content hash.
-        config = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    config = struct_to_json(n, "config")
     return NodeSpec(
         id=n.id,
         kind=n.kind or "task",
@@ -150,6 +163,7 @@ def node_from_proto(n: common_pb2.NodeDefinition) -> NodeSpec:
         required_role=n.required_role,
         approval_timeout=duration_or_none(n, "approval_timeout"),
         prompt=n.prompt,
+        output_schema=struct_to_json(n, "output_schema"),
     )
 
 
@@ -181,6 +195,7 @@ def node_to_proto_definition(n: NodeSpec) -> common_pb2.NodeDefinition:
         required_role=n.required_role,
         approval_timeout=duration_to_proto(n.approval_timeout),
         prompt=n.prompt,
+        output_schema=json_to_struct(n.output_schema),
     )
     if n.config:
         struct = struct_pb2.Struct()

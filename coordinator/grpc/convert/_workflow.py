@@ -10,10 +10,12 @@ from coordinator.grpc.convert._common import (
     duration_or_none,
     duration_to_proto,
     execution_status_to_proto,
+    json_to_struct,
     node_from_proto,
     node_to_proto_definition,
     retry_from_proto,
     retry_to_proto,
+    struct_to_json,
     timestamp_to_proto,
 )
 from coordinator.model import (
@@ -80,6 +82,7 @@ def definition_from_proto(msg: common_pb2.WorkflowDefinition, tenant_id: str) ->
         max_concurrency=_not_negative(msg, "max_concurrency"),
         max_running_executions=_not_negative(msg, "max_running_executions"),
         overflow_policy=overflow_policy_from_proto(msg.overflow_policy),
+        input_schema=struct_to_json(msg, "input_schema"),
     )
 
 
@@ -101,6 +104,7 @@ def definition_to_proto(defn: WorkflowDef) -> common_pb2.WorkflowDefinition:
         overflow_policy=_OVERFLOW_TO_PROTO[defn.overflow_policy]
         if defn.max_running_executions
         else common_pb2.OVERFLOW_POLICY_UNSPECIFIED,
+        input_schema=json_to_struct(defn.input_schema),
     )
     msg.nodes.extend(node_to_proto_definition(n) for n in defn.nodes)
     return msg
