@@ -102,5 +102,8 @@ def configure_logging(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     if level.upper() != "DEBUG":
-        # Alembic announces every plugin and migration step at INFO.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+        # Alembic announces every plugin and migration step at INFO; httpx every request
+        # with its URL (an SMS provider's may carry a credential) and the status line the
+        # endpoint sent (its text is the endpoint's, not ours).
+        for noisy in ("alembic", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
