@@ -18,6 +18,7 @@ import asyncio
 import errno
 import json
 import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from email.message import EmailMessage
@@ -132,18 +133,27 @@ def _check_reply(reply: httpx.Response) -> None:
     raise DeliveryError(reason)
 
 
-def guarded_client(destinations: Destinations, timeout: float) -> httpx.AsyncClient:
-    """An httpx client whose every connection is checked by ``destinations``; it follows no
-    redirects and ignores proxy settings from the environment (a proxy would connect
-    wherever it is told, past the check)."""
+def guarded_client(
+    destinations: Destinations,
+    timeout: float,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    follow_redirects: bool = False,
+) -> httpx.AsyncClient:
+    """An httpx client whose every connection (each redirect's too, were they followed) is
+    checked by ``destinations``. The Deliverer's follows no redirects, and it ignores proxy
+    settings from the environment (a proxy would connect wherever it is told, past the
+    check). ``ssl_context``: the trusted CAs (default: the system's)."""
     transport = httpx.AsyncHTTPTransport(trust_env=False)
+    # httpx takes no network backend, so its pool is replaced by one that has ours (the
+    # same pool httpx builds, tests/unit/test_notify_destinations.py checks it is used).
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(trust_env=False),
+        ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
         network_backend=GuardedBackend(destinations),
     )
     return httpx.AsyncClient(
         timeout=timeout,
-        follow_redirects=False,
+        follow_redirects=follow_redirects,
         trust_env=False,
         transport=transport,
         headers={"User-Agent": USER_AGENT},
