@@ -28,7 +28,7 @@ import socket
 import ssl
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpcore
 
@@ -147,7 +147,6 @@ class Destinations:
 
     allow_hosts: frozenset[str] = frozenset()
     allow_networks: tuple[IPNetwork, ...] = ()
-    timeout: float = field(default=10.0, compare=False)
 
     @classmethod
     def parse(cls, hosts: str, networks: str) -> Destinations:

@@ -326,7 +326,9 @@ class NotificationDispatcher:
             except Exception as exc:
                 error = str(exc) or type(exc).__name__
             finally:
-                if not refused:
+                if refused:
+                    self.breakers.release(channel.id)
+                else:
                     self.breakers.record(channel.id, error is None)
             await self._record(delivery, error is None, error, give_up=refused)
         except Exception:

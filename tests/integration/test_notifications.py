@@ -546,6 +546,38 @@ async def test_a_refused_destination_fails_at_once_and_leaves_the_breaker_alone(
     assert await dispatcher.run_once() == 0
 
 
+async def test_a_refused_probe_does_not_leave_the_breaker_waiting_for_it(
+    store: SqlStore,
+) -> None:
+    clock = Clock()
+    _channel, execution = await _setup(store, clock)
+    await store.notifications.create_rule(
+        NotificationRule(
+            "r2", "c1", (ExecutionStatus.FAILED,), clock(), "default", workflow_name="wf2"
+        )
+    )
+    await _end(store, execution, ExecutionStatus.FAILED)
+    sender = ScriptedSender()
+    sender.down = True
+    dispatcher = _dispatcher(
+        store, sender, clock, breaker_threshold=1, breaker_reset=timedelta(seconds=30)
+    )
+    await dispatcher.run_once()  # a failed attempt opens the breaker
+    assert dispatcher.breakers.state("c1") == "open"
+    clock.advance(30)
+    sender.refused = True  # the probe's destination is refused (e.g. DNS changed)
+    assert await dispatcher.run_once() == 1
+    (first,) = await _deliveries(store)
+    assert first.status is DeliveryStatus.FAILED and first.attempts == 2
+    # The next delivery is the probe at once: the refused one did not hold the slot.
+    sender.refused = sender.down = False
+    await _end(store, await _running_execution(store, "wf2", clock), ExecutionStatus.FAILED)
+    assert await dispatcher.run_once() == 1
+    second = next(d for d in await _deliveries(store) if d.id != first.id)
+    assert second.status is DeliveryStatus.DELIVERED
+    assert dispatcher.breakers.state("c1") == "closed"
+
+
 async def test_an_open_breaker_defers_without_counting_attempts(store: SqlStore) -> None:
     clock = Clock()
     _channel, execution = await _setup(store, clock)
