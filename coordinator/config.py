@@ -5,6 +5,7 @@ Every setting, its default and its meaning is listed in docs/operations.md.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -17,6 +18,9 @@ DEFAULT_DATABASE_URL = "sqlite:///trellis.db"
 # Sub-workflows nest at most this deep whatever TRELLIS_MAX_WORKFLOW_DEPTH says.
 MAX_WORKFLOW_DEPTH_CEILING = 100
 
+_ALLOWED_HOST = re.compile(
+    r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$|^\[?[0-9A-Fa-f:.]+\]?$"
+)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -93,6 +97,10 @@ class CoordinatorConfig:
     notify_breaker_threshold: int = 5
     notify_breaker_reset: timedelta = timedelta(seconds=30)
     notify_send_timeout: timedelta = timedelta(seconds=10)
+    # Notifications go only to public addresses; these comma-separated host names
+    # (``*.example.com`` for a domain's names) and CIDRs may be reached besides.
+    notify_allow_hosts: str = ""
+    notify_allow_networks: str = ""
     # Dispatch control (docs/dispatch.md). Redis shares rate-limit buckets and breaker state
     # between replicas; without it (or while it is unreachable) each replica enforces them
     # on its own and readiness says so.
@@ -242,6 +250,20 @@ class CoordinatorConfig:
             raise ConfigError(
                 "TRELLIS_NOTIFY_BACKOFF_MAX must be at least TRELLIS_NOTIFY_BACKOFF_INITIAL"
             )
+        for raw in filter(None, (n.strip() for n in self.notify_allow_networks.split(","))):
+            try:
+                ipaddress.ip_network(raw, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"TRELLIS_NOTIFY_ALLOW_NETWORKS: {raw!r} is not a network; use CIDRs such "
+                    "as 10.1.0.0/16 or 127.0.0.1/32, separated by commas"
+                ) from None
+        for raw in filter(None, (h.strip() for h in self.notify_allow_hosts.split(","))):
+            if not _ALLOWED_HOST.match(raw):
+                raise ConfigError(
+                    f"TRELLIS_NOTIFY_ALLOW_HOSTS: {raw!r} is not a host name; use names such "
+                    "as hooks.internal or *.internal.example, separated by commas"
+                )
 
 
 # Variables read by other entry points (the CLI's client commands, the gateway).

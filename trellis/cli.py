@@ -390,7 +390,7 @@ async def _gateway_serve(args: argparse.Namespace) -> int:
         from gateway.config import GatewayConfig, GatewayConfigError
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise CliError("the gateway is not installed; pip install 'trellis[gateway]'") from exc
-    import logging
+    from coordinator.logs import configure_logging
 
     try:
         config = GatewayConfig.from_env(os.environ)
@@ -401,9 +401,9 @@ async def _gateway_serve(args: argparse.Namespace) -> int:
         config.host_port  # noqa: B018 - validates the listen address before serving
     except GatewayConfigError as exc:
         raise CliError(str(exc)) from exc
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-    )
+    # The coordinator's text format: one escaped line per record (requests' paths and
+    # headers reach the logs).
+    configure_logging(config.log_level, "text")
     await serve(config)
     return 0
 

@@ -25,7 +25,7 @@ from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
 from coordinator.grpc.tls import server_credentials
 from coordinator.grpc.trigger_servicer import TriggerServicer
 from coordinator.model import BUILTIN_ROLES, SYSTEM_TENANT, Principal
-from coordinator.notify import Backoff, Deliverer
+from coordinator.notify import Backoff, Deliverer, Destinations
 from coordinator.oidc import JwtSettings, JwtVerifier
 from coordinator.service import (
     Authenticator,
@@ -146,6 +146,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
             max_reply_bytes=MAX_REPLY_BYTES,
             max_workflow_depth=config.max_workflow_depth,
             idempotency_window=config.idempotency_window,
+            notify_destinations=notify_destinations(config),
         ),
         dispatch=dispatch,
         poll_waiters=PollWaiters(config.max_poll_waiters),
@@ -264,6 +265,11 @@ def _jwt_verifier(config: CoordinatorConfig) -> JwtVerifier | None:
     )
 
 
+def notify_destinations(config: CoordinatorConfig) -> Destinations:
+    """Where notifications may go besides public addresses (docs/notifications.md)."""
+    return Destinations.parse(config.notify_allow_hosts, config.notify_allow_networks)
+
+
 def delivery_settings(config: CoordinatorConfig) -> DeliverySettings:
     return DeliverySettings(
         poll_interval=config.notify_poll_interval,
@@ -306,7 +312,10 @@ class NotificationRuntime:
 
 def _delivery_loop(coordinator: Coordinator, config: CoordinatorConfig) -> NotificationRuntime:
     settings = delivery_settings(config)
-    deliverer = Deliverer(timeout=settings.send_timeout.total_seconds())
+    deliverer = Deliverer(
+        timeout=settings.send_timeout.total_seconds(),
+        destinations=coordinator.settings.notify_destinations,
+    )
     dispatcher = NotificationDispatcher(
         coordinator.store.notifications, deliverer, settings, clock=coordinator.clock
     )

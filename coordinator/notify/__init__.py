@@ -1,5 +1,6 @@
 """Notification channels: validation of their settings, templates, webhook signatures,
-retry delays, per-channel circuit breakers and the senders (httpx, aiosmtplib).
+retry delays, per-channel circuit breakers, the senders (httpx, aiosmtplib) and the check
+of where they may connect (``Destinations``: public addresses only, unless allowed).
 
 This package does I/O but holds no state of its own beyond the breakers: the outbox
 (which notifications are due, their attempts) lives in the store and is driven by
@@ -15,7 +16,20 @@ from coordinator.notify._channels import (
     redacted,
     validate_channel,
 )
-from coordinator.notify._senders import DELIVERY_HEADER, Deliverer, DeliveryError, webhook_body
+from coordinator.notify._network import (
+    ALLOW_HOSTS_SETTING,
+    ALLOW_NETWORKS_SETTING,
+    DestinationRefused,
+    Destinations,
+    forbidden_reason,
+)
+from coordinator.notify._senders import (
+    DELIVERY_HEADER,
+    Deliverer,
+    DeliveryError,
+    guarded_client,
+    webhook_body,
+)
 from coordinator.notify._templates import (
     PLACEHOLDERS,
     check_template,
@@ -25,6 +39,8 @@ from coordinator.notify._templates import (
 from coordinator.signing import SIGNATURE_HEADER, sign, signature, verify
 
 __all__ = [
+    "ALLOW_HOSTS_SETTING",
+    "ALLOW_NETWORKS_SETTING",
     "DEFAULT_BODY",
     "DEFAULT_SUBJECT",
     "DELIVERY_HEADER",
@@ -35,7 +51,11 @@ __all__ = [
     "ChannelKind",
     "Deliverer",
     "DeliveryError",
+    "DestinationRefused",
+    "Destinations",
     "check_template",
+    "forbidden_reason",
+    "guarded_client",
     "redacted",
     "render",
     "sign",

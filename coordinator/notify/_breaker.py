@@ -64,3 +64,8 @@ class ChannelBreakers:
         """The outcome of an admitted attempt."""
         self._probing.discard(channel_id)
         self._get(channel_id).record(ok)
+
+    def release(self, channel_id: str) -> None:
+        """An admitted attempt that never reached the endpoint (its destination was
+        refused): no outcome for the breaker, and the next delivery may be the probe."""
+        self._probing.discard(channel_id)

@@ -9,7 +9,10 @@ A channel's settings are a JSON object whose keys depend on its kind:
   request per recipient to the provider, every text templated.
 
 ``validate_channel`` returns the settings normalized (defaults filled in) or raises
-``InvalidArgument`` naming the offending field, e.g. ``smtp.port``.
+``InvalidArgument`` naming the offending field, e.g. ``smtp.port``. A URL or SMTP host that
+is a forbidden address (loopback, private, link-local, metadata ...: see
+``coordinator/notify/_network.py``) is refused here already, unless ``Destinations`` allows
+it; host names are checked when they are resolved, on every send.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import httpx
 
 from coordinator.errors import InvalidArgument
 from coordinator.model import ChannelKind
+from coordinator.notify._network import Destinations
 from coordinator.notify._templates import ALL_FIELDS, WITHOUT_RECIPIENT, check_template
 
 DEFAULT_SUBJECT = "[trellis] {workflow_name} {status}: {execution_id}"
@@ -53,7 +57,7 @@ def _text(config: Mapping[str, Any], kind: str, key: str, *, required: bool) -> 
     return value
 
 
-def _url(field: str, raw: str, *, templated: bool = False) -> str:
+def _url(field: str, raw: str, destinations: Destinations, *, templated: bool = False) -> str:
     if not raw:
         raise InvalidArgument(f"{field} is required")
     probe = raw
@@ -68,6 +72,8 @@ def _url(field: str, raw: str, *, templated: bool = False) -> str:
         raise InvalidArgument(
             f"{field}: {raw!r} is not an absolute http:// or https:// URL with a host"
         )
+    if not (templated and re.search(r"\{[a-z_]+\}", raw.split("//", 1)[-1].split("/", 1)[0])):
+        destinations.check_literal(field, url.host)
     return raw
 
 
@@ -114,7 +120,7 @@ def _email(field: str, value: str) -> str:
     return value
 
 
-def _webhook(config: Mapping[str, Any]) -> dict[str, Any]:
+def _webhook(config: Mapping[str, Any], destinations: Destinations) -> dict[str, Any]:
     kind = "webhook"
     _only(config, kind, {"url", "secret", "headers"})
     headers = _headers("webhook.headers", config.get("headers"), templated=False)
@@ -122,13 +128,13 @@ def _webhook(config: Mapping[str, Any]) -> dict[str, Any]:
     if reserved:
         raise InvalidArgument(f"webhook.headers: {', '.join(reserved)} is set by Trellis")
     return {
-        "url": _url("webhook.url", _text(config, kind, "url", required=True)),
+        "url": _url("webhook.url", _text(config, kind, "url", required=True), destinations),
         "secret": _text(config, kind, "secret", required=True),
         "headers": headers,
     }
 
 
-def _smtp(config: Mapping[str, Any]) -> dict[str, Any]:
+def _smtp(config: Mapping[str, Any], destinations: Destinations) -> dict[str, Any]:
     kind = "smtp"
     _only(
         config,
@@ -161,8 +167,10 @@ def _smtp(config: Mapping[str, Any]) -> dict[str, Any]:
     check_template("smtp.body_template", body, WITHOUT_RECIPIENT)
     if "\n" in subject or "\r" in subject:
         raise InvalidArgument("smtp.subject_template must be one line")
+    host = _text(config, kind, "host", required=True)
+    destinations.check_literal("smtp.host", host)
     return {
-        "host": _text(config, kind, "host", required=True),
+        "host": host,
         "port": port,
         "from_address": _email(
             "smtp.from_address", _text(config, kind, "from_address", required=True)
@@ -176,7 +184,7 @@ def _smtp(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _sms(config: Mapping[str, Any]) -> dict[str, Any]:
+def _sms(config: Mapping[str, Any], destinations: Destinations) -> dict[str, Any]:
     kind = "sms"
     _only(config, kind, {"method", "url", "headers", "body_template", "to"})
     method = (_text(config, kind, "method", required=False) or "POST").upper()
@@ -186,7 +194,9 @@ def _sms(config: Mapping[str, Any]) -> dict[str, Any]:
     check_template("sms.body_template", body, ALL_FIELDS)
     return {
         "method": method,
-        "url": _url("sms.url", _text(config, kind, "url", required=True), templated=True),
+        "url": _url(
+            "sms.url", _text(config, kind, "url", required=True), destinations, templated=True
+        ),
         "headers": _headers("sms.headers", config.get("headers"), templated=True),
         "body_template": body,
         "to": _recipients("sms.to", config.get("to"), email=False),
@@ -208,9 +218,12 @@ _VALIDATORS = {
 }
 
 
-def validate_channel(kind: ChannelKind, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of a ``kind`` channel, normalized; ``InvalidArgument`` names the field."""
-    return _VALIDATORS[kind](config)
+def validate_channel(
+    kind: ChannelKind, config: Mapping[str, Any], destinations: Destinations | None = None
+) -> dict[str, Any]:
+    """The settings of a ``kind`` channel, normalized; ``InvalidArgument`` names the field.
+    ``destinations``: the allowed exceptions to "public addresses only" (default: none)."""
+    return _VALIDATORS[kind](config, destinations or Destinations())
 
 
 def redacted(config: Mapping[str, Any]) -> dict[str, Any]:

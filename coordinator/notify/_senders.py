@@ -3,31 +3,47 @@ over SMTP (aiosmtplib).
 
 ``Deliverer.send`` returns when the endpoint accepted the notification and raises
 ``DeliveryError`` (with a one-line reason) otherwise. It never retries: the outbox does.
+
+Every connection goes through the destination check (``coordinator/notify/_network.py``):
+``DestinationRefused`` when the host is, or resolves to, a forbidden address. Nothing an
+endpoint answers is shown back beyond its status: the reason of a failure is the HTTP status
+with its standard phrase, the SMTP reply code, or a fixed phrase for a network error, never
+text from the reply (an internal service reached by mistake must not be readable through
+``ListDeliveries``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import socket
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import quote, quote_plus
 
 import aiosmtplib
+import httpcore
 import httpx
 
 from coordinator.errors import Unavailable
 from coordinator.model import ChannelKind
+from coordinator.notify._network import (
+    Destinations,
+    GuardedBackend,
+    connect_socket,
+    tls_verify_reason,
+)
 from coordinator.notify._templates import render, template_values
 from coordinator.signing import SIGNATURE_HEADER, sign
 
 DELIVERY_HEADER = "X-Trellis-Delivery"
 USER_AGENT = "trellis-notifications/1"
-_SHOWN_BODY = 200
 
 
 class DeliveryError(Unavailable):
@@ -60,15 +76,88 @@ def body_escape(headers: Mapping[str, str]) -> Callable[[str], str]:
     return lambda s: s
 
 
+def _os_reason(exc: BaseException) -> str:
+    """A fixed phrase for a network error: the errno's name, never a message from afar."""
+    while exc is not None:
+        if isinstance(exc, socket.gaierror):
+            return "could not resolve the host name"
+        if isinstance(exc, OSError) and exc.errno is not None and exc.errno in errno.errorcode:
+            return {
+                errno.ECONNREFUSED: "connection refused",
+                errno.ECONNRESET: "connection reset",
+                errno.EHOSTUNREACH: "host unreachable",
+                errno.ENETUNREACH: "network unreachable",
+                errno.ETIMEDOUT: "connection timed out",
+            }.get(exc.errno, f"network error ({errno.errorcode[exc.errno]})")
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return ""
+
+
 def _http_error(exc: httpx.HTTPError) -> DeliveryError:
-    return DeliveryError(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    """The reason of a failed request, from a fixed vocabulary (httpx's messages may quote
+    bytes the endpoint sent, e.g. a malformed status line)."""
+    if isinstance(exc, httpx.TimeoutException):
+        phrase = {
+            httpx.ConnectTimeout: "timed out connecting",
+            httpx.ReadTimeout: "timed out waiting for the reply",
+            httpx.WriteTimeout: "timed out sending",
+            httpx.PoolTimeout: "timed out waiting for a connection",
+        }.get(type(exc), "timed out")
+    elif isinstance(exc, httpx.ConnectError):
+        phrase = tls_verify_reason(exc) or _os_reason(exc) or "could not connect"
+    elif isinstance(exc, httpx.RemoteProtocolError):
+        phrase = "the endpoint broke the HTTP protocol"
+    elif isinstance(exc, httpx.NetworkError):
+        phrase = _os_reason(exc) or "connection lost"
+    elif isinstance(exc, httpx.TooManyRedirects):
+        phrase = "too many redirects"
+    else:
+        phrase = "request failed"
+    return DeliveryError(f"{type(exc).__name__}: {phrase}")
+
+
+def status_reason(status: int) -> str:
+    """``HTTP 503 Service Unavailable``: the standard phrase, never the one the server sent."""
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def _check_reply(reply: httpx.Response) -> None:
     if 200 <= reply.status_code < 300:
         return
-    text = _one_line(reply.text)[:_SHOWN_BODY]
-    raise DeliveryError(f"HTTP {reply.status_code}" + (f": {text}" if text else ""))
+    reason = status_reason(reply.status_code)
+    if 300 <= reply.status_code < 400:
+        reason += " (redirects are not followed: give the channel the final URL)"
+    raise DeliveryError(reason)
+
+
+def guarded_client(
+    destinations: Destinations,
+    timeout: float,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    follow_redirects: bool = False,
+) -> httpx.AsyncClient:
+    """An httpx client whose every connection (each redirect's too, were they followed) is
+    checked by ``destinations``. The Deliverer's follows no redirects, and it ignores proxy
+    settings from the environment (a proxy would connect wherever it is told, past the
+    check). ``ssl_context``: the trusted CAs (default: the system's)."""
+    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    # httpx takes no network backend, so its pool is replaced by one that has ours (the
+    # same pool httpx builds, tests/unit/test_notify_destinations.py checks it is used).
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
+        network_backend=GuardedBackend(destinations),
+    )
+    return httpx.AsyncClient(
+        timeout=timeout,
+        follow_redirects=follow_redirects,
+        trust_env=False,
+        transport=transport,
+        headers={"User-Agent": USER_AGENT},
+    )
 
 
 class Deliverer:
@@ -78,13 +167,13 @@ class Deliverer:
         self,
         *,
         timeout: float = 10.0,
+        destinations: Destinations | None = None,
         client: httpx.AsyncClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._timeout = timeout
-        self._client = client or httpx.AsyncClient(
-            timeout=timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT}
-        )
+        self._destinations = destinations or Destinations()
+        self._client = client or guarded_client(self._destinations, timeout)
         self._clock = clock
         self._local_hostname: str | None = None
 
@@ -173,10 +262,17 @@ class Deliverer:
         message[DELIVERY_HEADER] = delivery_id
         message.set_content(render(config["body_template"], values))
         try:
+            sock = await connect_socket(
+                self._destinations, config["host"], config["port"], self._timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            phrase = "timed out connecting" if isinstance(exc, TimeoutError) else _os_reason(exc)
+            raise DeliveryError(f"SMTP: {phrase or 'could not connect'}") from exc
+        try:
             await aiosmtplib.send(
                 message,
                 hostname=config["host"],
-                port=config["port"],
+                sock=sock,
                 start_tls=bool(config.get("starttls")),
                 username=config.get("username") or None,
                 password=config.get("password") or None,
@@ -184,5 +280,25 @@ class Deliverer:
                 local_hostname=await self._hostname(),
             )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            reason = _one_line(str(exc)) or type(exc).__name__
-            raise DeliveryError(f"SMTP {type(exc).__name__}: {reason}") from exc
+            raise DeliveryError(f"SMTP {type(exc).__name__}: {smtp_reason(exc)}") from exc
+        finally:
+            sock.close()
+
+
+def smtp_reason(exc: BaseException) -> str:
+    """A fixed phrase and the reply code for a failed SMTP exchange, never the server's
+    text."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        codes = sorted({r.code for r in exc.recipients})
+        return "recipients refused (reply " + ", ".join(map(str, codes)) + ")"
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return f"authentication refused (reply {exc.code})"
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return f"the server refused (reply {exc.code})"
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        return "the server closed the connection"
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        return "the server lacks a required extension (STARTTLS or AUTH)"
+    return tls_verify_reason(exc) or _os_reason(exc) or "SMTP exchange failed"

@@ -12,6 +12,7 @@ from typing import Protocol, TypeVar
 from coordinator import engine
 from coordinator.errors import InvalidArgument
 from coordinator.model import NULL_JSON
+from coordinator.notify import Destinations
 
 Clock = Callable[[], datetime]
 
@@ -39,6 +40,8 @@ class ServiceSettings:
     max_workflow_depth: int = 10
     # A repeated idempotency key within this window returns the first execution.
     idempotency_window: timedelta = timedelta(hours=24)
+    # Where notification channels may point besides public addresses (none by default).
+    notify_destinations: Destinations = field(default_factory=Destinations)
 
     def check_payload(self, name: str, payload: bytes) -> bytes:
         """A JSON document within the size limit; empty means null."""

@@ -114,6 +114,7 @@ class Coordinator:
             clock=clock,
             rules=self.rules,
             wakeups=store.wakeups,
+            destinations=settings.notify_destinations,
         )
 
         # What runs after every commit of a transition, in this order:

@@ -38,7 +38,13 @@ from coordinator.model import (
     ExecutionStatus,
     NotificationRule,
 )
-from coordinator.notify import Backoff, ChannelBreakers, validate_channel
+from coordinator.notify import (
+    Backoff,
+    ChannelBreakers,
+    DestinationRefused,
+    Destinations,
+    validate_channel,
+)
 from coordinator.service._common import clamp_page_size, decode_cursor, page_of
 from coordinator.service._rules import RuleBook, rules_key
 from coordinator.service.ports import NotificationRepository, WakeupChannel
@@ -70,6 +76,7 @@ class NotificationService:
         clock: Callable[[], datetime],
         rules: RuleBook | None = None,
         wakeups: WakeupChannel | None = None,
+        destinations: Destinations | None = None,
     ) -> None:
         self.store = store
         self._executions = executions
@@ -77,6 +84,7 @@ class NotificationService:
         self._clock = clock
         self._rules = rules
         self._wakeups = wakeups
+        self._destinations = destinations or Destinations()
 
     async def create_channel(
         self, tenant_id: str, name: str, kind: ChannelKind, config: Mapping[str, Any]
@@ -90,7 +98,7 @@ class NotificationService:
             id=str(uuid.uuid4()),
             name=name,
             kind=kind,
-            config=validate_channel(kind, config),
+            config=validate_channel(kind, config, self._destinations),
             created_at=self._clock(),
             tenant_id=tenant_id,
         )
@@ -303,17 +311,26 @@ class NotificationDispatcher:
                 )
                 return
             error = None
+            refused = False
             try:
                 notification = json.loads(delivery.payload)
                 async with asyncio.timeout(self.settings.send_timeout.total_seconds()):
                     await self._sender.send(channel.kind, channel.config, delivery.id, notification)
             except TimeoutError:
                 error = f"no answer within {self.settings.send_timeout.total_seconds():g}s"
+            except DestinationRefused as exc:
+                # Nothing was sent and waiting will not change it (only the operator's
+                # allow settings can): fail at once, and leave the breaker alone, which
+                # protects endpoints that answer badly.
+                error, refused = str(exc), True
             except Exception as exc:
                 error = str(exc) or type(exc).__name__
             finally:
-                self.breakers.record(channel.id, error is None)
-            await self._record(delivery, error is None, error, give_up=False)
+                if refused:
+                    self.breakers.release(channel.id)
+                else:
+                    self.breakers.record(channel.id, error is None)
+            await self._record(delivery, error is None, error, give_up=refused)
         except Exception:
             # The claim lapses and the delivery comes back: nothing is lost.
             log.exception("could not settle a notification delivery", extra={"id": delivery.id})

@@ -835,6 +835,27 @@ def test_oidc_settings_reach_the_coordinator(chart: helm.Chart) -> None:
     assert not any(name.startswith("TRELLIS_OIDC_") for name in default_env)
 
 
+def test_notification_allow_lists_reach_the_coordinator(chart: helm.Chart) -> None:
+    values = {
+        "coordinator": {
+            "notifications": {
+                "allowHosts": ["hooks.internal.example", "*.svc.cluster.local"],
+                "allowNetworks": ["10.20.0.0/16", "fd12::/64"],
+            }
+        }
+    }
+    rendered = render(chart, values)
+    c = container(rendered.one("Deployment", COORDINATOR), "coordinator")
+    config = CoordinatorConfig.from_env(container_env(rendered, c))
+    assert config.notify_allow_hosts == "hooks.internal.example,*.svc.cluster.local"
+    assert config.notify_allow_networks == "10.20.0.0/16,fd12::/64"
+    # By default nothing is allowed besides public addresses.
+    default_env = container_env(render(chart), c)
+    assert not any(name.startswith("TRELLIS_NOTIFY_ALLOW_") for name in default_env)
+    with pytest.raises(helm.HelmValuesError, match="allowNetworks"):
+        chart.validate_schema({"coordinator": {"notifications": {"allowNetworks": ["any"]}}})
+
+
 # -- NetworkPolicy ---------------------------------------------------------------------------
 
 

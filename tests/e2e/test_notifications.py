@@ -116,6 +116,9 @@ async def test_a_failing_workflow_notifies_by_mail_and_by_webhook_after_it_recov
         "notify_breaker_threshold": "1000",
         # A claim held by a killed coordinator comes back after 3 x 1 s + 5 s.
         "notify_send_timeout": "1s",
+        # The receivers are local: loopback has to be allowed (it is refused by default,
+        # tests/e2e/test_notify_ssrf.py).
+        "notify_allow_networks": "127.0.0.1/32",
     }
     port = free_port()
     coordinator, address = spawn_coordinator(db_url, tmp_path, port=port, **settings)

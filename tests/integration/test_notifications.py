@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -30,11 +30,19 @@ from coordinator.model import (
     NotificationRule,
     Transition,
 )
-from coordinator.notify import Backoff, ChannelBreakers
-from coordinator.service import Decision, with_deliveries
+from coordinator.notify import Backoff, ChannelBreakers, DestinationRefused
+from coordinator.service import Decision, Store, with_deliveries
 from coordinator.service._notifications import DeliverySettings, NotificationDispatcher
 from coordinator.store import SqlStore, open_store
-from tests.support.grpc_api import Api, definition, expect_status, poll, register, start
+from tests.support.grpc_api import (
+    Api,
+    definition,
+    expect_status,
+    poll,
+    register,
+    serve_api,
+    start,
+)
 from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
 from trellis.v1 import notification_service_pb2 as npb
@@ -46,6 +54,15 @@ FAILED = common_pb2.EXECUTION_STATUS_FAILED
 SUCCEEDED = common_pb2.EXECUTION_STATUS_SUCCEEDED
 # Nothing listens here (port 9 is "discard" and not served on test machines): attempts fail.
 DEAD_URL = "http://127.0.0.1:9/hook"
+
+
+@pytest.fixture
+async def api(store: Store) -> AsyncIterator[Api]:
+    """The coordinator of these tests allows notifications to loopback (their URLs are on
+    127.0.0.1): TRELLIS_NOTIFY_ALLOW_NETWORKS. Without it they are refused
+    (tests/integration/test_notify_destinations.py)."""
+    async with serve_api(store, notify_allow_networks="127.0.0.0/8") as served:
+        yield served
 
 
 def stub(api: Api) -> ngrpc.NotificationServiceStub:
@@ -285,10 +302,12 @@ class Clock:
 
 
 class ScriptedSender:
-    """Fails while ``down``; records what it was asked to send."""
+    """Fails while ``down``, refuses the destination while ``refused``; records what it was
+    asked to send."""
 
     def __init__(self) -> None:
         self.down = False
+        self.refused = False
         self.sent: list[tuple[str, dict[str, Any]]] = []
 
     async def send(
@@ -298,6 +317,8 @@ class ScriptedSender:
         delivery_id: str,
         notification: Mapping[str, Any],
     ) -> None:
+        if self.refused:
+            raise DestinationRefused("destination refused: hook.internal resolves to a loopback")
         if self.down:
             raise errors.Unavailable("connection refused")
         self.sent.append((delivery_id, dict(notification)))
@@ -503,6 +524,58 @@ async def test_a_delivery_out_of_attempts_is_failed_and_kept(store: SqlStore) ->
         before=None,
     )
     assert [f.id for f in failed] == [d.id]
+
+
+async def test_a_refused_destination_fails_at_once_and_leaves_the_breaker_alone(
+    store: SqlStore,
+) -> None:
+    clock = Clock()
+    _channel, execution = await _setup(store, clock)
+    await _end(store, execution, ExecutionStatus.FAILED)
+    sender = ScriptedSender()
+    sender.refused = True
+    dispatcher = _dispatcher(store, sender, clock, max_attempts=10, breaker_threshold=1)
+    assert await dispatcher.run_once() == 1
+    (d,) = await _deliveries(store)
+    # Not retried: only the operator's allow settings would change the answer.
+    assert d.status is DeliveryStatus.FAILED and d.attempts == 1
+    assert d.last_error == "destination refused: hook.internal resolves to a loopback"
+    # The endpoint was never contacted: the channel's breaker does not count it.
+    assert dispatcher.breakers.state("c1") == "closed"
+    clock.advance(3600)
+    assert await dispatcher.run_once() == 0
+
+
+async def test_a_refused_probe_does_not_leave_the_breaker_waiting_for_it(
+    store: SqlStore,
+) -> None:
+    clock = Clock()
+    _channel, execution = await _setup(store, clock)
+    await store.notifications.create_rule(
+        NotificationRule(
+            "r2", "c1", (ExecutionStatus.FAILED,), clock(), "default", workflow_name="wf2"
+        )
+    )
+    await _end(store, execution, ExecutionStatus.FAILED)
+    sender = ScriptedSender()
+    sender.down = True
+    dispatcher = _dispatcher(
+        store, sender, clock, breaker_threshold=1, breaker_reset=timedelta(seconds=30)
+    )
+    await dispatcher.run_once()  # a failed attempt opens the breaker
+    assert dispatcher.breakers.state("c1") == "open"
+    clock.advance(30)
+    sender.refused = True  # the probe's destination is refused (e.g. DNS changed)
+    assert await dispatcher.run_once() == 1
+    (first,) = await _deliveries(store)
+    assert first.status is DeliveryStatus.FAILED and first.attempts == 2
+    # The next delivery is the probe at once: the refused one did not hold the slot.
+    sender.refused = sender.down = False
+    await _end(store, await _running_execution(store, "wf2", clock), ExecutionStatus.FAILED)
+    assert await dispatcher.run_once() == 1
+    second = next(d for d in await _deliveries(store) if d.id != first.id)
+    assert second.status is DeliveryStatus.DELIVERED
+    assert dispatcher.breakers.state("c1") == "closed"
 
 
 async def test_an_open_breaker_defers_without_counting_attempts(store: SqlStore) -> None:

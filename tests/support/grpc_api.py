@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -54,8 +55,9 @@ def open_interceptor(coordinator: Coordinator) -> AuthInterceptor:
 
 
 @contextlib.asynccontextmanager
-async def serve_api(store: Store) -> AsyncIterator[Api]:
-    """A coordinator over ``store`` on 127.0.0.1 (a free port), and a channel to it."""
+async def serve_api(store: Store, **settings: Any) -> AsyncIterator[Api]:
+    """A coordinator over ``store`` on 127.0.0.1 (a free port), and a channel to it;
+    ``settings`` override fields of its ``CoordinatorConfig``."""
     config = CoordinatorConfig(
         listen="127.0.0.1:0",
         bootstrap_admin_key=ADMIN_KEY,
@@ -63,6 +65,7 @@ async def serve_api(store: Store) -> AsyncIterator[Api]:
         sweep_interval=timedelta(milliseconds=100),
         shutdown_grace=timedelta(seconds=2),
     )
+    config = replace(config, **settings)
     running = await start_server(config, store)
     address = f"127.0.0.1:{running.port}"
     channel = channel_to(address)

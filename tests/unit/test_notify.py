@@ -425,6 +425,8 @@ async def test_webhook_posts_the_signed_body_and_refuses_non_2xx() -> None:
     assert verify("k", request.content, request.headers["X-Trellis-Signature"], now=1000)
     assert json.loads(request.content)["delivery_id"] == "d1"
     status = 503
-    with pytest.raises(DeliveryError, match="HTTP 503: oops more"):
+    with pytest.raises(DeliveryError) as info:
         await deliverer.send(ChannelKind.WEBHOOK, config, "d1", NOTE)
+    # The status and its standard phrase; never the reply's body.
+    assert str(info.value) == "HTTP 503 Service Unavailable"
     await deliverer.aclose()
