@@ -7,6 +7,7 @@ too many clients.
 - A request body must arrive within ``body_timeout``: the routes that read one answer 408
   themselves (``gateway.app``); this protocol cuts off, a second later, any connection
   still sending a body nobody answered in time (e.g. to an unknown path).
+- A head that is malformed or over h11's 16 KiB is answered 400 (JSON, like every error).
 - At most ``max_connections`` are open. One more evicts the connection that has waited
   longest without a request in progress (still sending its head, or idle between
   requests); only when every connection is busy with a request is the new one refused
@@ -56,6 +57,12 @@ def guarded_protocol(
         "Request Timeout",
         "the connection was closed to make room: it had no request in progress while the "
         f"gateway was at its limit of {max_connections} connections",
+    )
+    malformed = _raw_error(
+        400,
+        "Bad Request",
+        "the request head is malformed or larger than 16384 bytes; send a valid HTTP/1.1 "
+        "request line and headers",
     )
     full = _raw_error(
         503,
@@ -113,6 +120,10 @@ def guarded_protocol(
                     timer.cancel()
             self._head_timer = self._body_timer = None
             super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn answers text; the gateway's errors are JSON.
+            self._cut_off(malformed)
 
         def _head_late(self) -> None:
             self._head_timer = None
