@@ -36,6 +36,34 @@ def test_bad_body_limit_is_refused(raw: str) -> None:
         GatewayConfig.from_env({"TRELLIS_GATEWAY_MAX_BODY_BYTES": raw})
 
 
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("TRELLIS_GATEWAY_HEADER_TIMEOUT", "0"),
+        ("TRELLIS_GATEWAY_HEADER_TIMEOUT", "soon"),
+        ("TRELLIS_GATEWAY_BODY_TIMEOUT", "-1s"),
+        ("TRELLIS_GATEWAY_BODY_TIMEOUT", "90000s"),
+        ("TRELLIS_GATEWAY_MAX_CONNECTIONS", "0"),
+        ("TRELLIS_GATEWAY_MAX_CONNECTIONS", "many"),
+        ("TRELLIS_GATEWAY_MAX_CONNECTIONS", "9" * 400),
+    ],
+)
+def test_bad_slow_client_and_connection_settings_are_refused(name: str, raw: str) -> None:
+    with pytest.raises(GatewayConfigError, match=name):
+        GatewayConfig.from_env({name: raw})
+
+
+def test_slow_client_and_connection_settings_parse() -> None:
+    config = GatewayConfig.from_env(
+        {
+            "TRELLIS_GATEWAY_HEADER_TIMEOUT": "500ms",
+            "TRELLIS_GATEWAY_BODY_TIMEOUT": "2s",
+            "TRELLIS_GATEWAY_MAX_CONNECTIONS": "64",
+        }
+    )
+    assert (config.header_timeout, config.body_timeout, config.max_connections) == (0.5, 2.0, 64)
+
+
 # -- /readyz and the coordinator's dispatch status -----------------------------------------
 
 
