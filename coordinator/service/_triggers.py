@@ -78,10 +78,10 @@ def verify_signature(
     body: bytes,
     now: datetime,
     tolerance: timedelta = DEFAULT_SIGNATURE_TOLERANCE,
-) -> tuple[int, str]:
+) -> int:
     """Check ``X-Trellis-Signature: t=<unix s>,v1=<hex>`` (several v1 allowed, any may
-    match: rotating secrets). ``headers`` have lower-cased names. Returns ``t`` and the
-    signature that matched; raises ``Unauthenticated`` saying what was wrong. The header
+    match: rotating secrets). ``headers`` have lower-cased names. Returns ``t``; raises
+    ``Unauthenticated`` saying what was wrong. The header
     is bounded (``coordinator.signing``) before anything else is done with it."""
     raw = headers.get(SIGNATURE_HEADER)
     if not raw:
@@ -108,13 +108,15 @@ def verify_signature(
             "X-Trellis-Signature does not match the body; check the secret and sign the raw "
             "body exactly as sent"
         )
-    return timestamp, signing.signature(secret, body, timestamp)
+    return timestamp
 
 
-def delivery_digest(path: str, timestamp: int, signature: str) -> str:
-    """What identifies a signed delivery in the replay record: the signature that matched
-    is already unique to (secret, t, body); the path keeps triggers apart."""
-    return hashlib.sha256(f"{path}\x00{timestamp}\x00{signature}".encode()).hexdigest()
+def delivery_digest(path: str, timestamp: int, body: bytes) -> str:
+    """What identifies a signed delivery in the replay record: a trigger's signature is
+    determined by its ``t`` and body (its secret being the trigger's), so a replay is the
+    same path, ``t`` and body — whatever other ``v1`` values come with it."""
+    body_digest = hashlib.sha256(body).hexdigest()
+    return hashlib.sha256(f"{path}\x00{timestamp}\x00{body_digest}".encode()).hexdigest()
 
 
 def verify_bearer(digest: str, headers: Mapping[str, str]) -> None:
@@ -231,13 +233,13 @@ class Triggers:
         now = self._c.clock()
         delivery: tuple[str, datetime] | None = None
         if trigger.auth is WebhookAuth.HMAC_SHA256:
-            timestamp, matched = verify_signature(
+            timestamp = verify_signature(
                 trigger.secret, lower, body, now, trigger.signature_tolerance
             )
             # Remembered until the signature's timestamp leaves the window (plus a margin
             # for replicas' clocks): past that the timestamp check refuses it anyway.
             expires = datetime.fromtimestamp(timestamp, UTC) + trigger.signature_tolerance
-            delivery = (delivery_digest(path, timestamp, matched), expires + _REPLAY_MARGIN)
+            delivery = (delivery_digest(path, timestamp, body), expires + _REPLAY_MARGIN)
         else:
             verify_bearer(trigger.secret, lower)
         # Only now, authenticated, is the body parsed.

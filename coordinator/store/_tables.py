@@ -466,7 +466,7 @@ webhook_triggers = sa.Table(
     sa.PrimaryKeyConstraint("tenant_id", "path"),
 )
 
-# Signed webhook deliveries seen, by a digest of (path, t, signature), until their
+# Signed webhook deliveries seen, by a digest of (path, t, body), until their
 # signature's timestamp leaves the trigger's tolerance: a replay inside the window finds
 # its row (the insert is atomic on the primary key, so of replicas racing, one admits it).
 webhook_replays = sa.Table(

@@ -1,7 +1,7 @@
 """Webhook replays: the signed deliveries seen inside their signature's tolerance window.
 
 - webhook_replays: one row per signed webhook delivery admitted, keyed by the tenant and a
-  digest of the path, timestamp and signature, until ``expires_at`` (epoch ms); a second
+  digest of the path, timestamp and body, until ``expires_at`` (epoch ms); a second
   delivery with the same signature finds the row and is refused. Expired rows are swept.
 
 Only a new table: a previous release keeps working on the upgraded schema (it does not
