@@ -15,6 +15,11 @@ import hmac
 
 SIGNATURE_HEADER = "X-Trellis-Signature"
 DEFAULT_TOLERANCE_SECONDS = 300
+# Bounds on a header before any work is done on it: a sender rotating secrets sends a few
+# ``v1`` values, never thousands; ``t`` is unix seconds (12 digits reach the year 33658).
+MAX_HEADER_LENGTH = 1024
+MAX_SIGNATURES = 8
+MAX_TIMESTAMP_DIGITS = 12
 
 
 def signature(secret: str, body: bytes, timestamp: int) -> str:
@@ -49,19 +54,42 @@ def verify(
 
 def parse(header: str) -> tuple[int, list[str]] | None:
     """``(t, [v1, ...])`` from a header value, or None when it is malformed."""
+    try:
+        return parse_header(header)
+    except ValueError:
+        return None
+
+
+def parse_header(header: str) -> tuple[int, list[str]]:
+    """``(t, [v1, ...])`` from a header value; ``ValueError`` saying what is wrong when it
+    is malformed or over the bounds (``MAX_HEADER_LENGTH`` characters, ``MAX_SIGNATURES``
+    ``v1`` values, a ``t`` of at most ``MAX_TIMESTAMP_DIGITS`` digits). The length is
+    checked before the header is split, so a huge header costs nothing."""
+    if len(header) > MAX_HEADER_LENGTH:
+        raise ValueError(
+            f"is {len(header)} characters, over the limit of {MAX_HEADER_LENGTH}; send one "
+            f"t=<unix seconds> and at most {MAX_SIGNATURES} v1=<hex> values"
+        )
     timestamp: int | None = None
     candidates: list[str] = []
     for part in header.split(","):
         key, _, value = part.strip().partition("=")
+        value = value.strip()
         if key == "t":
-            try:
-                timestamp = int(value)
-            except ValueError:
-                return None
+            if not (value.isascii() and value.isdigit()) or len(value) > MAX_TIMESTAMP_DIGITS:
+                raise ValueError(
+                    f"has t={value[:20]!r}; t must be the unix time in seconds "
+                    f"(up to {MAX_TIMESTAMP_DIGITS} digits)"
+                )
+            timestamp = int(value)
         elif key == "v1":
-            candidates.append(value.strip().lower())
+            if len(candidates) == MAX_SIGNATURES:
+                raise ValueError(
+                    f"has more than {MAX_SIGNATURES} v1 values; send one per secret in use"
+                )
+            candidates.append(value.lower())
     if timestamp is None or not candidates:
-        return None
+        raise ValueError("needs t=<unix seconds> and at least one v1=<hex signature>")
     return timestamp, candidates
 
 

@@ -16,9 +16,18 @@
   which checks it (401 without one, 403 without the node's role); 200
   ``{"execution_id", "status", "node_status"}``.
 
-Errors answer JSON ``{"error": "..."}``: 413 over ``TRELLIS_GATEWAY_MAX_BODY_BYTES``, 400
-for a body that is not JSON, 401 for a bad signature or token, 404 for an unknown path,
-503 with ``Retry-After`` when the coordinator cannot be reached. The gateway talks to the
+- ``GET /openapi.json``: the OpenAPI 3.1 document of these routes (``gateway._openapi``).
+
+Webhook bodies are forwarded as raw bytes, never parsed here: the coordinator verifies the
+signature or token first. Event and approval bodies are parsed strictly (``gateway._json``:
+no NaN/Infinity, huge numbers or deep nesting). Slow and excess connections are handled
+by the protocol (``gateway._server``).
+
+Errors answer JSON ``{"error": "..."}``: 413 over ``TRELLIS_GATEWAY_MAX_BODY_BYTES``, 408
+when the body does not arrive within ``TRELLIS_GATEWAY_BODY_TIMEOUT``, 400 for a body that
+is not JSON the gateway accepts, 401 for a bad signature or token, 404 for an unknown path,
+409 for a replayed signed webhook, 503 with ``Retry-After`` when the coordinator cannot be
+reached. The gateway talks to the
 coordinator over gRPC only, with its own credential (``TRELLIS_GATEWAY_API_KEY``, a key with
 the ``gateway`` role: fire webhooks, publish events) and over TLS when
 ``TRELLIS_GATEWAY_CA_FILE`` is set.
@@ -26,10 +35,10 @@ the ``gateway`` role: fire webhooks, publish events) and over TLS when
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -37,10 +46,14 @@ from dataclasses import replace
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from gateway import _json as strict_json
+from gateway._openapi import openapi_document
+from gateway._server import guarded_protocol
 from gateway.config import GatewayConfig
 from trellis.v1 import (
     common_pb2,
@@ -82,23 +95,34 @@ class _TooLarge(Exception):
     pass
 
 
+class _TooSlow(Exception):
+    pass
+
+
 def _error(status: int, message: str) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else {}
+    if status == 408:
+        headers["Connection"] = "close"  # the rest of a slow body is not waited for
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused past ``limit`` by its Content-Length and while it streams in."""
+async def _read_body(request: Request, limit: int, within: float) -> bytes:
+    """The body, refused past ``limit`` by its Content-Length and while it streams in, and
+    when it has not all arrived within ``within`` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _TooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(within):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _TooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _TooSlow from None
     return b"".join(chunks)
 
 
@@ -113,6 +137,21 @@ def _rpc_error(exc: grpc.aio.AioRpcError, what: str) -> JSONResponse:
 
 def create_app(config: GatewayConfig) -> Starlette:
     state: dict[str, grpc.aio.Channel] = {}
+
+    async def body_of(request: Request) -> bytes | JSONResponse:
+        """The request's body, or the error answer when it is too large, too slow or cut."""
+        try:
+            return await _read_body(request, config.max_body_bytes, config.body_timeout)
+        except _TooLarge:
+            return _error(413, f"the body is larger than {config.max_body_bytes} bytes")
+        except _TooSlow:
+            return _error(
+                408,
+                f"the body did not arrive within {config.body_timeout:g}s "
+                "(TRELLIS_GATEWAY_BODY_TIMEOUT)",
+            )
+        except ClientDisconnect:
+            return _error(400, "the client disconnected before sending the whole body")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -177,16 +216,11 @@ def create_app(config: GatewayConfig) -> Starlette:
 
     async def webhook(request: Request) -> JSONResponse:
         path = request.path_params["path"]
-        try:
-            body = await _read_body(request, config.max_body_bytes)
-        except _TooLarge:
-            return _error(413, f"the body is larger than {config.max_body_bytes} bytes")
-        except ClientDisconnect:
-            return _error(400, "the client disconnected before sending the whole body")
-        try:
-            json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, f"the body is not valid JSON: {exc}")
+        body = await body_of(request)
+        if isinstance(body, JSONResponse):
+            return body
+        # Forwarded as raw bytes, unparsed: the coordinator verifies the signature or token
+        # first, and only then parses the body (400 when it is not JSON it accepts).
         headers: dict[str, str] = {}
         for name, value in request.headers.items():
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
@@ -209,16 +243,13 @@ def create_app(config: GatewayConfig) -> Starlette:
         wanted = hashlib.sha256(config.events_token.encode()).digest()
         if scheme.lower() != "bearer" or not hmac.compare_digest(given, wanted):
             return _error(401, "missing or wrong Authorization: Bearer <token>")
+        body = await body_of(request)
+        if isinstance(body, JSONResponse):
+            return body
         try:
-            body = await _read_body(request, config.max_body_bytes)
-        except _TooLarge:
-            return _error(413, f"the body is larger than {config.max_body_bytes} bytes")
-        except ClientDisconnect:
-            return _error(400, "the client disconnected before sending the whole body")
-        try:
-            json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, f"the body is not valid JSON: {exc}")
+            strict_json.loads(body)
+        except strict_json.JsonError as exc:
+            return _error(400, str(exc))
         name = request.path_params["name"]
         try:
             reply = await triggers().PublishEvent(
@@ -259,16 +290,13 @@ def create_app(config: GatewayConfig) -> Starlette:
         scheme, _, credential = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
             return _error(401, "missing Authorization: Bearer <your Trellis API key or token>")
+        body = await body_of(request)
+        if isinstance(body, JSONResponse):
+            return body
         try:
-            body = await _read_body(request, config.max_body_bytes)
-        except _TooLarge:
-            return _error(413, f"the body is larger than {config.max_body_bytes} bytes")
-        except ClientDisconnect:
-            return _error(400, "the client disconnected before sending the whole body")
-        try:
-            doc = json.loads(body) if body.strip() else {}
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, f"the body is not valid JSON: {exc}")
+            doc = strict_json.loads(body) if body.strip() else {}
+        except strict_json.JsonError as exc:
+            return _error(400, str(exc))
         comment = doc.get("comment", "") if isinstance(doc, dict) else None
         if not isinstance(comment, str):
             return _error(400, 'the body must be a JSON object like {"comment": "..."}')
@@ -305,9 +333,32 @@ def create_app(config: GatewayConfig) -> Starlette:
             }
         )
 
+    document = openapi_document(config)
+
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(document)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return _error(404, f"no route for {request.url.path}; see GET /openapi.json")
+        if exc.status_code == 405:
+            return JSONResponse(
+                {"error": f"{request.method} is not allowed on {request.url.path}"},
+                status_code=405,
+                headers=exc.headers,
+            )
+        return _error(exc.status_code, str(exc.detail))
+
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return _error(500, "internal error in the gateway; see its log")
+
     return Starlette(
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
         routes=[
             Route("/healthz", healthz),
+            Route("/openapi.json", openapi),
             Route("/readyz", readyz),
             Route("/api/webhooks/{path:path}", webhook, methods=["POST"]),
             Route("/api/events/{name}", event, methods=["POST"]),
@@ -342,6 +393,11 @@ async def serve(config: GatewayConfig) -> None:
             log_config=None,
             access_log=False,
             lifespan="on",
+            http=guarded_protocol(
+                header_timeout=config.header_timeout,
+                body_timeout=config.body_timeout,
+                max_connections=config.max_connections,
+            ),
         )
     )
     await server.serve()

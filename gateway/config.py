@@ -31,6 +31,14 @@ class GatewayConfig:
     events_token: str = field(default="", repr=False)
     # How long a webhook or event call to the coordinator may take, in seconds.
     rpc_timeout: float = 10.0
+    # Slow clients: a request's head (request line and headers) must arrive within
+    # header_timeout of the connection opening (or of its first byte on a kept-alive one),
+    # its body within body_timeout of the head; else 408 and the connection is closed.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    # Open connections at most; one more evicts the longest-idle connection without a
+    # request in progress (503 only when every connection is busy).
+    max_connections: int = 1000
     # The gateway's own credential at the coordinator (an API key with the `gateway` role).
     api_key: str = field(default="", repr=False)
     # TLS to the coordinator: its CA, and a client certificate for mutual TLS.
@@ -54,19 +62,22 @@ class GatewayConfig:
             raw = environ.get(env_name, "").strip()
             if not raw:
                 continue
-            if name == "max_body_bytes":
-                if not raw.isdigit() or int(raw) < 1:
+            if name in ("max_body_bytes", "max_connections"):
+                unit = "bytes" if name == "max_body_bytes" else "connections"
+                if not raw.isdigit() or len(raw) > 12 or int(raw) < 1:
                     raise GatewayConfigError(
-                        f"{env_name}={raw!r} must be a positive number of bytes"
+                        f"{env_name}={raw!r} must be a positive number of {unit}"
                     )
                 values[name] = int(raw)
-            elif name in ("ready_timeout", "rpc_timeout"):
+            elif name in ("ready_timeout", "rpc_timeout", "header_timeout", "body_timeout"):
                 m = _DURATION.match(raw)
-                if not m:
+                seconds = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1) if m else 0.0
+                if not m or not 0 < seconds <= 86400:
                     raise GatewayConfigError(
-                        f"{env_name}={raw!r} is not a duration; use e.g. 500ms or 2s"
+                        f"{env_name}={raw!r} is not a duration; use e.g. 500ms or 2s "
+                        "(more than 0, at most a day)"
                     )
-                values[name] = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+                values[name] = seconds
             else:
                 values[name] = raw
         config = cls(**values)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """Sweepers: lease expiry, lost workers, schedule-to-start, approval and execution timeouts,
-delayed starts, the overflow queue (max_running_executions), and sub-workflow
-reconciliation.
+delayed starts, the overflow queue (max_running_executions), sub-workflow reconciliation,
+and expired webhook replay records.
 
 Every replica runs them at once; each verdict is a fenced transition (a lease's
 ``lease_seq``, an execution's ``version``), so two replicas cannot both apply it. A row
@@ -67,6 +67,7 @@ class Sweeper:
             self.start_queued,
             self.report_ended_children,
             self.cancel_orphaned_children,
+            self.delete_expired_webhook_deliveries,
         ):
             while True:
                 seen, done = await step()
@@ -129,6 +130,14 @@ class Sweeper:
             return await self._c.sub_workflows.cancel_child(child.tenant_id, child.id)
 
         return await self._each(orphans, verdict)
+
+    async def delete_expired_webhook_deliveries(self) -> tuple[int, int]:
+        """Replay records of webhook deliveries whose signatures have left their window
+        are deleted (a replay of one is refused by its timestamp by then)."""
+        deleted = await self._c.store.triggers.delete_expired_webhook_deliveries(
+            self._now(), self._batch
+        )
+        return deleted, deleted
 
     def _in_grace(self) -> bool:
         return self._now() - self._started < self._c.settings.worker_liveness_timeout

@@ -11,20 +11,29 @@ triggers see ``event`` (the payload).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from coordinator import signing
 from coordinator.engine import Expression, ExpressionError, compile_expression
-from coordinator.errors import InvalidArgument, NotFound, TrellisError, Unauthenticated, Unavailable
+from coordinator.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    TrellisError,
+    Unauthenticated,
+    Unavailable,
+)
 from coordinator.model import (
     DEFAULT_SIGNATURE_TOLERANCE,
     NULL_JSON,
@@ -47,6 +56,12 @@ _PATH = re.compile(r"^[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
 _EVENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 _MAX_PATH = 200
 _MAX_TOLERANCE = timedelta(days=1)
+# A replay record outlives its signature's window by this much (replicas' clocks differ).
+_REPLAY_MARGIN = timedelta(minutes=1)
+# Webhook bodies, once authenticated: nesting, and integer literals, beyond these are
+# refused (400) rather than parsed into values nothing downstream can take.
+MAX_JSON_DEPTH = 64
+MAX_INTEGER_DIGITS = 20
 
 
 # -- signatures (pure) --------------------------------------------------------------------
@@ -63,22 +78,24 @@ def verify_signature(
     body: bytes,
     now: datetime,
     tolerance: timedelta = DEFAULT_SIGNATURE_TOLERANCE,
-) -> None:
+) -> int:
     """Check ``X-Trellis-Signature: t=<unix s>,v1=<hex>`` (several v1 allowed, any may
-    match: rotating secrets). ``headers`` have lower-cased names. Raises
-    ``Unauthenticated`` saying what was wrong."""
+    match: rotating secrets). ``headers`` have lower-cased names. Returns ``t``; raises
+    ``Unauthenticated`` saying what was wrong. The header
+    is bounded (``coordinator.signing``) before anything else is done with it."""
     raw = headers.get(SIGNATURE_HEADER)
     if not raw:
         raise Unauthenticated(
             "missing X-Trellis-Signature header; sign the body as t=<unix seconds>,"
             'v1=<hex hmac_sha256(secret, "<t>." + body)> (see docs/triggers.md)'
         )
-    parsed = signing.parse(raw)
-    if parsed is None:
+    try:
+        timestamp, signatures = signing.parse_header(raw)
+    except ValueError as exc:
         raise Unauthenticated(
-            "X-Trellis-Signature is malformed; expected t=<unix seconds>,v1=<hex signature>"
-        )
-    timestamp, signatures = parsed
+            f"X-Trellis-Signature is malformed: the header {exc} "
+            "(expected t=<unix seconds>,v1=<hex signature>)"
+        ) from None
     skew = abs(now.timestamp() - timestamp)
     if skew > tolerance.total_seconds():
         raise Unauthenticated(
@@ -91,6 +108,15 @@ def verify_signature(
             "X-Trellis-Signature does not match the body; check the secret and sign the raw "
             "body exactly as sent"
         )
+    return timestamp
+
+
+def delivery_digest(path: str, timestamp: int, body: bytes) -> str:
+    """What identifies a signed delivery in the replay record: a trigger's signature is
+    determined by its ``t`` and body (its secret being the trigger's), so a replay is the
+    same path, ``t`` and body — whatever other ``v1`` values come with it."""
+    body_digest = hashlib.sha256(body).hexdigest()
+    return hashlib.sha256(f"{path}\x00{timestamp}\x00{body_digest}".encode()).hexdigest()
 
 
 def verify_bearer(digest: str, headers: Mapping[str, str]) -> None:
@@ -204,12 +230,19 @@ class Triggers:
         except NotFound:
             raise NotFound(f"no webhook trigger at path {path!r}") from None
         lower = {k.lower(): v for k, v in headers.items()}
+        now = self._c.clock()
+        delivery: tuple[str, datetime] | None = None
         if trigger.auth is WebhookAuth.HMAC_SHA256:
-            verify_signature(
-                trigger.secret, lower, body, self._c.clock(), trigger.signature_tolerance
+            timestamp = verify_signature(
+                trigger.secret, lower, body, now, trigger.signature_tolerance
             )
+            # Remembered until the signature's timestamp leaves the window (plus a margin
+            # for replicas' clocks): past that the timestamp check refuses it anyway.
+            expires = datetime.fromtimestamp(timestamp, UTC) + trigger.signature_tolerance
+            delivery = (delivery_digest(path, timestamp, body), expires + _REPLAY_MARGIN)
         else:
             verify_bearer(trigger.secret, lower)
+        # Only now, authenticated, is the body parsed.
         parsed = _parse_json("the request body", body)
         variables = {"body": parsed, "headers": lower}
         key: str | None = None
@@ -220,14 +253,30 @@ class Triggers:
         if trigger.input_expr:
             expr = self._expr(trigger.input_expr, "input", WEBHOOK_VARIABLES)
             payload = _evaluate_json(expr, variables)
-        execution, created = await self._c.starts.start_execution(
-            tenant_id,
-            trigger.workflow_name,
-            trigger.workflow_version or None,
-            payload,
-            idempotency_key=None if key is None else f"webhook:{path}:{key}",
-            rate_limited=False,
-        )
+        if delivery is not None and not await self._store.record_webhook_delivery(
+            tenant_id, delivery[0], delivery[1], now
+        ):
+            log.warning("webhook replay refused", extra={"path": path})
+            raise AlreadyExists(
+                "this signed webhook delivery was received already (a replay: the same "
+                "X-Trellis-Signature for the same body); sign every delivery with its own "
+                "current timestamp"
+            )
+        try:
+            execution, created = await self._c.starts.start_execution(
+                tenant_id,
+                trigger.workflow_name,
+                trigger.workflow_version or None,
+                payload,
+                idempotency_key=None if key is None else f"webhook:{path}:{key}",
+                rate_limited=False,
+            )
+        except BaseException:
+            if delivery is not None:
+                # Nothing started: the sender may retry the same signed delivery.
+                with contextlib.suppress(Exception):
+                    await self._store.forget_webhook_delivery(tenant_id, delivery[0])
+            raise
         log.info(
             "webhook fired",
             extra={"path": path, "execution_id": execution.id, "new_execution": created},
@@ -338,12 +387,61 @@ def _check_event_name(name: str) -> None:
 
 
 def _parse_json(what: str, body: bytes) -> Any:
+    """Strict JSON: no NaN or Infinity, no number that overflows, integers of at most
+    ``MAX_INTEGER_DIGITS`` digits, nesting at most ``MAX_JSON_DEPTH`` deep. Anything else
+    is ``InvalidArgument`` naming what was wrong."""
     if not body:
         return None
     try:
-        return json.loads(body)
+        doc = json.loads(
+            body, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_short_int
+        )
+    except RecursionError:
+        doc = None
+        deep = True
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from exc
+        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+    else:
+        deep = _deeper_than(doc, MAX_JSON_DEPTH)
+    if deep:
+        raise InvalidArgument(f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels")
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _short_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise ValueError(
+            f"an integer has {len(text.lstrip('-'))} digits, over {MAX_INTEGER_DIGITS}"
+        )
+    return int(text)
+
+
+def _deeper_than(doc: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` levels (without recursion)."""
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _evaluate(expr: Expression, variables: Mapping[str, Any]) -> Any:
@@ -377,6 +475,7 @@ __all__ = [
     "SIGNATURE_HEADER",
     "PublishResult",
     "Triggers",
+    "delivery_digest",
     "token_digest",
     "verify_bearer",
     "verify_signature",

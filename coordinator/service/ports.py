@@ -459,6 +459,22 @@ class TriggerRepository(Protocol):
         """Raises ``NotFound``."""
         ...
 
+    async def record_webhook_delivery(
+        self, tenant_id: str, digest: str, expires_at: datetime, now: datetime
+    ) -> bool:
+        """Remember a signed delivery until ``expires_at``. False when ``digest`` is
+        recorded already and not expired at ``now`` (a replay). Atomic: of callers racing
+        with one digest, on any number of replicas, exactly one gets True."""
+        ...
+
+    async def forget_webhook_delivery(self, tenant_id: str, digest: str) -> None:
+        """Drop a recorded delivery (its execution could not start: a retry may come)."""
+        ...
+
+    async def delete_expired_webhook_deliveries(self, now: datetime, limit: int) -> int:
+        """Delete up to ``limit`` deliveries expired at ``now``; returns how many."""
+        ...
+
     async def create_event_trigger(self, trigger: EventTrigger) -> None: ...
     async def list_event_triggers(
         self, tenant_id: str, event_name: str | None

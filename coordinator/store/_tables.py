@@ -466,6 +466,19 @@ webhook_triggers = sa.Table(
     sa.PrimaryKeyConstraint("tenant_id", "path"),
 )
 
+# Signed webhook deliveries seen, by a digest of (path, t, body), until their
+# signature's timestamp leaves the trigger's tolerance: a replay inside the window finds
+# its row (the insert is atomic on the primary key, so of replicas racing, one admits it).
+webhook_replays = sa.Table(
+    "webhook_replays",
+    metadata,
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("digest", sa.Text, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("tenant_id", "digest"),
+    sa.Index(None, "expires_at"),
+)
+
 event_triggers = sa.Table(
     "event_triggers",
     metadata,

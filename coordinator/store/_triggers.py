@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from coordinator import errors
@@ -37,7 +38,13 @@ from coordinator.model import (
 from coordinator.store import _rows
 from coordinator.store._db import Database
 from coordinator.store._executions import SqlExecutions
-from coordinator.store._tables import event_triggers, schedule_fires, schedules, webhook_triggers
+from coordinator.store._tables import (
+    event_triggers,
+    schedule_fires,
+    schedules,
+    webhook_replays,
+    webhook_triggers,
+)
 
 # -- rows ---------------------------------------------------------------------------------
 
@@ -207,6 +214,61 @@ class SqlTriggers:
             )
             if result.rowcount == 0:
                 raise errors.NotFound(f"webhook trigger {path!r} not found")
+
+    # -- webhook replays -------------------------------------------------------------------
+
+    async def record_webhook_delivery(
+        self, tenant_id: str, digest: str, expires_at: datetime, now: datetime
+    ) -> bool:
+        # Insert if absent; a row already there is taken over only once it has expired.
+        # Concurrent inserts of one key wait for the first on PostgreSQL (and SQLite has a
+        # single writer), so exactly one of them inserts.
+        r = webhook_replays
+        insert = (postgresql.insert if self._db.postgres else sqlite.insert)(r)
+        values = {"tenant_id": tenant_id, "digest": digest, "expires_at": _rows.to_ms(expires_at)}
+        async with self._db.tx(write=True, audit=False) as conn:
+            inserted = await conn.scalar(
+                insert.values(values)
+                .on_conflict_do_nothing(index_elements=[r.c.tenant_id, r.c.digest])
+                .returning(r.c.digest)
+            )
+            if inserted is not None:
+                return True
+            result = await conn.execute(
+                sa.update(r)
+                .where(
+                    r.c.tenant_id == tenant_id,
+                    r.c.digest == digest,
+                    r.c.expires_at <= _rows.to_ms(now),
+                )
+                .values(expires_at=values["expires_at"])
+            )
+            return bool(result.rowcount == 1)
+
+    async def forget_webhook_delivery(self, tenant_id: str, digest: str) -> None:
+        r = webhook_replays
+        async with self._db.tx(write=True, audit=False) as conn:
+            await conn.execute(sa.delete(r).where(r.c.tenant_id == tenant_id, r.c.digest == digest))
+
+    async def delete_expired_webhook_deliveries(self, now: datetime, limit: int) -> int:
+        r = webhook_replays
+        expired = (
+            sa.select(r.c.tenant_id, r.c.digest)
+            .where(r.c.expires_at <= _rows.to_ms(now))
+            .order_by(r.c.expires_at)
+            .limit(limit)
+        )
+        async with self._db.tx(write=True, audit=False) as conn:
+            rows = (await conn.execute(expired)).all()
+            for tenant_id, digest in rows:
+                await conn.execute(
+                    sa.delete(r).where(
+                        r.c.tenant_id == tenant_id,
+                        r.c.digest == digest,
+                        r.c.expires_at <= _rows.to_ms(now),
+                    )
+                )
+        return len(rows)
 
     # -- events ---------------------------------------------------------------------------
 

@@ -466,6 +466,33 @@ def test_gateway_env_is_accepted_by_gateway_config(chart: helm.Chart, variant: s
     assert config.host_port == ("0.0.0.0", c["ports"][0]["containerPort"])
 
 
+def test_gateway_slow_client_and_connection_settings_reach_the_gateway(
+    chart: helm.Chart,
+) -> None:
+    def config(settings: dict[str, Any]) -> GatewayConfig:
+        rendered = render(chart, {"gateway": {"settings": settings}})
+        c = container(rendered.one("Deployment", GATEWAY), "gateway")
+        return GatewayConfig.from_env(container_env(rendered, c))
+
+    default = config({})
+    assert (default.header_timeout, default.body_timeout, default.max_connections) == (
+        10.0,
+        30.0,
+        1000,
+    )
+    custom = config(
+        {
+            "headerTimeout": "2s",
+            "bodyTimeout": "1500ms",
+            "maxConnections": 50,
+            "maxBodyBytes": 4096,
+            "rpcTimeout": 3,
+        }
+    )
+    assert (custom.header_timeout, custom.body_timeout, custom.max_connections) == (2.0, 1.5, 50)
+    assert (custom.max_body_bytes, custom.rpc_timeout) == (4096, 3.0)
+
+
 @pytest.mark.parametrize("grace", ["10s", "1m", "1500ms", 45, "2.5"])
 def test_termination_grace_covers_prestop_and_shutdown_grace(
     chart: helm.Chart, grace: str | int

@@ -41,8 +41,8 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str,
         return exc.code, json.loads(exc.read()), exc.headers.get("Retry-After", "")
 
 
-def signature(body: bytes, secret: str = SECRET) -> dict[str, str]:
-    t = int(time.time())
+def signature(body: bytes, secret: str = SECRET, at: int | None = None) -> dict[str, str]:
+    t = int(time.time()) if at is None else at
     mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
     return {"Content-Type": "application/json", "X-Trellis-Signature": f"t={t},v1={mac}"}
 
@@ -101,9 +101,17 @@ async def test_signed_webhook_runs_a_workflow_once_and_errors_start_nothing(
         assert done.status == "SUCCEEDED"
         assert done.output == {"sum": 3 * 2 + 3 * 3}
 
-        # Replayed (even re-signed later): the same execution, nothing new.
-        status, reply, _ = post(url, body, signature(body))
+        # Delivered again, signed afresh (timestamps after the first one's, inside the
+        # tolerance): the idempotency key finds the same execution.
+        later = int(time.time()) + 1
+        status, reply, _ = post(url, body, signature(body, at=later))
         assert (status, reply) == (202, {"execution_id": execution_id, "created": False})
+        # The very same signed request again: a replay, refused.
+        first_headers = signature(body, at=later + 1)
+        assert post(url, body, first_headers)[0] == 202
+        status, reply, _ = post(url, body, first_headers)
+        assert status == 409, reply
+        assert "replay" in str(reply["error"])
 
         other = json.dumps({"order_id": "B-1", "quantity": 1}).encode()
         refused = [

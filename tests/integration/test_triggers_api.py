@@ -110,10 +110,17 @@ async def test_signed_webhook_starts_once_per_idempotency_key(api: Api) -> None:
         tpb.FireWebhookRequest(path="orders", headers=headers, body=body)
     )
     assert first.created
+    # Delivered again, signed afresh: the idempotency key finds the first execution.
+    resigned = {**signed(body, at=int(time.time()) + 1), "X-Source": "shop"}
     again = await triggers.FireWebhook(
-        tpb.FireWebhookRequest(path="orders", headers=headers, body=body)
+        tpb.FireWebhookRequest(path="orders", headers=resigned, body=body)
     )
     assert (again.execution_id, again.created) == (first.execution_id, False)
+    # The very same signed request again is a replay, refused.
+    await expect_status(
+        triggers.FireWebhook(tpb.FireWebhookRequest(path="orders", headers=headers, body=body)),
+        grpc.StatusCode.ALREADY_EXISTS,
+    )
     got = await api.workflows.GetExecution(fpb.GetExecutionRequest(execution_id=first.execution_id))
     assert json.loads(got.execution.input) == {"n": 3, "via": "shop"}
     assert got.execution.idempotency_key == "webhook:orders:o-1"

@@ -36,6 +36,34 @@ def test_bad_body_limit_is_refused(raw: str) -> None:
         GatewayConfig.from_env({"TRELLIS_GATEWAY_MAX_BODY_BYTES": raw})
 
 
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("TRELLIS_GATEWAY_HEADER_TIMEOUT", "0"),
+        ("TRELLIS_GATEWAY_HEADER_TIMEOUT", "soon"),
+        ("TRELLIS_GATEWAY_BODY_TIMEOUT", "-1s"),
+        ("TRELLIS_GATEWAY_BODY_TIMEOUT", "90000s"),
+        ("TRELLIS_GATEWAY_MAX_CONNECTIONS", "0"),
+        ("TRELLIS_GATEWAY_MAX_CONNECTIONS", "many"),
+        ("TRELLIS_GATEWAY_MAX_CONNECTIONS", "9" * 400),
+    ],
+)
+def test_bad_slow_client_and_connection_settings_are_refused(name: str, raw: str) -> None:
+    with pytest.raises(GatewayConfigError, match=name):
+        GatewayConfig.from_env({name: raw})
+
+
+def test_slow_client_and_connection_settings_parse() -> None:
+    config = GatewayConfig.from_env(
+        {
+            "TRELLIS_GATEWAY_HEADER_TIMEOUT": "500ms",
+            "TRELLIS_GATEWAY_BODY_TIMEOUT": "2s",
+            "TRELLIS_GATEWAY_MAX_CONNECTIONS": "64",
+        }
+    )
+    assert (config.header_timeout, config.body_timeout, config.max_connections) == (0.5, 2.0, 64)
+
+
 # -- /readyz and the coordinator's dispatch status -----------------------------------------
 
 
@@ -136,3 +164,39 @@ async def test_readyz_leaves_dispatch_out_for_an_older_coordinator() -> None:
         assert "dispatch" not in body
         assert body["degraded"] == []
         assert body["dependencies"] == {"coordinator": "SERVING", "coordinator.triggers": "SERVING"}
+
+
+# -- the OpenAPI document and error shapes --------------------------------------------------
+
+
+async def test_the_openapi_document_describes_every_route() -> None:
+    app = create_app(GatewayConfig(max_body_bytes=4096))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http,
+    ):
+        reply = await http.get("/openapi.json")
+        assert reply.status_code == 200
+        document = reply.json()
+        # Every route and method the app serves is documented, and nothing else.
+        served = {
+            (route.path.replace("{path:path}", "{path}"), method.lower())
+            for route in app.routes
+            for method in getattr(route, "methods", ()) or ()
+            if method != "HEAD"
+        }
+        documented = {(path, method) for path, item in document["paths"].items() for method in item}
+        assert served == documented
+        assert document["openapi"].startswith("3.")
+        assert "4096 bytes" in document["paths"]["/api/webhooks/{path}"]["post"]["description"]
+        # Every documented error answer has the one error shape.
+        for name, response in document["components"]["responses"].items():
+            schema = response["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/Error"}, name
+
+        missing = await http.get("/nope")
+        assert missing.status_code == 404
+        assert "no route for /nope" in missing.json()["error"]
+        wrong_method = await http.get("/api/webhooks/orders")
+        assert wrong_method.status_code == 405
+        assert "GET is not allowed" in wrong_method.json()["error"]

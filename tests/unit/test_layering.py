@@ -94,6 +94,16 @@ def test_base_install_is_grpcio_and_protobuf_only() -> None:
 
 
 def test_gateway_talks_to_the_coordinator_over_grpc_only() -> None:
-    # worker_sdk: the SDK's channel (TLS and the gateway's credential), gRPC too.
-    allowed = ("grpc", "grpc_health", "starlette", "uvicorn", "gateway", "trellis.v1", "worker_sdk")
+    # worker_sdk: the SDK's channel (TLS and the gateway's credential), gRPC too. h11:
+    # uvicorn's HTTP/1.1 parser, whose connection states the slow-client guard reads.
+    allowed = (
+        "grpc",
+        "grpc_health",
+        "h11",
+        "starlette",
+        "uvicorn",
+        "gateway",
+        "trellis.v1",
+        "worker_sdk",
+    )
     assert offenders("gateway", allowed) == []

@@ -71,3 +71,25 @@ def test_bearer_tokens() -> None:
     for bad in ({"authorization": "Bearer other"}, {"authorization": "Basic x"}, {}):
         with pytest.raises(Unauthenticated):
             verify_bearer(digest, bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        # A 400-digit t once overflowed the float conversion of the clock check.
+        (f"t={'9' * 400},v1={'0' * 64}", "up to 12 digits"),
+        (f"t=-{T},v1={'0' * 64}", "unix time in seconds"),
+        (f"t=1e9,v1={'0' * 64}", "unix time in seconds"),
+        # Millions of v1 values once held the coordinator for seconds: refused unread.
+        (f"t={T}," + "v1=0," * 3_000_000, "over the limit of 1024"),
+        (f"t={T}," + ",".join(["v1=00"] * 9), "more than 8 v1 values"),
+    ],
+)
+def test_signature_headers_are_bounded(value: str, fragment: str) -> None:
+    with pytest.raises(Unauthenticated, match=fragment):
+        verify_signature(SECRET, headers(value), BODY, NOW)
+
+
+def test_eight_signatures_are_allowed() -> None:
+    others = ",".join([f"v1={'0' * 64}"] * 7)
+    verify_signature(SECRET, headers(f"{sign(SECRET, BODY, T)},{others}"), BODY, NOW)

@@ -218,6 +218,8 @@ class State:
         self.workers: Table[tuple[str, str], WorkerInfo] = Table(j)
         self.limits: Table[tuple[str, str], TaskTypeLimits] = Table(j)
         self.webhooks: Table[tuple[str, str], WebhookTrigger] = Table(j)
+        # (tenant, delivery digest) -> when the record expires
+        self.webhook_replays: Table[tuple[str, str], datetime] = Table(j)
         self.event_triggers: Table[str, EventTrigger] = Table(j)
         self.schedules: Table[tuple[str, str], Schedule] = Table(j)
         # (tenant, schedule id, fire time)

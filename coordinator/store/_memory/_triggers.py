@@ -57,6 +57,32 @@ class MemoryTriggers:
             if self._state.webhooks.delete((tenant_id, path)) is None:
                 raise errors.NotFound(f"webhook trigger {path!r} not found")
 
+    # -- webhook replays -------------------------------------------------------------------
+
+    async def record_webhook_delivery(
+        self, tenant_id: str, digest: str, expires_at: datetime, now: datetime
+    ) -> bool:
+        key = (tenant_id, digest)
+        async with self._state.write(audit=False):
+            found = self._state.webhook_replays.get(key)
+            if found is not None and found > now:
+                return False
+            self._state.webhook_replays.put(key, expires_at)
+            return True
+
+    async def forget_webhook_delivery(self, tenant_id: str, digest: str) -> None:
+        async with self._state.write(audit=False):
+            self._state.webhook_replays.delete((tenant_id, digest))
+
+    async def delete_expired_webhook_deliveries(self, now: datetime, limit: int) -> int:
+        async with self._state.write(audit=False):
+            expired = sorted(
+                (at, key) for key, at in self._state.webhook_replays.items() if at <= now
+            )[:limit]
+            for _, key in expired:
+                self._state.webhook_replays.delete(key)
+        return len(expired)
+
     # -- events ---------------------------------------------------------------------------
 
     async def create_event_trigger(self, trigger: EventTrigger) -> None:
