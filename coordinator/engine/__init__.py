@@ -42,6 +42,7 @@ from coordinator.engine._control import (
     time_out_unstarted,
 )
 from coordinator.engine._expand import Expansion, effective_definition
+from coordinator.engine._json import MAX_JSON_DEPTH, MAX_NUMBER_DIGITS, decode_json
 from coordinator.engine._transitions import complete_node, fail_node, start_execution
 from coordinator.engine._validate import (
     ALLOWED_KINDS,
@@ -60,6 +61,8 @@ __all__ = [  # noqa: RUF022
     "ExpressionError",
     "LIMIT_VARIABLES",
     "Limits",
+    "MAX_JSON_DEPTH",
+    "MAX_NUMBER_DIGITS",
     "NODE_VARIABLES",
     "OUTPUT_VARIABLES",
     "approval_role",
@@ -71,6 +74,7 @@ __all__ = [  # noqa: RUF022
     "child_ended",
     "compile_expression",
     "complete_node",
+    "decode_json",
     "effective_definition",
     "exponential_delay",
     "fail_node",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from coordinator import signing
+from coordinator import engine, signing
 from coordinator.engine import Expression, ExpressionError, compile_expression
 from coordinator.errors import InvalidArgument, NotFound, TrellisError, Unauthenticated, Unavailable
 from coordinator.model import (
@@ -282,8 +282,7 @@ class Triggers:
         _check_event_name(name)
         if len(idempotency_key) > MAX_KEY_LENGTH:
             raise InvalidArgument(f"idempotency_key is longer than {MAX_KEY_LENGTH} characters")
-        payload = self._c.check_payload("payload", payload)
-        event = json.loads(payload)
+        payload, event = self._c.settings.decode_payload("payload", payload)
         result = PublishResult()
         filtered = 0
         for trigger in await self._store.list_event_triggers(tenant_id, name):
@@ -340,10 +339,7 @@ def _check_event_name(name: str) -> None:
 def _parse_json(what: str, body: bytes) -> Any:
     if not body:
         return None
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from exc
+    return engine.decode_json(body, what)
 
 
 def _evaluate(expr: Expression, variables: Mapping[str, Any]) -> Any:

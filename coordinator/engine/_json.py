@@ -1,0 +1,163 @@
+"""The strict JSON decoder for every payload a client hands the coordinator (pure).
+
+Python's ``json.loads`` accepts more than RFC 8259 JSON, and some of what it accepts
+breaks the coordinator or other languages further on: ``NaN``, ``Infinity`` and
+``-Infinity`` (no JSON parser elsewhere reads them back), lone UTF-16 surrogates such as
+``"\\ud800"`` (valid in no UTF-8 string: PostgreSQL, Go and Rust refuse them), numbers
+too large for any double (``1e999`` decodes to ``inf``) or with thousands of digits, and
+nesting so deep that the recursive decoder (and every recursive consumer after it) runs
+out of stack. ``decode_json`` refuses all of these with ``InvalidArgument`` naming the
+field, and keeps the common case at the speed of ``json.loads``: each extra check is a
+scan in C that only falls back to slower work when the document could need it.
+
+The bounds (docs/protocol.md, "Strict JSON"):
+
+- ``MAX_JSON_DEPTH`` nested arrays/objects (the document itself is level 1);
+- ``MAX_NUMBER_DIGITS`` digits in one number literal; every number must be finite;
+- UTF-8 only, no lone surrogates (in strings and in keys), no ``NaN``/``Infinity``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from coordinator.errors import InvalidArgument
+
+MAX_JSON_DEPTH = 128
+MAX_NUMBER_DIGITS = 100
+
+# A number literal may be too long or overflow a double when, with every digit read as 0,
+# every E as e and signs dropped, the text holds a run of too many digits or an exponent of
+# three digits or more (that run may also sit inside a string: then the slow path, which
+# checks each number literal, finds nothing wrong). bytes.translate keeps this in C.
+_NUMBERS = bytes.maketrans(b"0123456789E", b"0000000000e")
+_LONG_DIGITS = b"0" * (MAX_NUMBER_DIGITS + 1)
+# Escaped backslashes (kept so that ``\\ud800`` is not read as an escape) and surrogate
+# escapes. Backslashes appear only inside strings in valid JSON.
+_ESCAPES = re.compile(r"\\\\|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SQUARE = str.maketrans("{}", "[]")
+
+
+def decode_json(payload: bytes | str, name: str) -> Any:
+    """``payload`` decoded, or ``InvalidArgument`` saying what in ``name`` is refused."""
+    if isinstance(payload, str):
+        try:
+            payload = payload.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgument(
+                f"{name} contains a lone UTF-16 surrogate; such a string is not valid Unicode"
+            ) from None
+    try:
+        text = bytes(payload).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(
+            f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "send JSON encoded as UTF-8"
+        ) from None
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(text):
+        raise InvalidArgument(
+            f"{name} nests arrays/objects deeper than {MAX_JSON_DEPTH} levels; flatten the document"
+        )
+    if "\\" in text and _lone_surrogate(text):
+        raise InvalidArgument(
+            f"{name} contains a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+            "pair); such a string is not valid Unicode, send the character itself or a "
+            "complete surrogate pair"
+        )
+    hooks: dict[str, Any] = {"parse_constant": _refuse_constant(name)}
+    numbers = payload.translate(_NUMBERS, b"+-")
+    if _LONG_DIGITS in numbers or b"e000" in numbers:
+        hooks["parse_int"] = _checked_int(name)
+        hooks["parse_float"] = _checked_float(name)
+    try:
+        return json.loads(text, **hooks)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{name} is not valid JSON: {exc}") from None
+    except RecursionError:  # a malformed document the depth scan could not measure
+        raise InvalidArgument(
+            f"{name} nests arrays/objects deeper than {MAX_JSON_DEPTH} levels; flatten the document"
+        ) from None
+    except ValueError as exc:  # e.g. the interpreter's own cap on integer digits
+        raise InvalidArgument(f"{name} is not acceptable JSON: {exc}") from None
+
+
+def _too_deep(text: str) -> bool:
+    """Whether the brackets outside strings nest deeper than ``MAX_JSON_DEPTH``: each
+    pass of ``replace`` removes exactly the innermost level."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).translate(_SQUARE)
+    for _ in range(MAX_JSON_DEPTH):
+        if not brackets:
+            return False
+        brackets = brackets.replace("[]", "")
+    return "[]" in brackets
+
+
+def _lone_surrogate(text: str) -> bool:
+    """Whether a surrogate escape is not part of a high-low pair."""
+    high_end = -1  # where the pending high surrogate escape ends
+    for match in _ESCAPES.finditer(text):
+        token = match.group()
+        if token == "\\\\":
+            if high_end >= 0:
+                return True
+            continue
+        if int(token[2:], 16) < 0xDC00:  # a high surrogate
+            if high_end >= 0:
+                return True
+            high_end = match.end()
+        else:  # a low one must follow its high one at once
+            if high_end != match.start():
+                return True
+            high_end = -1
+    return high_end >= 0
+
+
+def _refuse_constant(name: str) -> Any:
+    def refuse(constant: str) -> Any:
+        raise InvalidArgument(
+            f"{name} contains {constant}, which is not JSON; send a finite number, a string or null"
+        )
+
+    return refuse
+
+
+def _digits(literal: str) -> int:
+    return len(literal.translate(_NOT_DIGITS))
+
+
+_NOT_DIGITS = {ord(c): None for c in "+-.eE"}
+
+
+def _checked_int(name: str) -> Any:
+    def parse(literal: str) -> int:
+        if _digits(literal) > MAX_NUMBER_DIGITS:
+            raise InvalidArgument(
+                f"{name} contains an integer of {_digits(literal)} digits, more than "
+                f"{MAX_NUMBER_DIGITS}; send such a number as a string"
+            )
+        return int(literal)
+
+    return parse
+
+
+def _checked_float(name: str) -> Any:
+    def parse(literal: str) -> float:
+        if _digits(literal) > MAX_NUMBER_DIGITS:
+            raise InvalidArgument(
+                f"{name} contains a number of {_digits(literal)} digits, more than "
+                f"{MAX_NUMBER_DIGITS}; send such a number as a string"
+            )
+        value = float(literal)
+        if not math.isfinite(value):
+            raise InvalidArgument(
+                f"{name} contains the number {literal[:40]}, too large for a double; "
+                "send such a number as a string"
+            )
+        return value
+
+    return parse
