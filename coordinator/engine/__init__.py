@@ -28,6 +28,8 @@ from coordinator.engine._cel import (
     Expression,
     ExpressionError,
     compile_expression,
+    result_limit,
+    set_result_limit,
 )
 from coordinator.engine._children import child_ended, fail_waiting_node
 from coordinator.engine._control import (
@@ -84,9 +86,11 @@ __all__ = [  # noqa: RUF022
     "pause_node",
     "redrive",
     "reject_node",
+    "result_limit",
     "resume_execution",
     "resume_node",
     "retry_delay",
+    "set_result_limit",
     "should_retry",
     "start_execution",
     "time_out_approval",

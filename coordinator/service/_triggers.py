@@ -215,7 +215,7 @@ class Triggers:
         key: str | None = None
         if trigger.idempotency_expr:
             expr = self._expr(trigger.idempotency_expr, "idempotency_key", WEBHOOK_VARIABLES)
-            key = _key_text(_evaluate(expr, variables))
+            key = _key_text(_evaluate(expr, variables, max_bytes=4 * MAX_KEY_LENGTH))
         payload = body or NULL_JSON
         if trigger.input_expr:
             expr = self._expr(trigger.input_expr, "input", WEBHOOK_VARIABLES)
@@ -342,9 +342,9 @@ def _parse_json(what: str, body: bytes) -> Any:
     return engine.decode_json(body, what)
 
 
-def _evaluate(expr: Expression, variables: Mapping[str, Any]) -> Any:
+def _evaluate(expr: Expression, variables: Mapping[str, Any], max_bytes: int | None = None) -> Any:
     try:
-        return expr.evaluate(variables)
+        return expr.evaluate(variables, max_bytes=max_bytes)
     except ExpressionError as exc:
         raise InvalidArgument(str(exc)) from exc
 

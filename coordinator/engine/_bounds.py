@@ -1,0 +1,231 @@
+"""Bounds on what one CEL expression may cost (pure).
+
+The binding (``cel-expr-python``) evaluates with the GIL held, offers no runtime options
+beyond a fixed budget of 10,000 comprehension iterations per evaluation, builds the list
+of a ``map``/``filter`` by copying (quadratic in its length) and copies strings and lists
+on every ``+``. One expression over a large input could therefore stall the coordinator
+for seconds or build gigabytes before anything checked its result. So:
+
+- at registration, ``shape_of`` reads the expression's tokens: comprehension macros
+  (``map``, ``filter``, ``all``, ``exists``, ``exists_one``) may nest at most
+  ``MAX_COMPREHENSION_NESTING`` deep, and it records, for each macro and each ``+``,
+  which macros enclose it and how its range is built;
+- before each evaluation that has a macro or a ``+``, ``check_cost`` measures the
+  variables the expression names (the longest list or map, the longest string) and
+  refuses when the worst case of the work (``MAX_WORK`` element steps) or of the bytes
+  ``+`` may build (``MAX_BUILT_BYTES``) is over its bound;
+- after evaluation, ``bounded_plain`` walks the result level by level and refuses it as
+  soon as its JSON would pass the caller's byte limit, before converting it.
+
+docs/control-flow.md ("Expression bounds") states the same bounds for users.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_COMPREHENSION_NESTING = 2
+# Element steps one evaluation may take in the worst case: building a map/filter result
+# of n elements costs about n*n/2 copies (measured: ~50 ns each, so ~100 ms at the bound),
+# an all/exists step about 10 of those units.
+MAX_WORK = 2_000_000
+# Bytes the '+' operators of one evaluation may build in the worst case.
+MAX_BUILT_BYTES = 32 * 1024 * 1024
+MACROS = frozenset({"map", "filter", "all", "exists", "exists_one"})
+_ACCUMULATING = frozenset({"map", "filter"})
+_KEYWORDS = frozenset({"in", "true", "false", "null"})
+_ELEMENT_BYTES = 8  # what one list element counts for when '+' copies a list
+
+_TOKEN = re.compile(
+    r"""
+    (?P<space>\s+|//[^\n]*)
+    |(?P<raw>[bB]?[rR][bB]?(?:'''.*?'''|\"\"\".*?\"\"\"|'[^'\n]*'|"[^"\n]*"))
+    |(?P<string>[bB]?(?:'''(?:\\.|[^\\])*?'''|\"\"\"(?:\\.|[^\\])*?\"\"\"
+        |'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*"))
+    |(?P<number>\.?[0-9][0-9a-zA-Z_.]*)
+    |(?P<ident>[A-Za-z_][A-Za-z0-9_]*)
+    |(?P<op>[&|=!<>]=?|.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_OPENERS = {")": "(", "]": "[", "}": "{"}
+
+
+@dataclass(frozen=True)
+class Macro:
+    name: str
+    enclosing: tuple[int, ...]  # indexes of the macros whose bodies hold this one
+    plus: int  # '+' in the expression its range comes from
+    commas: int  # ',' there (elements of a list literal)
+
+    @property
+    def accumulates(self) -> bool:
+        return self.name in _ACCUMULATING
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the cost of an expression depends on."""
+
+    macros: tuple[Macro, ...]
+    pluses: tuple[tuple[int, ...], ...]  # for each '+': the macros enclosing it
+    roots: frozenset[str]  # the variables it names
+    nesting: int
+
+    @property
+    def costly(self) -> bool:
+        return bool(self.macros or self.pluses)
+
+
+class CostError(ValueError):
+    """The expression may cost more than its bound on these values."""
+
+
+def shape_of(source: str, variables: tuple[str, ...]) -> Shape:
+    """The shape of an expression that compiled (so its tokens are well formed)."""
+    tokens: list[tuple[str, str]] = []
+    for match in _TOKEN.finditer(source):
+        kind = match.lastgroup or "op"
+        if kind != "space":
+            tokens.append((kind, match.group()))
+    opener: dict[int, int] = {}
+    stack: list[tuple[int, int | None]] = []  # (token index, macro index or None)
+    macros: list[Macro] = []
+    pluses: list[tuple[int, ...]] = []
+    roots: set[str] = set()
+    nesting = 0
+
+    def enclosing() -> tuple[int, ...]:
+        return tuple(m for _, m in stack if m is not None)
+
+    for i, (kind, text) in enumerate(tokens):
+        before = tokens[i - 1][1] if i > 0 else ""
+        if kind == "ident" and text in variables and before != ".":
+            roots.add(text)
+        if kind != "op":
+            continue
+        if text in "([{":
+            macro: int | None = None
+            if (
+                text == "("
+                and i >= 2
+                and tokens[i - 1][0] == "ident"
+                and tokens[i - 1][1] in MACROS
+                and tokens[i - 2][1] == "."
+            ):
+                start = _target_start(tokens, opener, i - 2)
+                target = [t for _, t in tokens[start : i - 2]]
+                macro = len(macros)
+                macros.append(
+                    Macro(tokens[i - 1][1], enclosing(), target.count("+"), target.count(","))
+                )
+            stack.append((i, macro))
+            nesting = max(nesting, len(enclosing()))
+        elif text in _OPENERS and stack:
+            opener[i] = stack.pop()[0]
+        elif text == "+":
+            pluses.append(enclosing())
+    return Shape(tuple(macros), tuple(pluses), frozenset(roots), nesting)
+
+
+def _target_start(tokens: list[tuple[str, str]], opener: dict[int, int], dot: int) -> int:
+    """Where the operand before ``tokens[dot]`` (a '.') starts: a chain of names, calls,
+    indexes and member selections back to its first primary."""
+    j = dot - 1
+    while j >= 0:
+        kind, text = tokens[j]
+        if text in _OPENERS and j in opener:
+            j = opener[j]
+            previous = tokens[j - 1] if j > 0 else ("op", "")
+            chained = previous[0] == "ident" and previous[1] not in _KEYWORDS
+            if text in ")]" and (chained or previous[1] in _OPENERS):
+                j -= 1  # a call or an index: the chain goes on before it
+                continue
+        elif kind == "op":
+            return j + 1
+        if j > 0 and tokens[j - 1][1] == ".":
+            j -= 2
+            continue
+        return j
+    return 0
+
+
+def check_cost(shape: Shape, variables: Mapping[str, Any]) -> None:
+    """Raise ``CostError`` when the worst case of evaluating on ``variables`` is over a
+    bound (the longest list/map and string among the variables named)."""
+    longest, widest = _measure([variables[r] for r in shape.roots if r in variables])
+    ranges = [longest * (1 + m.plus) + m.commas + 1 for m in shape.macros]
+
+    def runs(enclosing: tuple[int, ...]) -> int:
+        count = 1
+        for m in enclosing:
+            count *= ranges[m]
+        return count
+
+    work = 0
+    for macro, size in zip(shape.macros, ranges, strict=True):
+        work += runs(macro.enclosing) * (size * size if macro.accumulates else 10 * size)
+    if work > MAX_WORK:
+        raise CostError(
+            f"may take {work:,} steps on this input (its longest list or map has {longest:,} "
+            f"elements), more than {MAX_WORK:,}; iterate over fewer elements (filter them in "
+            "a task) or nest comprehensions less"
+        )
+    unit = max(widest, longest * _ELEMENT_BYTES)
+    built = sum(runs(e) for e in shape.pluses) * (len(shape.pluses) + 1) * unit
+    if built > MAX_BUILT_BYTES:
+        raise CostError(
+            f"may build {built:,} bytes with '+' on this input (its longest string has "
+            f"{widest:,} characters, its longest list {longest:,} elements), more than "
+            f"{MAX_BUILT_BYTES:,}; concatenate less, or fewer times inside a comprehension"
+        )
+
+
+def _measure(values: list[Any]) -> tuple[int, int]:
+    """The length of the longest list/map and of the longest string/bytes in ``values``."""
+    longest = widest = 0
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            longest = max(longest, len(value))
+            for key, item in value.items():
+                if isinstance(key, str):
+                    widest = max(widest, len(key))
+                if isinstance(item, dict | list | str | bytes):
+                    stack.append(item)
+        elif isinstance(value, list | tuple):
+            longest = max(longest, len(value))
+            stack.extend(v for v in value if isinstance(v, dict | list | tuple | str | bytes))
+        elif isinstance(value, str | bytes):
+            widest = max(widest, len(value))
+    return longest, widest
+
+
+def bounded_plain(value: Any, limit: int, max_depth: int) -> Any:
+    """``value`` (a CEL value) as plain Python values, or ``CostError`` as soon as its JSON
+    would be longer than ``limit`` bytes (estimated from below, level by level) or nest
+    deeper than ``max_depth``."""
+    budget = limit
+    stack = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        item = current.value()
+        if isinstance(item, list | dict):
+            if depth > max_depth:
+                raise CostError(f"gave a result nested deeper than {max_depth} levels")
+            budget -= 1 + len(item)
+            members = item.values() if isinstance(item, dict) else item
+            stack.extend((member, depth + 1) for member in members)
+            if isinstance(item, dict):
+                budget -= sum(3 + (len(k) if isinstance(k, str | bytes) else 1) for k in item)
+        elif isinstance(item, str | bytes):
+            budget -= 2 + len(item)
+        else:
+            budget -= 1
+        if budget < 0:
+            raise CostError(f"gave a result of more than {limit:,} bytes")
+    return value.plain_value()
