@@ -19,6 +19,8 @@ The bounds (docs/protocol.md, "Strict JSON"):
 
 from __future__ import annotations
 
+import array
+import itertools
 import json
 import math
 import re
@@ -38,9 +40,9 @@ _LONG_DIGITS = b"0" * (MAX_NUMBER_DIGITS + 1)
 # Escaped backslashes (kept so that ``\\ud800`` is not read as an escape) and surrogate
 # escapes. Backslashes appear only inside strings in valid JSON.
 _ESCAPES = re.compile(r"\\\\|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_SQUARE = str.maketrans("{}", "[]")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_DEPTH_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
+_OPEN_RUN = re.compile(rb"(?<![\[{])[\[{]{%d}" % (MAX_JSON_DEPTH + 1))  # run starts only
 
 
 def decode_json(payload: bytes | str, name: str) -> Any:
@@ -59,7 +61,7 @@ def decode_json(payload: bytes | str, name: str) -> Any:
             f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
             "send JSON encoded as UTF-8"
         ) from None
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(text):
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(payload):
         raise InvalidArgument(
             f"{name} nests arrays/objects deeper than {MAX_JSON_DEPTH} levels; flatten the document"
         )
@@ -86,15 +88,20 @@ def decode_json(payload: bytes | str, name: str) -> Any:
         raise InvalidArgument(f"{name} is not acceptable JSON: {exc}") from None
 
 
-def _too_deep(text: str) -> bool:
-    """Whether the brackets outside strings nest deeper than ``MAX_JSON_DEPTH``: each
-    pass of ``replace`` removes exactly the innermost level."""
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).translate(_SQUARE)
-    for _ in range(MAX_JSON_DEPTH):
-        if not brackets:
-            return False
-        brackets = brackets.replace("[]", "")
-    return "[]" in brackets
+def _too_deep(payload: bytes) -> bool:
+    """Whether the brackets outside strings nest deeper than ``MAX_JSON_DEPTH``.
+
+    Without its escaped backslashes and quotes, the text outside strings is every other
+    piece between quotes; of that, only the brackets count. A run of too many opening
+    brackets is found by a regex; otherwise the depth is the running sum of +1 per opening
+    and -1 per closing bracket. Every step runs in C (UTF-8 multi-byte characters never
+    hold these bytes)."""
+    plain = payload.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(plain.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
+    if _OPEN_RUN.search(brackets):
+        return True
+    steps = array.array("b", brackets.translate(_DEPTH_STEPS))
+    return max(itertools.accumulate(steps), default=0) > MAX_JSON_DEPTH
 
 
 def _lone_surrogate(text: str) -> bool:

@@ -166,10 +166,11 @@ class Triggers:
         if tolerance <= timedelta(0) or tolerance > _MAX_TOLERANCE:
             raise InvalidArgument("signature_tolerance must be positive and at most 1 day")
         _check_workflow(workflow_name, workflow_version)
+        where = f"webhook trigger '{path}'"
         if idempotency_expr:
-            self._expr(idempotency_expr, "idempotency_key", WEBHOOK_VARIABLES)
+            self._expr(idempotency_expr, f"{where} idempotency_key", WEBHOOK_VARIABLES)
         if input_expr:
-            self._expr(input_expr, "input", WEBHOOK_VARIABLES)
+            self._expr(input_expr, f"{where} input", WEBHOOK_VARIABLES)
         await self._c.definitions.get_workflow(tenant_id, workflow_name, workflow_version or None)
         trigger = WebhookTrigger(
             path=path,
@@ -212,13 +213,16 @@ class Triggers:
             verify_bearer(trigger.secret, lower)
         parsed = _parse_json("the request body", body)
         variables = {"body": parsed, "headers": lower}
+        where = f"webhook trigger '{path}'"
         key: str | None = None
         if trigger.idempotency_expr:
-            expr = self._expr(trigger.idempotency_expr, "idempotency_key", WEBHOOK_VARIABLES)
+            expr = self._expr(
+                trigger.idempotency_expr, f"{where} idempotency_key", WEBHOOK_VARIABLES
+            )
             key = _key_text(_evaluate(expr, variables, max_bytes=4 * MAX_KEY_LENGTH))
         payload = body or NULL_JSON
         if trigger.input_expr:
-            expr = self._expr(trigger.input_expr, "input", WEBHOOK_VARIABLES)
+            expr = self._expr(trigger.input_expr, f"{where} input", WEBHOOK_VARIABLES)
             payload = _evaluate_json(expr, variables)
         execution, created = await self._c.starts.start_execution(
             tenant_id,
@@ -248,10 +252,11 @@ class Triggers:
     ) -> EventTrigger:
         _check_event_name(event_name)
         _check_workflow(workflow_name, workflow_version)
+        where = f"event trigger on '{event_name}'"
         if filter_expr:
-            self._expr(filter_expr, "filter", EVENT_VARIABLES, boolean=True)
+            self._expr(filter_expr, f"{where} filter", EVENT_VARIABLES, boolean=True)
         if input_expr:
-            self._expr(input_expr, "input", EVENT_VARIABLES)
+            self._expr(input_expr, f"{where} input", EVENT_VARIABLES)
         await self._c.definitions.get_workflow(tenant_id, workflow_name, workflow_version or None)
         trigger = EventTrigger(
             id=str(uuid.uuid4()),
@@ -287,15 +292,16 @@ class Triggers:
         filtered = 0
         for trigger in await self._store.list_event_triggers(tenant_id, name):
             variables = {"event": event}
+            where = f"event trigger {trigger.id} on '{name}'"
             try:
                 if trigger.filter_expr:
-                    expr = self._expr(trigger.filter_expr, "filter", EVENT_VARIABLES, True)
+                    expr = self._expr(trigger.filter_expr, f"{where} filter", EVENT_VARIABLES, True)
                     if not _evaluate(expr, variables):
                         filtered += 1
                         continue
                 data = payload
                 if trigger.input_expr:
-                    expr = self._expr(trigger.input_expr, "input", EVENT_VARIABLES)
+                    expr = self._expr(trigger.input_expr, f"{where} input", EVENT_VARIABLES)
                     data = _evaluate_json(expr, variables)
                 execution, created = await self._c.starts.start_execution(
                     tenant_id,
