@@ -151,5 +151,5 @@ def test_boolean_and_key_results_are_bounded_too() -> None:
     cond = compile_expression("input.size() > 1", where="node 'a' skip_if", boolean=True)
     assert cond.evaluate({"input": [1, 2]}) is True
     key = compile_expression("input.k", where="rate_key", variables=("input",))
-    with pytest.raises(ExpressionError, match="rate_key .* more than 1,024 bytes"):
+    with pytest.raises(ExpressionError, match=r"rate_key .* more than 1,024 bytes"):
         key.evaluate({"input": {"k": "x" * 5000}}, max_bytes=1024)
