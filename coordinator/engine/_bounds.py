@@ -37,7 +37,8 @@ MAX_BUILT_BYTES = 32 * 1024 * 1024
 MACROS = frozenset({"map", "filter", "all", "exists", "exists_one"})
 _ACCUMULATING = frozenset({"map", "filter"})
 _KEYWORDS = frozenset({"in", "true", "false", "null"})
-_ELEMENT_BYTES = 8  # what one list element counts for when '+' copies a list
+_LIST_ELEMENT_BYTES = 32  # what '+' copying one list element costs (measured)
+_PART_ELEMENT_BYTES = 8
 
 _TOKEN = re.compile(
     r"""
@@ -67,11 +68,17 @@ class Macro:
 
 
 @dataclass(frozen=True)
+class Plus:
+    enclosing: tuple[int, ...]  # indexes of the macros whose bodies hold this '+'
+    whole: bool  # an operand is a variable's value itself (input.items + ...)
+
+
+@dataclass(frozen=True)
 class Shape:
     """What the cost of an expression depends on."""
 
     macros: tuple[Macro, ...]
-    pluses: tuple[tuple[int, ...], ...]  # for each '+': the macros enclosing it
+    pluses: tuple[Plus, ...]
     roots: frozenset[str]  # the variables it names
     nesting: int
 
@@ -94,7 +101,7 @@ def shape_of(source: str, variables: tuple[str, ...]) -> Shape:
     opener: dict[int, int] = {}
     stack: list[tuple[int, int | None]] = []  # (token index, macro index or None)
     macros: list[Macro] = []
-    pluses: list[tuple[int, ...]] = []
+    pluses: list[Plus] = []
     roots: set[str] = set()
     nesting = 0
 
@@ -127,7 +134,10 @@ def shape_of(source: str, variables: tuple[str, ...]) -> Shape:
         elif text in _OPENERS and stack:
             opener[i] = stack.pop()[0]
         elif text == "+":
-            pluses.append(enclosing())
+            left = tokens[_target_start(tokens, opener, i)][1]
+            right = tokens[i + 1][1] if i + 1 < len(tokens) else ""
+            whole = bool({left, right} & {*variables, "("})  # a parenthesized one may be
+            pluses.append(Plus(enclosing(), whole))
     return Shape(tuple(macros), tuple(pluses), frozenset(roots), nesting)
 
 
@@ -174,8 +184,12 @@ def check_cost(shape: Shape, variables: Mapping[str, Any]) -> None:
             f"elements), more than {MAX_WORK:,}; iterate over fewer elements (filter them in "
             "a task) or nest comprehensions less"
         )
-    unit = max(widest, longest * _ELEMENT_BYTES)
-    built = sum(runs(e) for e in shape.pluses) * (len(shape.pluses) + 1) * unit
+    # An operand that is a variable's value may be the longest list itself; one reached
+    # through an iteration variable is an element of it (estimated at 8 bytes a step).
+    whole = max(widest, longest * _LIST_ELEMENT_BYTES)
+    part = max(widest, longest * _PART_ELEMENT_BYTES)
+    terms = len(shape.pluses) + 1
+    built = sum(runs(p.enclosing) * terms * (whole if p.whole else part) for p in shape.pluses)
     if built > MAX_BUILT_BYTES:
         raise CostError(
             f"may build {built:,} bytes with '+' on this input (its longest string has "

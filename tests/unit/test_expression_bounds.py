@@ -112,6 +112,13 @@ def test_concatenating_large_values_in_a_comprehension_is_refused() -> None:
     message = refused("input.items.map(x, input.doc + 'a')", data)
     assert "may build" in message and "with '+'" in message
     assert json.loads(evaluate("input.doc + input.doc", {"doc": "ab"})) == "abab"
+    # Copying a whole list on every iteration (seconds and hundreds of MB in the runtime).
+    message = refused("input.map(x, input + [x]).size()", list(range(1000)))
+    assert "may build" in message
+    (plus,) = shape_of("input.map(x, input + [x])", VARIABLES).pluses
+    assert plus.whole and plus.enclosing == (0,)
+    (plus,) = shape_of("input.map(x, x.price + 1)", VARIABLES).pluses
+    assert not plus.whole
 
 
 def test_the_binding_iteration_budget_is_a_clear_error() -> None:
