@@ -7,9 +7,9 @@ each inside ``watched`` (health answers within 200 ms throughout, memory grows <
   execution fails cleanly, GetExecution works and no node input is over the limit;
 - a ``map`` over 9,999 elements (seconds of work in the binding) fails its node at once;
 - the same two-deep mapping in a webhook trigger on a 200 KiB body refuses the fire;
-- execution inputs and event payloads with 100,000 nested lists, NaN, Infinity, lone
-  surrogates or a 5,000-digit integer are INVALID_ARGUMENT naming the field, and start
-  nothing.
+- execution inputs, event payloads and task outputs with 100,000 nested lists, NaN,
+  Infinity, lone surrogates or a 5,000-digit integer are INVALID_ARGUMENT naming the
+  field: nothing starts, the lease stays usable and a legal output then completes it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from coordinator import signing
 from tests.support.grpc_api import channel_to, expect_status
@@ -29,6 +30,8 @@ from tests.support.wait import wait_for
 from trellis.v1 import common_pb2
 from trellis.v1 import trigger_service_pb2 as tpb
 from trellis.v1 import trigger_service_pb2_grpc as tgrpc
+from trellis.v1 import worker_service_pb2 as wpb
+from trellis.v1 import worker_service_pb2_grpc as wgrpc
 from trellis.v1 import workflow_service_pb2 as fpb
 from trellis.v1 import workflow_service_pb2_grpc as fgrpc
 
@@ -161,6 +164,7 @@ async def test_hostile_json_is_refused_naming_the_field(db_url: str, tmp_path: P
     channel = channel_to(address)
     workflows = fgrpc.WorkflowServiceStub(channel)
     triggers = tgrpc.TriggerServiceStub(channel)
+    workers = wgrpc.WorkerServiceStub(channel)
     try:
         defn = common_pb2.WorkflowDefinition(name="plain")
         defn.nodes.add(id="a", task_type="t")
@@ -183,9 +187,42 @@ async def test_hostile_json_is_refused_naming_the_field(db_url: str, tmp_path: P
                 assert details.startswith("payload "), (what, details)
             # Deep but legal still works.
             legal = b"[" * 100 + b"1" + b"]" * 100
-            await workflows.StartExecution(
+            started = await workflows.StartExecution(
                 fpb.StartExecutionRequest(workflow_name="plain", input=legal)
             )
+            # Task outputs: refused naming the field, the lease stays usable.
+            await workers.RegisterWorker(
+                wpb.RegisterWorkerRequest(worker_id="w1", task_types=["t"], capacity=1)
+            )
+            polled = await workers.PollTasks(
+                wpb.PollTasksRequest(
+                    worker_id="w1",
+                    task_types=["t"],
+                    max_tasks=1,
+                    wait=duration_pb2.Duration(seconds=10),
+                ),
+                timeout=30,
+            )
+            (task,) = polled.tasks
+            for what, (payload, fragment) in HOSTILE_JSON.items():
+                details = await expect_status(
+                    workers.CompleteTask(
+                        wpb.CompleteTaskRequest(
+                            lease_token=task.lease_token, worker_id="w1", output=payload
+                        )
+                    ),
+                    INVALID,
+                    fragment,
+                )
+                assert details.startswith("output "), (what, details)
+            await workers.CompleteTask(
+                wpb.CompleteTaskRequest(lease_token=task.lease_token, worker_id="w1", output=legal)
+            )
+        reply = await workflows.GetExecution(
+            fpb.GetExecutionRequest(execution_id=started.execution.id)
+        )
+        assert reply.execution.status == common_pb2.EXECUTION_STATUS_SUCCEEDED
+        assert reply.execution.output == legal
         listed = await workflows.ListExecutions(fpb.ListExecutionsRequest(workflow_name="plain"))
         assert len(listed.executions) == 1
         assert "Traceback" not in coordinator.output()
