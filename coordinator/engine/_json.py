@@ -37,9 +37,8 @@ MAX_NUMBER_DIGITS = 100
 # checks each number literal, finds nothing wrong). bytes.translate keeps this in C.
 _NUMBERS = bytes.maketrans(b"0123456789E", b"0000000000e")
 _LONG_DIGITS = b"0" * (MAX_NUMBER_DIGITS + 1)
-# Escaped backslashes (kept so that ``\\ud800`` is not read as an escape) and surrogate
-# escapes. Backslashes appear only inside strings in valid JSON.
-_ESCAPES = re.compile(r"\\\\|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_PAIR = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 _DEPTH_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as signed bytes
 _OPEN_RUN = re.compile(rb"(?<![\[{])[\[{]{%d}" % (MAX_JSON_DEPTH + 1))  # run starts only
@@ -105,23 +104,11 @@ def _too_deep(payload: bytes) -> bool:
 
 
 def _lone_surrogate(text: str) -> bool:
-    """Whether a surrogate escape is not part of a high-low pair."""
-    high_end = -1  # where the pending high surrogate escape ends
-    for match in _ESCAPES.finditer(text):
-        token = match.group()
-        if token == "\\\\":
-            if high_end >= 0:
-                return True
-            continue
-        if int(token[2:], 16) < 0xDC00:  # a high surrogate
-            if high_end >= 0:
-                return True
-            high_end = match.end()
-        else:  # a low one must follow its high one at once
-            if high_end != match.start():
-                return True
-            high_end = -1
-    return high_end >= 0
+    """Whether a surrogate escape is not part of a high-low pair: without escaped
+    backslashes (so ``\\\\ud800`` is no escape) and complete pairs, any surrogate escape
+    left is a lone one. Removing whole escapes never makes a new one."""
+    rest = _PAIR.sub("", text.replace("\\\\", ""))
+    return _SURROGATE.search(rest) is not None
 
 
 def _refuse_constant(name: str) -> Any:

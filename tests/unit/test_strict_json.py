@@ -37,6 +37,8 @@ def test_non_finite_constants_are_refused(payload: bytes) -> None:
         b'"\\ud800x\\udc00"',
         b'"\\udc00\\ud800"',  # in the wrong order
         b'"\\ud800\\\\"',
+        b'"\\ud800\\ud83d\\ude00"',  # a lone one next to a pair
+        b'"\\\\\\ud800"',  # an escaped backslash, then a lone escape
         b'"\xed\xa0\x80"',  # a surrogate encoded as UTF-8 bytes
         b'"\xff"',
     ],
