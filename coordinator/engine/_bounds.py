@@ -109,8 +109,9 @@ def shape_of(source: str, variables: tuple[str, ...]) -> Shape:
         return tuple(m for _, m in stack if m is not None)
 
     for i, (kind, text) in enumerate(tokens):
-        before = tokens[i - 1][1] if i > 0 else ""
-        if kind == "ident" and text in variables and before != ".":
+        # Also after a '.': '.input' names the variable too (and 'x.input', a member,
+        # only makes the measure larger).
+        if kind == "ident" and text in variables:
             roots.add(text)
         if kind != "op":
             continue

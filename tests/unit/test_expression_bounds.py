@@ -95,6 +95,8 @@ def test_a_map_over_a_long_list_is_refused_before_evaluating() -> None:
     message = refused("input.map(x, x)", list(range(9999)))
     assert "may take" in message and f"more than {MAX_WORK:,}" in message
     assert "9,999 elements" in message
+    # The root-scope spelling names the same variable.
+    assert "may take" in refused(".input.map(x, x)", list(range(9999)))
 
 
 def test_ordinary_comprehensions_run() -> None:
