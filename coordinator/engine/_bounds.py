@@ -200,23 +200,40 @@ def check_cost(shape: Shape, variables: Mapping[str, Any]) -> None:
 
 
 def _measure(values: list[Any]) -> tuple[int, int]:
-    """The length of the longest list/map and of the longest string/bytes in ``values``."""
+    """The length of the longest list/map and of the longest string/bytes in ``values``
+    (JSON-like: dicts with string keys, lists, scalars). One pass, no recursion."""
     longest = widest = 0
     stack = list(values)
     while stack:
         value = stack.pop()
-        if isinstance(value, dict):
-            longest = max(longest, len(value))
-            for key, item in value.items():
-                if isinstance(key, str):
-                    widest = max(widest, len(key))
-                if isinstance(item, dict | list | str | bytes):
-                    stack.append(item)
-        elif isinstance(value, list | tuple):
-            longest = max(longest, len(value))
-            stack.extend(v for v in value if isinstance(v, dict | list | tuple | str | bytes))
-        elif isinstance(value, str | bytes):
+        kind = type(value)
+        members: Any
+        if kind is dict:
+            if len(value) > longest:
+                longest = len(value)
+            try:
+                keys = max(map(len, value), default=0)  # JSON keys are strings
+            except TypeError:
+                keys = max(len(k) if isinstance(k, str) else 0 for k in value)
+            if keys > widest:
+                widest = keys
+            members = value.values()
+        elif kind is list or kind is tuple:
+            if len(value) > longest:
+                longest = len(value)
+            members = value
+        elif kind is str or kind is bytes:
             widest = max(widest, len(value))
+            continue
+        else:
+            continue
+        for member in members:
+            member_kind = type(member)
+            if member_kind is str:
+                if len(member) > widest:
+                    widest = len(member)
+            elif member_kind is dict or member_kind is list:
+                stack.append(member)
     return longest, widest
 
 
