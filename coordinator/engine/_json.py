@@ -70,13 +70,12 @@ def decode_json(payload: bytes | str, name: str) -> Any:
             "pair); such a string is not valid Unicode, send the character itself or a "
             "complete surrogate pair"
         )
-    hooks: dict[str, Any] = {"parse_constant": _refuse_constant(name)}
     numbers = payload.translate(_NUMBERS, b"+-")
-    if _LONG_DIGITS in numbers or b"e000" in numbers:
-        hooks["parse_int"] = _checked_int(name)
-        hooks["parse_float"] = _checked_float(name)
+    checked = _LONG_DIGITS in numbers or b"e000" in numbers
     try:
-        return json.loads(text, **hooks)
+        return (_CHECKED if checked else _STRICT).decode(text)
+    except _Refused as exc:
+        raise InvalidArgument(f"{name} {exc}") from None
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"{name} is not valid JSON: {exc}") from None
     except RecursionError:  # a malformed document the depth scan could not measure
@@ -111,13 +110,14 @@ def _lone_surrogate(text: str) -> bool:
     return _SURROGATE.search(rest) is not None
 
 
-def _refuse_constant(name: str) -> Any:
-    def refuse(constant: str) -> Any:
-        raise InvalidArgument(
-            f"{name} contains {constant}, which is not JSON; send a finite number, a string or null"
-        )
+class _Refused(ValueError):
+    """A number or constant the decoder's hooks refuse (the caller adds the field name)."""
 
-    return refuse
+
+def _refuse_constant(constant: str) -> Any:
+    raise _Refused(
+        f"contains {constant}, which is not JSON; send a finite number, a string or null"
+    )
 
 
 def _digits(literal: str) -> int:
@@ -127,31 +127,33 @@ def _digits(literal: str) -> int:
 _NOT_DIGITS = {ord(c): None for c in "+-.eE"}
 
 
-def _checked_int(name: str) -> Any:
-    def parse(literal: str) -> int:
-        if _digits(literal) > MAX_NUMBER_DIGITS:
-            raise InvalidArgument(
-                f"{name} contains an integer of {_digits(literal)} digits, more than "
-                f"{MAX_NUMBER_DIGITS}; send such a number as a string"
-            )
-        return int(literal)
-
-    return parse
+def _checked_int(literal: str) -> int:
+    if _digits(literal) > MAX_NUMBER_DIGITS:
+        raise _Refused(
+            f"contains an integer of {_digits(literal)} digits, more than "
+            f"{MAX_NUMBER_DIGITS}; send such a number as a string"
+        )
+    return int(literal)
 
 
-def _checked_float(name: str) -> Any:
-    def parse(literal: str) -> float:
-        if _digits(literal) > MAX_NUMBER_DIGITS:
-            raise InvalidArgument(
-                f"{name} contains a number of {_digits(literal)} digits, more than "
-                f"{MAX_NUMBER_DIGITS}; send such a number as a string"
-            )
-        value = float(literal)
-        if not math.isfinite(value):
-            raise InvalidArgument(
-                f"{name} contains the number {literal[:40]}, too large for a double; "
-                "send such a number as a string"
-            )
-        return value
+def _checked_float(literal: str) -> float:
+    if _digits(literal) > MAX_NUMBER_DIGITS:
+        raise _Refused(
+            f"contains a number of {_digits(literal)} digits, more than "
+            f"{MAX_NUMBER_DIGITS}; send such a number as a string"
+        )
+    value = float(literal)
+    if not math.isfinite(value):
+        raise _Refused(
+            f"contains the number {literal[:40]}, too large for a double; "
+            "send such a number as a string"
+        )
+    return value
 
-    return parse
+
+# Built once: json.loads with hooks would build a decoder on every call. The checked one
+# (a Python call per number) only for documents that may hold a refused number.
+_STRICT = json.JSONDecoder(parse_constant=_refuse_constant)
+_CHECKED = json.JSONDecoder(
+    parse_constant=_refuse_constant, parse_int=_checked_int, parse_float=_checked_float
+)
