@@ -144,6 +144,7 @@ async def test_expressions_over_large_inputs_fail_cleanly(db_url: str, tmp_path:
             )
         listed = await workflows.ListExecutions(fpb.ListExecutionsRequest(workflow_name="two"))
         assert [e.id for e in listed.executions] == [two.execution.id]  # the fire started none
+        assert "Traceback" not in coordinator.output()
     finally:
         await channel.close()
         assert coordinator.stop() == 0, coordinator.output()[-3000:]
