@@ -37,6 +37,7 @@ MAX_BUILT_BYTES = 32 * 1024 * 1024
 MACROS = frozenset({"map", "filter", "all", "exists", "exists_one"})
 _ACCUMULATING = frozenset({"map", "filter"})
 _KEYWORDS = frozenset({"in", "true", "false", "null"})
+_SCANS = frozenset({"==", "!=", "in"})
 _LIST_ELEMENT_BYTES = 32  # what '+' copying one list element costs (measured)
 _PART_ELEMENT_BYTES = 8
 
@@ -79,12 +80,15 @@ class Shape:
 
     macros: tuple[Macro, ...]
     pluses: tuple[Plus, ...]
+    # '==', '!=' and 'in' with an operand that may be a whole variable: each compares up
+    # to the longest list element by element.
+    scans: tuple[tuple[int, ...], ...]
     roots: frozenset[str]  # the variables it names
     nesting: int
 
     @property
     def costly(self) -> bool:
-        return bool(self.macros or self.pluses)
+        return bool(self.macros or self.pluses or self.scans)
 
 
 class CostError(ValueError):
@@ -102,6 +106,7 @@ def shape_of(source: str, variables: tuple[str, ...]) -> Shape:
     stack: list[tuple[int, int | None]] = []  # (token index, macro index or None)
     macros: list[Macro] = []
     pluses: list[Plus] = []
+    scans: list[tuple[int, ...]] = []
     roots: set[str] = set()
     nesting = 0
 
@@ -113,6 +118,9 @@ def shape_of(source: str, variables: tuple[str, ...]) -> Shape:
         # only makes the measure larger).
         if kind == "ident" and text in variables:
             roots.add(text)
+        # Outside comprehensions a comparison is one linear pass: not worth measuring for.
+        if text in _SCANS and enclosing() and _whole_operand(tokens, opener, i, variables):
+            scans.append(enclosing())
         if kind != "op":
             continue
         if text in "([{":
@@ -135,11 +143,19 @@ def shape_of(source: str, variables: tuple[str, ...]) -> Shape:
         elif text in _OPENERS and stack:
             opener[i] = stack.pop()[0]
         elif text == "+":
-            left = tokens[_target_start(tokens, opener, i)][1]
-            right = tokens[i + 1][1] if i + 1 < len(tokens) else ""
-            whole = bool({left, right} & {*variables, "("})  # a parenthesized one may be
-            pluses.append(Plus(enclosing(), whole))
-    return Shape(tuple(macros), tuple(pluses), frozenset(roots), nesting)
+            pluses.append(Plus(enclosing(), _whole_operand(tokens, opener, i, variables)))
+    return Shape(tuple(macros), tuple(pluses), tuple(scans), frozenset(roots), nesting)
+
+
+def _whole_operand(
+    tokens: list[tuple[str, str]], opener: dict[int, int], i: int, variables: tuple[str, ...]
+) -> bool:
+    """Whether an operand of the binary operator ``tokens[i]`` may be a variable's whole
+    value: it is a variable or a chain from one, or parenthesized; one reached through an
+    iteration variable (``x.price``) is an element."""
+    left = tokens[_target_start(tokens, opener, i)][1] if i > 0 else ""
+    right = tokens[i + 1][1] if i + 1 < len(tokens) else ""
+    return bool({left, right} & {*variables, "("})
 
 
 def _target_start(tokens: list[tuple[str, str]], opener: dict[int, int], dot: int) -> int:
@@ -179,6 +195,7 @@ def check_cost(shape: Shape, variables: Mapping[str, Any]) -> None:
     work = 0
     for macro, size in zip(shape.macros, ranges, strict=True):
         work += runs(macro.enclosing) * (size * size if macro.accumulates else 10 * size)
+    work += sum(runs(enclosing) for enclosing in shape.scans) * longest
     if work > MAX_WORK:
         raise CostError(
             f"may take {work:,} steps on this input (its longest list or map has {longest:,} "
