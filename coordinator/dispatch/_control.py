@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # The key of the tasks whose key expression could not be evaluated: they share one key, so
 # they stay within the limit (serialized) rather than escape it.
 UNKEYED = "!error"
+# The longest key (as JSON) a rate_key / concurrency_key expression may give.
+MAX_KEY_BYTES = 1024
 
 
 def compile_limit_expression(source: str, where: str) -> Expression:
@@ -145,7 +147,9 @@ class ClaimPlan:
 
 def _key(expr: Expression, c: Candidate) -> str:
     try:
-        value: Any = expr.evaluate({"input": json.loads(c.input or b"null")})
+        value: Any = expr.evaluate(
+            {"input": json.loads(c.input or b"null")}, max_bytes=MAX_KEY_BYTES
+        )
     except (ExpressionError, ValueError) as exc:
         log.warning(
             "%s; the task shares the key %r with others that failed",

@@ -28,6 +28,8 @@ from coordinator.engine._cel import (
     Expression,
     ExpressionError,
     compile_expression,
+    result_limit,
+    set_result_limit,
 )
 from coordinator.engine._children import child_ended, fail_waiting_node
 from coordinator.engine._control import (
@@ -42,6 +44,7 @@ from coordinator.engine._control import (
     time_out_unstarted,
 )
 from coordinator.engine._expand import Expansion, effective_definition
+from coordinator.engine._json import MAX_JSON_DEPTH, MAX_NUMBER_DIGITS, decode_json
 from coordinator.engine._transitions import complete_node, fail_node, start_execution
 from coordinator.engine._validate import (
     ALLOWED_KINDS,
@@ -60,6 +63,8 @@ __all__ = [  # noqa: RUF022
     "ExpressionError",
     "LIMIT_VARIABLES",
     "Limits",
+    "MAX_JSON_DEPTH",
+    "MAX_NUMBER_DIGITS",
     "NODE_VARIABLES",
     "OUTPUT_VARIABLES",
     "approval_role",
@@ -71,6 +76,7 @@ __all__ = [  # noqa: RUF022
     "child_ended",
     "compile_expression",
     "complete_node",
+    "decode_json",
     "effective_definition",
     "exponential_delay",
     "fail_node",
@@ -80,9 +86,11 @@ __all__ = [  # noqa: RUF022
     "pause_node",
     "redrive",
     "reject_node",
+    "result_limit",
     "resume_execution",
     "resume_node",
     "retry_delay",
+    "set_result_limit",
     "should_retry",
     "start_execution",
     "time_out_approval",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from datetime import timedelta
 
 from coordinator.engine._cel import OUTPUT_VARIABLES, compile_expression
+from coordinator.engine._json import decode_json
 from coordinator.errors import InvalidArgument
 from coordinator.model import NodeKind, NodeSpec, RetryPolicy, TriggerRule, WorkflowDef
 
@@ -294,10 +294,6 @@ def _check_switches(defn: WorkflowDef) -> None:
                 )
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _check_config(node: NodeSpec, limits: Limits) -> None:
     if not node.config:
         return
@@ -307,10 +303,7 @@ def _check_config(node: NodeSpec, limits: Limits) -> None:
             f"{where} is {len(node.config)} bytes, more than the limit of "
             f"{limits.max_config_bytes}; pass large data as execution input instead"
         )
-    try:
-        json.loads(node.config.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidArgument(f"{where} is not valid JSON ({exc}); fix the document") from exc
+    decode_json(node.config, where)
 
 
 # Every timeout and retry interval is bounded so deadlines stay representable.

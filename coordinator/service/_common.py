@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from coordinator import engine
 from coordinator.errors import InvalidArgument
@@ -44,20 +43,21 @@ class ServiceSettings:
     notify_destinations: Destinations = field(default_factory=Destinations)
 
     def check_payload(self, name: str, payload: bytes) -> bytes:
-        """A JSON document within the size limit; empty means null."""
+        """A strict JSON document within the size limit; empty means null."""
+        return self.decode_payload(name, payload)[0]
+
+    def decode_payload(self, name: str, payload: bytes) -> tuple[bytes, Any]:
+        """``check_payload`` and the decoded document (``engine.decode_json``: no NaN or
+        Infinity, no lone surrogates, bounded nesting and numbers)."""
         if not payload:
-            return NULL_JSON
+            return NULL_JSON, None
         limit = self.max_payload_bytes
         if len(payload) > limit:
             raise InvalidArgument(
                 f"{name} is {len(payload)} bytes, over the {limit}-byte limit "
                 "(TRELLIS_MAX_PAYLOAD_BYTES); pass large data by reference"
             )
-        try:
-            json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"{name} is not valid JSON: {exc}") from exc
-        return payload
+        return payload, engine.decode_json(payload, name)
 
 
 def check_names(**values: str | Sequence[str] | None) -> None:

@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Sequence
 from datetime import datetime
 
+from coordinator import engine
 from coordinator.service._approvals import Approvals
 from coordinator.service._backpressure import PollWaiters, StartRate
 from coordinator.service._children import SubWorkflows
@@ -61,6 +62,8 @@ class Coordinator:
             store.identity, keyring, clock
         )
         self.settings = settings = settings or ServiceSettings()
+        # Expression results (node inputs and outputs, keys) are refused past this.
+        engine.set_result_limit(settings.max_payload_bytes)
         self.notifier = notifier = notifier or Notifier()
         self.dispatch = dispatch = dispatch or NoDispatchLimits()
         self._clock = clock

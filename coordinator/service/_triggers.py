@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from coordinator import signing
+from coordinator import engine, signing
 from coordinator.engine import Expression, ExpressionError, compile_expression
 from coordinator.errors import (
     AlreadyExists,
@@ -58,10 +57,6 @@ _MAX_PATH = 200
 _MAX_TOLERANCE = timedelta(days=1)
 # A replay record outlives its signature's window by this much (replicas' clocks differ).
 _REPLAY_MARGIN = timedelta(minutes=1)
-# Webhook bodies, once authenticated: nesting, and integer literals, beyond these are
-# refused (400) rather than parsed into values nothing downstream can take.
-MAX_JSON_DEPTH = 64
-MAX_INTEGER_DIGITS = 20
 
 
 # -- signatures (pure) --------------------------------------------------------------------
@@ -192,10 +187,11 @@ class Triggers:
         if tolerance <= timedelta(0) or tolerance > _MAX_TOLERANCE:
             raise InvalidArgument("signature_tolerance must be positive and at most 1 day")
         _check_workflow(workflow_name, workflow_version)
+        where = f"webhook trigger '{path}'"
         if idempotency_expr:
-            self._expr(idempotency_expr, "idempotency_key", WEBHOOK_VARIABLES)
+            self._expr(idempotency_expr, f"{where} idempotency_key", WEBHOOK_VARIABLES)
         if input_expr:
-            self._expr(input_expr, "input", WEBHOOK_VARIABLES)
+            self._expr(input_expr, f"{where} input", WEBHOOK_VARIABLES)
         await self._c.definitions.get_workflow(tenant_id, workflow_name, workflow_version or None)
         trigger = WebhookTrigger(
             path=path,
@@ -245,13 +241,16 @@ class Triggers:
         # Only now, authenticated, is the body parsed.
         parsed = _parse_json("the request body", body)
         variables = {"body": parsed, "headers": lower}
+        where = f"webhook trigger '{path}'"
         key: str | None = None
         if trigger.idempotency_expr:
-            expr = self._expr(trigger.idempotency_expr, "idempotency_key", WEBHOOK_VARIABLES)
-            key = _key_text(_evaluate(expr, variables))
+            expr = self._expr(
+                trigger.idempotency_expr, f"{where} idempotency_key", WEBHOOK_VARIABLES
+            )
+            key = _key_text(_evaluate(expr, variables, max_bytes=4 * MAX_KEY_LENGTH))
         payload = body or NULL_JSON
         if trigger.input_expr:
-            expr = self._expr(trigger.input_expr, "input", WEBHOOK_VARIABLES)
+            expr = self._expr(trigger.input_expr, f"{where} input", WEBHOOK_VARIABLES)
             payload = _evaluate_json(expr, variables)
         if delivery is not None and not await self._store.record_webhook_delivery(
             tenant_id, delivery[0], delivery[1], now
@@ -297,10 +296,11 @@ class Triggers:
     ) -> EventTrigger:
         _check_event_name(event_name)
         _check_workflow(workflow_name, workflow_version)
+        where = f"event trigger on '{event_name}'"
         if filter_expr:
-            self._expr(filter_expr, "filter", EVENT_VARIABLES, boolean=True)
+            self._expr(filter_expr, f"{where} filter", EVENT_VARIABLES, boolean=True)
         if input_expr:
-            self._expr(input_expr, "input", EVENT_VARIABLES)
+            self._expr(input_expr, f"{where} input", EVENT_VARIABLES)
         await self._c.definitions.get_workflow(tenant_id, workflow_name, workflow_version or None)
         trigger = EventTrigger(
             id=str(uuid.uuid4()),
@@ -331,21 +331,21 @@ class Triggers:
         _check_event_name(name)
         if len(idempotency_key) > MAX_KEY_LENGTH:
             raise InvalidArgument(f"idempotency_key is longer than {MAX_KEY_LENGTH} characters")
-        payload = self._c.check_payload("payload", payload)
-        event = json.loads(payload)
+        payload, event = self._c.settings.decode_payload("payload", payload)
         result = PublishResult()
         filtered = 0
         for trigger in await self._store.list_event_triggers(tenant_id, name):
             variables = {"event": event}
+            where = f"event trigger {trigger.id} on '{name}'"
             try:
                 if trigger.filter_expr:
-                    expr = self._expr(trigger.filter_expr, "filter", EVENT_VARIABLES, True)
+                    expr = self._expr(trigger.filter_expr, f"{where} filter", EVENT_VARIABLES, True)
                     if not _evaluate(expr, variables):
                         filtered += 1
                         continue
                 data = payload
                 if trigger.input_expr:
-                    expr = self._expr(trigger.input_expr, "input", EVENT_VARIABLES)
+                    expr = self._expr(trigger.input_expr, f"{where} input", EVENT_VARIABLES)
                     data = _evaluate_json(expr, variables)
                 execution, created = await self._c.starts.start_execution(
                     tenant_id,
@@ -387,66 +387,14 @@ def _check_event_name(name: str) -> None:
 
 
 def _parse_json(what: str, body: bytes) -> Any:
-    """Strict JSON: no NaN or Infinity, no number that overflows, integers of at most
-    ``MAX_INTEGER_DIGITS`` digits, nesting at most ``MAX_JSON_DEPTH`` deep. Anything else
-    is ``InvalidArgument`` naming what was wrong."""
     if not body:
         return None
+    return engine.decode_json(body, what)
+
+
+def _evaluate(expr: Expression, variables: Mapping[str, Any], max_bytes: int | None = None) -> Any:
     try:
-        doc = json.loads(
-            body, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_short_int
-        )
-    except RecursionError:
-        doc = None
-        deep = True
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
-    else:
-        deep = _deeper_than(doc, MAX_JSON_DEPTH)
-    if deep:
-        raise InvalidArgument(f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels")
-    return doc
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:40]} is out of range")
-    return value
-
-
-def _short_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
-        raise ValueError(
-            f"an integer has {len(text.lstrip('-'))} digits, over {MAX_INTEGER_DIGITS}"
-        )
-    return int(text)
-
-
-def _deeper_than(doc: Any, limit: int) -> bool:
-    """Whether arrays and objects nest more than ``limit`` levels (without recursion)."""
-    stack: list[tuple[Any, int]] = [(doc, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, dict):
-            children: Any = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def _evaluate(expr: Expression, variables: Mapping[str, Any]) -> Any:
-    try:
-        return expr.evaluate(variables)
+        return expr.evaluate(variables, max_bytes=max_bytes)
     except ExpressionError as exc:
         raise InvalidArgument(str(exc)) from exc
 

@@ -192,11 +192,11 @@ async def test_hostile_webhooks_get_clear_errors_and_a_replay_starts_nothing(
 
             # Signed, then not JSON the coordinator takes: 400 naming why, never 500.
             for body, fragment in (
-                (DEEP, "deeper than 64 levels"),
-                (b'{"amount": NaN}', "NaN is not a JSON number"),
-                (b'{"amount": 1e999}', "out of range"),
-                (b'{"id": ' + b"9" * 4000 + b"}", "over 20"),
-                (b"\xff\xfe", "not valid JSON"),
+                (DEEP, "deeper than 128 levels"),
+                (b'{"amount": NaN}', "contains NaN, which is not JSON"),
+                (b'{"amount": 1e999}', "too large for a double"),
+                (b'{"id": ' + b"9" * 4000 + b"}", "4000 digits, more than 100"),
+                (b"\xff\xfe", "not UTF-8 text"),
             ):
                 status, reply = await apost(hook, body, signed(body))
                 assert status == 400, (body[:20], reply)

@@ -61,7 +61,7 @@ async def test_webhook_registration_is_validated(api: Api) -> None:
                 path="p", workflow_name="diamond", hmac_secret=SECRET, idempotency_key="body.("
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "idempotency_key is not a valid CEL expression",
+            "webhook trigger 'p' idempotency_key is not a valid CEL expression",
         ),
         (
             tpb.CreateWebhookTriggerRequest(path="p", workflow_name="nope", hmac_secret=SECRET),

@@ -195,7 +195,13 @@ def test_node_and_edge_limits() -> None:
 @pytest.mark.parametrize("config", [b"{", b"{'a': 1}", b"NaN", b'{"a": Infinity}', b"\xff\xfe"])
 def test_config_must_be_json(config: bytes) -> None:
     msg = invalid(wf(nodes=(node("a", config=config),)))
-    assert "node 'a' config is not valid JSON" in msg
+    assert msg.startswith("node 'a' config ")  # the strict decoder says what is wrong
+    assert "JSON" in msg
+
+
+def test_config_nested_too_deep_is_a_clear_error() -> None:
+    config = b"[" * 30_000 + b"]" * 30_000
+    assert "deeper than 128 levels" in invalid(wf(nodes=(node("a", config=config),)))
 
 
 def test_config_size_limit() -> None:
