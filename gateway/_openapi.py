@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway import _json
 from gateway.config import GatewayConfig
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -24,8 +23,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 _ERROR_TEXT = {
     400: "The request is malformed: the body is not JSON the gateway or coordinator accepts "
-    f"(not UTF-8 JSON, NaN/Infinity, integers past {_json.MAX_INTEGER_DIGITS} digits, "
-    f"nesting past {_json.MAX_DEPTH} levels), or a field is invalid.",
+    "(not UTF-8 JSON, NaN/Infinity, integers past 100 digits, nesting past 128 levels), "
+    "or a field is invalid.",
     401: "The signature, token or credential is missing or wrong.",
     403: "The credential may not do this.",
     404: "No such webhook path, execution or node; or the route is disabled.",

@@ -19,9 +19,10 @@
 - ``GET /openapi.json``: the OpenAPI 3.1 document of these routes (``gateway._openapi``).
 
 Webhook bodies are forwarded as raw bytes, never parsed here: the coordinator verifies the
-signature or token first. Event and approval bodies are parsed strictly (``gateway._json``:
-no NaN/Infinity, huge numbers or deep nesting). Slow and excess connections are handled
-by the protocol (``gateway._server``).
+signature or token first; event bodies too, after the events token: the coordinator
+parses every payload with one strict decoder (no NaN/Infinity, huge numbers or deep
+nesting: 400). Only an approval's ``{"comment"}`` is read here. Slow and excess
+connections are handled by the protocol (``gateway._server``).
 
 Errors answer JSON ``{"error": "..."}``: 413 over ``TRELLIS_GATEWAY_MAX_BODY_BYTES``, 408
 when the body does not arrive within ``TRELLIS_GATEWAY_BODY_TIMEOUT``, 400 for a body that
@@ -39,6 +40,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -51,7 +53,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from gateway import _json as strict_json
 from gateway._openapi import openapi_document
 from gateway._server import guarded_protocol
 from gateway.config import GatewayConfig
@@ -246,10 +247,6 @@ def create_app(config: GatewayConfig) -> Starlette:
         body = await body_of(request)
         if isinstance(body, JSONResponse):
             return body
-        try:
-            strict_json.loads(body)
-        except strict_json.JsonError as exc:
-            return _error(400, str(exc))
         name = request.path_params["name"]
         try:
             reply = await triggers().PublishEvent(
@@ -294,9 +291,9 @@ def create_app(config: GatewayConfig) -> Starlette:
         if isinstance(body, JSONResponse):
             return body
         try:
-            doc = strict_json.loads(body) if body.strip() else {}
-        except strict_json.JsonError as exc:
-            return _error(400, str(exc))
+            doc = json.loads(body) if body.strip() else {}
+        except (ValueError, RecursionError):
+            return _error(400, 'the body must be a JSON object like {"comment": "..."}')
         comment = doc.get("comment", "") if isinstance(doc, dict) else None
         if not isinstance(comment, str):
             return _error(400, 'the body must be a JSON object like {"comment": "..."}')
