@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -265,13 +266,21 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def WatchExecution(
         self, request: fpb.WatchExecutionRequest, context: Ctx
     ) -> AsyncIterator[fpb.WatchExecutionResponse]:
-        async for item in self._c.executions.watch_execution(
-            tenant(), request.execution_id, request.after_sequence
-        ):
-            if isinstance(item, Execution):
-                yield fpb.WatchExecutionResponse(execution=convert.execution_to_proto(item))
-            else:
-                yield fpb.WatchExecutionResponse(event=convert.event_to_proto(item))
+        principal = caller()
+        watch = self._c.executions.watch_execution(
+            tenant(),
+            request.execution_id,
+            request.after_sequence,
+            caller=f"{principal.tenant_id}/{principal.subject}",
+        )
+        async with contextlib.aclosing(watch) as items:
+            async for item in items:
+                if isinstance(item, Execution):
+                    yield fpb.WatchExecutionResponse(execution=convert.execution_to_proto(item))
+                else:
+                    yield fpb.WatchExecutionResponse(
+                        events=[convert.event_to_proto(event) for event in item]
+                    )
 
     # -- operators ------------------------------------------------------------------------
 
