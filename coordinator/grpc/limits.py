@@ -25,10 +25,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 
 from coordinator.errors import InvalidArgument
+from trellis.v1 import (
+    dispatch_service_pb2,
+    identity_service_pb2,
+    notification_service_pb2,
+    trigger_service_pb2,
+    worker_service_pb2,
+    workflow_service_pb2,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +153,10 @@ class _Plan:
     repeated_messages: list[tuple[str, int, _Plan]] = field(default_factory=list)
 
     active: bool = True  # something to check, here or below (set by _prune)
+    # A message of at most this many bytes cannot be past any limit of a flat plan (no
+    # sub-messages): characters <= UTF-8 bytes <= the encoded size, and every entry of a
+    # repeated field takes a byte at least. 0: always walk.
+    floor: int = 0
 
 
 @dataclass(frozen=True)
@@ -228,6 +240,13 @@ class RequestLimits:
                     plan.active = changed = True
         for plan in plans:
             plan.messages = [(n, sub) for n, sub in plan.messages if sub.active]
+            if plan.active and not (plan.messages or plan.maps or plan.repeated_messages):
+                plan.floor = min(
+                    [limit for _, limit in plan.strings]
+                    + [self._payload for _ in plan.payloads]
+                    + [limit for _, limit, _ in plan.repeated]
+                    + [element for _, _, element in plan.repeated if element]
+                )
 
     def check(self, message: Any, plan: _Plan) -> None:
         """Raise ``LimitExceeded`` naming the first field of ``message`` past its limit."""
@@ -287,8 +306,11 @@ class RequestLimits:
                     f"{len(items)} entries, at most {limit}; send fewer per call",
                 )
             if sub.active:
+                floor = sub.floor
                 for index, item in enumerate(items):
-                    self._nested(item, sub, f"{plan.name}.{name}[{index}]")
+                    # Small items (a heartbeat's leases) are passed on their encoded size.
+                    if not floor or item.ByteSize() > floor:
+                        self._nested(item, sub, f"{plan.name}.{name}[{index}]")
 
     def _nested(self, message: Any, plan: _Plan, where: str) -> None:
         try:
@@ -330,7 +352,7 @@ class RequestLimits:
             elif _repeated(fd):
                 element = ""
                 if fd.type == _STRING:
-                    element = f"each at most {ELEMENTS.get(full, MAX_STRING)} characters"
+                    element = f"each at most {ELEMENTS.get(full, MAX_STRING):,} characters"
                 elif fd.type == _BYTES:
                     element = f"each at most {_PAYLOAD} bytes"
                 yield Limit(full, "entries", OVERRIDES.get(full, MAX_REPEATED), element)
@@ -344,12 +366,37 @@ def _unit(value: object) -> str:
     return "bytes" if isinstance(value, bytes) else "characters"
 
 
-def limits_table(descriptors: list[Descriptor]) -> str:
-    """The markdown table of every limit of the request messages ``descriptors`` (and the
-    messages inside them), as docs/protocol.md shows it."""
+def services() -> list[ServiceDescriptor]:
+    """Every Trellis service (proto/trellis/v1/*_service.proto)."""
+    return [
+        service
+        for module in (
+            dispatch_service_pb2,
+            identity_service_pb2,
+            notification_service_pb2,
+            trigger_service_pb2,
+            worker_service_pb2,
+            workflow_service_pb2,
+        )
+        for service in module.DESCRIPTOR.services_by_name.values()
+    ]
+
+
+def request_types() -> list[Descriptor]:
+    """The request message of every RPC of every Trellis service, each once."""
+    found: dict[str, Descriptor] = {}
+    for service in services():
+        for method in service.methods:
+            found.setdefault(method.input_type.full_name, method.input_type)
+    return list(found.values())
+
+
+def limits_table() -> str:
+    """The markdown table of every limit of every request message (and of the messages
+    inside them), as docs/protocol.md shows it (``python -m coordinator.grpc.limits``)."""
     checker = RequestLimits(0)
     rows: dict[str, Limit] = {}
-    for descriptor in descriptors:
+    for descriptor in request_types():
         for row in checker.rows(descriptor):
             rows.setdefault(row.field, row)
     lines = ["| Field | Limit |", "| --- | --- |"]
@@ -460,3 +507,7 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
             return tupled._replace(request_deserializer=decode, unary_stream=unary_stream)  # type: ignore[no-any-return]
         return handler
+
+
+if __name__ == "__main__":
+    print(limits_table(), end="")
