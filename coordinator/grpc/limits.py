@@ -19,6 +19,7 @@ docs/protocol.md lists the limits (``limits_table()``; a test keeps them equal).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -502,8 +503,10 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request: Any, context: Ctx) -> Any:
                 await refuse(request, context)
-                async for item in streaming(request, context):
-                    yield item
+                # Closed here, in this call's context, when the stream ends early.
+                async with contextlib.aclosing(streaming(request, context)) as items:
+                    async for item in items:
+                        yield item
 
             return tupled._replace(request_deserializer=decode, unary_stream=unary_stream)  # type: ignore[no-any-return]
         return handler

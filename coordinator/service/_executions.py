@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from coordinator import engine
 from coordinator.errors import FailedPrecondition, Unavailable
@@ -21,8 +22,10 @@ from coordinator.service.ports import DeadLetterRepository, ExecutionRepository
 
 log = logging.getLogger(__name__)
 
+R = TypeVar("R")
+
 # Most events one WatchExecution message carries (and one store read returns).
-WATCH_PAGE = 500
+WATCH_PAGE = 100
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,10 @@ class Executions:
     ) -> None:
         self._store = store
         self._watch_slots = watch_slots
+        # One read at a time by all the watches of this replica, each followed by a turn of
+        # the event loop: many watches of long histories take turns with each other and with
+        # every other call (a SQLite read runs on the loop's own thread).
+        self._watch_turn = asyncio.Lock()
         self._definitions = definitions
         self._notifier = notifier
         self._draining = draining
@@ -99,7 +106,7 @@ class Executions:
     async def _watch(
         self, tenant_id: str, execution_id: str, after_sequence: int, fallback: float
     ) -> AsyncGenerator[list[Event] | Execution, None]:
-        execution = await self._store.get_execution(tenant_id, execution_id)  # NotFound early
+        execution = await self._execution(tenant_id, execution_id)  # NotFound early
         after = after_sequence
         # Sequences are assigned at insert and become visible at commit, so an event of a
         # concurrent claim may appear below one already sent: once the execution has ended
@@ -109,7 +116,7 @@ class Executions:
         with self._notifier.listen([execution_key(execution_id)]) as wake:
             while True:
                 wake.clear()
-                events = await self._store.list_events(tenant_id, execution_id, after, WATCH_PAGE)
+                events = await self._history(tenant_id, execution_id, after)
                 if events:
                     after = max(after, *(event.sequence for event in events))
                     if seen is not None:
@@ -117,7 +124,7 @@ class Executions:
                     yield events
                 if len(events) == WATCH_PAGE:
                     continue
-                execution = await self._store.get_execution(tenant_id, execution_id)
+                execution = await self._execution(tenant_id, execution_id)
                 if execution.status.terminal:
                     if seen is not None:
                         async for missed in self._stragglers(
@@ -131,12 +138,27 @@ class Executions:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), fallback)
 
+    async def _history(self, tenant_id: str, execution_id: str, after: int) -> list[Event]:
+        return await self._in_turn(
+            lambda: self._store.list_events(tenant_id, execution_id, after, WATCH_PAGE)
+        )
+
+    async def _execution(self, tenant_id: str, execution_id: str) -> Execution:
+        return await self._in_turn(lambda: self._store.get_execution(tenant_id, execution_id))
+
+    async def _in_turn(self, read: Callable[[], Awaitable[R]]) -> R:
+        """``read()`` in the watches' turn, then a turn of the event loop for the others."""
+        async with self._watch_turn:
+            result = await read()
+            await asyncio.sleep(0)
+        return result
+
     async def _stragglers(
         self, tenant_id: str, execution_id: str, after: int, seen: set[int]
     ) -> AsyncGenerator[list[Event], None]:
         """The events after ``after`` not in ``seen``, read and sent a page at a time."""
         while True:
-            page = await self._store.list_events(tenant_id, execution_id, after, WATCH_PAGE)
+            page = await self._history(tenant_id, execution_id, after)
             missed = [event for event in page if event.sequence not in seen]
             if missed:
                 yield missed

@@ -476,7 +476,7 @@ class WatchExecutionResponse(_message.Message):
 
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Event]:
-        """The next events in sequence order, at most 500 per message (history is sent in pages)."""
+        """The next events in sequence order, at most 100 per message (history is sent in pages)."""
 
     def __init__(
         self,
