@@ -72,11 +72,9 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
     @unary
     async def PollTasks(self, request: wpb.PollTasksRequest, context: Ctx) -> wpb.PollTasksResponse:
         # The wait asked for, within the call's own deadline (an empty poll is an answer).
-        wait = (
-            request.wait.ToTimedelta()
-            if request.HasField("wait")
-            else self._c.settings.poll_max_wait
-        )
+        wait = convert.duration_or_none(request, "wait")
+        if wait is None:
+            wait = self._c.settings.poll_max_wait
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, timedelta(seconds=max(remaining - _DEADLINE_MARGIN, 0.0)))

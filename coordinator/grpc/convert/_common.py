@@ -48,11 +48,41 @@ def duration_to_proto(value: timedelta | None) -> duration_pb2.Duration | None:
     return d
 
 
+# Longest duration a request may carry (either way): past it, a request is refused before
+# it can overflow a date computed from it.
+MAX_DURATION = timedelta(days=3650)
+# A timestamp's range: years 1 to 9999 (what the protobuf spec and datetime allow).
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
 def duration_or_none(msg: object, field: str) -> timedelta | None:
+    """The Duration ``field`` of ``msg`` (None when unset); ``InvalidArgument`` past
+    ``MAX_DURATION`` either way."""
     if not msg.HasField(field):  # type: ignore[attr-defined]
         return None
-    value: timedelta = getattr(msg, field).ToTimedelta()
-    return value
+    value = getattr(msg, field)
+    if abs(value.seconds) > MAX_DURATION.total_seconds() or abs(value.nanos) > 999_999_999:
+        raise InvalidArgument(
+            f"{field} is {value.seconds} s and {value.nanos} ns; a duration is at most "
+            f"{MAX_DURATION.days} days either way"
+        )
+    result: timedelta = value.ToTimedelta()
+    return result
+
+
+def timestamp_or_none(msg: object, field: str) -> datetime | None:
+    """The Timestamp ``field`` of ``msg`` as an aware UTC datetime (None when unset);
+    ``InvalidArgument`` outside the years 1 to 9999."""
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return None
+    value = getattr(msg, field)
+    if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos <= 999_999_999):
+        raise InvalidArgument(
+            f"{field} ({value.seconds} s, {value.nanos} ns) is not a time between the years "
+            "1 and 9999"
+        )
+    result: datetime = value.ToDatetime(tzinfo=UTC)
+    return result
 
 
 def _whole_numbers(value: Any) -> Any:
