@@ -7,6 +7,7 @@ answered with a clear error or bounded behaviour while the process stays respons
 - 50 concurrent WatchExecution streams of an execution with 20,000 events (under the
   default caps): each gets the whole history in pages of at most 100 events (about a minute
   on a loaded 2-core machine: the replica reads one page at a time, so it stays responsive);
+- 30 watches that stop reading: each holds a page, not the history, and hold up no one;
 - WatchExecution past TRELLIS_MAX_WATCHES_PER_CALLER: RESOURCE_EXHAUSTED saying so;
 - bytes that do not decode, sent to every RPC of every service: INVALID_ARGUMENT, and no
   traceback in the coordinator's log.
@@ -143,6 +144,29 @@ async def test_fifty_watches_of_a_long_history_stream_it_in_pages(tmp_path: Path
         async with watched(proc, grpc_health(address)):
             results = await asyncio.gather(*(watch() for _ in range(WATCHERS)))
         assert results == [(HISTORY // WATCH_PAGE, HISTORY, WATCH_PAGE)] * WATCHERS
+
+
+@pytest.mark.slow
+async def test_slow_readers_hold_a_page_each_and_hold_up_no_one(tmp_path: Path) -> None:
+    """30 watches that read one page and then nothing: the coordinator writes each only as
+    fast as it is read (it does not buffer the 20,000 events per watch: growth < 50 MB),
+    and a watch that reads gets the whole history meanwhile."""
+    execution_id = await _execution_with_history(tmp_path, ExecutionStatus.SUCCEEDED, HISTORY)
+    async with coordinator(tmp_path) as (proc, address, channel):
+        workflows = fgrpc.WorkflowServiceStub(channel)
+        request = fpb.WatchExecutionRequest(execution_id=execution_id)
+        slow = [workflows.WatchExecution(request, timeout=120) for _ in range(30)]
+        try:
+            async with watched(proc, grpc_health(address)):
+                for call in slow:
+                    assert len((await call.read()).events) == WATCH_PAGE
+                read = 0
+                async for reply in workflows.WatchExecution(request, timeout=120):
+                    read += len(reply.events)
+                assert read == HISTORY
+        finally:
+            for call in slow:
+                call.cancel()
 
 
 async def test_watches_past_the_per_caller_cap_are_refused(tmp_path: Path) -> None:
