@@ -120,6 +120,10 @@ class CoordinatorConfig:
     max_poll_waiters: int = 1000
     max_start_rate: float = 0.0
     start_burst: int = 100
+    # WatchExecution streams open at once on a replica, and for one caller (tenant and
+    # subject); beyond either, RESOURCE_EXHAUSTED.
+    max_watches: int = 1000
+    max_watches_per_caller: int = 100
     # Transport (docs/security.md): TLS from these PEM files, re-read when they change;
     # with a client CA, mutual TLS (clients must present a certificate it signed).
     # Plaintext must be chosen (`coordinator serve` refuses to start with neither).

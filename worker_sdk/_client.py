@@ -354,6 +354,9 @@ class Client:
         )
         try:
             async for response in call:
+                # Pages of events; a coordinator before paging sent one per message.
+                for event in response.events:
+                    yield event_from_proto(event)
                 if response.HasField("event"):
                     yield event_from_proto(response.event)
         except grpc.aio.AioRpcError as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC
 from typing import Any
 
 import grpc
@@ -106,7 +105,7 @@ class IdentityServicer(igrpc.IdentityServiceServicer):
         records = await self._admin.audit_records(
             caller(),
             request.tenant,
-            since=request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None,
+            since=convert.timestamp_or_none(request, "since"),
             actor=request.actor or None,
             after_seq=request.after_seq,
             page_size=request.page_size,

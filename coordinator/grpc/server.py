@@ -21,6 +21,7 @@ from coordinator.errors import TrellisError
 from coordinator.grpc import dispatch_servicer, identity_servicer, notification_servicer
 from coordinator.grpc.auth import AuthInterceptor
 from coordinator.grpc.identity_servicer import IdentityServicer
+from coordinator.grpc.limits import LimitsInterceptor, RequestLimits
 from coordinator.grpc.servicers import WorkerServicer, WorkflowServicer
 from coordinator.grpc.tls import server_credentials
 from coordinator.grpc.trigger_servicer import TriggerServicer
@@ -42,6 +43,7 @@ from coordinator.service import (
     Store,
     Sweeper,
     Triggers,
+    WatchSlots,
     utcnow,
 )
 from trellis.v1 import (
@@ -151,6 +153,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
         dispatch=dispatch,
         poll_waiters=PollWaiters(config.max_poll_waiters),
         start_rate=StartRate(config.max_start_rate, config.start_burst),
+        watch_slots=WatchSlots(config.max_watches, config.max_watches_per_caller),
         keyring=keyring,
         authenticator=authenticator,
     )
@@ -165,7 +168,8 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     )
     max_message = max(MAX_REPLY_BYTES, config.max_payload_bytes * 4 + 1024 * 1024)
     server = grpc.aio.server(
-        interceptors=[interceptor],
+        # Limits first: a request past them is refused before it is authenticated.
+        interceptors=[LimitsInterceptor(RequestLimits(config.max_payload_bytes)), interceptor],
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),

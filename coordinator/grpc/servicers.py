@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -71,11 +72,9 @@ class WorkerServicer(wgrpc.WorkerServiceServicer):
     @unary
     async def PollTasks(self, request: wpb.PollTasksRequest, context: Ctx) -> wpb.PollTasksResponse:
         # The wait asked for, within the call's own deadline (an empty poll is an answer).
-        wait = (
-            request.wait.ToTimedelta()
-            if request.HasField("wait")
-            else self._c.settings.poll_max_wait
-        )
+        wait = convert.duration_or_none(request, "wait")
+        if wait is None:
+            wait = self._c.settings.poll_max_wait
         remaining = context.time_remaining()
         if remaining is not None:
             wait = min(wait, timedelta(seconds=max(remaining - _DEADLINE_MARGIN, 0.0)))
@@ -265,13 +264,21 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def WatchExecution(
         self, request: fpb.WatchExecutionRequest, context: Ctx
     ) -> AsyncIterator[fpb.WatchExecutionResponse]:
-        async for item in self._c.executions.watch_execution(
-            tenant(), request.execution_id, request.after_sequence
-        ):
-            if isinstance(item, Execution):
-                yield fpb.WatchExecutionResponse(execution=convert.execution_to_proto(item))
-            else:
-                yield fpb.WatchExecutionResponse(event=convert.event_to_proto(item))
+        principal = caller()
+        watch = self._c.executions.watch_execution(
+            tenant(),
+            request.execution_id,
+            request.after_sequence,
+            caller=f"{principal.tenant_id}/{principal.subject}",
+        )
+        async with contextlib.aclosing(watch) as items:
+            async for item in items:
+                if isinstance(item, Execution):
+                    yield fpb.WatchExecutionResponse(execution=convert.execution_to_proto(item))
+                else:
+                    yield fpb.WatchExecutionResponse(
+                        events=[convert.event_to_proto(event) for event in item]
+                    )
 
     # -- operators ------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ service's types from here, never from its private modules."""
 from coordinator.model import LeaseKey, NewExecution
 from coordinator.service._approvals import ADMIN_ROLE, Approvals
 from coordinator.service._audit import PENDING_AUDIT, take_pending_audit
-from coordinator.service._backpressure import PollWaiters, StartRate
+from coordinator.service._backpressure import PollWaiters, StartRate, WatchSlots
 from coordinator.service._common import Clock, Draining, ServiceSettings, utcnow
 from coordinator.service._coordinator import Coordinator
 from coordinator.service._executions import ExecutionView
@@ -87,6 +87,7 @@ __all__ = [
     "Store",
     "Sweeper",
     "Triggers",
+    "WatchSlots",
     "take_pending_audit",
     "utcnow",
     "with_deliveries",

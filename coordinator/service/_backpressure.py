@@ -1,6 +1,7 @@
-"""Backpressure on one replica: a bound on waiting long polls, a token bucket on starts.
+"""Backpressure on one replica: a bound on waiting long polls, a token bucket on starts,
+bounds on open WatchExecution streams.
 
-Both refuse with ``ResourceExhausted`` carrying ``retry_after`` (seconds), which the gRPC
+All refuse with ``ResourceExhausted`` carrying ``retry_after`` (seconds), which the gRPC
 layer sends as the ``retry-after-ms`` trailer. They are per process: with N replicas the
 cluster admits N times as much, and a refused client may go to another replica.
 """
@@ -20,6 +21,8 @@ _EPSILON = 1e-9
 # A refused poll is told to come back after this long (a waiting slot frees when any
 # poll ends, which with the default 30 s poll wait happens often under load).
 POLL_RETRY_AFTER = 1.0
+# A refused watch is told to come back after this long.
+WATCH_RETRY_AFTER = 1.0
 
 
 def _seconds(value: float) -> str:
@@ -116,4 +119,60 @@ class StartRate:
         )
 
 
-__all__ = ["POLL_RETRY_AFTER", "PollWaiters", "StartRate"]
+class WatchSlots:
+    """At most ``total`` WatchExecution streams open at once on this replica, and at most
+    ``per_caller`` of them for one caller (its credential)::
+
+        with slots.admit(credential):
+            ...  # stream the events
+
+    ``admit`` raises ResourceExhausted past either bound. Single event loop: no lock.
+    """
+
+    def __init__(
+        self, total: int, per_caller: int, *, retry_after: float = WATCH_RETRY_AFTER
+    ) -> None:
+        if total < 1 or per_caller < 1:
+            raise ValueError(f"watch limits must be at least 1, got {total} and {per_caller}")
+        self.total = total
+        self.per_caller = per_caller
+        self.retry_after = retry_after
+        self._open: dict[str, int] = {}
+        self._count = 0
+
+    @property
+    def open(self) -> int:
+        """How many watches are open now."""
+        return self._count
+
+    @contextmanager
+    def admit(self, caller: str) -> Iterator[None]:
+        held = self._open.get(caller, 0)
+        if held >= self.per_caller:
+            raise ResourceExhausted(
+                f"too many open WatchExecution streams for this caller ({self.per_caller}, "
+                "TRELLIS_MAX_WATCHES_PER_CALLER); close some (or use GetExecution) and retry "
+                f"after {_seconds(self.retry_after)} s",
+                retry_after=self.retry_after,
+            )
+        if self._count >= self.total:
+            raise ResourceExhausted(
+                f"too many open WatchExecution streams on this replica ({self.total}, "
+                f"TRELLIS_MAX_WATCHES); retry after {_seconds(self.retry_after)} s or connect "
+                "to another replica",
+                retry_after=self.retry_after,
+            )
+        self._open[caller] = held + 1
+        self._count += 1
+        try:
+            yield
+        finally:
+            self._count -= 1
+            left = self._open[caller] - 1
+            if left:
+                self._open[caller] = left
+            else:
+                del self._open[caller]
+
+
+__all__ = ["POLL_RETRY_AFTER", "WATCH_RETRY_AFTER", "PollWaiters", "StartRate", "WatchSlots"]

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from coordinator import engine
 from coordinator.service._approvals import Approvals
-from coordinator.service._backpressure import PollWaiters, StartRate
+from coordinator.service._backpressure import PollWaiters, StartRate, WatchSlots
 from coordinator.service._children import SubWorkflows
 from coordinator.service._common import Clock, Draining, ServiceSettings, utcnow
 from coordinator.service._definitions import Definitions
@@ -38,7 +38,8 @@ class Coordinator:
 
     ``dispatch``: task-type limits and breakers (``coordinator.dispatch.DispatchControl``,
     built by the server); none when omitted. ``poll_waiters`` bounds the polls waiting at
-    once, ``start_rate`` the starts per second (None: no bound)."""
+    once, ``start_rate`` the starts per second, ``watch_slots`` the open WatchExecution
+    streams (None: no bound)."""
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class Coordinator:
         dispatch: DispatchPolicy | None = None,
         poll_waiters: PollWaiters | None = None,
         start_rate: StartRate | None = None,
+        watch_slots: WatchSlots | None = None,
         keyring: KeyRing | None = None,
         authenticator: Authenticator | None = None,
     ) -> None:
@@ -106,7 +108,9 @@ class Coordinator:
             store.leases, store.workers, self.results, settings, clock, signer, self.leasing.owners
         )
         self.identity = IdentityAdmin(store.identity, store.audit, keyring, authenticator, clock)
-        self.executions = Executions(store.executions, self.definitions, notifier, draining)
+        self.executions = Executions(
+            store.executions, self.definitions, notifier, draining, watch_slots=watch_slots
+        )
         self.operations = Operations(tx, self.executions)
         self.approvals = Approvals(tx, self.executions)
         self.dead_letters = DeadLetters(store.dead_letters, tx, self.executions)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from coordinator import engine
 from coordinator.errors import FailedPrecondition, Unavailable
 from coordinator.model import DeadLetter, Event, Execution, ExecutionStatus, NodeRun
+from coordinator.service._backpressure import WatchSlots
 from coordinator.service._common import Draining, clamp_page_size, decode_cursor, page_of
 from coordinator.service._definitions import Definitions
 from coordinator.service._notifier import Notifier, execution_key
@@ -19,6 +21,11 @@ from coordinator.service._transactions import Transactions, TransitionStep
 from coordinator.service.ports import DeadLetterRepository, ExecutionRepository
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+# Most events one WatchExecution message carries (and one store read returns).
+WATCH_PAGE = 100
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,15 @@ class Executions:
         definitions: Definitions,
         notifier: Notifier,
         draining: Draining,
+        *,
+        watch_slots: WatchSlots | None = None,
     ) -> None:
         self._store = store
+        self._watch_slots = watch_slots
+        # One read at a time by all the watches of this replica, each followed by a turn of
+        # the event loop: many watches of long histories take turns with each other and with
+        # every other call (a SQLite read runs on the loop's own thread).
+        self._watch_turn = asyncio.Lock()
         self._definitions = definitions
         self._notifier = notifier
         self._draining = draining
@@ -65,42 +79,92 @@ class Executions:
         return page_of(rows, limit)
 
     async def watch_execution(
-        self, tenant_id: str, execution_id: str, after_sequence: int, *, fallback: float = 2.0
-    ) -> AsyncIterator[Event | Execution]:
-        """Yield events after ``after_sequence``; end with the execution once it is terminal.
+        self,
+        tenant_id: str,
+        execution_id: str,
+        after_sequence: int,
+        *,
+        caller: str = "",
+        fallback: float = 2.0,
+    ) -> AsyncGenerator[list[Event] | Execution, None]:
+        """Yield the events after ``after_sequence`` in pages of at most ``WATCH_PAGE`` (in
+        sequence order); end with the execution once it is terminal.
 
         Woken by in-process notifications; ``fallback`` bounds the wait so events written
-        by another replica are seen too.
+        by another replica are seen too. The caller consumes each page before the next is
+        read, so a slow reader holds one page, not the history. ``caller`` (who watches)
+        counts against the watch slots, when the coordinator has them.
         """
-        await self._store.get_execution(tenant_id, execution_id)  # NotFound early
+        if self._watch_slots is None:
+            async for item in self._watch(tenant_id, execution_id, after_sequence, fallback):
+                yield item
+            return
+        with self._watch_slots.admit(caller or tenant_id):
+            async for item in self._watch(tenant_id, execution_id, after_sequence, fallback):
+                yield item
+
+    async def _watch(
+        self, tenant_id: str, execution_id: str, after_sequence: int, fallback: float
+    ) -> AsyncGenerator[list[Event] | Execution, None]:
+        execution = await self._execution(tenant_id, execution_id)  # NotFound early
         after = after_sequence
-        seen: set[int] = set()
+        # Sequences are assigned at insert and become visible at commit, so an event of a
+        # concurrent claim may appear below one already sent: once the execution has ended
+        # (nothing more can commit), such stragglers are sent. A watch that starts on an
+        # ended execution cannot miss any: it keeps no record of what it sent.
+        seen: set[int] | None = None if execution.status.terminal else set()
         with self._notifier.listen([execution_key(execution_id)]) as wake:
             while True:
                 wake.clear()
-                events = await self._store.list_events(tenant_id, execution_id, after, 500)
-                for event in events:
-                    after = max(after, event.sequence)
-                    seen.add(event.sequence)
-                    yield event
-                if len(events) == 500:
+                events = await self._history(tenant_id, execution_id, after)
+                if events:
+                    after = max(after, *(event.sequence for event in events))
+                    if seen is not None:
+                        seen.update(event.sequence for event in events)
+                    yield events
+                if len(events) == WATCH_PAGE:
                     continue
-                execution = await self._store.get_execution(tenant_id, execution_id)
+                execution = await self._execution(tenant_id, execution_id)
                 if execution.status.terminal:
-                    # Sequences are assigned at insert and become visible at commit, so an
-                    # event of a concurrent claim may appear below one already sent: once the
-                    # execution has ended (nothing more can commit), send any such stragglers.
-                    for event in await self._store.list_events(
-                        tenant_id, execution_id, after_sequence, 1_000_000
-                    ):
-                        if event.sequence not in seen:
-                            yield event
+                    if seen is not None:
+                        async for missed in self._stragglers(
+                            tenant_id, execution_id, after_sequence, seen
+                        ):
+                            yield missed
                     yield execution
                     return
                 if self._draining():
                     raise Unavailable("coordinator is shutting down; watch again to resume")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), fallback)
+
+    async def _history(self, tenant_id: str, execution_id: str, after: int) -> list[Event]:
+        return await self._in_turn(
+            lambda: self._store.list_events(tenant_id, execution_id, after, WATCH_PAGE)
+        )
+
+    async def _execution(self, tenant_id: str, execution_id: str) -> Execution:
+        return await self._in_turn(lambda: self._store.get_execution(tenant_id, execution_id))
+
+    async def _in_turn(self, read: Callable[[], Awaitable[R]]) -> R:
+        """``read()`` in the watches' turn, then a turn of the event loop for the others."""
+        async with self._watch_turn:
+            result = await read()
+            await asyncio.sleep(0)
+        return result
+
+    async def _stragglers(
+        self, tenant_id: str, execution_id: str, after: int, seen: set[int]
+    ) -> AsyncGenerator[list[Event], None]:
+        """The events after ``after`` not in ``seen``, read and sent a page at a time."""
+        while True:
+            page = await self._history(tenant_id, execution_id, after)
+            missed = [event for event in page if event.sequence not in seen]
+            if missed:
+                yield missed
+            if len(page) < WATCH_PAGE:
+                return
+            after = max(event.sequence for event in page)
 
 
 class Operations:

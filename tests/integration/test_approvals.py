@@ -244,7 +244,7 @@ async def test_deciding_anything_but_a_waiting_approval_node_is_refused(api: Api
             fpb.ApproveNodeRequest(execution_id=execution_id, node_id="ship", comment="x" * 5000)
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "comment is 5000 characters long",
+        "ApproveNodeRequest.comment: 5000 characters, at most 4096",
     )
 
 

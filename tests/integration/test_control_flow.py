@@ -355,7 +355,11 @@ async def test_batch_start_is_all_or_nothing(api: Api) -> None:
     assert len(await poll(api)) == 2
 
     too_many = fpb.BatchStartExecutionsRequest(requests=[good] * 1001)
-    await expect_status(api.workflows.BatchStartExecutions(too_many), OK, "limit of 1000")
+    await expect_status(
+        api.workflows.BatchStartExecutions(too_many),
+        OK,
+        "BatchStartExecutionsRequest.requests: 1001 entries, at most 1000",
+    )
 
 
 async def test_fifty_concurrent_starts_with_one_key_make_one_execution(api: Api) -> None:

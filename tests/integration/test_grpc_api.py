@@ -261,7 +261,7 @@ async def test_watch_streams_every_event_then_the_final_execution(api: Api) -> N
     watcher = asyncio.create_task(watch())
     await run_to_end(api, execution_id)
     await asyncio.wait_for(watcher, 10)
-    events = [w.event for w in watched if w.HasField("event")]
+    events = [e for w in watched for e in w.events]
     assert watched[-1].execution.status == common_pb2.EXECUTION_STATUS_SUCCEEDED
     types = [e.type for e in events]
     assert types[0] == "EXECUTION_STARTED"

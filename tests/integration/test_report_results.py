@@ -154,7 +154,7 @@ async def test_a_malformed_batch_is_refused_whole(api: Api) -> None:
     await expect_status(
         api.workers.ReportResults(wpb.ReportResultsRequest(worker_id="w1", results=too_many)),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "1001 results in one batch; send at most 1000",
+        "ReportResultsRequest.results: 1001 entries, at most 1000; send fewer per call",
     )
     await expect_status(
         api.workers.ReportResults(

@@ -151,9 +151,9 @@ async def expect_status(call: object, code: grpc.StatusCode, *fragments: str) ->
 async def events_of(api: Api, execution_id: str) -> list[common_pb2.Event]:
     """Every event of an ended execution (the watch ends with it)."""
     return [
-        m.event
+        event
         async for m in api.workflows.WatchExecution(
             fpb.WatchExecutionRequest(execution_id=execution_id)
         )
-        if m.HasField("event")
+        for event in m.events
     ]

@@ -463,21 +463,31 @@ class WatchExecutionResponse(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     EXECUTION_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event(self) -> _common_pb2.Event: ...
+    def event(self) -> _common_pb2.Event:
+        """Unset: the coordinator sends events in pages (`events`). Read both, `events` first, to
+        also follow older coordinators, which sent one event per message here.
+        """
+
     @_builtins.property
     def execution(self) -> _common_pb2.Execution:
         """Set on the last message, once the execution has ended."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Event]:
+        """The next events in sequence order, at most 100 per message (history is sent in pages)."""
 
     def __init__(
         self,
         *,
         event: _common_pb2.Event | None = ...,
         execution: _common_pb2.Execution | None = ...,
+        events: _abc.Iterable[_common_pb2.Event] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "execution", b"execution"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "execution", b"execution"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events", "execution", b"execution"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,6 +25,7 @@ from coordinator.grpc.convert._common import (
     node_to_proto_definition,
     retry_from_proto,
     retry_to_proto,
+    timestamp_or_none,
     timestamp_to_proto,
     trigger_rule_from_proto,
 )
@@ -129,6 +130,7 @@ __all__ = [
     "task_error_from_proto",
     "task_to_proto",
     "tenant_to_proto",
+    "timestamp_or_none",
     "timestamp_to_proto",
     "trigger_rule_from_proto",
     "webhook_to_proto",

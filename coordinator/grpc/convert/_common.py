@@ -5,7 +5,7 @@ with a workflow on WorkflowService, added by a DAG expansion on WorkerService)."
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
@@ -25,12 +25,19 @@ _DEFAULT_RETRY = RetryPolicy()
 # -- scalars ------------------------------------------------------------------------------
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+
+
 def timestamp_to_proto(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """As ``Timestamp.FromDatetime`` (naive means UTC), in a third of its time: event
+    histories are converted by the thousand."""
     if value is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    delta = value - (_NAIVE_EPOCH if value.tzinfo is None else _EPOCH)
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def duration_to_proto(value: timedelta | None) -> duration_pb2.Duration | None:
@@ -41,11 +48,41 @@ def duration_to_proto(value: timedelta | None) -> duration_pb2.Duration | None:
     return d
 
 
+# Longest duration a request may carry (either way): past it, a request is refused before
+# it can overflow a date computed from it.
+MAX_DURATION = timedelta(days=3650)
+# A timestamp's range: years 1 to 9999 (what the protobuf spec and datetime allow).
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
 def duration_or_none(msg: object, field: str) -> timedelta | None:
+    """The Duration ``field`` of ``msg`` (None when unset); ``InvalidArgument`` past
+    ``MAX_DURATION`` either way."""
     if not msg.HasField(field):  # type: ignore[attr-defined]
         return None
-    value: timedelta = getattr(msg, field).ToTimedelta()
-    return value
+    value = getattr(msg, field)
+    if abs(value.seconds) > MAX_DURATION.total_seconds() or abs(value.nanos) > 999_999_999:
+        raise InvalidArgument(
+            f"{field} is {value.seconds} s and {value.nanos} ns; a duration is at most "
+            f"{MAX_DURATION.days} days either way"
+        )
+    result: timedelta = value.ToTimedelta()
+    return result
+
+
+def timestamp_or_none(msg: object, field: str) -> datetime | None:
+    """The Timestamp ``field`` of ``msg`` as an aware UTC datetime (None when unset);
+    ``InvalidArgument`` outside the years 1 to 9999."""
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return None
+    value = getattr(msg, field)
+    if not (_MIN_SECONDS <= value.seconds <= _MAX_SECONDS and 0 <= value.nanos <= 999_999_999):
+        raise InvalidArgument(
+            f"{field} ({value.seconds} s, {value.nanos} ns) is not a time between the years "
+            "1 and 9999"
+        )
+    result: datetime = value.ToDatetime(tzinfo=UTC)
+    return result
 
 
 def _whole_numbers(value: Any) -> Any:

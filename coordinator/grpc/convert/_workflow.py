@@ -3,8 +3,6 @@ dead letters."""
 
 from __future__ import annotations
 
-from datetime import UTC
-
 from coordinator.errors import InvalidArgument
 from coordinator.grpc.convert._common import (
     duration_or_none,
@@ -16,6 +14,7 @@ from coordinator.grpc.convert._common import (
     retry_from_proto,
     retry_to_proto,
     struct_to_json,
+    timestamp_or_none,
     timestamp_to_proto,
 )
 from coordinator.model import (
@@ -126,7 +125,7 @@ def start_request_from_proto(msg: workflow_service_pb2.StartExecutionRequest) ->
         input=msg.input,
         idempotency_key=msg.idempotency_key or None,
         priority=msg.priority,
-        start_time=msg.start_time.ToDatetime(tzinfo=UTC) if msg.HasField("start_time") else None,
+        start_time=timestamp_or_none(msg, "start_time"),
         delay=duration_or_none(msg, "delay"),
         max_concurrency=msg.max_concurrency,
     )
