@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from coordinator.model._secrets import secret_references
+
 if TYPE_CHECKING:
     from coordinator.model._notifications import Delivery
 
@@ -204,6 +206,13 @@ class NodeSpec:
     required_role: str = ""
     approval_timeout: timedelta | None = None
     prompt: str = ""
+    # The secrets ``config`` references (``${secret:NAME}``), found once when the spec is
+    # built: () means the config is handed out as stored, at no cost.
+    secret_refs: tuple[str, ...] = field(default=(), init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.config:
+            object.__setattr__(self, "secret_refs", secret_references(self.config))
 
 
 @dataclass(frozen=True)

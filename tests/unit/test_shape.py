@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors"},
     "cron": {"errors"},
     "signing": set(),
+    "sealing": set(),
     "oidc": {"errors"},
     "logs": set(),
     "breakers": {"model"},
@@ -37,7 +38,7 @@ ALLOWED: dict[str, set[str]] = {
     "notify": {"model", "errors", "engine", "breakers", "signing"},
     "service": {"model", "errors", "engine", "cron", "signing", "notify"},
     "dispatch": {"model", "errors", "engine", "breakers", "service"},
-    "store": {"model", "errors", "service"},
+    "store": {"model", "errors", "service", "sealing"},
     "grpc": {
         "model",
         "errors",
