@@ -16,15 +16,17 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from sqlalchemy.engine import make_url
 
 from coordinator.signing import sign
-from tests.e2e.test_notifications import Receiver
 from tests.support.cli import trellis_cli
 from tests.support.grpc_api import channel_to
 from tests.support.hostile import grpc_health, watched
@@ -51,6 +53,33 @@ SMTP_PASSWORD = "smtp-pass-e2e-2a4c6e8g0i"
 HEADER_VALUE = "Bearer sms-token-e2e-1b3d5f7h9j"
 SECRETS = (STRIPE, HMAC_SECRET, CHANNEL_SECRET, SMTP_PASSWORD, HEADER_VALUE)
 REFERENCE = "${secret:stripe_key}"
+
+
+class Receiver:
+    """A webhook endpoint on a local port: the bodies it was sent."""
+
+    def __init__(self) -> None:
+        bodies: list[bytes] = []
+        self.bodies = bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                bodies.append(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
 
 
 def new_key(kid: str) -> str:
@@ -110,8 +139,7 @@ async def test_secrets_reach_the_worker_and_nowhere_else_and_rotation_drops_the_
     db_url: str, tmp_path: Path
 ) -> None:
     k1, k2 = new_key("k1"), new_key("k2")
-    receiver = Receiver(free_port())
-    receiver.start()
+    receiver = Receiver()
     settings = {"notify_poll_interval": "100ms", "log_level": "DEBUG"}
     port = free_port()
     coordinator, address = spawn_coordinator(
@@ -214,10 +242,10 @@ async def test_secrets_reach_the_worker_and_nowhere_else_and_rotation_drops_the_
         replies.append(str(letters))
 
         async def notified() -> bool:
-            return bool(receiver.requests)
+            return bool(receiver.bodies)
 
         await wait_for(notified, timeout=30)
-        body = receiver.requests[0].body
+        body = receiver.bodies[0]
         assert REFERENCE.encode() in body  # the error, redacted
         replies.append(body.decode())
         deliveries = await notifications.ListDeliveries(npb.ListDeliveriesRequest())
