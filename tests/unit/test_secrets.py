@@ -9,10 +9,12 @@ from __future__ import annotations
 import base64
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from coordinator import errors
+from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.model import (
     DeadLetter,
     ErrorInfo,
@@ -29,6 +31,7 @@ from coordinator.notify import redacted
 from coordinator.sealing import Sealer, SealingError, parse_keys
 from coordinator.service import Coordinator, ServiceSettings
 from coordinator.store import MemoryStore
+from trellis.cli import _dev_encryption_keys
 
 TENANT = "default"
 T0 = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
@@ -180,18 +183,19 @@ def test_channel_secrets_and_header_values_show_as_set() -> None:
 
 def test_sealed_values_are_bound_to_their_cell_and_key() -> None:
     sealer = Sealer([("k1", key(1))])
-    sealed = sealer.seal("v", "t1", "secrets", "a", "value")
-    assert sealed.startswith("enc1:k1:") and "v" not in sealed.removeprefix("enc1:k1:")
-    assert sealer.seal("v", "t1", "secrets", "a", "value") != sealed  # random nonce
-    assert sealer.open(sealed, "t1", "secrets", "a", "value") == "v"
+    plain = "the-plaintext-value"
+    sealed = sealer.seal(plain, "t1", "secrets", "a", "value")
+    assert sealed.startswith("enc1:k1:") and plain not in sealed
+    assert sealer.seal(plain, "t1", "secrets", "a", "value") != sealed  # random nonce
+    assert sealer.open(sealed, "t1", "secrets", "a", "value") == plain
     for cell in (("t2", "secrets", "a", "value"), ("t1", "secrets", "b", "value")):
         with pytest.raises(SealingError, match="altered or moved"):
             sealer.open(sealed, *cell)
     with pytest.raises(SealingError, match="not configured"):
         Sealer([("k2", key(2))]).open(sealed, "t1", "secrets", "a", "value")
     rotated = Sealer([("k2", key(2)), ("k1", key(1))])
-    assert rotated.open(sealed, "t1", "secrets", "a", "value") == "v"
-    assert rotated.seal("v", "t1", "secrets", "a", "value").startswith("enc1:k2:")
+    assert rotated.open(sealed, "t1", "secrets", "a", "value") == plain
+    assert rotated.seal(plain, "t1", "secrets", "a", "value").startswith("enc1:k2:")
     assert sealer.open("legacy plaintext", "t1", "secrets", "a", "value") == "legacy plaintext"
 
 
@@ -206,3 +210,35 @@ def test_key_settings_are_checked() -> None:
     ):
         with pytest.raises(SealingError, match=match):
             parse_keys(bad)
+
+
+# -- settings --------------------------------------------------------------------------
+
+
+def test_encryption_keys_come_from_the_variable_or_a_file(tmp_path: Path) -> None:
+    text = f"k1:{base64.b64encode(key(4)).decode()}"
+    assert CoordinatorConfig.from_env({"TRELLIS_ENCRYPTION_KEYS": text}).encryption_key_text() == (
+        text
+    )
+    mounted = tmp_path / "keys"
+    mounted.write_text(text + "\n")
+    config = CoordinatorConfig.from_env({"TRELLIS_ENCRYPTION_KEYS_FILE": str(mounted)})
+    assert parse_keys(config.encryption_key_text()) == [("k1", key(4))]
+    assert CoordinatorConfig.from_env({}).encryption_key_text() == ""
+    with pytest.raises(ConfigError, match="not both"):
+        CoordinatorConfig.from_env(
+            {"TRELLIS_ENCRYPTION_KEYS": text, "TRELLIS_ENCRYPTION_KEYS_FILE": str(mounted)}
+        )
+    missing = CoordinatorConfig.from_env({"TRELLIS_ENCRYPTION_KEYS_FILE": str(tmp_path / "no")})
+    with pytest.raises(ConfigError, match=r"TRELLIS_ENCRYPTION_KEYS_FILE=.*cannot be read"):
+        missing.encryption_key_text()
+
+
+def test_trellis_dev_keeps_its_key_outside_the_database(tmp_path: Path) -> None:
+    path = tmp_path / ".trellis" / "dev-encryption-keys"
+    assert _dev_encryption_keys({}, path) == {"encryption_keys_file": str(path)}
+    first = path.read_text()
+    assert len(parse_keys(first)) == 1 and path.stat().st_mode & 0o077 == 0
+    assert _dev_encryption_keys({}, path) == {"encryption_keys_file": str(path)}
+    assert path.read_text() == first  # kept across runs
+    assert _dev_encryption_keys({"TRELLIS_ENCRYPTION_KEYS": "k:x"}, path) == {}
