@@ -8,8 +8,9 @@ The associated data is ``<tenant> <table> <row> <column>`` (separated by 0x1F), 
 ciphertext copied into another row, column or tenant does not decrypt. The first key of a
 ``Sealer`` seals; every key opens (rotation: add the new key first, run
 ``trellis secrets rotate-key``, then drop the old one). A value without the ``enc1:``
-prefix was written before encryption existed and is returned as it is (until the next
-rotation or start seals it).
+prefix was written before encryption existed: the store seals such values when it opens
+the database, and refuses them afterwards (``trellis secrets rotate-key`` seals what an
+older replica wrote during a rolling upgrade).
 
 Keys come from ``TRELLIS_ENCRYPTION_KEYS`` (``kid:base64key,...``) or the file named by
 ``TRELLIS_ENCRYPTION_KEYS_FILE`` (same format, e.g. a mounted Kubernetes Secret). With
@@ -97,6 +98,8 @@ class Sealer:
         self._keys = {kid: AESGCM(key) for kid, key in keys}
         # True when the key comes from the database itself (no key configured).
         self.derived = derived
+        # Values without the prefix are read as plaintext until the store has sealed them.
+        self.accept_plaintext = True
 
     @property
     def current_kid(self) -> str:
@@ -109,9 +112,29 @@ class Sealer:
         )
         return f"{PREFIX}{self._current}:{base64.urlsafe_b64encode(nonce + ct).decode()}"
 
-    def open(self, stored: str, tenant: str, table: str, row: str, column: str) -> str:
+    def open(
+        self,
+        stored: str,
+        tenant: str,
+        table: str,
+        row: str,
+        column: str,
+        *,
+        plaintext_ok: bool = False,
+    ) -> str:
+        """The plaintext of ``stored``. A value without the ``enc1:`` prefix is returned as
+        it is only when ``plaintext_ok`` or ``accept_plaintext`` (before the store sealed
+        the rows of older releases): otherwise it is refused, so that a value written
+        into the database in plaintext cannot stand in for a sealed one."""
         if not stored.startswith(PREFIX):
-            return stored  # written before encryption existed
+            if plaintext_ok or self.accept_plaintext:
+                return stored
+            raise SealingError(
+                f"{table}.{column} of {row!r} (tenant {tenant!r}) is stored unencrypted: "
+                "written by an older release during an upgrade, or altered in the "
+                "database; run `trellis secrets rotate-key` to encrypt what older releases "
+                "wrote"
+            )
         kid, _, body = stored[len(PREFIX) :].partition(":")
         aead = self._keys.get(kid)
         if aead is None:

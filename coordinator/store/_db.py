@@ -121,10 +121,21 @@ class Database:
         """``value`` encrypted for that cell (see ``coordinator.sealing``)."""
         return self._sealer().seal(value, tenant, table, row, column)
 
-    def unseal(self, stored: str, tenant: str, table: str, row: str, column: str) -> str:
-        """The plaintext of a sealed cell (a value written before encryption: as it is)."""
+    def unseal(
+        self,
+        stored: str,
+        tenant: str,
+        table: str,
+        row: str,
+        column: str,
+        *,
+        plaintext_ok: bool = False,
+    ) -> str:
+        """The plaintext of a sealed cell (see ``Sealer.open`` for unsealed values)."""
         try:
-            return self._sealer().open(stored, tenant, table, row, column)
+            return self._sealer().open(
+                stored, tenant, table, row, column, plaintext_ok=plaintext_ok
+            )
         except SealingError as exc:
             raise errors.FailedPrecondition(str(exc)) from exc
 

@@ -98,8 +98,9 @@ async def open_store(
             problem = await store.run_sync(schema_problem, write=False)
             if problem is not None:
                 raise errors.FailedPrecondition(problem)
-        store.db.sealer = await _sealer(store, encryption_keys)
+        store.db.sealer = sealer = await _sealer(store, encryption_keys)
         await reseal(store.db, _RESEAL_BATCH, only_plaintext=True)
+        sealer.accept_plaintext = False
     except BaseException:
         await store.close()
         raise

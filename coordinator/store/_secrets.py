@@ -158,7 +158,7 @@ async def _reseal_column(
             for r in rows:
                 where = [k == r[k.name] for k in keys]
                 args = (r["tenant_id"], t.name, r[sealed.row], sealed.column)
-                plain = db.unseal(r[sealed.column], *args)
+                plain = db.unseal(r[sealed.column], *args, plaintext_ok=True)
                 await conn.execute(
                     sa.update(t).where(*where).values({sealed.column: db.seal(plain, *args)})
                 )

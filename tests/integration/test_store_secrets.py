@@ -162,7 +162,9 @@ async def test_a_ciphertext_moved_to_another_row_does_not_open(db_url: str) -> N
 
 
 @pytest.mark.sql_only("sealing is about what is at rest")
-async def test_rows_from_before_encryption_are_read_then_sealed_at_open(db_url: str) -> None:
+async def test_rows_from_before_encryption_are_sealed_at_open_and_plaintext_refused_after(
+    db_url: str,
+) -> None:
     key = keys("k1")
     store = await open_store(db_url, encryption_keys=key)
     assert isinstance(store, SqlStore)
@@ -180,15 +182,27 @@ async def test_rows_from_before_encryption_are_read_then_sealed_at_open(db_url: 
             )
 
         await store.run_sync(legacy, write=True)
-        assert (await store.triggers.get_webhook_trigger("default", "old")).secret == HMAC
+        # Written in plaintext behind the store's back (once the store has sealed what older
+        # releases wrote): refused, so that plaintext cannot stand in for a sealed value.
+        with pytest.raises(errors.FailedPrecondition, match="stored unencrypted"):
+            await store.triggers.get_webhook_trigger("default", "old")
     finally:
         await store.close()
-    # The next open seals what was plaintext.
+    # As after an upgrade: the next open seals what was plaintext, and it reads.
     store = await open_store(db_url, encryption_keys=key)
     try:
         stored = (await raw(store))["webhook_triggers"]
         assert stored and HMAC not in repr(stored)
         assert stored[0].startswith("enc1:k1:")
+        assert (await store.triggers.get_webhook_trigger("default", "old")).secret == HMAC
+        # A rotation seals plaintext too (what an older replica wrote during an upgrade).
+
+        def older_release(conn: sa.Connection) -> None:
+            conn.execute(sa.text("UPDATE webhook_triggers SET secret = :s"), {"s": HMAC})
+
+        await store.run_sync(older_release, write=True)
+        _, counts = await store.secrets.rotate_key(batch_size=10)
+        assert counts["webhook_triggers"] == 1
         assert (await store.triggers.get_webhook_trigger("default", "old")).secret == HMAC
     finally:
         await store.close()

@@ -197,6 +197,10 @@ def test_sealed_values_are_bound_to_their_cell_and_key() -> None:
     assert rotated.open(sealed, "t1", "secrets", "a", "value") == plain
     assert rotated.seal(plain, "t1", "secrets", "a", "value").startswith("enc1:k2:")
     assert sealer.open("legacy plaintext", "t1", "secrets", "a", "value") == "legacy plaintext"
+    sealer.accept_plaintext = False  # once the store has sealed what older releases wrote
+    with pytest.raises(SealingError, match="stored unencrypted"):
+        sealer.open("planted plaintext", "t1", "secrets", "a", "value")
+    assert sealer.open("legacy", "t1", "secrets", "a", "value", plaintext_ok=True) == "legacy"
 
 
 def test_key_settings_are_checked() -> None:
