@@ -59,7 +59,9 @@ class SetSecretRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Letters, digits, '_' and '-', starting with a letter; at most 64."""
+    """1 to 63 letters, digits, '_', '.' or '-', starting with a letter or digit (like role
+    names); referenced from node configs as ${secret:NAME}.
+    """
     value: _builtins.str
     """At most 64 KiB (UTF-8 text)."""
     def __init__(
