@@ -295,7 +295,7 @@ class Leasing:
         claimed_all = list(claimed)
         for node in claimed:
             execution = executions.get(node.execution_id)
-            defn = await self._definitions.get_workflow(
+            registered = defn = await self._definitions.get_workflow(
                 node.tenant_id, node.workflow_name, node.workflow_version
             )
             if execution is not None:
@@ -306,7 +306,9 @@ class Leasing:
             spec = defn.node_map.get(node_spec)
             specs[(node.execution_id, node.node_id)] = spec.config if spec else b""
             parents[(node.execution_id, node.node_id)] = defn.parents.get(node_spec, ())
-            if spec is not None and spec.secret_refs:
+            # Secrets resolve only into nodes of the registered definition, never into
+            # nodes added at run time (``engine.expand`` refuses those too).
+            if spec is not None and spec.secret_refs and node_spec in registered.node_map:
                 refs[(node.execution_id, node.node_id)] = spec.secret_refs
         unresolved = await self._resolve(tenant_id, specs, refs)
         if unresolved:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import errors
+from coordinator import engine, errors
 from coordinator.config import ConfigError, CoordinatorConfig
 from coordinator.model import (
     DeadLetter,
@@ -246,3 +246,23 @@ def test_trellis_dev_keeps_its_key_outside_the_database(tmp_path: Path) -> None:
     assert _dev_encryption_keys({}, path) == {"encryption_keys_file": str(path)}
     assert path.read_text() == first  # kept across runs
     assert _dev_encryption_keys({"TRELLIS_ENCRYPTION_KEYS": "k:x"}, path) == {}
+
+
+async def test_a_worker_cannot_add_a_node_that_would_receive_a_secret(c: Coordinator) -> None:
+    await c.secrets.set_secret(TENANT, "stripe_key", STRIPE)
+    await c.definitions.register_workflow(pay(b'{"plain": true}'))
+    execution, _ = await c.starts.start_execution(TENANT, "pay", None, b"{}")
+    (task,) = await c.leasing.poll_tasks(TENANT, "w1", ["pay"], 1, timedelta(0))
+    thief = NodeSpec(id="steal", task_type="pay", config=CONFIG)
+    with pytest.raises(errors.InvalidArgument, match="nodes added at run time cannot use"):
+        await c.results.complete_task(
+            TENANT,
+            task.token,
+            b"{}",
+            "w1",
+            expansion=engine.Expansion(nodes=(thief,), edges=(("charge", "steal"),)),
+        )
+    # Refused, nothing changed: the lease is still held and completes normally.
+    await c.results.complete_task(TENANT, task.token, b"{}", "w1")
+    view = await c.executions.get_execution(TENANT, execution.id)
+    assert [n.node_id for n in view.nodes] == ["charge"]
