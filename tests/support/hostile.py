@@ -105,7 +105,7 @@ async def watched(
             started = time.monotonic()
             try:
                 healthy = await probe()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure to answer is a finding
                 watch.failures.append(f"{type(exc).__name__}: {exc}")
             else:
                 if not healthy:
