@@ -151,6 +151,15 @@ class CoordinatorConfig:
     oidc_public_key_file: str = ""
     oidc_tenant_claim: str = "trellis_tenant"
     oidc_roles_claim: str = "trellis_roles"
+    # Encryption at rest of secrets (docs/security.md, "Secrets"): "kid:base64key,..."
+    # (32-byte AES keys; the first encrypts, every one decrypts), or a file holding that
+    # text (a mounted Kubernetes Secret). Neither: a key derived from the database's server
+    # secret, which does not protect a database dump (the coordinator warns).
+    encryption_keys: str = ""
+    encryption_keys_file: str = ""
+    # Secret values are cached this long per replica (another replica's change is seen
+    # within it; a change on this replica at once).
+    secret_cache_ttl: timedelta = timedelta(seconds=5)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> CoordinatorConfig:
@@ -217,6 +226,10 @@ class CoordinatorConfig:
                 "TRELLIS_TLS_CLIENT_CA_FILE (mutual TLS) needs TRELLIS_TLS_CERT_FILE and "
                 "TRELLIS_TLS_KEY_FILE"
             )
+        if self.encryption_keys and self.encryption_keys_file:
+            raise ConfigError(
+                "set TRELLIS_ENCRYPTION_KEYS or TRELLIS_ENCRYPTION_KEYS_FILE, not both"
+            )
         if self.tls_cert_file and self.plaintext:
             raise ConfigError("choose TLS (TRELLIS_TLS_CERT_FILE) or TRELLIS_PLAINTEXT, not both")
         if self.oidc_issuer and not (
@@ -226,6 +239,19 @@ class CoordinatorConfig:
                 "TRELLIS_OIDC_ISSUER needs TRELLIS_OIDC_AUDIENCE and TRELLIS_OIDC_JWKS_URL (or "
                 "TRELLIS_OIDC_PUBLIC_KEY_FILE)"
             )
+
+    def encryption_key_text(self) -> str:
+        """The encryption keys, from the variable or the file (read now); "" for none."""
+        if not self.encryption_keys_file:
+            return self.encryption_keys
+        try:
+            with open(self.encryption_keys_file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as exc:
+            raise ConfigError(
+                f"TRELLIS_ENCRYPTION_KEYS_FILE={self.encryption_keys_file!r} cannot be read "
+                f"({exc.strerror}); mount the key file there or unset the variable"
+            ) from exc
 
     def check_serving(self) -> None:
         """What `coordinator serve` insists on: TLS, or plaintext chosen explicitly."""

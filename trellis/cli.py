@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import secrets
@@ -19,7 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trellis import _cli_identity, _cli_limits, _cli_notifications, _cli_triggers
+from trellis import (
+    _cli_identity,
+    _cli_limits,
+    _cli_notifications,
+    _cli_secrets,
+    _cli_triggers,
+)
 from worker_sdk import (
     Client,
     DeadLetter,
@@ -33,6 +40,9 @@ from worker_sdk._settings import ConnectionSettings
 EXIT_FAILED = 1
 DEV_DATABASE = ".trellis/dev.db"
 DEV_ADMIN_KEY = ".trellis/dev-admin-key"
+# The dev coordinator's at-rest encryption key (made on the first run, owner-only), kept
+# out of the database it protects.
+DEV_ENCRYPTION_KEYS = ".trellis/dev-encryption-keys"
 
 
 class CliError(Exception):
@@ -353,6 +363,18 @@ def _dev_admin_key(environ: Mapping[str, str], path: Path) -> str:
     return key
 
 
+def _dev_encryption_keys(environ: Mapping[str, str], path: Path) -> dict[str, str]:
+    """The dev coordinator's encryption key setting: the environment's if any, else the
+    key file at ``path`` (made on the first run, readable by its owner only)."""
+    if environ.get("TRELLIS_ENCRYPTION_KEYS") or environ.get("TRELLIS_ENCRYPTION_KEYS_FILE"):
+        return {}
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(f"dev1:{base64.b64encode(os.urandom(32)).decode()}\n")
+    return {"encryption_keys_file": str(path)}
+
+
 async def _dev(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     database = args.database_url or env.get("TRELLIS_DATABASE_URL")
@@ -368,6 +390,7 @@ async def _dev(args: argparse.Namespace) -> int:
             "auto_migrate": True,
             "plaintext": True,
             "bootstrap_admin_key": key,
+            **_dev_encryption_keys(env, Path(DEV_ENCRYPTION_KEYS)),
         },
     )
     print(
@@ -412,7 +435,7 @@ async def _migrate(args: argparse.Namespace) -> int:
     config = _coordinator_config(os.environ, {"database_url": args.database_url})
     from coordinator.store import migrate
 
-    await migrate(config.database_url)
+    await migrate(config.database_url, encryption_keys=config.encryption_key_text())
     print(f"database at {config.database_url} is up to date")
     return 0
 
@@ -551,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_notifications.add_parser(sub)
     _cli_limits.add_parser(sub)
     _cli_identity.add_parser(sub)
+    _cli_secrets.add_parser(sub)
     return parser
 
 

@@ -99,6 +99,14 @@ def expand(
         if spec.id in new_ids:
             raise InvalidArgument(f"{where} adds node '{spec.id}' twice; node ids must be unique")
         new_ids.add(spec.id)
+        if spec.secret_refs:
+            # Secrets go only to nodes of a registered definition: a worker may not add a
+            # node that would have any secret of the tenant handed to it.
+            raise InvalidArgument(
+                f"{where} adds node '{spec.id}' whose config references a secret "
+                f"(${{secret:{spec.secret_refs[0]}}}); nodes added at run time cannot use "
+                "secrets: declare the node in the registered definition"
+            )
     for source, target in expansion.edges:
         edge = f"{where} edge {source} -> {target}"
         if source not in new_ids and source not in defn.node_map:

@@ -10,7 +10,14 @@ from datetime import timedelta
 from coordinator.engine._cel import OUTPUT_VARIABLES, compile_expression
 from coordinator.engine._json import decode_json
 from coordinator.errors import InvalidArgument
-from coordinator.model import NodeKind, NodeSpec, RetryPolicy, TriggerRule, WorkflowDef
+from coordinator.model import (
+    NodeKind,
+    NodeSpec,
+    RetryPolicy,
+    TriggerRule,
+    WorkflowDef,
+    malformed_reference,
+)
 
 ALLOWED_KINDS: tuple[str, ...] = tuple(k.value for k in NodeKind)
 
@@ -304,6 +311,12 @@ def _check_config(node: NodeSpec, limits: Limits) -> None:
             f"{limits.max_config_bytes}; pass large data as execution input instead"
         )
     decode_json(node.config, where)
+    bad = malformed_reference(node.config)
+    if bad is not None:
+        raise InvalidArgument(
+            f"{where} has a malformed secret reference {bad!r}; write ${{secret:NAME}} with "
+            "NAME of 1 to 63 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
 
 
 # Every timeout and retry interval is bounded so deadlines stay representable.

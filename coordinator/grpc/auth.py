@@ -89,6 +89,7 @@ _T = "/trellis.v1.TriggerService/"
 _N = "/trellis.v1.NotificationService/"
 _D = "/trellis.v1.DispatchService/"
 _I = "/trellis.v1.IdentityService/"
+_S = "/trellis.v1.SecretService/"
 
 RULES: dict[str, Rule] = {
     # Workers. The data plane (poll, heartbeat, results) is not audited: the event history
@@ -194,6 +195,11 @@ RULES: dict[str, Rule] = {
     _I + "DeleteRole": Rule(P.ROLES_WRITE, audited=True, target=("role", "name")),
     _I + "ListAuditRecords": Rule(P.AUDIT_READ),
     _I + "VerifyAudit": Rule(P.AUDIT_READ),
+    # The secret store (values are write-only; the audit names the secret, never its value).
+    _S + "SetSecret": Rule(P.SECRETS_WRITE, audited=True, target=("secret", "name")),
+    _S + "ListSecrets": Rule(P.SECRETS_READ),
+    _S + "DeleteSecret": Rule(P.SECRETS_WRITE, audited=True, target=("secret", "name")),
+    _S + "RotateKey": Rule(P.SECRETS_ROTATE, audited=True, target=("encryption_key", "")),
 }
 
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)

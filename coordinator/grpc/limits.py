@@ -34,6 +34,7 @@ from trellis.v1 import (
     dispatch_service_pb2,
     identity_service_pb2,
     notification_service_pb2,
+    secret_service_pb2,
     trigger_service_pb2,
     worker_service_pb2,
     workflow_service_pb2,
@@ -91,6 +92,7 @@ OVERRIDES: dict[str, int] = {
     "trellis.v1.CancelExecutionRequest.reason": 4096,
     "trellis.v1.CancelNodeRequest.reason": 4096,
     "trellis.v1.ApproveNodeRequest.comment": 4096,
+    "trellis.v1.SetSecretRequest.value": 64 * 1024,  # the secret store's own cap
     "trellis.v1.RejectNodeRequest.comment": 4096,
     "trellis.v1.SmtpChannel.body_template": 16 * 1024,
     "trellis.v1.SmsChannel.body_template": 16 * 1024,
@@ -375,6 +377,7 @@ def services() -> list[ServiceDescriptor]:
             dispatch_service_pb2,
             identity_service_pb2,
             notification_service_pb2,
+            secret_service_pb2,
             trigger_service_pb2,
             worker_service_pb2,
             workflow_service_pb2,

@@ -18,7 +18,12 @@ from grpc_reflection.v1alpha import reflection
 from coordinator.config import CoordinatorConfig
 from coordinator.dispatch import DispatchControl, RedisLink
 from coordinator.errors import TrellisError
-from coordinator.grpc import dispatch_servicer, identity_servicer, notification_servicer
+from coordinator.grpc import (
+    dispatch_servicer,
+    identity_servicer,
+    notification_servicer,
+    secret_servicer,
+)
 from coordinator.grpc.auth import AuthInterceptor
 from coordinator.grpc.identity_servicer import IdentityServicer
 from coordinator.grpc.limits import LimitsInterceptor, RequestLimits
@@ -70,6 +75,7 @@ SERVICE_NAMES = (
     notification_servicer.SERVICE_NAME,
     dispatch_servicer.SERVICE_NAME,
     identity_servicer.SERVICE_NAME,
+    secret_servicer.SERVICE_NAME,
 )
 
 
@@ -112,6 +118,10 @@ class RunningServer:
 # Health-service name that is SERVING while dispatch limits are shared through Redis and
 # NOT_SERVING while this replica enforces them on its own (docs/dispatch.md).
 DISPATCH_SHARED = "trellis.dispatch.shared"
+# Health-service name that is SERVING when an encryption key is configured and NOT_SERVING
+# when secrets are sealed with the key derived from the database (no protection against a
+# copy of the database; docs/security.md).
+ENCRYPTION_CONFIGURED = "trellis.encryption.configured"
 
 
 async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
@@ -156,7 +166,16 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
         watch_slots=WatchSlots(config.max_watches, config.max_watches_per_caller),
         keyring=keyring,
         authenticator=authenticator,
+        secret_cache_ttl=config.secret_cache_ttl.total_seconds(),
     )
+    encryption_configured = store.secrets.key_configured
+    if not encryption_configured:
+        log.warning(
+            "NO ENCRYPTION KEY CONFIGURED (TRELLIS_ENCRYPTION_KEYS): secrets are encrypted "
+            "with a key derived from the server secret stored in the same database, so a "
+            "copy of the database decrypts them; set TRELLIS_ENCRYPTION_KEYS or "
+            "TRELLIS_ENCRYPTION_KEYS_FILE and run `trellis secrets rotate-key`"
+        )
     if config.insecure_open:
         log.warning(
             "AUTHENTICATION IS OFF (TRELLIS_INSECURE_OPEN): anyone who reaches %s acts as an "
@@ -192,6 +211,7 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     )
     notifications = _delivery_loop(coordinator, config)
     dispatch_servicer.add_dispatch(server, LimitsAdmin(store.limits, dispatch, coordinator.clock))
+    secret_servicer.add_secrets(server, coordinator.secrets)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
@@ -213,6 +233,12 @@ async def start(config: CoordinatorConfig, store: Store) -> RunningServer:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(
+        ENCRYPTION_CONFIGURED,
+        health_pb2.HealthCheckResponse.SERVING
+        if encryption_configured
+        else health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
 
     def dispatch_health(shared: bool) -> None:
         serving = health_pb2.HealthCheckResponse
@@ -346,7 +372,10 @@ async def serve(
 
     config.check_serving()
     store = await open_store(
-        config.database_url, migrate=config.auto_migrate, priority_aging=config.priority_aging
+        config.database_url,
+        migrate=config.auto_migrate,
+        priority_aging=config.priority_aging,
+        encryption_keys=config.encryption_key_text(),
     )
     try:
         running = await start(config, store)

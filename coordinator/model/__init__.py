@@ -6,6 +6,7 @@
 - ``_triggers``: webhook and event triggers, schedules and their fires.
 - ``_notifications``: channels, rules, deliveries and the notification document.
 - ``_identity``: principals, credentials, roles, permissions and grants.
+- ``_secrets``: the tenant's secret store and ``${secret:NAME}`` references in configs.
 
 Every package of the coordinator imports these types from here, never from the private
 modules.
@@ -84,6 +85,17 @@ from coordinator.model._notifications import (
     deliveries_for,
     notification_document,
 )
+from coordinator.model._secrets import (
+    MAX_SECRET_BYTES,
+    MAX_SECRETS_PER_TENANT,
+    SECRET_NAME,
+    SecretEntry,
+    malformed_reference,
+    redact,
+    redact_text,
+    resolve_references,
+    secret_references,
+)
 from coordinator.model._starts import (
     CappedStart,
     NewExecution,
@@ -113,7 +125,10 @@ __all__ = [
     "DEFAULT_SIGNATURE_TOLERANCE",
     "DEFAULT_TENANT",
     "MAX_INLINE_OUTPUT",
+    "MAX_SECRETS_PER_TENANT",
+    "MAX_SECRET_BYTES",
     "NULL_JSON",
+    "SECRET_NAME",
     "SYSTEM_TENANT",
     "TERMINAL_STATUSES",
     "UNLIMITED",
@@ -164,6 +179,7 @@ __all__ = [
     "RunningCap",
     "Schedule",
     "ScheduleFire",
+    "SecretEntry",
     "SwitchCase",
     "TaskTypeLimits",
     "Tenant",
@@ -182,9 +198,14 @@ __all__ = [
     "definition_to_document",
     "deliveries_for",
     "grants_of",
+    "malformed_reference",
     "node_from_document",
     "node_to_document",
     "notification_document",
     "parse_grants",
+    "redact",
+    "redact_text",
+    "resolve_references",
     "running_cap",
+    "secret_references",
 ]

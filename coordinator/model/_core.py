@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from coordinator.model._secrets import secret_references
+
 if TYPE_CHECKING:
     from coordinator.model._notifications import Delivery
 
@@ -207,6 +209,13 @@ class NodeSpec:
     # A JSON Schema (JSON text, canonical: sorted keys) every output a worker returns for
     # this node must match (kinds task and map: each element's output); empty: none.
     output_schema: bytes = b""
+    # The secrets ``config`` references (``${secret:NAME}``), found once when the spec is
+    # built: () means the config is handed out as stored, at no cost.
+    secret_refs: tuple[str, ...] = field(default=(), init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.config:
+            object.__setattr__(self, "secret_refs", secret_references(self.config))
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,12 @@ class Permission(StrEnum):
     AUDIT_READ = "audit.read"
     TENANTS_READ = "tenants.read"
     TENANTS_WRITE = "tenants.write"
+    # The secret store: list names, set and delete values (values are never read back:
+    # only a worker leasing a task whose config references a secret receives it).
+    SECRETS_READ = "secrets.read"
+    SECRETS_WRITE = "secrets.write"
+    # Re-encrypt every stored secret under the current key (system tenant only).
+    SECRETS_ROTATE = "secrets.rotate"
 
 
 # Permissions that a grant may narrow by workflow name, and the one narrowed by task type.
@@ -81,7 +87,9 @@ WORKFLOW_SCOPED = frozenset(
 )
 TASK_TYPE_SCOPED = frozenset({Permission.TASKS_LEASE})
 # Only principals of the system tenant hold these, whatever their roles say.
-SYSTEM_ONLY = frozenset({Permission.TENANTS_READ, Permission.TENANTS_WRITE})
+SYSTEM_ONLY = frozenset(
+    {Permission.TENANTS_READ, Permission.TENANTS_WRITE, Permission.SECRETS_ROTATE}
+)
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,8 @@ BUILTIN_ROLES: Mapping[str, frozenset[Grant]] = {
         Permission.NOTIFICATIONS_WRITE,
         Permission.LIMITS_WRITE,
         Permission.AUDIT_READ,
+        Permission.SECRETS_READ,
+        Permission.SECRETS_WRITE,
     ),
     "developer": _grants(
         *_READ,
@@ -159,6 +169,7 @@ BUILTIN_ROLES: Mapping[str, frozenset[Grant]] = {
         Permission.TRIGGERS_WRITE,
         Permission.EVENTS_PUBLISH,
         Permission.NOTIFICATIONS_WRITE,
+        Permission.SECRETS_READ,
     ),
     "viewer": _grants(*_READ),
     "worker": _grants(Permission.TASKS_LEASE),

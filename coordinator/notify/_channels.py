@@ -226,6 +226,20 @@ def validate_channel(
     return _VALIDATORS[kind](config, destinations or Destinations())
 
 
+# What a write-only value shows as when it is set.
+SET = "<set>"
+
+
 def redacted(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` without its secrets (webhook secret, SMTP password): for showing."""
-    return {k: ("" if k in SECRET_KEYS else v) for k, v in config.items()}
+    """``config`` for showing: secrets (webhook secret, SMTP password) and header values
+    (where SMS providers take their tokens) show as ``<set>`` (or "" when unset); header
+    names are kept."""
+    shown: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in SECRET_KEYS:
+            shown[key] = SET if value else ""
+        elif key == "headers" and isinstance(value, Mapping):
+            shown[key] = {name: SET for name in value}
+        else:
+            shown[key] = value
+    return shown

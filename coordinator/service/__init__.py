@@ -28,6 +28,7 @@ from coordinator.service._notifier import Notifier
 from coordinator.service._results import MAX_REPORT_BATCH, Completion, Failure, ResultOutcome
 from coordinator.service._rules import RuleBook, with_deliveries
 from coordinator.service._schedules import Scheduler, Schedules
+from coordinator.service._secrets import SecretInfo, SecretsAdmin, SecretVault
 from coordinator.service._starts import MAX_BATCH_START, MAX_START_DELAY, StartRequest
 from coordinator.service._sweeps import Sweeper
 from coordinator.service._tokens import Holder, LeaseSigner, LeaseToken
@@ -81,6 +82,9 @@ __all__ = [
     "RuleBook",
     "Scheduler",
     "Schedules",
+    "SecretInfo",
+    "SecretVault",
+    "SecretsAdmin",
     "ServiceSettings",
     "StartRate",
     "StartRequest",

@@ -27,6 +27,7 @@ from coordinator.service._notifications import NotificationService
 from coordinator.service._notifier import Notifier
 from coordinator.service._results import Results
 from coordinator.service._rules import RuleBook
+from coordinator.service._secrets import DEFAULT_CACHE_TTL, SecretsAdmin, SecretVault
 from coordinator.service._starting import Starts
 from coordinator.service._tokens import LeaseSigner
 from coordinator.service._transactions import Transactions, WakeKeys, WakeUp
@@ -54,6 +55,7 @@ class Coordinator:
         watch_slots: WatchSlots | None = None,
         keyring: KeyRing | None = None,
         authenticator: Authenticator | None = None,
+        secret_cache_ttl: float = DEFAULT_CACHE_TTL,
     ) -> None:
         self.store = store
         # The coordinator's secrets: API-key hashes and lease-token signatures. Without one
@@ -71,6 +73,9 @@ class Coordinator:
         self._clock = clock
         self._draining = draining = Draining()
 
+        # Secret values: resolved into leases, redacted from what workers send back.
+        self.vault = vault = SecretVault(store.secrets, cache_ttl=secret_cache_ttl)
+        self.secrets = SecretsAdmin(store.secrets, vault, clock)
         self.definitions = Definitions(store.workflows, settings, clock)
         self.rules = RuleBook(store.notifications, clock)
         wake_keys = WakeKeys(self.definitions, dispatch)
@@ -102,8 +107,12 @@ class Coordinator:
             draining,
             signer,
             poll_waiters=poll_waiters,
+            vault=vault,
         )
-        self.results = Results(tx, self.definitions, self.leasing, dispatch, settings, signer)
+        self.results = Results(
+            tx, self.definitions, self.leasing, dispatch, settings, signer, vault=vault
+        )
+        self.leasing.fail_unresolved = self.results.fail_lease
         self.heartbeats = Heartbeats(
             store.leases, store.workers, self.results, settings, clock, signer, self.leasing.owners
         )

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -27,14 +27,17 @@ from coordinator.errors import (
 from coordinator.model import (
     COMPENSATION_SUFFIX,
     NULL_JSON,
+    ErrorInfo,
     NodeRun,
     WorkerInfo,
     compose_object,
+    resolve_references,
 )
 from coordinator.service._backpressure import PollWaiters
 from coordinator.service._common import Clock, Draining, ServiceSettings, check_names
 from coordinator.service._definitions import Definitions
 from coordinator.service._notifier import Notifier, task_key
+from coordinator.service._secrets import SecretVault
 from coordinator.service._tokens import LeaseSigner, LeaseToken
 from coordinator.service.ports import (
     ClaimPolicy,
@@ -110,8 +113,13 @@ class Leasing:
         signer: LeaseSigner,
         *,
         poll_waiters: PollWaiters | None = None,
+        vault: SecretVault | None = None,
     ) -> None:
         self._signer = signer
+        self._vault = vault
+        # How a lease whose config names a missing secret is ended: set by the composition
+        # root to ``Results.fail_lease`` (which is built over this object).
+        self.fail_unresolved: Callable[[NodeRun, ErrorInfo, bool], Awaitable[bool]] | None = None
         self.owners = WorkerOwners(workers)
         self._leases = leases
         self._workers = workers
@@ -283,19 +291,29 @@ class Leasing:
         )
         parents: dict[tuple[str, str], tuple[str, ...]] = {}
         specs: dict[tuple[str, str], bytes] = {}
+        refs: dict[tuple[str, str], tuple[str, ...]] = {}
+        claimed_all = list(claimed)
         for node in claimed:
             execution = executions.get(node.execution_id)
-            defn = await self._definitions.get_workflow(
+            registered = defn = await self._definitions.get_workflow(
                 node.tenant_id, node.workflow_name, node.workflow_version
             )
             if execution is not None:
                 defn = engine.effective_definition(defn, execution)
             # A compensation run gets the configuration of the node it undoes; an element
             # of a map node that of the map node.
-            spec_id = _spec_id(node.node_id)
-            spec = defn.node_map.get(spec_id)
+            node_spec = spec_id(node.node_id)
+            spec = defn.node_map.get(node_spec)
             specs[(node.execution_id, node.node_id)] = spec.config if spec else b""
-            parents[(node.execution_id, node.node_id)] = defn.parents.get(spec_id, ())
+            parents[(node.execution_id, node.node_id)] = defn.parents.get(node_spec, ())
+            # Secrets resolve only into nodes of the registered definition, never into
+            # nodes added at run time (``engine.expand`` refuses those too).
+            if spec is not None and spec.secret_refs and node_spec in registered.node_map:
+                refs[(node.execution_id, node.node_id)] = spec.secret_refs
+        unresolved = await self._resolve(tenant_id, specs, refs)
+        if unresolved:
+            claimed = [n for n in claimed if (n.execution_id, n.node_id) not in unresolved]
+            await self._fail_unresolved(claimed_all, unresolved)
         outputs = await self._executions.get_node_outputs(
             tenant_id,
             sorted({(k[0], p) for k, ps in parents.items() for p in ps}),
@@ -320,8 +338,62 @@ class Leasing:
             )
         return tasks
 
+    async def _resolve(
+        self,
+        tenant_id: str,
+        specs: dict[tuple[str, str], bytes],
+        refs: Mapping[tuple[str, str], tuple[str, ...]],
+    ) -> dict[tuple[str, str], list[str]]:
+        """Resolve the secrets of the configs that reference any (``specs`` updated in
+        place); the runs whose secrets are missing, with the missing names."""
+        if not refs:
+            return {}
+        if self._vault is None:
+            return {key: list(names) for key, names in refs.items()}
+        values = await self._vault.values(
+            tenant_id, sorted({n for ns in refs.values() for n in ns})
+        )
+        missing = {}
+        for key, names in refs.items():
+            absent = [n for n in names if n not in values]
+            if absent:
+                missing[key] = absent
+            else:
+                specs[key] = resolve_references(specs[key], values)
+        return missing
 
-def _spec_id(node_id: str) -> str:
+    async def _fail_unresolved(
+        self, claimed: Sequence[NodeRun], unresolved: Mapping[tuple[str, str], list[str]]
+    ) -> None:
+        """End each lease whose config names a missing secret: not retryable (a retry would
+        find it missing again); set the secret, then rerun or redrive."""
+        for node in claimed:
+            names = unresolved.get((node.execution_id, node.node_id))
+            if names is None:
+                continue
+            listed = ", ".join(repr(n) for n in names)
+            error = ErrorInfo(
+                type=SECRET_NOT_FOUND,
+                message=(
+                    f"node '{node.node_id}' config references secret {listed}, which tenant "
+                    f"'{node.tenant_id}' does not have; set it (trellis secrets set NAME), "
+                    "then rerun the node or redrive the dead letter"
+                ),
+            )
+            log.warning(
+                "lease failed: missing secret %s",
+                listed,
+                extra={"execution_id": node.execution_id, "node_id": node.node_id},
+            )
+            if self.fail_unresolved is not None:
+                await self.fail_unresolved(node, error, False)
+
+
+# The error type of an attempt failed because its config names a missing secret.
+SECRET_NOT_FOUND = "SecretNotFound"
+
+
+def spec_id(node_id: str) -> str:
     """The definition node a run belongs to: ``"m[3]"`` (a map element) -> ``"m"``, a
     compensation run -> the node it undoes."""
     node_id = node_id.removesuffix(COMPENSATION_SUFFIX)

@@ -14,11 +14,21 @@ from typing import NoReturn
 
 from coordinator import engine
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound, TrellisError
-from coordinator.model import ErrorInfo, Execution, NodeRun, NodeStatus, Transition, WorkflowDef
+from coordinator.model import (
+    ErrorInfo,
+    Execution,
+    NodeRun,
+    NodeStatus,
+    Transition,
+    WorkflowDef,
+    redact,
+    redact_text,
+)
 from coordinator.service._common import ServiceSettings
 from coordinator.service._definitions import Definitions
-from coordinator.service._leasing import LeasedTask, Leasing
+from coordinator.service._leasing import LeasedTask, Leasing, spec_id
 from coordinator.service._schemas import OUTPUT_SCHEMA_VIOLATION, output_refusal
+from coordinator.service._secrets import SecretVault
 from coordinator.service._tokens import Holder, LeaseSigner, LeaseToken
 from coordinator.service._transactions import Transactions, Verdict
 from coordinator.service.ports import DispatchPolicy
@@ -78,8 +88,11 @@ class Results:
         dispatch: DispatchPolicy,
         settings: ServiceSettings,
         signer: LeaseSigner,
+        *,
+        vault: SecretVault | None = None,
     ) -> None:
         self._signer = signer
+        self._vault = vault
         self._tx = transactions
         self._definitions = definitions
         self._leasing = leasing
@@ -223,6 +236,9 @@ class Results:
         defn = await self._definitions.get_workflow(
             tenant_id, token.workflow_name, token.workflow_version
         )
+        secrets = await self._secrets_of(tenant_id, defn, token.node_id)
+        if secrets:
+            payload = redact(payload, secrets)
         if expansion is not None and any(n.output_schema for n in expansion.nodes):
             raise InvalidArgument(
                 "a node added at run time (expansion) sets output_schema; only registered "
@@ -278,12 +294,6 @@ class Results:
         token = self._signer.decode(token_text, Holder(worker_id, credential))
         if error.details:
             self._settings.check_payload("error.details", error.details)
-        # Error text is copied into events, the execution and dead letters: keep it bounded.
-        error = replace(
-            error,
-            type=_clip(error.type, MAX_ERROR_TYPE),
-            message=_clip(error.message, MAX_ERROR_MESSAGE),
-        )
         return await self._fail(tenant_id, token, error, retryable)
 
     async def fail_lease(self, node: NodeRun, error: ErrorInfo, retryable: bool) -> bool:
@@ -300,6 +310,21 @@ class Results:
     ) -> tuple[bool, bool]:
         defn = await self._definitions.get_workflow(
             tenant_id, token.workflow_name, token.workflow_version
+        )
+        secrets = await self._secrets_of(tenant_id, defn, token.node_id)
+        if secrets:
+            error = replace(
+                error,
+                type=redact_text(error.type, secrets),
+                message=redact_text(error.message, secrets),
+                details=None if error.details is None else redact(error.details, secrets),
+            )
+        # Error text is copied into events, the execution and dead letters: keep it bounded
+        # (after redaction, so that no clipped part of a secret remains).
+        error = replace(
+            error,
+            type=_clip(error.type, MAX_ERROR_TYPE),
+            message=_clip(error.message, MAX_ERROR_MESSAGE),
         )
 
         def step(
@@ -322,6 +347,14 @@ class Results:
         if not held.duplicate and error.type not in _NOT_THE_TYPES_FAULT:
             await self._dispatch.record_outcome(tenant_id, held.task_type, ok=False)
         return held.will_retry, held.duplicate
+
+    async def _secrets_of(self, tenant_id: str, defn: WorkflowDef, node_id: str) -> dict[str, str]:
+        """The values of the secrets the node's config references (resolved into its lease):
+        what a worker's result must not carry into the history. {} for most nodes."""
+        spec = defn.node_map.get(spec_id(node_id))
+        if spec is None or not spec.secret_refs or self._vault is None:
+            return {}
+        return await self._vault.values(tenant_id, spec.secret_refs)
 
 
 # Failed attempts a task type's breaker does not count: the worker went away, or its poll

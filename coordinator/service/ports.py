@@ -42,6 +42,7 @@ from coordinator.model import (
     RunningCap,
     Schedule,
     ScheduleFire,
+    SecretEntry,
     TaskTypeLimits,
     Tenant,
     Transition,
@@ -645,9 +646,10 @@ class IdentityRepository(Protocol):
         """NotFound unless the tenant has that role."""
         ...
 
-    async def server_secret(self, candidate: str) -> str:
-        """The coordinator's generated secret: ``candidate`` if none was stored yet (the
-        first replica to ask stores it), else the stored one."""
+    async def server_secret(self, candidate: str, secret_id: str = "main") -> str:
+        """The coordinator's generated secret ``secret_id`` ("main": API-key hashes and
+        lease tokens; "encryption": the derived at-rest key): ``candidate`` if none was
+        stored yet (the first replica to ask stores it), else the stored one."""
         ...
 
 
@@ -676,6 +678,39 @@ class AuditRepository(Protocol):
     async def verify(self, tenant_id: str) -> tuple[int, str | None]:
         """``(records checked, None)`` when the chain holds, else ``(seq, what is wrong)`` for
         the first broken link: a changed row, a missing or inserted one, a cut-off end."""
+        ...
+
+
+class SecretRepository(Protocol):
+    """The tenant's secret store, and the re-encryption of every sealed value. The SQL
+    store keeps values sealed (``coordinator.sealing``); the in-memory store keeps nothing
+    at rest."""
+
+    @property
+    def key_configured(self) -> bool:
+        """False when values are sealed with the key derived from the database itself."""
+        ...
+
+    async def put_secret(self, entry: SecretEntry) -> bool:
+        """Create or replace (keeping ``created_at``); True when it was created.
+        ResourceExhausted past ``MAX_SECRETS_PER_TENANT``."""
+        ...
+
+    async def list_secrets(self, tenant_id: str) -> list[SecretEntry]:
+        """By name, values included (the service never shows them)."""
+        ...
+
+    async def get_secrets(self, tenant_id: str, names: Sequence[str]) -> dict[str, str]:
+        """The values of those of ``names`` that exist."""
+        ...
+
+    async def delete_secret(self, tenant_id: str, name: str) -> None:
+        """NotFound unless the tenant has that secret."""
+        ...
+
+    async def rotate_key(self, batch_size: int) -> tuple[str, dict[str, int]]:
+        """Re-encrypt every sealed value of every tenant under the current key, in
+        transactions of ``batch_size`` rows: the key id and the count per table."""
         ...
 
 
@@ -719,6 +754,9 @@ class Store(Protocol):
 
     @property
     def audit(self) -> AuditRepository: ...
+
+    @property
+    def secrets(self) -> SecretRepository: ...
 
     @property
     def group_commit(self) -> bool:

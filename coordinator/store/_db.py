@@ -37,6 +37,7 @@ from sqlalchemy.pool import StaticPool
 
 from coordinator import errors
 from coordinator.model import AuditEntry
+from coordinator.sealing import Sealer, SealingError
 from coordinator.service.ports import PENDING_AUDIT, take_pending_audit
 from coordinator.store import _rows
 from coordinator.store._audit import append_audit
@@ -113,6 +114,37 @@ class Database:
         memory = self.dialect == "sqlite" and isinstance(engine.pool, StaticPool)
         self._writer = asyncio.Lock() if self.dialect == "sqlite" else None
         self._reader = self._writer if memory else None
+        # Encryption at rest of secret columns; installed by ``open_store``.
+        self.sealer: Sealer | None = None
+
+    def seal(self, value: str, tenant: str, table: str, row: str, column: str) -> str:
+        """``value`` encrypted for that cell (see ``coordinator.sealing``)."""
+        return self._sealer().seal(value, tenant, table, row, column)
+
+    def unseal(
+        self,
+        stored: str,
+        tenant: str,
+        table: str,
+        row: str,
+        column: str,
+        *,
+        plaintext_ok: bool = False,
+    ) -> str:
+        """The plaintext of a sealed cell (see ``Sealer.open`` for unsealed values)."""
+        try:
+            return self._sealer().open(
+                stored, tenant, table, row, column, plaintext_ok=plaintext_ok
+            )
+        except SealingError as exc:
+            raise errors.FailedPrecondition(str(exc)) from exc
+
+    def _sealer(self) -> Sealer:
+        if self.sealer is None:
+            raise errors.FailedPrecondition(
+                "the store has no encryption key; open it with open_store"
+            )
+        return self.sealer
 
     @contextlib.asynccontextmanager
     async def tx(self, *, write: bool, audit: bool = True) -> AsyncIterator[AsyncConnection]:

@@ -260,16 +260,16 @@ class SqlIdentity:
 
     # -- the server's secret --------------------------------------------------------------
 
-    async def server_secret(self, candidate: str) -> str:
+    async def server_secret(self, candidate: str, secret_id: str = _SECRET_ID) -> str:
         # Insert if absent, then read: of replicas racing, the first insert wins and every
         # one reads the winner's (the conflicting inserts wait for it on PostgreSQL).
         s = server_secrets
         insert = (
             self._insert(s)
-            .values(id=_SECRET_ID, secret=candidate, created_at=to_ms(datetime.now(UTC)))
+            .values(id=secret_id, secret=candidate, created_at=to_ms(datetime.now(UTC)))
             .on_conflict_do_nothing(index_elements=[s.c.id])
         )
         async with self._db.tx(write=True, audit=False) as conn:
             await conn.execute(insert)
-            secret = await conn.scalar(sa.select(s.c.secret).where(s.c.id == _SECRET_ID))
+            secret = await conn.scalar(sa.select(s.c.secret).where(s.c.id == secret_id))
         return str(secret)

@@ -51,23 +51,28 @@ _PENDING: sa.ColumnClause[str] = sa.literal_column("'PENDING'", sa.Text)
 # -- rows ------------------------------------------------------------------------------------
 
 
-def _channel_values(channel: Channel) -> dict[str, Any]:
+def _channel_values(db: Database, channel: Channel) -> dict[str, Any]:
+    # The whole settings document is sealed: secrets, tokens, header values, recipients.
+    config = json.dumps(dict(channel.config), sort_keys=True)
     return {
         "id": channel.id,
         "tenant_id": channel.tenant_id,
         "name": channel.name,
         "kind": channel.kind.value,
-        "config": json.dumps(dict(channel.config), sort_keys=True),
+        "config": db.seal(config, channel.tenant_id, "notification_channels", channel.id, "config"),
         "created_at": to_ms(channel.created_at),
     }
 
 
-def _channel_from_row(row: Any) -> Channel:
+def _channel_from_row(db: Database, row: Any) -> Channel:
+    config = db.unseal(
+        row["config"], row["tenant_id"], "notification_channels", row["id"], "config"
+    )
     return Channel(
         id=row["id"],
         name=row["name"],
         kind=ChannelKind(row["kind"]),
-        config=json.loads(row["config"]),
+        config=json.loads(config),
         created_at=from_ms(row["created_at"]),
         tenant_id=row["tenant_id"],
     )
@@ -181,7 +186,7 @@ class SqlNotifications:
     # -- channels ------------------------------------------------------------------------
 
     async def create_channel(self, channel: Channel) -> Channel:
-        values = _channel_values(channel)
+        values = _channel_values(self._db, channel)
         try:
             async with self._db.tx(write=True) as conn:
                 await conn.execute(sa.insert(notification_channels).values(values))
@@ -190,7 +195,7 @@ class SqlNotifications:
                 f"a channel named {channel.name!r} already exists; pick another name or "
                 "delete that channel first"
             ) from exc
-        return _channel_from_row(values)
+        return _channel_from_row(self._db, values)
 
     async def get_channel(self, tenant_id: str, ref: str) -> Channel:
         c = notification_channels
@@ -201,14 +206,14 @@ class SqlNotifications:
             row = (await conn.execute(query)).mappings().first()
         if row is None:
             raise errors.NotFound(f"notification channel {ref!r} not found (by id or name)")
-        return _channel_from_row(row)
+        return _channel_from_row(self._db, row)
 
     async def list_channels(self, tenant_id: str) -> list[Channel]:
         c = notification_channels
         query = sa.select(c).where(c.c.tenant_id == tenant_id).order_by(c.c.name)
         async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
-        return [_channel_from_row(r) for r in rows]
+        return [_channel_from_row(self._db, r) for r in rows]
 
     async def delete_channel(self, tenant_id: str, channel_id: str, now: datetime) -> None:
         c, r, d = notification_channels, notification_rules, notification_deliveries
@@ -367,7 +372,7 @@ class SqlNotifications:
             channels = {}
             if channel_ids:
                 found = await conn.execute(sa.select(c).where(c.c.id.in_(channel_ids)))
-                channels = {row["id"]: _channel_from_row(row) for row in found.mappings()}
+                channels = {row["id"]: _channel_from_row(self._db, row) for row in found.mappings()}
         claimed = [
             ClaimedDelivery(_delivery_from_row(row), channels.get(row["channel_id"]))
             for row in rows

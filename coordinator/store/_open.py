@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from coordinator import errors
+from coordinator.sealing import DERIVED_KID, Sealer, SealingError, derived_key, parse_keys
 from coordinator.store._lock import ProcessLock
 from coordinator.store._memory import MemoryStore
+from coordinator.store._secrets import reseal
 from coordinator.store._sql import SqlStore
 from coordinator.store._url import (
     ACCEPTED_FORMS,
@@ -43,11 +46,20 @@ MEMORY_URL = "memory://"
 
 
 async def open_store(
-    url: str, *, migrate: bool = True, priority_aging: timedelta | None = None
+    url: str,
+    *,
+    migrate: bool = True,
+    priority_aging: timedelta | None = None,
+    encryption_keys: str = "",
 ) -> SqlStore | MemoryStore:
     """Open the database at ``url`` (see ``normalize_database_url`` for the accepted forms),
     upgrading its schema to the newest revision when ``migrate``; ``memory://`` is a
     ``MemoryStore`` (nothing kept past the process).
+
+    Secret columns are sealed with ``encryption_keys`` (``kid:base64key,...``, first =
+    current; see ``coordinator.sealing``); without keys, with a key derived from the server
+    secret kept in the database (``store.db.sealer.derived`` is then True). Values written
+    before encryption existed are sealed now.
 
     A SQLite file is locked for this process until ``close()``: a second coordinator
     process on the same file gets ``StoreLockedError`` (a ``FailedPrecondition``).
@@ -86,15 +98,42 @@ async def open_store(
             problem = await store.run_sync(schema_problem, write=False)
             if problem is not None:
                 raise errors.FailedPrecondition(problem)
+        store.db.sealer = sealer = await _sealer(store, encryption_keys)
+        await reseal(store.db, _RESEAL_BATCH, only_plaintext=True)
+        sealer.accept_plaintext = False
     except BaseException:
         await store.close()
         raise
     return store
 
 
-async def migrate(url: str) -> None:
-    """Upgrade the schema of the database at ``url`` to the newest revision."""
-    store = await open_store(url, migrate=True)
+_RESEAL_BATCH = 500
+
+
+async def _sealer(store: SqlStore, encryption_keys: str) -> Sealer:
+    """The configured keys (the first seals), then the key derived from the database's
+    server secret: it seals when no key is configured, and otherwise still opens what was
+    sealed before keys were configured (until a rotation re-seals it)."""
+    try:
+        configured = parse_keys(encryption_keys) if encryption_keys.strip() else []
+    except SealingError as exc:
+        raise errors.InvalidArgument(f"TRELLIS_ENCRYPTION_KEYS: {exc}") from exc
+    if any(kid == DERIVED_KID for kid, _ in configured):
+        raise errors.InvalidArgument(
+            f"TRELLIS_ENCRYPTION_KEYS: key id {DERIVED_KID!r} is reserved for the key derived "
+            "from the database; name the key otherwise"
+        )
+    server_secret = await store.identity.server_secret(
+        secrets.token_urlsafe(32), secret_id="encryption"
+    )
+    derived = (DERIVED_KID, derived_key(server_secret))
+    return Sealer([*configured, derived], derived=not configured)
+
+
+async def migrate(url: str, *, encryption_keys: str = "") -> None:
+    """Upgrade the schema of the database at ``url`` to the newest revision (and seal the
+    secret values written before encryption existed)."""
+    store = await open_store(url, migrate=True, encryption_keys=encryption_keys)
     await store.close()
 
 

@@ -27,6 +27,7 @@ from coordinator.store._limits import SqlLimits
 from coordinator.store._lock import ProcessLock
 from coordinator.store._notifications import SqlNotifications
 from coordinator.store._queue import SqlQueue
+from coordinator.store._secrets import SqlSecrets
 from coordinator.store._triggers import SqlTriggers
 from coordinator.store._wakeups import SqlWakeups
 from coordinator.store._workers import SqlWorkers
@@ -61,6 +62,7 @@ class SqlStore:
         self.notifications = SqlNotifications(self.db)
         self.identity = SqlIdentity(self.db)
         self.audit = SqlAudit(self.db)
+        self.secrets = SqlSecrets(self.db)
         self._closed = False
 
     @property

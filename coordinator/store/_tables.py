@@ -633,3 +633,18 @@ audit_heads = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False),
     sa.Column("hash", sa.Text, nullable=False),
 )
+
+# -- the secret store (migration 0008) ----------------------------------------------------
+
+# ``value`` is sealed (coordinator/sealing.py: AES-256-GCM, its key id in the text), as are
+# webhook_triggers.secret and notification_channels.config.
+secrets = sa.Table(
+    "secrets",
+    metadata,
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("tenant_id", "name"),
+)

@@ -49,14 +49,15 @@ from coordinator.store._tables import (
 # -- rows ---------------------------------------------------------------------------------
 
 
-def _webhook_values(trigger: WebhookTrigger) -> dict[str, Any]:
+def _webhook_values(db: Database, trigger: WebhookTrigger) -> dict[str, Any]:
+    secret = db.seal(trigger.secret, trigger.tenant_id, "webhook_triggers", trigger.path, "secret")
     return {
         "tenant_id": trigger.tenant_id,
         "path": trigger.path,
         "workflow_name": trigger.workflow_name,
         "workflow_version": trigger.workflow_version,
         "auth": trigger.auth.value,
-        "secret": trigger.secret,
+        "secret": secret,
         "tolerance_ms": _rows.duration_ms(trigger.signature_tolerance),
         "idempotency_expr": trigger.idempotency_expr,
         "input_expr": trigger.input_expr,
@@ -64,13 +65,14 @@ def _webhook_values(trigger: WebhookTrigger) -> dict[str, Any]:
     }
 
 
-def _webhook_from_row(r: Any) -> WebhookTrigger:
+def _webhook_from_row(db: Database, r: Any) -> WebhookTrigger:
+    secret = db.unseal(r["secret"], r["tenant_id"], "webhook_triggers", r["path"], "secret")
     return WebhookTrigger(
         path=r["path"],
         workflow_name=r["workflow_name"],
         workflow_version=r["workflow_version"],
         auth=WebhookAuth(r["auth"]),
-        secret=r["secret"],
+        secret=secret,
         created_at=_rows.from_ms(r["created_at"]),
         signature_tolerance=timedelta(milliseconds=r["tolerance_ms"]),
         idempotency_expr=r["idempotency_expr"],
@@ -180,7 +182,7 @@ class SqlTriggers:
     # -- webhooks -------------------------------------------------------------------------
 
     async def create_webhook_trigger(self, trigger: WebhookTrigger) -> None:
-        values = _webhook_values(trigger)
+        values = _webhook_values(self._db, trigger)
         try:
             async with self._db.tx(write=True) as conn:
                 await conn.execute(sa.insert(webhook_triggers).values(values))
@@ -197,14 +199,14 @@ class SqlTriggers:
             row = (await conn.execute(query)).mappings().first()
         if row is None:
             raise errors.NotFound(f"webhook trigger {path!r} not found")
-        return _webhook_from_row(row)
+        return _webhook_from_row(self._db, row)
 
     async def list_webhook_triggers(self, tenant_id: str) -> list[WebhookTrigger]:
         t = webhook_triggers
         query = sa.select(t).where(t.c.tenant_id == tenant_id).order_by(t.c.path)
         async with self._db.tx(write=False) as conn:
             rows = (await conn.execute(query)).mappings().all()
-        return [_webhook_from_row(r) for r in rows]
+        return [_webhook_from_row(self._db, r) for r in rows]
 
     async def delete_webhook_trigger(self, tenant_id: str, path: str) -> None:
         t = webhook_triggers

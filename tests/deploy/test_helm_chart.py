@@ -96,6 +96,7 @@ AUTH_SECRETS: dict[str, Any] = {
     "auth": {
         "bootstrapAdminKey": {"existingSecret": "trellis-auth", "key": "bootstrap-admin-key"},
         "secretKeys": {"existingSecret": "trellis-auth", "key": "secret-keys"},
+        "encryptionKeys": {"existingSecret": "trellis-encryption", "key": "encryption-keys"},
         "gatewayApiKey": {"existingSecret": "trellis-gateway-key", "key": "api-key"},
         "workerApiKey": {"existingSecret": "trellis-worker-key", "key": "api-key"},
     }
@@ -104,6 +105,7 @@ AUTH_SECRETS: dict[str, Any] = {
 CREDENTIALS = {
     "TRELLIS_BOOTSTRAP_ADMIN_KEY": ("coordinator", "trellis-auth", "bootstrap-admin-key"),
     "TRELLIS_SECRET_KEYS": ("coordinator", "trellis-auth", "secret-keys"),
+    "TRELLIS_ENCRYPTION_KEYS": ("coordinator", "trellis-encryption", "encryption-keys"),
     "TRELLIS_GATEWAY_API_KEY": ("gateway", "trellis-gateway-key", "api-key"),
     "TRELLIS_API_KEY": ("worker", "trellis-worker-key", "api-key"),
 }

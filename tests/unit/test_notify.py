@@ -143,7 +143,7 @@ def test_backoff_jitter_moves_the_delay_within_its_fraction() -> None:
 def test_valid_channels_are_normalized_and_secrets_redacted() -> None:
     hook = validate_channel(ChannelKind.WEBHOOK, {"url": "https://h.example/x", "secret": "s"})
     assert hook == {"url": "https://h.example/x", "secret": "s", "headers": {}}
-    assert redacted(hook)["secret"] == ""
+    assert redacted(hook)["secret"] == "<set>"
     mail = validate_channel(
         ChannelKind.SMTP,
         {"host": "mx", "port": 25, "from_address": "t@x.io", "to": ["a@x.io"]},

@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "cron": {"errors"},
     "schemas": {"errors"},
     "signing": set(),
+    "sealing": set(),
     "oidc": {"errors"},
     "logs": set(),
     "breakers": {"model"},
@@ -38,7 +39,7 @@ ALLOWED: dict[str, set[str]] = {
     "notify": {"model", "errors", "engine", "breakers", "signing"},
     "service": {"model", "errors", "engine", "cron", "schemas", "signing", "notify"},
     "dispatch": {"model", "errors", "engine", "breakers", "service"},
-    "store": {"model", "errors", "service"},
+    "store": {"model", "errors", "service", "sealing"},
     "grpc": {
         "model",
         "errors",

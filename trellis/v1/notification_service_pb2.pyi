@@ -80,10 +80,10 @@ class WebhookChannel(_message.Message):
     url: _builtins.str
     """http:// or https:// URL."""
     secret: _builtins.str
-    """Write-only: never returned."""
+    """Write-only: returned as "<set>"."""
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Fixed extra headers."""
+        """Fixed extra headers; values are write-only (returned as "<set>")."""
 
     def __init__(
         self,
@@ -123,7 +123,7 @@ class SmtpChannel(_message.Message):
     username: _builtins.str
     """Optional login; username and password go together."""
     password: _builtins.str
-    """Write-only: never returned."""
+    """Write-only: returned as "<set>" ("" when unset)."""
     subject_template: _builtins.str
     """Templates with {placeholders}; empty means the default text."""
     body_template: _builtins.str
@@ -189,7 +189,9 @@ class SmsChannel(_message.Message):
     url: _builtins.str
     body_template: _builtins.str
     @_builtins.property
-    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Where provider credentials go; values are write-only (returned as "<set>")."""
+
     @_builtins.property
     def to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(

@@ -11,6 +11,7 @@ service; the servicers decode a request with it, call the service and encode the
 - ``_notifications``: NotificationService: channels, rules and deliveries.
 - ``_dispatch``: DispatchService: task-type limits, breakers and the sharing status.
 - ``_identity``: IdentityService: tenants, credentials, roles, audit records, the caller.
+- ``_secrets``: SecretService: secrets as listed (never a value), key rotation reports.
 
 Callers import from here (``from coordinator.grpc import convert``), never from the
 private modules.
@@ -50,6 +51,7 @@ from coordinator.grpc.convert._notifications import (
     rule_statuses_from_proto,
     rule_to_proto,
 )
+from coordinator.grpc.convert._secrets import rotation_to_proto, secret_to_proto
 from coordinator.grpc.convert._triggers import (
     catchup_from_proto,
     event_trigger_to_proto,
@@ -122,9 +124,11 @@ __all__ = [
     "retry_from_proto",
     "retry_to_proto",
     "role_to_proto",
+    "rotation_to_proto",
     "rule_statuses_from_proto",
     "rule_to_proto",
     "schedule_to_proto",
+    "secret_to_proto",
     "start_request_from_proto",
     "summary_to_proto",
     "task_error_from_proto",

@@ -53,7 +53,11 @@ def add_ms(at: datetime, span: timedelta | None) -> datetime | None:
 def truncated(obj: D) -> D:
     """A copy of the frozen dataclass ``obj`` with every datetime and timedelta (also inside
     tuples and nested dataclasses) truncated to the millisecond."""
-    changes = {f.name: _truncate(getattr(obj, f.name)) for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    changes = {
+        f.name: _truncate(getattr(obj, f.name))
+        for f in dataclasses.fields(obj)  # type: ignore[arg-type]
+        if f.init
+    }
     return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
 
 

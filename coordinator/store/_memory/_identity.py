@@ -138,12 +138,12 @@ class MemoryIdentity:
 
     # -- the server's secret --------------------------------------------------------------
 
-    async def server_secret(self, candidate: str) -> str:
+    async def server_secret(self, candidate: str, secret_id: str = "main") -> str:
         state = self._state
         async with state.write(audit=False):
-            stored = state.server_secrets.get("main")
+            stored = state.server_secrets.get(secret_id)
             if stored is None:
-                state.server_secrets.put("main", candidate)
+                state.server_secrets.put(secret_id, candidate)
                 stored = candidate
         return stored
 

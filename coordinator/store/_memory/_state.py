@@ -42,6 +42,7 @@ from coordinator.model import (
     Role,
     Schedule,
     ScheduleFire,
+    SecretEntry,
     TaskTypeLimits,
     Tenant,
     WebhookTrigger,
@@ -231,6 +232,7 @@ class State:
         self.credentials: Table[str, Credential] = Table(j)
         self.roles: Table[tuple[str, str], Role] = Table(j)
         self.server_secrets: Table[str, str] = Table(j)
+        self.secrets: Table[tuple[str, str], SecretEntry] = Table(j)
         # (tenant, seq) -> record; tenant -> its chain's head: (last seq, last hash)
         self.audit_records: Table[tuple[str, int], AuditRecord] = Table(j)
         self.audit_heads: Table[str, tuple[int, str]] = Table(j)

@@ -16,6 +16,7 @@ from coordinator.store._memory._records import (
     MemoryWorkers,
     MemoryWorkflows,
 )
+from coordinator.store._memory._secrets import MemorySecrets
 from coordinator.store._memory._state import State
 from coordinator.store._memory._triggers import MemoryTriggers
 
@@ -53,6 +54,7 @@ class MemoryStore:
         self._notifications = MemoryNotifications(self._state)
         self._identity = MemoryIdentity(self._state)
         self._audit = MemoryAudit(self._state)
+        self._secrets = MemorySecrets(self._state)
 
     @property
     def priority_aging_ms(self) -> int:
@@ -111,6 +113,10 @@ class MemoryStore:
     @property
     def audit(self) -> MemoryAudit:
         return self._audit
+
+    @property
+    def secrets(self) -> MemorySecrets:
+        return self._secrets
 
     @property
     def group_commit(self) -> bool:
