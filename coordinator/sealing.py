@@ -46,14 +46,13 @@ def parse_keys(text: str) -> list[tuple[str, bytes]]:
     """``kid:base64key,kid:base64key`` (first = current; whitespace and newlines allowed
     between entries) into ``(kid, 32-byte key)`` pairs; ``SealingError`` names the problem."""
     keys: list[tuple[str, bytes]] = []
-    for part in re.split(r"[,\s]+", text.strip()):
-        if not part:
-            continue
+    for n, part in enumerate(p for p in re.split(r"[,\s]+", text.strip()) if p):
         kid, sep, b64 = part.partition(":")
         if not sep or not _KID.match(kid):
+            # Never echo the entry: without its "kid:" it is the key itself.
             raise SealingError(
-                f"encryption key entry {kid[:32]!r}...: expected kid:base64key with a key id "
-                "of letters, digits, '.', '_' or '-' (at most 32)"
+                f"encryption key entry {n + 1}: expected kid:base64key with a key id of "
+                "letters, digits, '.', '_' or '-' (at most 32)"
             )
         try:
             key = base64.b64decode(b64 + "=" * (-len(b64) % 4), altchars=b"-_", validate=False)
@@ -104,6 +103,11 @@ class Sealer:
     @property
     def current_kid(self) -> str:
         return self._current
+
+    def forget(self, kid: str) -> None:
+        """Stop opening values sealed under ``kid`` (never the current key)."""
+        if kid != self._current:
+            self._keys.pop(kid, None)
 
     def seal(self, plaintext: str, tenant: str, table: str, row: str, column: str) -> str:
         nonce = os.urandom(_NONCE)

@@ -88,6 +88,7 @@ from coordinator.model._notifications import (
 from coordinator.model._secrets import (
     MAX_SECRET_BYTES,
     MAX_SECRETS_PER_TENANT,
+    MIN_SECRET_CHARS,
     SECRET_NAME,
     SecretEntry,
     malformed_reference,
@@ -127,6 +128,7 @@ __all__ = [
     "MAX_INLINE_OUTPUT",
     "MAX_SECRETS_PER_TENANT",
     "MAX_SECRET_BYTES",
+    "MIN_SECRET_CHARS",
     "NULL_JSON",
     "SECRET_NAME",
     "SYSTEM_TENANT",

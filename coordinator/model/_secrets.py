@@ -20,6 +20,9 @@ from typing import Any
 # Secret names are identifiers, bounded like role names and tenant ids.
 SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MAX_SECRET_BYTES = 64 * 1024
+# Shorter values are refused: redaction replaces a value wherever it appears in a result,
+# and "1" or "true" would rewrite unrelated text.
+MIN_SECRET_CHARS = 8
 MAX_SECRETS_PER_TENANT = 1000
 REFERENCE_MARK = b"${secret:"
 _REFERENCE = re.compile(r"\$\{secret:([A-Za-z0-9][A-Za-z0-9_.-]{0,62})\}")

@@ -21,6 +21,7 @@ import re
 from collections.abc import Mapping
 from email.utils import parseaddr
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -240,6 +241,22 @@ def redacted(config: Mapping[str, Any]) -> dict[str, Any]:
             shown[key] = SET if value else ""
         elif key == "headers" and isinstance(value, Mapping):
             shown[key] = {name: SET for name in value}
+        elif key == "url" and isinstance(value, str):
+            shown[key] = _url_shown(value)
         else:
             shown[key] = value
     return shown
+
+
+def _url_shown(url: str) -> str:
+    """``url`` without what may be a credential: the user info (``user:token@``) and the
+    query's values (``?api_key=...``) show as ``<set>``; templated parts stay as written."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{SET}@{netloc.rpartition('@')[2]}"
+    query = "&".join(
+        f"{name}={SET}" if sep and "{{" not in value else f"{name}{sep}{value}"
+        for name, sep, value in (pair.partition("=") for pair in parts.query.split("&") if pair)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

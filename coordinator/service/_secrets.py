@@ -18,6 +18,7 @@ from datetime import datetime
 from coordinator.errors import InvalidArgument
 from coordinator.model import (
     MAX_SECRET_BYTES,
+    MIN_SECRET_CHARS,
     SECRET_NAME,
     SecretEntry,
 )
@@ -110,8 +111,12 @@ class SecretsAdmin:
                 f"value of secret {name!r} is {size} bytes; at most {MAX_SECRET_BYTES} "
                 "(64 KiB) — keep large files elsewhere and store their credentials here"
             )
-        if not value:
-            raise InvalidArgument(f"value of secret {name!r} is empty; give a value")
+        if len(value) < MIN_SECRET_CHARS:
+            raise InvalidArgument(
+                f"value of secret {name!r} is {len(value)} characters; at least "
+                f"{MIN_SECRET_CHARS}: shorter values cannot be told apart from ordinary text "
+                "when results are redacted"
+            )
         now = self._clock()
         entry = SecretEntry(tenant_id, name, value, now, now)
         created = await self._repo.put_secret(entry)

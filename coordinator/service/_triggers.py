@@ -270,9 +270,12 @@ class Triggers:
                 idempotency_key=None if key is None else f"webhook:{path}:{key}",
                 rate_limited=False,
             )
-        except BaseException:
+        except TrellisError:
+            # Refused before anything was written (an input the schema refuses, no such
+            # workflow ...): the sender may retry the same signed delivery. Anything else
+            # (a cancelled call, a lost connection) may have come after the start committed,
+            # so the record stays and a resend is refused rather than started twice.
             if delivery is not None:
-                # Nothing started: the sender may retry the same signed delivery.
                 with contextlib.suppress(Exception):
                     await self._store.forget_webhook_delivery(tenant_id, delivery[0])
             raise

@@ -99,8 +99,13 @@ async def open_store(
             if problem is not None:
                 raise errors.FailedPrecondition(problem)
         store.db.sealer = sealer = await _sealer(store, encryption_keys)
-        await reseal(store.db, _RESEAL_BATCH, only_plaintext=True)
+        # With keys configured, what was sealed under the key derived from the database is
+        # re-sealed now, and that key is then forgotten: whoever can write the database
+        # (and so read the server secret it derives from) cannot plant a sealed value.
+        await reseal(store.db, _RESEAL_BATCH, only_plaintext=True, also_derived=not sealer.derived)
         sealer.accept_plaintext = False
+        if not sealer.derived:
+            sealer.forget(DERIVED_KID)
     except BaseException:
         await store.close()
         raise
@@ -112,8 +117,8 @@ _RESEAL_BATCH = 500
 
 async def _sealer(store: SqlStore, encryption_keys: str) -> Sealer:
     """The configured keys (the first seals), then the key derived from the database's
-    server secret: it seals when no key is configured, and otherwise still opens what was
-    sealed before keys were configured (until a rotation re-seals it)."""
+    server secret: it seals when no key is configured; otherwise it opens only what the
+    opening store re-seals under the configured key, and is then forgotten."""
     try:
         configured = parse_keys(encryption_keys) if encryption_keys.strip() else []
     except SealingError as exc:

@@ -19,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 
 from coordinator import errors
 from coordinator.model import MAX_SECRETS_PER_TENANT, SecretEntry
-from coordinator.sealing import PREFIX
+from coordinator.sealing import DERIVED_KID, PREFIX
 from coordinator.store._db import Database
 from coordinator.store._rows import from_ms, to_ms
 from coordinator.store._tables import notification_channels, secrets, webhook_triggers
@@ -128,17 +128,22 @@ class SqlSecrets:
         return ("" if sealer is None else sealer.current_kid), counts
 
 
-async def reseal(db: Database, batch_size: int, *, only_plaintext: bool) -> dict[str, int]:
+async def reseal(
+    db: Database, batch_size: int, *, only_plaintext: bool, also_derived: bool = False
+) -> dict[str, int]:
     """Seal every value of every sealed column under the current key (``only_plaintext``:
-    only those stored before encryption existed). The count of values written, per table."""
+    only those stored before encryption existed, and with ``also_derived`` those sealed
+    under the key derived from the database). The count of values written, per table."""
     counts: dict[str, int] = {}
     for sealed in SEALED:
-        counts[sealed.table.name] = await _reseal_column(db, sealed, batch_size, only_plaintext)
+        counts[sealed.table.name] = await _reseal_column(
+            db, sealed, batch_size, only_plaintext, also_derived
+        )
     return counts
 
 
 async def _reseal_column(
-    db: Database, sealed: _Sealed, batch_size: int, only_plaintext: bool
+    db: Database, sealed: _Sealed, batch_size: int, only_plaintext: bool, also_derived: bool
 ) -> int:
     t = sealed.table
     keys = [t.c[k] for k in sealed.key]
@@ -149,7 +154,11 @@ async def _reseal_column(
         wanted = dict.fromkeys([*sealed.key, "tenant_id", sealed.row, sealed.column])
         query = sa.select(*(t.c[name] for name in wanted))
         if only_plaintext:
-            query = query.where(sa.not_(value.startswith(PREFIX, autoescape=True)))
+            stale = sa.not_(value.startswith(PREFIX, autoescape=True))
+            if also_derived:
+                derived = value.startswith(f"{PREFIX}{DERIVED_KID}:", autoescape=True)
+                stale = sa.or_(stale, derived)
+            query = query.where(stale)
         if after is not None:
             query = query.where(sa.tuple_(*keys) > sa.tuple_(*after))
         query = query.order_by(*keys).limit(batch_size)
@@ -159,10 +168,14 @@ async def _reseal_column(
                 where = [k == r[k.name] for k in keys]
                 args = (r["tenant_id"], t.name, r[sealed.row], sealed.column)
                 plain = db.unseal(r[sealed.column], *args, plaintext_ok=True)
-                await conn.execute(
-                    sa.update(t).where(*where).values({sealed.column: db.seal(plain, *args)})
+                # Compare-and-swap: a value written since the read (a new secret, a trigger
+                # recreated at the same path) is newer than ours and is left alone.
+                done = await conn.execute(
+                    sa.update(t)
+                    .where(*where, value == r[sealed.column])
+                    .values({sealed.column: db.seal(plain, *args)})
                 )
-        written += len(rows)
+                written += done.rowcount
         if len(rows) < batch_size:
             return written
         last = rows[-1]

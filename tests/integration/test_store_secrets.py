@@ -209,23 +209,39 @@ async def test_rows_from_before_encryption_are_sealed_at_open_and_plaintext_refu
 
 
 @pytest.mark.sql_only("sealing is about what is at rest")
-async def test_without_a_key_values_are_sealed_with_the_derived_key_and_stay_readable(
+async def test_without_a_key_values_are_sealed_with_the_derived_key_then_resealed(
     db_url: str,
 ) -> None:
     store = await open_store(db_url)
+    assert isinstance(store, SqlStore)
     try:
         assert store.secrets.key_configured is False
         await seed(store)
         stored = await raw(store)
         assert VALUE not in repr(stored) and stored["secrets"][0].startswith("enc1:db:")
+        # Sealed under the derived key by whoever can write the database (and so read the
+        # server secret the key derives from): what a configured key must not accept.
+        forged = store.db.seal("planted-hmac", "default", "secrets", "forged", "value")
     finally:
         await store.close()
-    # Configuring a key later: the derived key still opens until a rotation re-seals.
+    # Configuring a key later: opening the store re-seals under it and forgets the derived key.
     store = await open_store(db_url, encryption_keys=keys("k1"))
     try:
         assert store.secrets.key_configured is True
-        await check_readable(store)
-        await store.secrets.rotate_key(batch_size=100)
         assert all(v.startswith("enc1:k1:") for vs in (await raw(store)).values() for v in vs)
+        await check_readable(store)
+
+        def plant(conn: sa.Connection) -> None:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO secrets (tenant_id, name, value, created_at, updated_at) "
+                    "VALUES ('default', 'forged', :v, 0, 0)"
+                ),
+                {"v": forged},
+            )
+
+        await store.run_sync(plant, write=True)
+        with pytest.raises(errors.FailedPrecondition):
+            await store.secrets.get_secrets("default", ["forged"])
     finally:
         await store.close()

@@ -144,6 +144,10 @@ def test_valid_channels_are_normalized_and_secrets_redacted() -> None:
     hook = validate_channel(ChannelKind.WEBHOOK, {"url": "https://h.example/x", "secret": "s"})
     assert hook == {"url": "https://h.example/x", "secret": "s", "headers": {}}
     assert redacted(hook)["secret"] == "<set>"
+    assert redacted(hook)["url"] == "https://h.example/x"
+    # Credentials in a URL (user info, query values) are not shown; templates are.
+    sms = {"url": "https://u:tok3n@sms.example/send?api_key=k3y&to={{ to }}&flag"}
+    assert redacted(sms)["url"] == "https://<set>@sms.example/send?api_key=<set>&to={{ to }}&flag"
     mail = validate_channel(
         ChannelKind.SMTP,
         {"host": "mx", "port": 25, "from_address": "t@x.io", "to": ["a@x.io"]},

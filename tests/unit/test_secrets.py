@@ -147,19 +147,23 @@ async def test_a_missing_secret_fails_the_attempt_naming_it(c: Coordinator) -> N
 
 
 async def test_set_replaces_delete_forgets_and_values_are_bounded(c: Coordinator) -> None:
-    await c.secrets.set_secret(TENANT, "k", "one")
-    assert await c.vault.values(TENANT, ["k"]) == {"k": "one"}
-    _, created = await c.secrets.set_secret(TENANT, "k", "two")
+    await c.secrets.set_secret(TENANT, "k", "value-one")
+    assert await c.vault.values(TENANT, ["k"]) == {"k": "value-one"}
+    _, created = await c.secrets.set_secret(TENANT, "k", "value-two")
     assert not created
-    assert await c.vault.values(TENANT, ["k"]) == {"k": "two"}  # the cache was dropped
+    assert await c.vault.values(TENANT, ["k"]) == {"k": "value-two"}  # the cache was dropped
     await c.secrets.delete_secret(TENANT, "k")
     assert await c.vault.values(TENANT, ["k"]) == {}
     with pytest.raises(errors.NotFound, match="secret 'k' not found"):
         await c.secrets.delete_secret(TENANT, "k")
     with pytest.raises(errors.InvalidArgument, match="at most 65536"):
         await c.secrets.set_secret(TENANT, "big", "x" * (64 * 1024 + 1))
+    # Too short to redact without rewriting ordinary text ("1", "true").
+    for short in ("", "1", "true", "seven77"):
+        with pytest.raises(errors.InvalidArgument, match="at least 8"):
+            await c.secrets.set_secret(TENANT, "short", short)
     with pytest.raises(errors.InvalidArgument, match="not a valid secret name"):
-        await c.secrets.set_secret(TENANT, "../etc", "v")
+        await c.secrets.set_secret(TENANT, "../etc", "long-enough-value")
     assert await c.secrets.list_secrets("other") == []  # per tenant
 
 
@@ -214,6 +218,14 @@ def test_key_settings_are_checked() -> None:
     ):
         with pytest.raises(SealingError, match=match):
             parse_keys(bad)
+
+
+def test_a_key_setting_error_never_quotes_the_key() -> None:
+    good = base64.b64encode(key(5)).decode()
+    for bad in (good, f"k1: {good}", f"k1:{good},{good}"):
+        with pytest.raises(SealingError) as refused:
+            parse_keys(bad)
+        assert good[:8] not in str(refused.value), refused.value
 
 
 # -- settings --------------------------------------------------------------------------
