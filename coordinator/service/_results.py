@@ -239,6 +239,16 @@ class Results:
         secrets = await self._secrets_of(tenant_id, defn, token.node_id)
         if secrets:
             payload = redact(payload, secrets)
+            if expansion is not None:
+                # Nodes added at run time are stored and shown like the output: a value
+                # the worker copied into one of their configs is redacted too.
+                expansion = replace(
+                    expansion,
+                    nodes=tuple(
+                        replace(n, config=redact(n.config, secrets))
+                        for n in expansion.nodes
+                    ),
+                )
         if expansion is not None and any(n.output_schema for n in expansion.nodes):
             raise InvalidArgument(
                 "a node added at run time (expansion) sets output_schema; only registered "

@@ -278,3 +278,23 @@ async def test_a_worker_cannot_add_a_node_that_would_receive_a_secret(c: Coordin
     await c.results.complete_task(TENANT, task.token, b"{}", "w1")
     view = await c.executions.get_execution(TENANT, execution.id)
     assert [n.node_id for n in view.nodes] == ["charge"]
+
+
+async def test_a_value_copied_into_an_added_node_is_refused_unrecorded(c: Coordinator) -> None:
+    await c.secrets.set_secret(TENANT, "stripe_key", STRIPE)
+    await c.definitions.register_workflow(pay())
+    execution, _ = await c.starts.start_execution(TENANT, "pay", None, b"{}")
+    (task,) = await c.leasing.poll_tasks(TENANT, "w1", ["pay"], 1, timedelta(0))
+    copied = NodeSpec(id="next", task_type="pay", config=json.dumps({"key": STRIPE}).encode())
+    # The copy is redacted to its reference, and a node added at run time may not have one.
+    with pytest.raises(errors.InvalidArgument, match=r"adds node 'next'.*\$\{secret:stripe_key\}"):
+        await c.results.complete_task(
+            TENANT,
+            task.token,
+            b"{}",
+            "w1",
+            expansion=engine.Expansion(nodes=(copied,), edges=(("charge", "next"),)),
+        )
+    await c.results.complete_task(TENANT, task.token, b"{}", "w1")
+    view = await c.executions.get_execution(TENANT, execution.id)
+    assert [n.node_id for n in view.nodes] == ["charge"] and STRIPE not in repr(view)
