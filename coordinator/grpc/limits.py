@@ -42,6 +42,16 @@ from trellis.v1 import (
 
 log = logging.getLogger(__name__)
 
+_SERVICE_MODULES = (
+    dispatch_service_pb2,
+    identity_service_pb2,
+    notification_service_pb2,
+    secret_service_pb2,
+    trigger_service_pb2,
+    worker_service_pb2,
+    workflow_service_pb2,
+)
+
 # Defaults: every field not named in OVERRIDES.
 MAX_STRING = 1024  # characters of a string field (and of each element of a repeated one)
 MAX_REPEATED = 1000  # entries of a repeated field
@@ -373,15 +383,7 @@ def services() -> list[ServiceDescriptor]:
     """Every Trellis service (proto/trellis/v1/*_service.proto)."""
     return [
         service
-        for module in (
-            dispatch_service_pb2,
-            identity_service_pb2,
-            notification_service_pb2,
-            secret_service_pb2,
-            trigger_service_pb2,
-            worker_service_pb2,
-            workflow_service_pb2,
-        )
+        for module in _SERVICE_MODULES
         for service in module.DESCRIPTOR.services_by_name.values()
     ]
 

@@ -245,8 +245,7 @@ class Results:
                 expansion = replace(
                     expansion,
                     nodes=tuple(
-                        replace(n, config=redact(n.config, secrets))
-                        for n in expansion.nodes
+                        replace(n, config=redact(n.config, secrets)) for n in expansion.nodes
                     ),
                 )
         if expansion is not None and any(n.output_schema for n in expansion.nodes):

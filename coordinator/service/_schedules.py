@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import uuid
@@ -29,8 +28,6 @@ from coordinator.model import (
     DEFAULT_MAX_CATCHUP,
     CatchupPolicy,
     ErrorInfo,
-    Event,
-    EventType,
     Execution,
     ExecutionStatus,
     FireOutcome,
@@ -46,6 +43,7 @@ from coordinator.service._coordinator import Coordinator
 from coordinator.service._notifier import task_key
 from coordinator.service._rules import with_deliveries
 from coordinator.service._schemas import INPUT_SCHEMA_VIOLATION, check_input, input_refusal
+from coordinator.service._starting import failed_start
 from coordinator.service.ports import TriggerRepository
 
 log = logging.getLogger(__name__)
@@ -358,20 +356,7 @@ def _start(
 
 def _failed_start(shell: Execution, why: str, now: datetime) -> Transition:
     error = ErrorInfo(INPUT_SCHEMA_VIOLATION, f"{why}; fix the schedule's input")
-    failed = replace(
-        shell, status=ExecutionStatus.FAILED, error=error, ended_at=now, updated_at=now
-    )
-    event = Event(
-        execution_id=shell.id,
-        type=EventType.EXECUTION_FAILED,
-        time=now,
-        tenant_id=shell.tenant_id,
-        details=json.dumps(
-            {"error_type": error.type, "message": error.message, "node_id": None},
-            separators=(",", ":"),
-        ).encode(),
-    )
-    return Transition(execution=failed, events=(event,))
+    return failed_start(shell, error, now)
 
 
 def _decide(

@@ -354,6 +354,11 @@ def _when_full(execution: Execution, cap: RunningCap, now: datetime) -> Transiti
         f"({cap.max_running}) running when this execution was due to start; it was refused "
         "(overflow_policy REJECT)",
     )
+    return failed_start(execution, error, now)
+
+
+def failed_start(execution: Execution, error: ErrorInfo, now: datetime) -> Transition:
+    """An execution refused as it was due to start: FAILED with ``error``, and its event."""
     failed = replace(
         execution, status=ExecutionStatus.FAILED, error=error, ended_at=now, updated_at=now
     )
