@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support.http import get, until
-from tests.support.procs import base_env, free_port, spawn, spawn_coordinator, wait_serving
+from tests.support.procs import (
+    spawn_coordinator,
+    spawn_gateway,
+    wait_serving,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -16,20 +19,7 @@ pytestmark = pytest.mark.e2e
 def test_readyz_follows_the_coordinator(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path}/trellis.db"
     coordinator, address = spawn_coordinator(db, tmp_path)
-    port = free_port()
-    gateway = spawn(
-        "gateway",
-        [sys.executable, "-m", "trellis.cli", "gateway", "serve"],
-        base_env(
-            {
-                "TRELLIS_GATEWAY_LISTEN": f"127.0.0.1:{port}",
-                "TRELLIS_GATEWAY_COORDINATOR_ADDRESS": address,
-                "TRELLIS_GATEWAY_READY_TIMEOUT": "500ms",
-            }
-        ),
-        tmp_path,
-    )
-    base = f"http://127.0.0.1:{port}"
+    gateway, base = spawn_gateway(address, tmp_path, ready_timeout="500ms")
     try:
         assert until(f"{base}/healthz", 200, gateway) == {"status": "ok"}
         ready = until(f"{base}/readyz", 200, gateway)

@@ -5,7 +5,6 @@ execution continues, a rejection fails the node with the comment as its reason).
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from tests.support.cli import cli
 from tests.support.http import post, until
-from tests.support.procs import Proc, base_env, free_port, spawn, spawn_coordinator
+from tests.support.procs import Proc, spawn_coordinator, spawn_gateway
 from tests.support.wait import wait_for_sync
 
 pytestmark = pytest.mark.e2e
@@ -58,19 +57,7 @@ class Stack:
 def stack(tmp_path: Path) -> Iterator[Stack]:
     coordinator: Proc
     coordinator, address = spawn_coordinator(f"sqlite:///{tmp_path}/trellis.db", tmp_path)
-    port = free_port()
-    gateway = spawn(
-        "gateway",
-        [sys.executable, "-m", "trellis.cli", "gateway", "serve"],
-        base_env(
-            {
-                "TRELLIS_GATEWAY_LISTEN": f"127.0.0.1:{port}",
-                "TRELLIS_GATEWAY_COORDINATOR_ADDRESS": address,
-            }
-        ),
-        tmp_path,
-    )
-    base = f"http://127.0.0.1:{port}"
+    gateway, base = spawn_gateway(address, tmp_path)
     try:
         until(f"{base}/readyz", 200, gateway)
         path = tmp_path / "payout.yaml"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,12 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.support.hostile import http_health, watched
 from tests.support.http import until
-from tests.support.procs import ADMIN_KEY, ROOT, base_env, free_port, spawn, spawn_coordinator
+from tests.support.procs import (
+    ADMIN_KEY,
+    ROOT,
+    spawn_coordinator,
+    spawn_gateway,
+)
 from trellis.v1 import trigger_service_pb2 as tpb
 from trellis.v1 import trigger_service_pb2_grpc as tgrpc
 from worker_sdk import Client
@@ -125,21 +129,9 @@ def fuzz(base: str) -> tuple[int, str]:
 
 async def test_the_gateway_answers_what_its_openapi_document_says(tmp_path: Path) -> None:
     coordinator, address = spawn_coordinator(f"sqlite:///{tmp_path}/trellis.db", tmp_path)
-    port = free_port()
-    gateway = spawn(
-        "gateway",
-        [sys.executable, "-m", "trellis.cli", "gateway", "serve"],
-        base_env(
-            {
-                "TRELLIS_GATEWAY_LISTEN": f"127.0.0.1:{port}",
-                "TRELLIS_GATEWAY_COORDINATOR_ADDRESS": address,
-                "TRELLIS_GATEWAY_EVENTS_TOKEN": EVENTS_TOKEN,
-                "TRELLIS_GATEWAY_MAX_BODY_BYTES": "65536",
-            }
-        ),
-        tmp_path,
+    gateway, base = spawn_gateway(
+        address, tmp_path, events_token=EVENTS_TOKEN, max_body_bytes="65536"
     )
-    base = f"http://127.0.0.1:{port}"
     try:
         async with Client(address) as client:
             await client.register_workflow(ROOT / "examples/diamond.yaml")

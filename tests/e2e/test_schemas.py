@@ -10,7 +10,6 @@ short while the coordinator keeps answering its health checks.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +24,12 @@ from coordinator.signing import sign
 from tests.support.grpc_api import channel_to, expect_status
 from tests.support.hostile import grpc_health, watched
 from tests.support.http import until
-from tests.support.procs import ROOT, base_env, free_port, spawn, spawn_coordinator, spawn_worker
+from tests.support.procs import (
+    ROOT,
+    spawn_coordinator,
+    spawn_gateway,
+    spawn_worker,
+)
 from trellis.v1 import trigger_service_pb2 as tpb
 from trellis.v1 import trigger_service_pb2_grpc as tgrpc
 from trellis.v1 import worker_service_pb2 as wpb
@@ -83,19 +87,7 @@ def signed(body: bytes) -> dict[str, str]:
 async def test_inputs_and_outputs_are_checked_across_real_processes(tmp_path: Path) -> None:
     coordinator, address = spawn_coordinator(f"sqlite:///{tmp_path}/trellis.db", tmp_path)
     worker = spawn_worker(ROOT / "tests/e2e/schema_worker.py", address, tmp_path, "worker")
-    port = free_port()
-    gateway = spawn(
-        "gateway",
-        [sys.executable, "-m", "trellis.cli", "gateway", "serve"],
-        base_env(
-            {
-                "TRELLIS_GATEWAY_LISTEN": f"127.0.0.1:{port}",
-                "TRELLIS_GATEWAY_COORDINATOR_ADDRESS": address,
-            }
-        ),
-        tmp_path,
-    )
-    base = f"http://127.0.0.1:{port}"
+    gateway, base = spawn_gateway(address, tmp_path)
     try:
         async with Client(address) as client:
             registered = await client.register_workflow(orders())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,10 +16,8 @@ from tests.support.cli import cli
 from tests.support.http import until
 from tests.support.procs import (
     ROOT,
-    base_env,
-    free_port,
-    spawn,
     spawn_coordinator,
+    spawn_gateway,
     spawn_worker,
     wait_serving,
 )
@@ -53,21 +50,7 @@ async def test_signed_webhook_runs_a_workflow_once_and_errors_start_nothing(
     db = f"sqlite:///{tmp_path}/trellis.db"
     coordinator, address = spawn_coordinator(db, tmp_path)
     worker = spawn_worker(ROOT / "examples/diamond_worker.py", address, tmp_path, "worker")
-    port = free_port()
-    gateway = spawn(
-        "gateway",
-        [sys.executable, "-m", "trellis.cli", "gateway", "serve"],
-        base_env(
-            {
-                "TRELLIS_GATEWAY_LISTEN": f"127.0.0.1:{port}",
-                "TRELLIS_GATEWAY_COORDINATOR_ADDRESS": address,
-                "TRELLIS_GATEWAY_MAX_BODY_BYTES": str(MAX_BODY),
-                "TRELLIS_GATEWAY_RPC_TIMEOUT": "2s",
-            }
-        ),
-        tmp_path,
-    )
-    base = f"http://127.0.0.1:{port}"
+    gateway, base = spawn_gateway(address, tmp_path, max_body_bytes=str(MAX_BODY), rpc_timeout="2s")
     url = f"{base}/api/webhooks/shop/orders"
     restarted = None
     try:

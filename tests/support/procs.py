@@ -142,3 +142,21 @@ def wait_serving(
 def spawn_worker(script: Path, address: str, log_dir: Path, name: str, **env_extra: str) -> Proc:
     env = base_env({"TRELLIS_ADDRESS": address, **env_extra})
     return spawn(name, [sys.executable, str(script)], env, log_dir)
+
+
+def spawn_gateway(
+    coordinator_address: str, log_dir: Path, *, name: str = "gateway", **settings: str
+) -> tuple[Proc, str]:
+    """A `trellis gateway serve` on a free loopback port, talking to the coordinator at
+    ``coordinator_address``; ``settings`` become ``TRELLIS_GATEWAY_<NAME>`` variables.
+    Returns the process and its base URL (not waited for: the caller polls /readyz)."""
+    port = free_port()
+    env = base_env(
+        {
+            "TRELLIS_GATEWAY_LISTEN": f"127.0.0.1:{port}",
+            "TRELLIS_GATEWAY_COORDINATOR_ADDRESS": coordinator_address,
+            **{f"TRELLIS_GATEWAY_{k.upper()}": v for k, v in settings.items()},
+        }
+    )
+    proc = spawn(name, [sys.executable, "-m", "trellis.cli", "gateway", "serve"], env, log_dir)
+    return proc, f"http://127.0.0.1:{port}"
