@@ -8,10 +8,15 @@ for seconds or build gigabytes before anything checked its result. So:
 
 - at registration, ``shape_of`` reads the expression's tokens: comprehension macros
   (``map``, ``filter``, ``all``, ``exists``, ``exists_one``) may nest at most
-  ``MAX_COMPREHENSION_NESTING`` deep, and it records, for each macro and each ``+``,
-  which macros enclose it and how its range is built;
-- before each evaluation that has a macro or a ``+``, ``check_cost`` measures the
-  variables the expression names (the longest list or map, the longest string) and
+  ``MAX_COMPREHENSION_NESTING`` deep, and it records, for each macro, each ``+`` and
+  each ``==``/``!=``/``in`` inside a comprehension, which macros enclose it, and what a
+  macro iterates over (a member path such as ``input.items``, ``o.items`` through an
+  enclosing macro's iteration variable, or the map/filter it is chained to) and what a
+  comparison's operands are;
+- before each evaluation that has a macro, a ``+`` or such a comparison, ``check_cost``
+  measures those paths on the variables (the length of the list iterated, the elements
+  of an operand), falling back to the longest list or map and the longest string among
+  the variables named when a range or operand is built otherwise (and for ``+``), and
   refuses when the worst case of the work (``MAX_WORK`` element steps) or of the bytes
   ``+`` may build (``MAX_BUILT_BYTES``) is over its bound;
 - after evaluation, ``bounded_plain`` walks the result level by level and refuses it as
@@ -29,11 +34,12 @@ from typing import Any
 
 MAX_COMPREHENSION_NESTING = 2
 # Element steps one evaluation may take in the worst case. Building a map/filter result
-# of n elements costs about n*n steps (the binding copies the list on every iteration:
-# measured 30-45 ns a step on two busy cores, so a map over 2,500 elements takes
-# 0.2-0.3 s, over 8,000 about 1.6 s); an all/exists step about 10 of those, comparing
-# one element in '=='/'in' about 1.
-MAX_WORK = 6_250_000
+# of n elements costs about n*n steps: the binding copies the list on every iteration
+# (measured 30-42 ns a step on two busy cores: 0.03 s for 1,000 elements, 0.13-0.18 s
+# for 2,000, 0.25 s for 3,000, 1.9-2.6 s for 8,000), holding the GIL throughout. At
+# 4,000,000 an evaluation allowed stalls the coordinator for less than ~200 ms. An
+# all/exists step counts 10 (measured 250 ns), comparing one element in '=='/'in' 1.
+MAX_WORK = 4_000_000
 # Bytes the '+' operators of one evaluation may build in the worst case.
 MAX_BUILT_BYTES = 32 * 1024 * 1024
 MACROS = frozenset({"map", "filter", "all", "exists", "exists_one"})

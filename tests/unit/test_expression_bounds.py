@@ -175,9 +175,10 @@ def test_a_comparison_is_weighted_by_the_operands_it_names() -> None:
 
 
 def test_map_and_filter_run_over_a_few_thousand_elements() -> None:
-    items = [{"sku": f"s-{i}", "qty": i} for i in range(2500)]
-    assert len(json.loads(evaluate("input.map(x, x.qty)", items))) == 2500
-    assert len(json.loads(evaluate("input.filter(x, x.qty % 2 == 0)", items))) == 1250
+    # The bound allows what the binding does in about 0.2 s: 2,000 elements, not 4,000.
+    items = [{"sku": f"s-{i}", "qty": i} for i in range(2000)]
+    assert len(json.loads(evaluate("input.map(x, x.qty)", items))) == 2000
+    assert len(json.loads(evaluate("input.filter(x, x.qty % 2 == 0)", items))) == 1000
     assert "may take" in refused("input.map(x, x)", list(range(4000)))
 
 
