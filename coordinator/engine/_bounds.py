@@ -384,9 +384,9 @@ _MISSING = object()
 def _resolve(value: Any, members: tuple[str | int, ...]) -> Any:
     """The value at ``members`` in ``value``, or ``_MISSING`` (evaluation fails there)."""
     for member in members:
-        if type(value) is dict and type(member) is str:
+        if isinstance(value, Mapping) and type(member) is str:
             value = value.get(member, _MISSING)
-        elif type(value) in (list, tuple) and type(member) is int and member < len(value):
+        elif isinstance(value, list | tuple) and type(member) is int and member < len(value):
             value = value[member]
         else:
             return _MISSING
@@ -395,7 +395,7 @@ def _resolve(value: Any, members: tuple[str | int, ...]) -> Any:
 
 def _length(value: Any) -> int:
     """How many iterations a comprehension over ``value`` takes (0: it fails at once)."""
-    return len(value) if type(value) in (dict, list, tuple) else 0
+    return len(value) if isinstance(value, Mapping | list | tuple) else 0
 
 
 def _elements(value: Any, limit: int) -> int:
@@ -447,7 +447,7 @@ def check_cost(shape: Shape, variables: Mapping[str, Any]) -> None:
             and values[outer] is not _MISSING
         ):
             # A comprehension over a map binds its keys (strings: nothing to iterate).
-            elements = [] if type(values[outer]) is dict else values[outer]
+            elements = [] if isinstance(values[outer], Mapping) else values[outer]
             lengths = [_length(_resolve(e, path.members)) for e in elements]
             size = max(lengths, default=0)
             runs = _runs(ranges, macro.enclosing[:-1])
