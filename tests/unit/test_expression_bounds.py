@@ -75,7 +75,18 @@ def test_shape_reads_how_a_range_is_built() -> None:
     (literal,) = shape_of("[1, 2, 3].exists(x, x == input.v)", VARIABLES).macros
     assert literal.commas == 2
     (called,) = shape_of("dyn(input.a + input.b).map(x, x)", VARIABLES).macros
-    assert called.plus == 1
+    assert called.plus == 1 and called.path is None
+    # The member path it iterates over, when it is one.
+    (member,) = shape_of("input.a.b[2].map(x, x)", VARIABLES).macros
+    assert member.path is not None and member.path.root == "input"
+    assert (member.path.members, member.path.element) == (("a", "b", 2), None)
+    _, inner = shape_of("input.o.map(o, o.items.map(i, i))", VARIABLES).macros
+    assert inner.path is not None and (inner.path.root, inner.path.element) == ("o", 0)
+    _, then = shape_of("input.a.filter(x, x > 1).map(y, y)", VARIABLES).macros
+    assert then.chained == 0 and then.path is None
+    # An iteration variable hides a variable of the same name.
+    _, hidden = shape_of("input.a.map(input, input.map(y, y))", VARIABLES).macros
+    assert hidden.path is not None and hidden.path.element == 0
 
 
 def test_registration_refuses_comprehensions_nested_too_deep() -> None:
@@ -129,9 +140,46 @@ def test_comparing_whole_lists_in_a_comprehension_counts_as_work() -> None:
     assert "may take" in refused("input.all(x, x in input)", list(range(5000)))
     assert evaluate("input.all(x, x == x)", list(range(5000))) == b"true"
     (scan,) = shape_of("input.all(x, x in input)", VARIABLES).scans
-    assert scan == (0,)
+    assert scan.enclosing == (0,) and not scan.unknown
     assert not shape_of("input.all(x, x.a == 1)", VARIABLES).scans
     assert not shape_of("input.status == 'paid'", VARIABLES).costly  # no measuring
+
+
+def test_a_range_is_measured_on_the_path_iterated_not_the_whole_variable() -> None:
+    # An unrelated long list elsewhere in the variable does not count.
+    data = {"tags": ["a", "b"], "items": list(range(1500))}
+    assert json.loads(evaluate("input.tags.map(t, t)", data)) == ["a", "b"]
+    groups = {"groups": [list(range(3000)), ["a"]]}
+    assert json.loads(evaluate("input.groups[1].filter(t, t == 'a')", groups)) == ["a"]
+    assert "3,000 elements" in refused("input.groups[0].map(t, t)", groups)
+    assert json.loads(evaluate(".input.tags.map(t, t)", data)) == ["a", "b"]
+    # A chained macro iterates over what the one before it gave (at most its range).
+    assert json.loads(evaluate("input.tags.filter(t, t == 'b').map(t, t)", data)) == ["b"]
+    # A nested range reached through an iteration variable: each element's own list.
+    orders = {"o": [{"items": [1, 2]}] * 40, "big": list(range(5000))}
+    assert len(json.loads(evaluate("input.o.map(o, o.items.map(i, i))", orders))) == 40
+    # ... but the path iterated is still measured: the long list itself is refused.
+    assert "5,000 elements" in refused("input.big.map(t, t)", data | {"big": list(range(5000))})
+    # Not a plain path: the longest list among the variables named, as before.
+    assert "may take" in refused("(input.tags + input.tags).map(t, t)", data | orders)
+
+
+def test_a_comparison_is_weighted_by_the_operands_it_names() -> None:
+    data = {"sku": "s-7", "items": [{"sku": f"s-{i}"} for i in range(1500)]}
+    assert evaluate("input.items.exists(x, x.sku == input.sku)", data) == b"true"
+    assert evaluate("input.items.exists_one(x, input.sku in [x.sku])", data) == b"true"
+    # A whole list on one side still counts (see the test above).
+    assert "may take" in refused(
+        "input.items.all(x, x in input.items)", data | {"items": list(range(5000))}
+    )
+
+
+def test_map_and_filter_run_over_a_few_thousand_elements() -> None:
+    # The bound allows what the binding does in about 0.2 s: 2,000 elements, not 4,000.
+    items = [{"sku": f"s-{i}", "qty": i} for i in range(2000)]
+    assert len(json.loads(evaluate("input.map(x, x.qty)", items))) == 2000
+    assert len(json.loads(evaluate("input.filter(x, x.qty % 2 == 0)", items))) == 1000
+    assert "may take" in refused("input.map(x, x)", list(range(4000)))
 
 
 def test_the_binding_iteration_budget_is_a_clear_error() -> None:
@@ -173,3 +221,30 @@ def test_boolean_and_key_results_are_bounded_too() -> None:
     key = compile_expression("input.k", where="rate_key", variables=("input",))
     with pytest.raises(ExpressionError, match=r"rate_key .* more than 1,024 bytes"):
         key.evaluate({"input": {"k": "x" * 5000}}, max_bytes=1024)
+
+
+@pytest.mark.parametrize(
+    ("source", "paths", "unknown"),
+    [
+        ("input.a.all(x, x.b == 1)", None, False),
+        ("input.a.all(x, x.b == input.c.d)", [("input", ("c", "d"))], False),
+        ("input.a.all(x, x.b == size(input.c))", None, False),
+        ("input.a.all(x, x.b == input.c.size())", None, False),
+        ("input.a.all(x, x.b == dyn(input.c))", [], True),
+        ("input.a.all(x, x.b in input.c + [1])", [], True),
+        ("input.a.all(x, [1] + input.c == x)", [], True),
+        ("input.a.all(x, 1 + input.c.d == x)", [], True),
+        ("input.a.all(x, (input.c) == x)", [], True),
+        ("input.a.all(x, x.b * 2 == 4)", None, False),
+    ],
+)
+def test_shape_reads_what_a_comparison_scans(
+    source: str, paths: list[tuple[str, tuple[str, ...]]] | None, unknown: bool
+) -> None:
+    scans = shape_of(source, VARIABLES).scans
+    if paths is None:
+        assert not scans
+        return
+    (scan,) = scans
+    assert [(p.root, p.members) for p in scan.paths] == paths
+    assert scan.unknown == unknown
