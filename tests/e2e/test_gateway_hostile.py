@@ -226,26 +226,32 @@ async def test_hostile_webhooks_get_clear_errors_and_a_replay_starts_nothing(
 
 async def test_millions_of_signatures_sent_to_the_coordinator_directly(tmp_path: Path) -> None:
     """Past the gateway (the gateway role may call FireWebhook itself): the header is
-    refused by its length before it is split."""
+    refused by its length before it is split; 12 MB of it by the request limits already
+    (a header value is at most 8192 characters), a shorter one by the verifier's 1024."""
     coordinator, address = spawn_coordinator(f"sqlite:///{tmp_path}/trellis.db", tmp_path)
     try:
         await create_trigger(address, "orders")
-        huge = "t=1," + "v1=," * 3_000_000
         options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
         async with (
             watched(coordinator, grpc_health(address)),
             grpc.aio.insecure_channel(address, options=options) as channel,
         ):
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await tgrpc.TriggerServiceStub(channel).FireWebhook(
-                    tpb.FireWebhookRequest(
-                        path="orders", headers={"x-trellis-signature": huge}, body=b"{}"
-                    ),
-                    metadata=AUTH,
-                    timeout=30,
-                )
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "over the limit of 1024" in (refused.value.details() or "")
+            refusals = []
+            for signature in ("t=1," + "v1=," * 3_000_000, "t=1," + "v1=," * 500):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await tgrpc.TriggerServiceStub(channel).FireWebhook(
+                        tpb.FireWebhookRequest(
+                            path="orders", headers={"x-trellis-signature": signature}, body=b"{}"
+                        ),
+                        metadata=AUTH,
+                        timeout=30,
+                    )
+                refusals.append((refused.value.code(), refused.value.details() or ""))
+        (huge_code, huge_details), (long_code, long_details) = refusals
+        assert huge_code == grpc.StatusCode.INVALID_ARGUMENT, huge_details
+        assert "headers['x-trellis-signature']: 12000004 characters, at most 8192" in huge_details
+        assert long_code == grpc.StatusCode.UNAUTHENTICATED, long_details
+        assert "over the limit of 1024" in long_details
         assert await executions(address) == 0
     finally:
         coordinator.stop()
