@@ -145,13 +145,13 @@ def guarded_protocol(
         def data_received(self, data: bytes) -> None:
             if self._phase == "waiting" and self._head_timer is None:
                 self._start_head()  # the first byte of the next request on a kept-alive one
-            cycle = self.cycle
-            held = len(cycle.body) if cycle is not None else 0
+            request = self._request if self._phase == "body" else None
+            held = len(self.cycle.body) if request is not None else 0
             super().data_received(data)  # handle_events tracks the phase
-            if self._phase == "body" and self.cycle is not None:
+            if request is not None and self._request is request and self._phase == "body":
                 # What this call added to the body the app has not read yet (uvicorn drops
                 # the bytes of a body whose request was already answered: no progress).
-                self._body_bytes += len(self.cycle.body) - (held if self.cycle is cycle else 0)
+                self._body_bytes += len(self.cycle.body) - held
 
         def handle_events(self) -> None:
             # Called for received bytes and, after a response, for pipelined requests.
@@ -174,6 +174,7 @@ def guarded_protocol(
         def _track(self) -> None:
             """Move to the phase h11's state of the client's side says, on any change."""
             if self.transport.is_closing():
+                self._forget()  # closed by uvicorn: nothing to time, nobody to evict
                 return
             state = self.conn.their_state
             phase: Phase = (
@@ -195,7 +196,8 @@ def guarded_protocol(
                 # from the bytes pipelined behind the previous one.
                 started = self._request_started if previous == "waiting" else None
                 started = self._request_started = now if started is None else started
-                self._body_started, self._body_bytes = now, 0
+                # The body bytes already in: with its head, or pipelined with it.
+                self._body_started, self._body_bytes = now, len(self.cycle.body)
                 sending.add(self)
                 deadline = min(now + body_timeout, started + header_timeout + body_timeout)
                 self._body_timer = self.loop.call_at(
