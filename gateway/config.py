@@ -33,11 +33,13 @@ class GatewayConfig:
     rpc_timeout: float = 10.0
     # Slow clients: a request's head (request line and headers) must arrive within
     # header_timeout of the connection opening (or of its first byte on a kept-alive one),
-    # its body within body_timeout of the head; else 408 and the connection is closed.
+    # its body within body_timeout of the head (also a request pipelined behind another);
+    # else 408 and the connection is closed.
     header_timeout: float = 10.0
     body_timeout: float = 30.0
-    # Open connections at most; one more evicts the longest-idle connection without a
-    # request in progress (503 only when every connection is busy).
+    # Open connections at most; one more evicts the connection waiting longest for a head,
+    # else the slowest one sending a body (503 only when every connection is busy with a
+    # request the app is answering).
     max_connections: int = 1000
     # The gateway's own credential at the coordinator (an API key with the `gateway` role).
     api_key: str = field(default="", repr=False)

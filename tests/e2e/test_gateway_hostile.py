@@ -5,7 +5,8 @@ Every input a hostile-input review found is replayed: an unsigned deeply nested 
 400-digit signature timestamp, millions of ``v1=`` values, a signed delivery replayed
 inside its tolerance window (on SQLite and PostgreSQL, and across two replicas at once),
 bodies that are not JSON anyone can take, and clients sending their request a byte at a
-time or opening too many connections.
+time (also behind a pipelined request), opening too many connections, or filling every
+connection with a stalled body.
 """
 
 from __future__ import annotations
@@ -60,7 +61,11 @@ class Stack:
 
 
 def spawn_gateway(
-    address: str, tmp_path: Path, name: str = "gateway", header_timeout: float = HEADER_TIMEOUT
+    address: str,
+    tmp_path: Path,
+    name: str = "gateway",
+    header_timeout: float = HEADER_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> tuple[Proc, str]:
     port = free_port()
     proc = spawn(
@@ -72,7 +77,7 @@ def spawn_gateway(
                 "TRELLIS_GATEWAY_COORDINATOR_ADDRESS": address,
                 "TRELLIS_GATEWAY_EVENTS_TOKEN": EVENTS_TOKEN,
                 "TRELLIS_GATEWAY_HEADER_TIMEOUT": f"{header_timeout}s",
-                "TRELLIS_GATEWAY_BODY_TIMEOUT": f"{BODY_TIMEOUT}s",
+                "TRELLIS_GATEWAY_BODY_TIMEOUT": f"{body_timeout}s",
                 "TRELLIS_GATEWAY_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
                 "TRELLIS_GATEWAY_RPC_TIMEOUT": "5s",
             }
@@ -103,12 +108,17 @@ async def executions(address: str) -> int:
 
 @contextlib.contextmanager
 def stack(
-    database_url: str, tmp_path: Path, header_timeout: float = HEADER_TIMEOUT
+    database_url: str,
+    tmp_path: Path,
+    header_timeout: float = HEADER_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> Iterator[Stack]:
     coordinator, address = spawn_coordinator(database_url, tmp_path)
     gateway = None
     try:
-        gateway, base = spawn_gateway(address, tmp_path, header_timeout=header_timeout)
+        gateway, base = spawn_gateway(
+            address, tmp_path, header_timeout=header_timeout, body_timeout=body_timeout
+        )
         yield Stack(coordinator, address, gateway, base, tmp_path)
     finally:
         gateway_exit = gateway.stop() if gateway is not None else 0
@@ -216,26 +226,32 @@ async def test_hostile_webhooks_get_clear_errors_and_a_replay_starts_nothing(
 
 async def test_millions_of_signatures_sent_to_the_coordinator_directly(tmp_path: Path) -> None:
     """Past the gateway (the gateway role may call FireWebhook itself): the header is
-    refused by its length before it is split."""
+    refused by its length before it is split; 12 MB of it by the request limits already
+    (a header value is at most 8192 characters), a shorter one by the verifier's 1024."""
     coordinator, address = spawn_coordinator(f"sqlite:///{tmp_path}/trellis.db", tmp_path)
     try:
         await create_trigger(address, "orders")
-        huge = "t=1," + "v1=," * 3_000_000
         options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]
         async with (
             watched(coordinator, grpc_health(address)),
             grpc.aio.insecure_channel(address, options=options) as channel,
         ):
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await tgrpc.TriggerServiceStub(channel).FireWebhook(
-                    tpb.FireWebhookRequest(
-                        path="orders", headers={"x-trellis-signature": huge}, body=b"{}"
-                    ),
-                    metadata=AUTH,
-                    timeout=30,
-                )
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "over the limit of 1024" in (refused.value.details() or "")
+            refusals = []
+            for signature in ("t=1," + "v1=," * 3_000_000, "t=1," + "v1=," * 500):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await tgrpc.TriggerServiceStub(channel).FireWebhook(
+                        tpb.FireWebhookRequest(
+                            path="orders", headers={"x-trellis-signature": signature}, body=b"{}"
+                        ),
+                        metadata=AUTH,
+                        timeout=30,
+                    )
+                refusals.append((refused.value.code(), refused.value.details() or ""))
+        (huge_code, huge_details), (long_code, long_details) = refusals
+        assert huge_code == grpc.StatusCode.INVALID_ARGUMENT, huge_details
+        assert "headers['x-trellis-signature']: 12000004 characters, at most 8192" in huge_details
+        assert long_code == grpc.StatusCode.UNAUTHENTICATED, long_details
+        assert "over the limit of 1024" in long_details
         assert await executions(address) == 0
     finally:
         coordinator.stop()
@@ -389,6 +405,89 @@ async def test_a_connection_flood_does_not_starve_healthz(tmp_path: Path) -> Non
                 assert b"to make room" in answer, answer
         finally:
             for sock in flood:
+                sock.close()
+
+
+def pipelined_slow_body(base: str, length: int, pause: float) -> tuple[bytes, int, bool]:
+    """A GET and a POST pipelined in one write, then the POST's ``length`` body bytes one
+    every ``pause`` seconds until the gateway closes the connection; returns everything it
+    answered, how many body bytes were sent, and whether it closed the connection."""
+    host, port = base.removeprefix("http://").split(":")
+    answers = b""
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            + f"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
+        )
+        for sent in range(length):
+            try:
+                sock.sendall(b"x")
+                readable, _, _ = select.select([sock], [], [], pause)  # the attack's pace
+                chunk = sock.recv(65536) if readable else None
+            except OSError:  # reset by the gateway
+                return answers, sent + 1, True
+            if chunk == b"":
+                return answers, sent + 1, True
+            answers += chunk or b""
+    return answers, length, False
+
+
+async def test_a_pipelined_request_sending_its_body_slowly_is_cut_off(tmp_path: Path) -> None:
+    """The second request of a pipelined pair is picked up after the first is answered, not
+    when its bytes arrive: its body is held to the same deadline."""
+    with stack(f"sqlite:///{tmp_path}/trellis.db", tmp_path) as s:
+        async with watched(s.gateway, http_health(s.healthz)):
+            # 1000 bytes at 0.05 s each would take 50 s: the gateway must close long before.
+            answers, sent, closed = await asyncio.to_thread(pipelined_slow_body, s.base, 1000, 0.05)
+        assert closed, answers
+        assert sent < 1000, "the whole slow body was taken"
+        # Both requests were answered (the POST before its body, as /healthz takes none).
+        assert answers.startswith(b"HTTP/1.1 200 "), answers[:200]
+        assert answers.count(b"HTTP/1.1 ") == 2, answers
+
+
+async def test_slow_bodies_are_evicted_slowest_first_and_healthz_answers(tmp_path: Path) -> None:
+    # Timeouts longer than the test: only eviction closes the slow bodies.
+    with stack(
+        f"sqlite:///{tmp_path}/trellis.db", tmp_path, header_timeout=60, body_timeout=60
+    ) as s:
+        host, port = s.base.removeprefix("http://").split(":")
+        head = (
+            f"POST /api/events/orders HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {EVENTS_TOKEN}\r\nContent-Length: 1000\r\n\r\n"
+        ).encode()
+        steady: list[socket.socket] = []
+        slow: list[socket.socket] = []
+        try:
+            async with watched(s.gateway, http_health(s.healthz)):
+                # Four bodies well under way, then a flood of bodies stalled after a byte.
+                for _ in range(4):
+                    sock = socket.create_connection((host, int(port)), timeout=15)
+                    sock.sendall(head + b"x" * 900)
+                    steady.append(sock)
+                for _ in range(MAX_CONNECTIONS * 2):
+                    sock = socket.create_connection((host, int(port)), timeout=15)
+                    sock.sendall(head + b"x")
+                    slow.append(sock)
+                    await asyncio.sleep(0.01)  # the attack's pace, not synchronisation
+
+            # Each connection past the limit (health probes too) evicted the slowest body:
+            # all but at most the room the steady bodies leave of the flood were answered.
+            room = MAX_CONNECTIONS - len(steady)
+
+            def answered() -> list[socket.socket] | None:
+                readable, _, _ = select.select(slow, [], [], 0)
+                return readable if len(readable) >= len(slow) - room else None
+
+            evicted = await asyncio.to_thread(wait_for_sync, answered, timeout=30)
+            for sock in evicted:
+                answer = read_all(sock)
+                assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+                assert b"the slowest sending its request body" in answer, answer
+            readable, _, _ = select.select(steady, [], [], 0)
+            assert not readable, "a body well under way was evicted before the stalled ones"
+        finally:
+            for sock in steady + slow:
                 sock.close()
 
 
