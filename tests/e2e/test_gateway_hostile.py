@@ -18,7 +18,6 @@ import hmac
 import json
 import select
 import socket
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +30,13 @@ import pytest
 
 from tests.support.hostile import grpc_health, http_health, watched
 from tests.support.http import until
-from tests.support.procs import ADMIN_KEY, ROOT, Proc, base_env, free_port, spawn, spawn_coordinator
+from tests.support.procs import (
+    ADMIN_KEY,
+    ROOT,
+    Proc,
+    spawn_coordinator,
+    spawn_gateway,
+)
 from tests.support.wait import wait_for_sync
 from trellis.v1 import trigger_service_pb2 as tpb
 from trellis.v1 import trigger_service_pb2_grpc as tgrpc
@@ -60,31 +65,24 @@ class Stack:
         return f"{self.base}/healthz"
 
 
-def spawn_gateway(
+def hardened_gateway(
     address: str,
     tmp_path: Path,
     name: str = "gateway",
     header_timeout: float = HEADER_TIMEOUT,
     body_timeout: float = BODY_TIMEOUT,
 ) -> tuple[Proc, str]:
-    port = free_port()
-    proc = spawn(
-        name,
-        [sys.executable, "-m", "trellis.cli", "gateway", "serve"],
-        base_env(
-            {
-                "TRELLIS_GATEWAY_LISTEN": f"127.0.0.1:{port}",
-                "TRELLIS_GATEWAY_COORDINATOR_ADDRESS": address,
-                "TRELLIS_GATEWAY_EVENTS_TOKEN": EVENTS_TOKEN,
-                "TRELLIS_GATEWAY_HEADER_TIMEOUT": f"{header_timeout}s",
-                "TRELLIS_GATEWAY_BODY_TIMEOUT": f"{body_timeout}s",
-                "TRELLIS_GATEWAY_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-                "TRELLIS_GATEWAY_RPC_TIMEOUT": "5s",
-            }
-        ),
+    """A gateway with short slow-client timeouts and a small connection limit, ready."""
+    proc, base = spawn_gateway(
+        address,
         tmp_path,
+        name=name,
+        events_token=EVENTS_TOKEN,
+        header_timeout=f"{header_timeout}s",
+        body_timeout=f"{body_timeout}s",
+        max_connections=str(MAX_CONNECTIONS),
+        rpc_timeout="5s",
     )
-    base = f"http://127.0.0.1:{port}"
     until(f"{base}/readyz", 200, proc)
     return proc, base
 
@@ -116,7 +114,7 @@ def stack(
     coordinator, address = spawn_coordinator(database_url, tmp_path)
     gateway = None
     try:
-        gateway, base = spawn_gateway(
+        gateway, base = hardened_gateway(
             address, tmp_path, header_timeout=header_timeout, body_timeout=body_timeout
         )
         yield Stack(coordinator, address, gateway, base, tmp_path)
@@ -499,9 +497,9 @@ async def test_a_replay_to_two_replicas_at_once_starts_one_execution(
     b, address_b = spawn_coordinator(fresh_postgres_url, tmp_path)
     gateways: list[Proc] = []
     try:
-        gateway_a, base_a = spawn_gateway(address_a, tmp_path, "gateway-a")
+        gateway_a, base_a = hardened_gateway(address_a, tmp_path, "gateway-a")
         gateways.append(gateway_a)
-        gateway_b, base_b = spawn_gateway(address_b, tmp_path, "gateway-b")
+        gateway_b, base_b = hardened_gateway(address_b, tmp_path, "gateway-b")
         gateways.append(gateway_b)
         await create_trigger(address_a, "orders")
         for n in range(5):

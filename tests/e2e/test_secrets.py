@@ -140,7 +140,11 @@ async def test_secrets_reach_the_worker_and_nowhere_else_and_rotation_drops_the_
 ) -> None:
     k1, k2 = new_key("k1"), new_key("k2")
     receiver = Receiver()
-    settings = {"notify_poll_interval": "100ms", "log_level": "DEBUG"}
+    settings = {
+        "notify_poll_interval": "100ms",
+        "log_level": "DEBUG",
+        "notify_allow_networks": "127.0.0.1/32",  # the receiver is on loopback
+    }
     port = free_port()
     coordinator, address = spawn_coordinator(
         db_url, tmp_path, port=port, encryption_keys=k1, **settings
