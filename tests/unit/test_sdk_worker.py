@@ -520,7 +520,7 @@ async def test_survives_a_coordinator_restart(fake: FakeWorkerService) -> None:
         release.set()
         await asyncio.wait_for(finished.wait(), 5)  # ... while the handler finishes
         await start_server(fake, port)  # ... and comes back on the same port
-        await wait_for(lambda: fake.done(token) and len(fake.registrations) == 2, timeout=10)
+        await wait_for(lambda: fake.done(token) and len(fake.registrations) == 2, timeout=30)
     assert fake.completions[token] == "after restart"
 
 
