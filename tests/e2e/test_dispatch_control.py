@@ -279,9 +279,10 @@ async def test_breaker_opens_holds_tasks_and_closes_after_the_fix(
             await wait_all(c, total)
             breaker = await c.breaker("flaky")
     print(f"\nbreaker: {opened_failures} failures when open, {held_failures} after 5 s held")
-    # Without the breaker 2 workers would burn ~100 attempts a second; held, only probes
-    # (one per reset timeout, on one replica or the other) and in-flight tasks fail.
-    assert held_failures - opened_failures <= 6
+    # Without the breaker 2 workers would burn ~100 attempts a second (~500 in the span);
+    # held, only probes (one per reset timeout, on one replica or the other) and the tasks
+    # already in flight when it opened fail: a handful, 7 seen once under load.
+    assert held_failures - opened_failures <= 12
     assert breaker.state == pb.BREAKER_STATE_CLOSED
     assert breaker.shared
     succeeded_once(c, total)
