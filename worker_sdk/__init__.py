@@ -37,6 +37,7 @@ from worker_sdk._errors import (
     TrellisError,
     UnavailableError,
 )
+from worker_sdk._filters import ExecutionFilter
 from worker_sdk._nodes import ApprovalNode, Case, MapNode, SwitchNode, TaskNode, WorkflowNode
 from worker_sdk._result import Result
 from worker_sdk._settings import DEFAULT_ADDRESS, TlsSettings
@@ -64,6 +65,7 @@ __all__ = [
     "ErrorDetails",
     "Event",
     "Execution",
+    "ExecutionFilter",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "MapNode",

@@ -25,6 +25,7 @@ from worker_sdk._convert import (
 from worker_sdk._definition import Workflow, load_workflow
 from worker_sdk._duration import Duration
 from worker_sdk._errors import RpcError, rpc_error
+from worker_sdk._filters import ExecutionFilter
 from worker_sdk._settings import TlsSettings, connection_settings
 from worker_sdk._types import DeadLetter, Event, Execution, RegisteredWorkflow, WorkflowSummary
 
@@ -312,33 +313,57 @@ class Client:
         workflow_name: str | None = None,
         status: str | None = None,
         limit: int = 50,
+        *,
+        where: ExecutionFilter | None = None,
     ) -> list[Execution]:
-        """Up to ``limit`` executions, newest first, optionally filtered (status e.g. "FAILED")."""
+        """Up to ``limit`` executions, newest first, optionally filtered: by workflow and
+        status (e.g. "FAILED"), or by everything an ``ExecutionFilter`` says."""
+        result: list[Execution] = []
+        async for so_far in self.list_execution_pages(
+            workflow_name=workflow_name, status=status, limit=limit, where=where
+        ):
+            result = so_far
+        return result
+
+    async def list_execution_pages(
+        self,
+        workflow_name: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        *,
+        where: ExecutionFilter | None = None,
+        page_size: int = _PAGE_SIZE,
+    ) -> AsyncGenerator[list[Execution], None]:
+        """Like ``list_executions``, yielding everything read so far after each page (the
+        last yield holds all of them); for showing a long listing as it arrives."""
         status_value = (
             common_pb2.EXECUTION_STATUS_UNSPECIFIED
             if status is None
             else execution_status_from_name(status)
         )
+        where_msg = (where or ExecutionFilter()).to_proto()
         result: list[Execution] = []
         token = ""
-        while len(result) < limit:
+        while True:
             response = await self._rpc(
                 "ListExecutions",
                 self._stub().ListExecutions(
                     workflow_service_pb2.ListExecutionsRequest(
                         workflow_name=workflow_name or "",
                         status=status_value,
-                        page_size=min(limit - len(result), _PAGE_SIZE),
+                        page_size=max(1, min(limit - len(result), page_size)),
                         page_token=token,
+                        filter=where_msg,
                     ),
                     timeout=self._timeout,
                 ),
             )
             result.extend(execution_from_proto(e) for e in response.executions)
             token = response.next_page_token
-            if not token or not response.executions:
-                break
-        return result[:limit]
+            done = not token or not response.executions or len(result) >= limit
+            yield result[:limit]
+            if done:
+                return
 
     async def watch_execution(
         self, execution_id: str, after_sequence: int = 0

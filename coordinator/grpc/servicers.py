@@ -249,10 +249,12 @@ class WorkflowServicer(fgrpc.WorkflowServiceServicer):
     async def ListExecutions(
         self, request: fpb.ListExecutionsRequest, context: Ctx
     ) -> fpb.ListExecutionsResponse:
+        where = convert.execution_filter_from_proto(
+            request.filter, workflow_name=request.workflow_name, status=request.status
+        )
         rows, token = await self._c.executions.list_executions(
             tenant(),
-            workflow_name=request.workflow_name or None,
-            status=convert.execution_status_from_proto(request.status),
+            where,
             page_size=request.page_size,
             page_token=request.page_token,
         )

@@ -6,6 +6,7 @@
 - ``_triggers``: webhook and event triggers, schedules and their fires.
 - ``_notifications``: channels, rules, deliveries and the notification document.
 - ``_identity``: principals, credentials, roles, permissions and grants.
+- ``_filters``: which executions an operator means (ListExecutions, bulk actions).
 - ``_secrets``: the tenant's secret store and ``${secret:NAME}`` references in configs.
 
 Every package of the coordinator imports these types from here, never from the private
@@ -56,6 +57,7 @@ from coordinator.model._core import (
     node_from_document,
     node_to_document,
 )
+from coordinator.model._filters import ANY_EXECUTION, MAX_ID_PREFIX, ExecutionFilter
 from coordinator.model._identity import (
     BUILTIN_ROLES,
     SYSTEM_TENANT,
@@ -119,12 +121,14 @@ from coordinator.model._triggers import (
 )
 
 __all__ = [
+    "ANY_EXECUTION",
     "BUILTIN_ROLES",
     "COMPENSATION_SUFFIX",
     "DEFAULT_BREAKER_RESET",
     "DEFAULT_MAX_CATCHUP",
     "DEFAULT_SIGNATURE_TOLERANCE",
     "DEFAULT_TENANT",
+    "MAX_ID_PREFIX",
     "MAX_INLINE_OUTPUT",
     "MAX_SECRETS_PER_TENANT",
     "MAX_SECRET_BYTES",
@@ -158,6 +162,7 @@ __all__ = [
     "EventTrigger",
     "EventType",
     "Execution",
+    "ExecutionFilter",
     "ExecutionStatus",
     "FireOutcome",
     "FiringResult",

@@ -11,8 +11,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from coordinator import engine
-from coordinator.errors import FailedPrecondition, Unavailable
-from coordinator.model import DeadLetter, Event, Execution, ExecutionStatus, NodeRun
+from coordinator.errors import FailedPrecondition, InvalidArgument, Unavailable
+from coordinator.model import (
+    DeadLetter,
+    Event,
+    Execution,
+    ExecutionFilter,
+    NodeRun,
+)
 from coordinator.service._backpressure import WatchSlots
 from coordinator.service._common import Draining, clamp_page_size, decode_cursor, page_of
 from coordinator.service._definitions import Definitions
@@ -65,17 +71,17 @@ class Executions:
     async def list_executions(
         self,
         tenant_id: str,
+        where: ExecutionFilter,
         *,
-        workflow_name: str | None,
-        status: ExecutionStatus | None,
         page_size: int,
         page_token: str,
     ) -> tuple[list[Execution], str]:
+        problems = where.problems()
+        if problems:
+            raise InvalidArgument("; ".join(problems))
         limit = clamp_page_size(page_size)
         before = decode_cursor(page_token) if page_token else None
-        rows = await self._store.list_executions(
-            tenant_id, workflow_name=workflow_name, status=status, limit=limit + 1, before=before
-        )
+        rows = await self._store.list_executions(tenant_id, where, limit=limit + 1, before=before)
         return page_of(rows, limit)
 
     async def watch_execution(

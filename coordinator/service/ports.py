@@ -30,7 +30,7 @@ from coordinator.model import (
     Event,
     EventTrigger,
     Execution,
-    ExecutionStatus,
+    ExecutionFilter,
     FiringResult,
     LeasedCounts,
     LeaseKey,
@@ -218,13 +218,13 @@ class ExecutionRepository(Protocol):
     async def list_executions(
         self,
         tenant_id: str,
+        where: ExecutionFilter,
         *,
-        workflow_name: str | None,
-        status: ExecutionStatus | None,
         limit: int,
         before: tuple[datetime, str] | None,
     ) -> list[Execution]:
-        """Newest first (created_at, id descending), strictly before the cursor when given."""
+        """Those matching ``where``, newest first (created_at, id descending), strictly
+        before the cursor when given."""
         ...
 
     async def list_events(

@@ -26,7 +26,7 @@ from coordinator import errors
 from coordinator.model import (
     Event,
     Execution,
-    ExecutionStatus,
+    ExecutionFilter,
     NewExecution,
     NodeRun,
     Transition,
@@ -281,23 +281,18 @@ class SqlExecutions:
     async def list_executions(
         self,
         tenant_id: str,
+        where: ExecutionFilter,
         *,
-        workflow_name: str | None,
-        status: ExecutionStatus | None,
         limit: int,
         before: tuple[datetime, str] | None,
     ) -> list[Execution]:
         e = executions
         query = (
             sa.select(e)
-            .where(e.c.tenant_id == tenant_id)
+            .where(e.c.tenant_id == tenant_id, *execution_conditions(where))
             .order_by(e.c.created_at.desc(), e.c.id.desc())
             .limit(limit)
         )
-        if workflow_name is not None:
-            query = query.where(e.c.workflow_name == workflow_name)
-        if status is not None:
-            query = query.where(e.c.status == status.value)
         if before is not None:
             at, last_id = _rows.to_ms(before[0]), before[1]
             query = query.where(sa.tuple_(e.c.created_at, e.c.id) < sa.tuple_(at, last_id))
@@ -492,3 +487,32 @@ class SqlExecutions:
                 conn, tenant_id, transition.redriven_dead_letter, transition.execution.updated_at
             )
         return True
+
+
+def execution_conditions(where: ExecutionFilter) -> list[sa.ColumnElement[bool]]:
+    """``where`` as SQL conditions on the executions table (the tenant not included)."""
+    e = executions
+    out: list[sa.ColumnElement[bool]] = []
+    if where.workflow_name is not None:
+        out.append(e.c.workflow_name == where.workflow_name)
+    if where.workflow_version is not None:
+        out.append(e.c.workflow_version == where.workflow_version)
+    if where.statuses:
+        out.append(e.c.status.in_(sorted(s.value for s in where.statuses)))
+    for column, after, before in (
+        (e.c.created_at, where.created_after, where.created_before),
+        (e.c.ended_at, where.ended_after, where.ended_before),
+    ):
+        if after is not None:
+            out.append(column > _rows.to_ms(after))
+        if before is not None:
+            out.append(column < _rows.to_ms(before))
+    if where.idempotency_key is not None:
+        out.append(e.c.idempotency_key == where.idempotency_key)
+    if where.parent_execution_id is not None:
+        out.append(e.c.parent_execution_id == where.parent_execution_id)
+    if where.id_prefix:
+        # A range, not LIKE: the prefix may hold '%' or '_', and a range uses the key.
+        out.append(e.c.id >= where.id_prefix)
+        out.append(e.c.id < where.id_prefix + "\U0010ffff")
+    return out

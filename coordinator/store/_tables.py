@@ -113,6 +113,9 @@ executions = sa.Table(
     sa.UniqueConstraint("tenant_id", "idempotency_key"),
     sa.Index(None, "tenant_id", "created_at", "id"),
     sa.Index(None, "tenant_id", "workflow_name", "created_at"),
+    # Operators' filters (ListExecutions, bulk actions): by status, and a parent's children.
+    sa.Index(None, "tenant_id", "status", "created_at"),
+    sa.Index(None, "tenant_id", "parent_execution_id", "created_at"),
     # The execution-timeout sweeper: unfinished executions with a deadline. Finished ones
     # keep their deadline but leave the index, so it stays as small as the live set.
     sa.Index(

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from coordinator.model import ExecutionStatus, NodeSpec, NodeStatus, WorkflowDef
+from coordinator.model import ANY_EXECUTION, ExecutionStatus, NodeSpec, NodeStatus, WorkflowDef
 from coordinator.service import Coordinator, ServiceSettings, Store, Sweeper
 from coordinator.store import open_store
 from tests.support.grpc_api import Api, expect_status, poll, register
@@ -169,9 +169,7 @@ async def test_run_time_depth_limit_fails_the_node_and_starts_nothing(store: Sto
     assert "sub-workflow nesting depth 2 exceeds the limit of 1 (TRELLIS_MAX_WORKFLOW_DEPTH)" in (
         view.execution.error.message
     )
-    listed = await store.executions.list_executions(
-        TENANT, workflow_name=None, status=None, limit=10, before=None
-    )
+    listed = await store.executions.list_executions(TENANT, ANY_EXECUTION, limit=10, before=None)
     assert sorted(e.workflow_name for e in listed) == ["mid", "top"]  # no leaf row
     [mid] = [e for e in listed if e.workflow_name == "mid"]
     assert mid.status is ExecutionStatus.FAILED and mid.depth == 1
@@ -188,9 +186,7 @@ async def test_unknown_child_at_run_time_fails_the_node(store: Store) -> None:
     assert "runs workflow 'gone', which is not registered" in view.execution.error.message
     [sub] = view.nodes
     assert sub.status is NodeStatus.FAILED and sub.child_execution_id is None
-    listed = await store.executions.list_executions(
-        TENANT, workflow_name=None, status=None, limit=10, before=None
-    )
+    listed = await store.executions.list_executions(TENANT, ANY_EXECUTION, limit=10, before=None)
     assert [e.id for e in listed] == [execution.id]
 
 

@@ -336,3 +336,60 @@ async def test_a_second_process_cannot_take_a_live_worker_id(api: Api) -> None:
         api.workers.RegisterWorker(other), grpc.StatusCode.FAILED_PRECONDITION, "in use"
     )
     assert "host-a" not in details  # the other process's identity is not revealed
+
+
+# -- listing executions -------------------------------------------------------------------
+
+
+async def test_list_executions_filters_over_grpc(api: Api) -> None:
+    await register(api, DIAMOND)
+    keyed = await api.workflows.StartExecution(
+        fpb.StartExecutionRequest(workflow_name="diamond", input=b"1", idempotency_key="k-1")
+    )
+    others = [await start(api, "diamond") for _ in range(3)]
+
+    async def listed(**fields: object) -> list[str]:
+        reply = await api.workflows.ListExecutions(
+            fpb.ListExecutionsRequest(filter=common_pb2.ExecutionFilter(**fields))  # type: ignore[arg-type]
+        )
+        return [e.id for e in reply.executions]
+
+    assert await listed(idempotency_key="k-1") == [keyed.execution.id]
+    assert await listed(id_prefix=keyed.execution.id[:8]) == [keyed.execution.id]
+    assert set(await listed(workflow_name="diamond", workflow_version=1)) == {
+        *others,
+        keyed.execution.id,
+    }
+    assert await listed(statuses=[common_pb2.EXECUTION_STATUS_SUCCEEDED]) == []
+    # The older fields narrow the filter.
+    both = await api.workflows.ListExecutions(
+        fpb.ListExecutionsRequest(
+            workflow_name="diamond", filter=common_pb2.ExecutionFilter(idempotency_key="k-1")
+        )
+    )
+    assert [e.id for e in both.executions] == [keyed.execution.id]
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"workflow_version": 2}, "a workflow version needs the workflow name"),
+        ({"id_prefix": "x" * 65}, "longer than 64"),
+        (
+            {
+                "created_after": {"seconds": 2_000_000_000},
+                "created_before": {"seconds": 1_000_000_000},
+            },
+            "the created range is empty",
+        ),
+        ({"statuses": [99]}, "unknown execution status 99"),
+    ],
+    ids=["version-without-name", "long-prefix", "empty-range", "bad-status"],
+)
+async def test_a_filter_that_cannot_match_is_invalid_argument(
+    api: Api, fields: dict[str, object], fragment: str
+) -> None:
+    request = fpb.ListExecutionsRequest(filter=common_pb2.ExecutionFilter(**fields))  # type: ignore[arg-type]
+    await expect_status(
+        api.workflows.ListExecutions(request), grpc.StatusCode.INVALID_ARGUMENT, fragment
+    )

@@ -8,6 +8,7 @@ import pytest
 
 from coordinator.model import (
     CatchupPolicy,
+    ExecutionFilter,
     ExecutionStatus,
     FireOutcome,
     NodeSpec,
@@ -42,7 +43,7 @@ async def env(store: SqlStore) -> tuple[Coordinator, Schedules, Clock]:
 
 async def keys(coordinator: Coordinator) -> list[str]:
     rows = await coordinator.store.executions.list_executions(
-        TENANT, workflow_name="job", status=None, limit=1000, before=None
+        TENANT, ExecutionFilter(workflow_name="job"), limit=1000, before=None
     )
     return sorted(e.idempotency_key or "" for e in rows)
 
@@ -215,11 +216,11 @@ async def test_a_schedule_whose_entry_node_is_a_sub_workflow_starts_the_child(
     # The fire is handed to the coordinator's start path, which creates the child.
     await Sweeper(coordinator).start_due(clock.now)
     [parent] = await coordinator.store.executions.list_executions(
-        TENANT, workflow_name="parent", status=None, limit=10, before=None
+        TENANT, ExecutionFilter(workflow_name="parent"), limit=10, before=None
     )
     assert parent.idempotency_key == fire_key("nested", T0 + timedelta(hours=1))
     assert parent.status is ExecutionStatus.RUNNING
     children = await coordinator.store.executions.list_executions(
-        TENANT, workflow_name="job", status=None, limit=10, before=None
+        TENANT, ExecutionFilter(workflow_name="job"), limit=10, before=None
     )
     assert [c.parent_execution_id for c in children] == [parent.id]

@@ -19,10 +19,12 @@ from alembic.migration import MigrationContext
 
 from coordinator import errors
 from coordinator.model import (
+    ANY_EXECUTION,
     ErrorInfo,
     Event,
     EventType,
     Execution,
+    ExecutionFilter,
     ExecutionStatus,
     LeaseKey,
     NodeRun,
@@ -441,9 +443,7 @@ async def test_list_executions_pages_and_filters(store: SqlStore) -> None:
     seen: list[str] = []
     cursor: tuple[datetime, str] | None = None
     while True:
-        page = await store.executions.list_executions(
-            T, workflow_name=None, status=None, limit=3, before=cursor
-        )
+        page = await store.executions.list_executions(T, ANY_EXECUTION, limit=3, before=cursor)
         seen += [e.id for e in page]
         if len(page) < 3:
             break
@@ -451,17 +451,66 @@ async def test_list_executions_pages_and_filters(store: SqlStore) -> None:
     assert seen == ["e6", "e5", "e4", "e3", "e2", "e1", "e0"]
 
     by_name = await store.executions.list_executions(
-        T, workflow_name="wf", status=None, limit=10, before=None
+        T, ExecutionFilter(workflow_name="wf"), limit=10, before=None
     )
     assert [e.id for e in by_name] == ["e5", "e3", "e1"]
     by_status = await store.executions.list_executions(
-        T, workflow_name=None, status=ExecutionStatus.SUCCEEDED, limit=10, before=None
+        T, ExecutionFilter(statuses=frozenset({ExecutionStatus.SUCCEEDED})), limit=10, before=None
     )
     assert [e.id for e in by_status] == ["e6", "e3", "e0"]
     both = await store.executions.list_executions(
-        T, workflow_name="wf", status=ExecutionStatus.SUCCEEDED, limit=10, before=None
+        T,
+        ExecutionFilter(workflow_name="wf", statuses=frozenset({ExecutionStatus.SUCCEEDED})),
+        limit=10,
+        before=None,
     )
     assert [e.id for e in both] == ["e3"]
+
+
+async def test_list_executions_by_every_filter_field(store: SqlStore) -> None:
+    """Each field of ExecutionFilter narrows the listing the same way on every store."""
+    rows = [
+        dataclasses.replace(
+            make_execution(f"ab{i}", created_at=NOW + timedelta(seconds=i)),
+            workflow_version=1 + i % 2,
+            parent_execution_id="p1" if i < 2 else None,
+            idempotency_key=f"key-{i}",
+            status=ExecutionStatus.SUCCEEDED if i % 2 else ExecutionStatus.RUNNING,
+            ended_at=NOW + timedelta(seconds=10 + i) if i % 2 else None,
+        )
+        for i in range(5)
+    ]
+    rows.append(make_execution("zz9", created_at=NOW + timedelta(seconds=9)))
+    for row in rows:
+        await start(store, row)
+
+    async def ids(where: ExecutionFilter) -> list[str]:
+        found = await store.executions.list_executions(T, where, limit=100, before=None)
+        return [e.id for e in found]
+
+    assert await ids(ExecutionFilter(workflow_name="wf", workflow_version=2)) == ["ab3", "ab1"]
+    assert await ids(
+        ExecutionFilter(statuses=frozenset({ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED}))
+    ) == ["ab3", "ab1"]
+    # Half-open windows: the bounds themselves are left out.
+    assert await ids(
+        ExecutionFilter(
+            created_after=NOW + timedelta(seconds=1), created_before=NOW + timedelta(seconds=4)
+        )
+    ) == ["ab3", "ab2"]
+    assert await ids(ExecutionFilter(ended_before=NOW + timedelta(seconds=12))) == ["ab1"]
+    assert await ids(ExecutionFilter(ended_after=NOW + timedelta(seconds=11))) == ["ab3"]
+    assert await ids(ExecutionFilter(idempotency_key="key-4")) == ["ab4"]
+    assert await ids(ExecutionFilter(parent_execution_id="p1")) == ["ab1", "ab0"]
+    assert await ids(ExecutionFilter(id_prefix="ab")) == ["ab4", "ab3", "ab2", "ab1", "ab0"]
+    assert await ids(ExecutionFilter(id_prefix="z")) == ["zz9"]
+    # A prefix is text, not a pattern.
+    assert await ids(ExecutionFilter(id_prefix="a%")) == []
+    assert await ids(ExecutionFilter(id_prefix="_b")) == []
+    # Another tenant sees none of them.
+    assert (
+        await store.executions.list_executions("other", ANY_EXECUTION, limit=10, before=None) == []
+    )
 
 
 async def test_list_events_after_sequence(store: SqlStore) -> None:
@@ -816,12 +865,7 @@ async def test_tenant_isolation(store: SqlStore) -> None:
         )
     assert await store.executions.list_node_runs(o, "e1") == []
     assert await store.executions.list_events(o, "e1", 0, 10) == []
-    assert (
-        await store.executions.list_executions(
-            o, workflow_name=None, status=None, limit=10, before=None
-        )
-        == []
-    )
+    assert await store.executions.list_executions(o, ANY_EXECUTION, limit=10, before=None) == []
     assert await store.leases.claim_tasks(o, "w", ["work"], 10, NOW) == []
     assert await store.leases.next_available_at(o, ["work"], NOW - timedelta(hours=1)) is None
     # The owner still sees everything.

@@ -38,6 +38,7 @@ def test_public_api_is_pinned() -> None:
         "ErrorDetails",
         "Event",
         "Execution",
+        "ExecutionFilter",
         "FailedPreconditionError",
         "InvalidArgumentError",
         "MapNode",

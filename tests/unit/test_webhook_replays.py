@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from coordinator.errors import AlreadyExists, Unauthenticated, Unavailable
-from coordinator.model import NodeSpec, WorkflowDef
+from coordinator.model import ExecutionFilter, NodeSpec, WorkflowDef
 from coordinator.service import Coordinator, ServiceSettings, Sweeper, Triggers
 from coordinator.signing import sign
 from coordinator.store import MemoryStore
@@ -48,7 +48,7 @@ def signed(at: datetime, body: bytes = BODY) -> dict[str, str]:
 
 async def count(c: Coordinator) -> int:
     found, _ = await c.executions.list_executions(
-        TENANT, workflow_name="wf", status=None, page_size=100, page_token=""
+        TENANT, ExecutionFilter(workflow_name="wf"), page_size=100, page_token=""
     )
     return len(found)
 

@@ -626,6 +626,70 @@ class Execution(_message.Message):
 Global___Execution: _TypeAlias = Execution  # noqa: Y015
 
 @_typing.final
+class ExecutionFilter(_message.Message):
+    """Which executions are meant (ListExecutions, bulk actions): every field given must match;
+    an empty filter matches every execution of the caller's tenant.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKFLOW_NAME_FIELD_NUMBER: _builtins.int
+    WORKFLOW_VERSION_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    CREATED_AFTER_FIELD_NUMBER: _builtins.int
+    CREATED_BEFORE_FIELD_NUMBER: _builtins.int
+    ENDED_AFTER_FIELD_NUMBER: _builtins.int
+    ENDED_BEFORE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    PARENT_EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    ID_PREFIX_FIELD_NUMBER: _builtins.int
+    workflow_name: _builtins.str
+    workflow_version: _builtins.int
+    """Needs workflow_name; 0 means any version."""
+    idempotency_key: _builtins.str
+    parent_execution_id: _builtins.str
+    """Children of this execution (sub-workflows)."""
+    id_prefix: _builtins.str
+    """Executions whose id starts with this text (at most 64 characters)."""
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___ExecutionStatus.ValueType]:
+        """Any of these statuses; empty means any status."""
+
+    @_builtins.property
+    def created_after(self) -> _timestamp_pb2.Timestamp:
+        """Created strictly after / strictly before these times."""
+
+    @_builtins.property
+    def created_before(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ended_after(self) -> _timestamp_pb2.Timestamp:
+        """Ended strictly after / strictly before these times (only ended executions match)."""
+
+    @_builtins.property
+    def ended_before(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        workflow_name: _builtins.str = ...,
+        workflow_version: _builtins.int = ...,
+        statuses: _abc.Iterable[Global___ExecutionStatus.ValueType] | None = ...,
+        created_after: _timestamp_pb2.Timestamp | None = ...,
+        created_before: _timestamp_pb2.Timestamp | None = ...,
+        ended_after: _timestamp_pb2.Timestamp | None = ...,
+        ended_before: _timestamp_pb2.Timestamp | None = ...,
+        idempotency_key: _builtins.str = ...,
+        parent_execution_id: _builtins.str = ...,
+        id_prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "ended_after", b"ended_after", "ended_before", b"ended_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before", "ended_after", b"ended_after", "ended_before", b"ended_before", "id_prefix", b"id_prefix", "idempotency_key", b"idempotency_key", "parent_execution_id", b"parent_execution_id", "statuses", b"statuses", "workflow_name", b"workflow_name", "workflow_version", b"workflow_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecutionFilter: _TypeAlias = ExecutionFilter  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     """One state transition of an execution or one of its nodes."""
 

@@ -388,11 +388,14 @@ class ListExecutionsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     workflow_name: _builtins.str
-    """Optional filters."""
+    """Optional filters, kept for older clients; they narrow `filter` when both are given."""
     status: _common_pb2.ExecutionStatus.ValueType
     page_size: _builtins.int
     page_token: _builtins.str
+    @_builtins.property
+    def filter(self) -> _common_pb2.ExecutionFilter: ...
     def __init__(
         self,
         *,
@@ -400,10 +403,11 @@ class ListExecutionsRequest(_message.Message):
         status: _common_pb2.ExecutionStatus.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        filter: _common_pb2.ExecutionFilter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status", "workflow_name", b"workflow_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token", "status", b"status", "workflow_name", b"workflow_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,6 +2,7 @@
 service; the servicers decode a request with it, call the service and encode the reply with it.
 
 - ``_common``: what several services use: timestamps, durations, execution statuses and
+  filters, and
   node definitions (a workflow's, and a DAG expansion's).
 - ``_worker``: WorkerService: leased tasks, completions and their options, failures,
   batched results.
@@ -20,6 +21,8 @@ private modules.
 from coordinator.grpc.convert._common import (
     duration_or_none,
     duration_to_proto,
+    execution_filter_from_proto,
+    execution_filter_to_proto,
     execution_status_from_proto,
     execution_status_to_proto,
     node_from_proto,
@@ -103,6 +106,8 @@ __all__ = [
     "error_to_proto",
     "event_to_proto",
     "event_trigger_to_proto",
+    "execution_filter_from_proto",
+    "execution_filter_to_proto",
     "execution_status_from_proto",
     "execution_status_to_proto",
     "execution_to_proto",

@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from coordinator.errors import InvalidArgument
 from coordinator.model import (
+    ExecutionFilter,
     ExecutionStatus,
     NodeSpec,
     RetryPolicy,
@@ -239,3 +240,56 @@ def node_to_proto_definition(n: NodeSpec) -> common_pb2.NodeDefinition:
         struct.update(json.loads(n.config))
         node.config.CopyFrom(struct)
     return node
+
+
+# -- execution filters --------------------------------------------------------------------
+
+
+def execution_filter_from_proto(
+    msg: common_pb2.ExecutionFilter,
+    *,
+    workflow_name: str = "",
+    status: common_pb2.ExecutionStatus.ValueType = common_pb2.EXECUTION_STATUS_UNSPECIFIED,
+) -> ExecutionFilter:
+    """``msg`` as a domain filter; ``workflow_name`` and ``status`` (a request's older
+    fields) narrow it when given. ``InvalidArgument`` names a filter that cannot match by
+    construction (a version without a name, an empty time range, ...)."""
+    statuses = {s for s in map(execution_status_from_proto, msg.statuses) if s is not None}
+    legacy = execution_status_from_proto(status)
+    if legacy is not None:
+        statuses = statuses & {legacy} if statuses else {legacy}
+        if not statuses:
+            raise InvalidArgument("status and filter.statuses name different statuses")
+    if workflow_name and msg.workflow_name and workflow_name != msg.workflow_name:
+        raise InvalidArgument("workflow_name and filter.workflow_name name different workflows")
+    where = ExecutionFilter(
+        workflow_name=msg.workflow_name or workflow_name or None,
+        workflow_version=msg.workflow_version or None,
+        statuses=frozenset(statuses),
+        created_after=timestamp_or_none(msg, "created_after"),
+        created_before=timestamp_or_none(msg, "created_before"),
+        ended_after=timestamp_or_none(msg, "ended_after"),
+        ended_before=timestamp_or_none(msg, "ended_before"),
+        idempotency_key=msg.idempotency_key or None,
+        parent_execution_id=msg.parent_execution_id or None,
+        id_prefix=msg.id_prefix or None,
+    )
+    problems = where.problems()
+    if problems:
+        raise InvalidArgument("filter: " + "; ".join(problems))
+    return where
+
+
+def execution_filter_to_proto(where: ExecutionFilter) -> common_pb2.ExecutionFilter:
+    return common_pb2.ExecutionFilter(
+        workflow_name=where.workflow_name or "",
+        workflow_version=where.workflow_version or 0,
+        statuses=[execution_status_to_proto(s) for s in sorted(where.statuses)],
+        created_after=timestamp_to_proto(where.created_after),
+        created_before=timestamp_to_proto(where.created_before),
+        ended_after=timestamp_to_proto(where.ended_after),
+        ended_before=timestamp_to_proto(where.ended_before),
+        idempotency_key=where.idempotency_key or "",
+        parent_execution_id=where.parent_execution_id or "",
+        id_prefix=where.id_prefix or "",
+    )

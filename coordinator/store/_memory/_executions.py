@@ -18,6 +18,7 @@ from coordinator import errors
 from coordinator.model import (
     Event,
     Execution,
+    ExecutionFilter,
     ExecutionStatus,
     NewExecution,
     NodeRun,
@@ -102,9 +103,8 @@ class MemoryExecutions:
     async def list_executions(
         self,
         tenant_id: str,
+        where: ExecutionFilter,
         *,
-        workflow_name: str | None,
-        status: ExecutionStatus | None,
         limit: int,
         before: tuple[datetime, str] | None,
     ) -> list[Execution]:
@@ -112,9 +112,7 @@ class MemoryExecutions:
             rows = [
                 e
                 for e in self._state.executions.values()
-                if e.tenant_id == tenant_id
-                and (workflow_name is None or e.workflow_name == workflow_name)
-                and (status is None or e.status is status)
+                if e.tenant_id == tenant_id and where.matches(e)
             ]
         return newest_first(rows, before, limit)
 
