@@ -74,6 +74,11 @@ def _optional(field: str) -> Targets:
     return lambda request: [getattr(request, field)] if getattr(request, field) else []
 
 
+def _filter_workflow(request: Any) -> Sequence[str]:
+    """The workflows a filtered listing names: its ``workflow_name`` and its filter's."""
+    return [n for n in {request.workflow_name, request.filter.workflow_name} if n]
+
+
 def _execution(permission: Permission, audited: bool = False) -> Rule:
     return Rule(
         permission,
@@ -125,7 +130,7 @@ RULES: dict[str, Rule] = {
         target=("workflows", ""),
     ),
     _F + "GetExecution": _execution(P.EXECUTIONS_READ),
-    _F + "ListExecutions": Rule(P.EXECUTIONS_READ, _optional("workflow_name")),
+    _F + "ListExecutions": Rule(P.EXECUTIONS_READ, _filter_workflow),
     _F + "WatchExecution": _execution(P.EXECUTIONS_READ),
     _F + "CancelExecution": _execution(P.EXECUTIONS_CANCEL, audited=True),
     _F + "CancelNode": _execution(P.EXECUTIONS_CANCEL, audited=True),

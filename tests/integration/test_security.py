@@ -243,6 +243,28 @@ async def test_custom_roles_narrow_permissions_to_workflows_and_task_types(world
         DENIED,
     )
     await expect_status(ops.workflows.ListExecutions(fpb.ListExecutionsRequest()), DENIED)
+    # A narrowed grant lists the workflows it covers, named in the filter or the older field.
+    mine = await ops.workflows.ListExecutions(
+        fpb.ListExecutionsRequest(filter=common_pb2.ExecutionFilter(workflow_name="orders-eu"))
+    )
+    assert [e.id for e in mine.executions] == [started.execution.id]
+    await expect_status(
+        ops.workflows.ListExecutions(
+            fpb.ListExecutionsRequest(filter=common_pb2.ExecutionFilter(workflow_name="payroll"))
+        ),
+        DENIED,
+        "'payroll'",
+    )
+    await expect_status(
+        ops.workflows.ListExecutions(
+            fpb.ListExecutionsRequest(
+                workflow_name="orders-eu",
+                filter=common_pb2.ExecutionFilter(workflow_name="payroll"),
+            )
+        ),
+        DENIED,
+        "'payroll'",
+    )
     worker_key = (
         await admin.identity.CreateApiKey(
             ipb.CreateApiKeyRequest(name="w", roles=["orders-worker"])
